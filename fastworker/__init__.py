@@ -1,0 +1,29 @@
+"""fastworker: a brokerless distributed task queue on trio and ZeroMQ."""
+
+from .cluster import Cluster as Cluster
+from .tasks.models import CallbackInfo as CallbackInfo
+from .tasks.models import Task as Task
+from .tasks.models import TaskPriority as TaskPriority
+from .tasks.models import TaskResult as TaskResult
+from .tasks.models import TaskStatus as TaskStatus
+from .tasks.registry import DuplicateTaskError as DuplicateTaskError
+from .tasks.registry import task as task
+from .tasks.serializer import PickleRefusedError as PickleRefusedError
+from .tasks.serializer import SerializationError as SerializationError
+from .tasks.serializer import SerializationFormat as SerializationFormat
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CallbackInfo",
+    "Cluster",
+    "DuplicateTaskError",
+    "PickleRefusedError",
+    "SerializationError",
+    "SerializationFormat",
+    "Task",
+    "TaskPriority",
+    "TaskResult",
+    "TaskStatus",
+    "task",
+]

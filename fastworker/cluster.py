@@ -1,0 +1,110 @@
+"""The whole cluster in one trio run: for tests, notebooks and the quickstart.
+
+``async with Cluster(tasks=[add]) as cluster:`` runs Discovery, the control
+plane and ``workers`` worker actors in the current process, on random
+loopback ports, and returns once every worker has registered: a task
+submitted right after ``__aenter__`` has somewhere to run.  Everything goes
+over real ZeroMQ sockets, exactly as between processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import trio
+
+from .control import ControlPlane, ControlPlaneConfig
+from .runtime import Supervisor
+from .tasks.registry import TaskRegistry, registry_from
+from .worker import Worker, WorkerConfig
+
+__all__ = ["Cluster"]
+
+
+class Cluster:
+    """An embedded cluster; see the module docstring.
+
+    ``control_plane`` takes any ControlPlaneConfig field (``result_ttl``,
+    ``heartbeat_interval``, ``max_queued`` …) as a keyword argument.
+    """
+
+    def __init__(
+        self,
+        task_modules: Iterable[str] = (),
+        tasks: Iterable[Callable[..., Any]] = (),
+        *,
+        workers: int = 1,
+        concurrency: int = 8,
+        prefetch: int | None = None,
+        discovery_address: str = "tcp://127.0.0.1:*",
+        allow_pickle: bool = False,
+        **control_plane: Any,
+    ) -> None:
+        if workers < 0:
+            raise ValueError("workers must be >= 0")
+        self.registry: TaskRegistry = registry_from(task_modules, tasks)
+        self.control_plane = ControlPlane(
+            ControlPlaneConfig(
+                discovery_address=discovery_address, allow_pickle=allow_pickle, **control_plane
+            )
+        )
+        self._worker_count = workers
+        self._worker_options = {
+            "concurrency": concurrency,
+            "prefetch": prefetch,
+            "allow_pickle": allow_pickle,
+            "heartbeat_interval": self.control_plane.config.heartbeat_interval,
+        }
+        self.workers: list[Worker] = []
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._nursery: trio.Nursery | None = None
+
+    @property
+    def discovery_address(self) -> str:
+        return self.control_plane.discovery_address
+
+    async def __aenter__(self) -> Cluster:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            self._nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(self._nursery.cancel_scope.cancel)
+            await self._nursery.start(self.control_plane.run)
+            for _ in range(self._worker_count):
+                await self.add_worker()
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        return self
+
+    async def add_worker(self, **options: Any) -> Worker:
+        """Start one more worker actor and return once it has registered."""
+        assert self._nursery is not None, "the cluster is not running"
+        config = WorkerConfig(
+            discovery_address=self.discovery_address, **{**self._worker_options, **options}
+        )
+        worker = Worker(self.registry, config)
+        supervisor = Supervisor(f"supervisor {worker.name}", [worker])
+        await self._nursery.start(supervisor.run)
+        self.workers.append(worker)
+        with trio.fail_after(10):
+            await worker.registered.wait()
+        return worker
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        stack, self._stack = self._stack, None
+        if stack is None:
+            return None
+        return await stack.__aexit__(exc_type, exc, tb)
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.control_plane.stats()

@@ -1,0 +1,85 @@
+"""Messages between the control plane's actors (never on the wire).
+
+Actors talk in batches: one ``StoreResults`` every result a worker reported in one message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from ..wire import ResultRecord
+
+__all__ = [
+    "CallbackJobs",
+    "CancelTask",
+    "ClientSubmits",
+    "Outgoing",
+    "QueryResults",
+    "ResendResults",
+    "StoreResults",
+    "WorkerJoined",
+    "WorkerLost",
+]
+
+
+@attrs.frozen
+class Outgoing:
+    """Multipart messages for the gateway to send to clients: ``[identity, body]`` each."""
+
+    messages: list[list[bytes]]
+
+
+@attrs.frozen
+class ClientSubmits:
+    """Submit messages from clients: ``(identity, request_id, raw TaskWire list)`` each."""
+
+    submits: list[tuple[bytes, int, list[Any]]]
+
+
+@attrs.frozen
+class CancelTask:
+    identity: bytes
+    request_id: int
+    task_id: str
+
+
+@attrs.frozen
+class StoreResults:
+    records: list[ResultRecord]
+
+
+@attrs.frozen
+class QueryResults:
+    identity: bytes
+    request_id: int
+    task_ids: list[str]
+
+
+@attrs.frozen
+class ResendResults:
+    """Push cached results again to a client that re-submitted finished tasks."""
+
+    identity: bytes
+    task_ids: list[str]
+
+
+@attrs.frozen
+class CallbackJobs:
+    """Callback documents to deliver: ``(address, encoded payload)`` each."""
+
+    jobs: list[tuple[str, bytes]]
+
+
+@attrs.frozen
+class WorkerJoined:
+    worker_id: str
+    task_names: frozenset[str]
+    concurrency: int
+
+
+@attrs.frozen
+class WorkerLost:
+    worker_id: str
+    reason: str

@@ -1,0 +1,139 @@
+"""The control plane: five actors under one supervisor, and the config that shapes them.
+
+Supervision tree (one-for-one; see design/architecture.md)::
+
+    control-plane
+    ├── result-cache   (no socket)
+    ├── callbacks      (one PUSH socket per callback address)
+    ├── gateway        (client ROUTER)
+    ├── scheduler      (worker ROUTER)
+    └── discovery      (discovery ROUTER, the address everybody knows)
+
+Discovery starts last: by the time anybody can find the control plane, every
+endpoint it hands out is bound.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import attrs
+import trio
+
+from ..runtime import Supervisor
+from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
+from .callbacks import CallbackConfig, CallbackDispatcher
+from .discovery import Discovery, DiscoveryConfig
+from .gateway import Gateway, gather_stats
+from .result_cache import ResultCache, ResultCacheConfig
+from .scheduler import Scheduler, SchedulerConfig
+
+__all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
+
+DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
+
+
+def sibling_address(address: str) -> str:
+    """A random-port address on the same host as ``address`` (``tcp://h:p`` → ``tcp://h:*``)."""
+    if not address.startswith("tcp://") or ":" not in address[6:]:
+        raise ValueError(
+            f"cannot derive an endpoint from {address!r}: give the client and worker "
+            "addresses explicitly for non-tcp transports"
+        )
+    host = address[6:].rsplit(":", 1)[0]
+    return f"tcp://{host}:*"
+
+
+@attrs.frozen
+class ControlPlaneConfig:
+    discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
+    client_address: str | None = None  # default: discovery host, random port
+    worker_address: str | None = None  # default: discovery host, random port
+    result_ttl: float = 3600.0
+    result_cache_size: int = 10_000
+    heartbeat_interval: float = 1.0
+    liveness: int = 3
+    max_queued: int = 1_000_000
+    max_worker_deaths: int = 3
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    callback_timeout: float = 10.0
+    allow_pickle: bool = False
+
+
+class ControlPlane:
+    """Builds and runs the control plane's supervision tree in the current trio run."""
+
+    def __init__(self, config: ControlPlaneConfig | None = None) -> None:
+        cfg = config or ControlPlaneConfig()
+        self.config = cfg
+        self.instance_id = uuid.uuid4().hex
+        transport = TransportConfig(max_message_size=cfg.max_message_size)
+        self.results = ResultCache(ResultCacheConfig(cfg.result_ttl, cfg.result_cache_size))
+        self.callbacks = CallbackDispatcher(
+            CallbackConfig(delivery_timeout=cfg.callback_timeout, transport=transport)
+        )
+        self.gateway = Gateway(
+            cfg.client_address or sibling_address(cfg.discovery_address),
+            transport,
+            results=self.results.ref,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                worker_address=cfg.worker_address or sibling_address(cfg.discovery_address),
+                max_queued=cfg.max_queued,
+                max_worker_deaths=cfg.max_worker_deaths,
+                allow_pickle=cfg.allow_pickle,
+                transport=transport,
+            ),
+            gateway=self.gateway.ref,
+            results=self.results.ref,
+            callbacks=self.callbacks.ref,
+        )
+        # The gateway and the scheduler talk both ways: wire the second direction.
+        self.gateway.scheduler = self.scheduler.ref
+        self.results.gateway = self.gateway.ref
+        self.discovery = Discovery(
+            DiscoveryConfig(
+                address=cfg.discovery_address,
+                heartbeat_interval=cfg.heartbeat_interval,
+                liveness=cfg.liveness,
+                transport=transport,
+            ),
+            instance_id=self.instance_id,
+            scheduler=self.scheduler.ref,
+            endpoints=self._endpoints,
+        )
+        self.gateway.stats_sources = [
+            self.scheduler.ref,
+            self.results.ref,
+            self.callbacks.ref,
+            self.discovery.ref,
+        ]
+        self.supervisor = Supervisor(
+            "control-plane",
+            [self.results, self.callbacks, self.gateway, self.scheduler, self.discovery],
+        )
+
+    def _endpoints(self) -> tuple[str, str]:
+        assert self.gateway.endpoint is not None and self.scheduler.endpoint is not None
+        return self.gateway.endpoint, self.scheduler.endpoint
+
+    @property
+    def discovery_address(self) -> str:
+        """The bound discovery endpoint (with the real port when ``*`` was asked for)."""
+        if self.discovery.endpoint is None:
+            raise RuntimeError("the control plane is not started yet")
+        return self.discovery.endpoint
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.supervisor.run(task_status=task_status)
+
+    def stop(self) -> None:
+        self.supervisor.stop()
+
+    async def stats(self) -> dict[str, Any]:
+        return await gather_stats(
+            [self.scheduler.ref, self.results.ref, self.callbacks.ref, self.discovery.ref,
+             self.gateway.ref]
+        )

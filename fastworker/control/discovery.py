@@ -1,0 +1,211 @@
+"""The Discovery actor: the one address everybody knows.
+
+Clients ask it where the control plane's client endpoint is (and learn the
+control plane's instance id, which changes on every restart, so they notice
+restarts).  Workers register with it, naming the tasks they serve, and keep
+the registration alive with heartbeats; a worker silent for
+``liveness`` × ``heartbeat_interval`` is declared dead and the Scheduler
+requeues its tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import attrs
+import trio
+import zmq
+
+from ..runtime import Actor, ActorRef
+from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..wire import (
+    ErrorReply,
+    Heartbeat,
+    HeartbeatAck,
+    Lookup,
+    LookupReply,
+    Register,
+    Registered,
+    Unregister,
+    WireError,
+    decode,
+    encode,
+)
+from .._io import Inbound, pump_socket
+from ._internal import WorkerJoined, WorkerLost
+
+__all__ = ["Discovery", "DiscoveryConfig"]
+
+log = logging.getLogger("fastworker.discovery")
+
+
+@attrs.frozen
+class DiscoveryConfig:
+    address: str = "tcp://127.0.0.1:5550"
+    heartbeat_interval: float = 1.0
+    liveness: int = 3  # missed heartbeats before a worker is dead
+    transport: TransportConfig = TransportConfig()
+
+
+@attrs.define(eq=False, slots=True)
+class _Member:
+    worker_id: str
+    names: frozenset[str]
+    concurrency: int
+    pid: int
+    hostname: str
+    last_seen: float
+
+
+@attrs.frozen
+class _Reap:
+    pass
+
+
+class Discovery(Actor):
+    def __init__(
+        self,
+        config: DiscoveryConfig,
+        *,
+        instance_id: str,
+        scheduler: ActorRef,
+        endpoints: Any,
+    ) -> None:
+        """``endpoints()`` returns (client endpoint, worker endpoint) as bound right now."""
+        super().__init__("discovery", mailbox_size=4096)
+        self.config = config
+        self.instance_id = instance_id
+        self.scheduler = scheduler
+        self._endpoints = endpoints
+        self.endpoint: str | None = None
+        self._sock: ZSocket | None = None
+        self._members: dict[str, _Member] = {}
+        self._rejected: Counter[str] = Counter()
+        self._lost = 0
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        sock = open_socket(zmq.ROUTER, self.config.transport)
+        self.endpoint = sock.bind(self.endpoint or self.config.address)
+        self._sock = sock
+        nursery.start_soon(pump_socket, sock, self.ref)
+        nursery.start_soon(self._reaper)
+
+    async def on_stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def _reaper(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_interval / 2)
+            await self.ref.send(_Reap())
+
+    def receive(self, message: Any) -> Any:
+        if type(message) is Inbound:
+            for parts in message.frames:
+                self._on_frame(parts)
+        elif type(message) is _Reap:
+            self._reap()
+        elif message == "stats":
+            return {
+                "workers_alive": len(self._members),
+                "workers": {
+                    m.worker_id: {"tasks": sorted(m.names), "concurrency": m.concurrency,
+                                  "pid": m.pid, "hostname": m.hostname}
+                    for m in self._members.values()
+                },
+                "workers_lost": self._lost,
+                "rejected": dict(self._rejected),
+            }
+        else:
+            raise TypeError(f"discovery got an unexpected message {message!r}")
+        return None
+
+    def _reply(self, identity: bytes, body: bytes) -> None:
+        if self._sock is None:
+            return
+        try:
+            self._sock.send_multipart_nowait([identity, body])
+        except (trio.WouldBlock, PeerUnreachable):
+            self._rejected["reply_dropped"] += 1
+
+    def _on_frame(self, parts: list[bytes]) -> None:
+        if len(parts) != 2:
+            self._rejected["bad_frames"] += 1
+            return
+        identity, body = parts
+        try:
+            message = decode(body)
+        except WireError as exc:
+            self._rejected[exc.reason] += 1
+            self._reply(identity, encode(ErrorReply(0, exc.reason, str(exc))))
+            return
+        now = trio.current_time()
+        kind = type(message)
+        if kind is Heartbeat:
+            member = self._members.get(message.worker_id)  # type: ignore[attr-defined]
+            if member is not None:
+                member.last_seen = now
+            self._reply(identity, encode(HeartbeatAck(self.instance_id, member is not None)))
+        elif kind is Lookup:
+            client_endpoint, _ = self._endpoints()
+            reply = LookupReply(
+                message.request_id,  # type: ignore[attr-defined]
+                self.instance_id,
+                client_endpoint,
+                self.config.heartbeat_interval,
+            )
+            self._reply(identity, encode(reply))
+        elif kind is Register:
+            self._register(identity, message, now)  # type: ignore[arg-type]
+        elif kind is Unregister:
+            self._remove(message.worker_id, "left")  # type: ignore[attr-defined]
+        else:
+            self._rejected["unexpected"] += 1
+            err = ErrorReply(0, "unexpected", f"{kind.__name__} is not a discovery request")
+            self._reply(identity, encode(err))
+
+    def _register(self, identity: bytes, message: Register, now: float) -> None:
+        names = message.task_names
+        if not all(type(n) is str for n in names) or message.concurrency < 1:
+            self._rejected["invalid"] += 1
+            err = ErrorReply(0, "invalid", "task names must be strings, concurrency >= 1")
+            self._reply(identity, encode(err))
+            return
+        member = _Member(
+            message.worker_id,
+            frozenset(names),
+            message.concurrency,
+            message.pid,
+            message.hostname,
+            now,
+        )
+        known = message.worker_id in self._members
+        self._members[message.worker_id] = member
+        if not known:
+            log.info(
+                "worker %s joined (pid %d on %s, %d tasks)",
+                message.worker_id, message.pid, message.hostname, len(names),
+            )
+        self.scheduler.tell(WorkerJoined(message.worker_id, member.names, message.concurrency))
+        _, worker_endpoint = self._endpoints()
+        reply = Registered(self.instance_id, worker_endpoint, self.config.heartbeat_interval)
+        self._reply(identity, encode(reply))
+
+    def _reap(self) -> None:
+        limit = self.config.heartbeat_interval * self.config.liveness
+        now = trio.current_time()
+        for member in list(self._members.values()):
+            if now - member.last_seen > limit:
+                log.warning(
+                    "worker %s (pid %d) missed %d heartbeats: declared dead",
+                    member.worker_id, member.pid, self.config.liveness,
+                )
+                self._remove(member.worker_id, "died")
+
+    def _remove(self, worker_id: str, reason: str) -> None:
+        if self._members.pop(worker_id, None) is not None:
+            self._lost += reason != "left"
+            self.scheduler.tell(WorkerLost(worker_id, reason))

@@ -1,0 +1,163 @@
+"""The Gateway actor: owns the client-facing ROUTER socket.
+
+It turns client frames into messages for the actor that owns the state they
+touch (submissions and cancels to the Scheduler, result queries to the
+ResultCache) and sends whatever those actors want clients to get.  It holds no
+task state itself, which keeps the Scheduler free of client I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import trio
+import zmq
+
+from ..runtime import Actor, ActorError, ActorRef
+from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..wire import (
+    Cancel,
+    ErrorReply,
+    ResultQuery,
+    StatsQuery,
+    StatsReply,
+    Submit,
+    WireError,
+    decode,
+    encode,
+)
+from .._io import Inbound, pump_socket
+from ._internal import CancelTask, ClientSubmits, Outgoing, QueryResults
+
+__all__ = ["Gateway"]
+
+log = logging.getLogger("fastworker.gateway")
+
+
+class Gateway(Actor):
+    def __init__(
+        self,
+        client_address: str,
+        transport: TransportConfig,
+        *,
+        results: ActorRef,
+        scheduler: ActorRef | None = None,
+    ) -> None:
+        super().__init__("gateway", mailbox_size=4096)
+        self.client_address = client_address
+        self.transport = transport
+        self.scheduler: ActorRef | None = scheduler  # set before the run starts
+        self.results = results
+        self.stats_sources: list[ActorRef] = []  # asked for a StatsQuery, besides our own
+        self.endpoint: str | None = None
+        self._sock: ZSocket | None = None
+        self._nursery: trio.Nursery | None = None
+        self._rejected: Counter[str] = Counter()
+        self._dropped = 0
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        sock = open_socket(zmq.ROUTER, self.transport)
+        self.endpoint = sock.bind(self.endpoint or self.client_address)
+        self._sock = sock
+        self._nursery = nursery
+        nursery.start_soon(pump_socket, sock, self.ref)
+
+    async def on_stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def receive(self, message: Any) -> Any:
+        if type(message) is Outgoing:
+            self._send(message.messages)
+        elif type(message) is Inbound:
+            self._on_frames(message.frames)
+        elif message == "stats":
+            return {"rejected": dict(self._rejected), "dropped_replies": self._dropped}
+        else:
+            raise TypeError(f"gateway got an unexpected message {message!r}")
+        return None
+
+    def _send(self, messages: list[list[bytes]]) -> None:
+        sock = self._sock
+        if sock is None:
+            self._dropped += len(messages)
+            return
+        for frames in messages:
+            try:
+                sock.send_multipart_nowait(frames)
+            except (trio.WouldBlock, PeerUnreachable):
+                # The client left or stopped reading.  Everything it could miss
+                # here stays available: results in the cache, acks by re-sending.
+                self._dropped += 1
+
+    def _error(self, identity: bytes, request_id: int, exc: WireError) -> None:
+        self._rejected[exc.reason] += 1
+        self._send([[identity, encode(ErrorReply(request_id, exc.reason, str(exc)))]])
+
+    def _on_frames(self, frames: list[list[bytes]]) -> None:
+        submits: list[tuple[bytes, int, list[Any]]] = []
+        for parts in frames:
+            if len(parts) != 2:
+                self._rejected["bad_frames"] += 1
+                if parts and len(parts[0]) > 0:
+                    reason = "expected exactly one frame after the identity"
+                    self._error(parts[0], 0, WireError("bad_frames", reason))
+                continue
+            identity, body = parts
+            try:
+                message = decode(body)
+            except WireError as exc:
+                self._error(identity, 0, exc)
+                continue
+            kind = type(message)
+            if kind is Submit:
+                submits.append((identity, message.request_id, message.tasks))  # type: ignore[attr-defined]
+            elif kind is ResultQuery:
+                ids = message.task_ids  # type: ignore[attr-defined]
+                if not all(type(i) is str for i in ids):
+                    self._error(identity, message.request_id, WireError("invalid", "task ids must be strings"))  # type: ignore[attr-defined]
+                    continue
+                self._forward(self.results, QueryResults(identity, message.request_id, ids))  # type: ignore[attr-defined]
+            elif kind is Cancel:
+                assert self.scheduler is not None
+                self._forward(self.scheduler, CancelTask(identity, message.request_id, message.task_id))  # type: ignore[attr-defined]
+            elif kind is StatsQuery:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._answer_stats, identity, message.request_id)  # type: ignore[attr-defined]
+            else:
+                self._error(identity, 0, WireError("unexpected", f"{kind.__name__} is not a client request"))
+        if submits:
+            assert self.scheduler is not None
+            self._forward(self.scheduler, ClientSubmits(submits))
+
+    def _forward(self, ref: ActorRef, message: object) -> None:
+        # A full Scheduler mailbox here means the reader outpaced it; dropping a
+        # submit is safe (the client re-sends unacknowledged ones), but count it.
+        try:
+            ref.tell(message)
+        except ActorError:
+            self._rejected["overloaded"] += 1
+
+    async def _answer_stats(self, identity: bytes, request_id: int) -> None:
+        stats = await gather_stats(self.stats_sources)
+        rejected: Counter[str] = Counter(self._rejected)
+        for part in stats.values():
+            if isinstance(part, dict):
+                rejected.update(part.pop("rejected", {}) or {})
+        stats["rejected"] = dict(rejected)
+        stats["gateway"] = {"dropped_replies": self._dropped}
+        self.ref.tell(Outgoing([[identity, encode(StatsReply(request_id, stats))]]))
+
+
+async def gather_stats(sources: list[ActorRef], timeout: float = 2.0) -> dict[str, Any]:
+    """Ask each actor for "stats"; an actor that cannot answer shows as an error string."""
+    stats: dict[str, Any] = {}
+    for ref in sources:
+        try:
+            stats[ref.name] = await ref.ask("stats", timeout=timeout)
+        except ActorError as exc:
+            stats[ref.name] = {"error": str(exc)}
+    return stats

@@ -1,0 +1,562 @@
+"""The Scheduler actor: accepts tasks, queues them by priority, feeds workers, collects results.
+
+It owns the worker-facing ROUTER socket.  Flow control is credit based: a
+worker announces a *window* (``Ready``), and the scheduler never has more than
+that many of its tasks outstanding; every result returns a credit.  So a busy
+worker is never flooded and an idle one is refilled as soon as it reports.
+
+Task state lives here and only here; ResultCache, the gateway and the
+callback dispatcher are told about finished tasks in batches, once per
+incoming message, never per task.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import attrs
+import trio
+import zmq
+
+from ..runtime import Actor, ActorRef, MailboxFull
+from ..tasks.models import TaskStatus
+from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..wire import (
+    CancelReply,
+    CancelRunning,
+    Dispatch,
+    Done,
+    Ready,
+    Release,
+    ResultRecord,
+    Results,
+    SubmitAck,
+    TaskEnvelope,
+    WireError,
+    decode,
+    encode,
+)
+from ._callback_payload import build_callback_payload
+from .._io import Inbound, pump_socket
+from ._internal import (
+    CallbackJobs,
+    CancelTask,
+    ClientSubmits,
+    Outgoing,
+    ResendResults,
+    StoreResults,
+    WorkerJoined,
+    WorkerLost,
+)
+from ._queues import PriorityQueues
+
+__all__ = ["Scheduler", "SchedulerConfig"]
+
+log = logging.getLogger("fastworker.scheduler")
+
+_QUEUED = TaskStatus.QUEUED
+_RUNNING = TaskStatus.RUNNING
+_SCHEDULED = TaskStatus.SCHEDULED
+_RETRYING = TaskStatus.RETRYING
+_CANCELLED = TaskStatus.CANCELLED
+
+
+@attrs.frozen
+class SchedulerConfig:
+    worker_address: str = "tcp://127.0.0.1:*"
+    max_queued: int = 1_000_000  # tasks held (queued, scheduled, running) before rejecting
+    max_worker_deaths: int = 3  # poison guard: runs that may kill their worker
+    finished_memory: int = 200_000  # finished task ids remembered for deduplication
+    allow_pickle: bool = False
+    transport: TransportConfig = TransportConfig()
+
+
+@attrs.define(eq=False, slots=True)
+class _Job:
+    envelope: TaskEnvelope
+    client: bytes
+    seq: int
+    status: TaskStatus
+    attempt: int = 1
+    worker: bytes | None = None
+    deaths: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.envelope.name
+
+    @property
+    def priority(self) -> int:
+        return self.envelope.priority
+
+
+@attrs.define(eq=False, slots=True)
+class _WorkerSlot:
+    identity: bytes
+    names: frozenset[str] | None = None  # None until Discovery reports the registration
+    window: int = 0
+    inflight: dict[str, _Job] = attrs.Factory(dict)
+    suspect: str | None = None  # the one task here that once killed a worker
+
+
+@attrs.frozen
+class _Due:
+    """Timer: scheduled tasks or retries may have come due."""
+
+
+def _is_queued(job: _Job) -> bool:
+    return job.status is _QUEUED
+
+
+class Scheduler(Actor):
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        gateway: ActorRef,
+        results: ActorRef,
+        callbacks: ActorRef,
+    ) -> None:
+        super().__init__("scheduler", mailbox_size=4096)
+        self.config = config
+        self._gateway = gateway
+        self._results = results
+        self._callbacks = callbacks
+        self._jobs: dict[str, _Job] = {}
+        self._queues: PriorityQueues[_Job] = PriorityQueues(_is_queued)
+        self._timed: list[tuple[float, int, _Job]] = []  # (due, seq, job) heap
+        self._next_due = math.inf
+        self._timer_scope: trio.CancelScope | None = None
+        self._workers: dict[bytes, _WorkerSlot] = {}
+        self._served: frozenset[str] = frozenset()
+        self._finished: dict[str, None] = {}  # insertion-ordered, bounded
+        self._seq = 0
+        self._sock: ZSocket | None = None
+        self.endpoint: str | None = None
+        self._stats: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        # Output of the message being handled, flushed once at its end.
+        self._out_records: list[ResultRecord] = []
+        self._out_push: dict[bytes, list[Any]] = {}
+        self._out_callbacks: list[tuple[str, bytes]] = []
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        sock = open_socket(zmq.ROUTER, self.config.transport)
+        # Rebind the same port after a restart, so workers reconnect by themselves.
+        self.endpoint = sock.bind(self.endpoint or self.config.worker_address)
+        self._sock = sock
+        nursery.start_soon(pump_socket, sock, self.ref)
+        nursery.start_soon(self._timer_loop)
+
+    async def on_stop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def _timer_loop(self) -> None:
+        while True:
+            with trio.CancelScope(deadline=self._next_due) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self._next_due = math.inf
+            await self.ref.send(_Due())
+
+    def _schedule(self, due: float, job: _Job) -> None:
+        heapq.heappush(self._timed, (due, job.seq, job))
+        if due < self._next_due:
+            self._next_due = due
+            if self._timer_scope is not None:
+                self._timer_scope.deadline = due
+
+    # -- messages -----------------------------------------------------------
+
+    def receive(self, message: Any) -> Any:
+        if type(message) is Inbound:
+            self._on_worker_frames(message.frames)
+        elif type(message) is ClientSubmits:
+            self._on_submits(message)
+        elif type(message) is _Due:
+            self._on_due()
+        elif type(message) is WorkerJoined:
+            self._on_worker_joined(message)
+        elif type(message) is WorkerLost:
+            self._on_worker_lost(message)
+        elif type(message) is CancelTask:
+            self._on_cancel(message)
+        elif message == "stats":
+            return self.statistics_dict()
+        else:
+            raise TypeError(f"scheduler got an unexpected message {message!r}")
+        self._flush()
+        self._dispatch()
+        return None
+
+    def _flush(self) -> None:
+        if self._out_records:
+            self._tell(self._results, StoreResults(self._out_records), "results")
+            self._out_records = []
+        if self._out_push:
+            messages = [
+                [identity, encode(Results(wires))]
+                for identity, wires in self._out_push.items()
+                if identity
+            ]
+            self._out_push = {}
+            if messages:
+                self._tell(self._gateway, Outgoing(messages), "result pushes")
+        if self._out_callbacks:
+            self._tell(self._callbacks, CallbackJobs(self._out_callbacks), "callbacks")
+            self._out_callbacks = []
+
+    def _tell(self, ref: ActorRef, message: object, what: str) -> None:
+        try:
+            ref.tell(message)
+        except MailboxFull:
+            # Results stay queryable (the job is finished here either way); the
+            # loss is a push or a callback, counted so it is never silent.
+            self._stats[f"dropped_{what.replace(' ', '_')}"] += 1
+            log.warning("%s mailbox full: dropped %s", ref.name, what)
+
+    # -- submissions --------------------------------------------------------
+
+    def _on_submits(self, message: ClientSubmits) -> None:
+        now_wall = time.time()
+        now = trio.current_time()
+        replies: list[list[bytes]] = []
+        for identity, request_id, raw_tasks in message.submits:
+            rejected: list[list[str]] = []
+            resend: list[str] = []
+            for raw in raw_tasks:
+                try:
+                    envelope = TaskEnvelope.from_wire(raw)
+                except WireError as exc:
+                    self._rejected["invalid"] += 1
+                    task_id = raw[0] if type(raw) is list and raw and type(raw[0]) is str else ""
+                    rejected.append([task_id, "invalid", str(exc)])
+                    continue
+                verdict = self._accept(envelope, identity, now, now_wall)
+                if verdict is None:
+                    continue
+                if verdict == "finished":
+                    resend.append(envelope.task_id)
+                else:
+                    rejected.append([envelope.task_id, "queue_full", verdict])
+            replies.append([identity, encode(SubmitAck(request_id, rejected))])
+            if resend:
+                self._tell(self._results, ResendResults(identity, resend), "result resends")
+        self._tell(self._gateway, Outgoing(replies), "acks")
+
+    def _accept(
+        self, envelope: TaskEnvelope, identity: bytes, now: float, now_wall: float
+    ) -> str | None:
+        """Take one task; None when accepted, else "finished" or a rejection message."""
+        task_id = envelope.task_id
+        known = self._jobs.get(task_id)
+        if known is not None:  # a re-send: exactly-once acceptance
+            known.client = identity
+            self._stats["duplicate_submissions"] += 1
+            return None
+        if task_id in self._finished:
+            self._stats["duplicate_submissions"] += 1
+            return "finished"
+        if len(self._jobs) >= self.config.max_queued:
+            self._rejected["queue_full"] += 1
+            return (
+                f"queue full: the control plane holds {len(self._jobs)} tasks "
+                f"(--max-queued {self.config.max_queued}); retry later"
+            )
+        self._seq += 1
+        job = _Job(envelope, identity, self._seq, _QUEUED)
+        self._jobs[task_id] = job
+        self._stats["accepted"] += 1
+        eta = envelope.option("eta")
+        if eta is not None and eta > now_wall:
+            job.status = _SCHEDULED
+            self._schedule(now + (eta - now_wall), job)
+        elif self._served and envelope.name not in self._served:
+            self._finish_here(job, TaskStatus.FAILURE, f"unknown task {envelope.name!r}")
+        else:
+            self._queues.push(job)
+        return None
+
+    def _on_due(self) -> None:
+        now = trio.current_time()
+        timed = self._timed
+        while timed and timed[0][0] <= now:
+            _, _, job = heapq.heappop(timed)
+            if job.status is _SCHEDULED or job.status is _RETRYING:
+                job.status = _QUEUED
+                self._queues.push(job)
+        self._next_due = timed[0][0] if timed else math.inf
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = self._next_due
+
+    # -- workers ------------------------------------------------------------
+
+    def _slot(self, identity: bytes) -> _WorkerSlot:
+        slot = self._workers.get(identity)
+        if slot is None:
+            slot = self._workers[identity] = _WorkerSlot(identity)
+        return slot
+
+    def _on_worker_joined(self, message: WorkerJoined) -> None:
+        slot = self._slot(message.worker_id.encode())
+        slot.names = message.task_names
+        self._recompute_served()
+        self._stats["workers_joined"] += 1
+
+    def _on_worker_lost(self, message: WorkerLost) -> None:
+        slot = self._workers.pop(message.worker_id.encode(), None)
+        if slot is None:
+            return
+        self._recompute_served()
+        died = message.reason != "left"
+        back: list[_Job] = []
+        for job in slot.inflight.values():
+            if job.status is not _RUNNING or job.worker != slot.identity:
+                continue
+            job.worker = None
+            if died:
+                job.deaths += 1
+                if job.deaths >= self.config.max_worker_deaths:
+                    self._finish_here(
+                        job,
+                        TaskStatus.FAILURE,
+                        f"poison task: its runs killed their worker {job.deaths} times "
+                        f"(limit --max-worker-deaths {self.config.max_worker_deaths})",
+                    )
+                    continue
+            job.status = _QUEUED
+            back.append(job)
+        self._queues.push_front(back)
+        self._stats["requeued"] += len(back)
+        log.warning(
+            "worker %s %s with %d tasks in flight; %d requeued",
+            message.worker_id,
+            message.reason,
+            len(slot.inflight),
+            len(back),
+        )
+
+    def _recompute_served(self) -> None:
+        names: set[str] = set()
+        for slot in self._workers.values():
+            if slot.names is not None:
+                names |= slot.names
+        self._served = frozenset(names)
+
+    def _on_worker_frames(self, frames: list[list[bytes]]) -> None:
+        for parts in frames:
+            if len(parts) != 2:
+                self._rejected["bad_frames"] += 1
+                continue
+            identity, body = parts
+            try:
+                message = decode(body)
+            except WireError as exc:
+                self._rejected[exc.reason] += 1
+                continue
+            kind = type(message)
+            if kind is Done:
+                self._on_done(identity, message.results)  # type: ignore[attr-defined]
+            elif kind is Ready:
+                self._slot(identity).window = max(0, message.window)  # type: ignore[attr-defined]
+            elif kind is Release:
+                self._on_release(identity, message.task_ids)  # type: ignore[attr-defined]
+            else:
+                self._rejected["unexpected"] += 1
+
+    def _on_release(self, identity: bytes, task_ids: list[Any]) -> None:
+        slot = self._workers.get(identity)
+        if slot is None:
+            return
+        back = []
+        for task_id in task_ids:
+            job = slot.inflight.pop(task_id, None) if type(task_id) is str else None
+            if job is not None and job.status is _RUNNING and job.worker == identity:
+                job.status = _QUEUED
+                job.worker = None
+                back.append(job)
+        self._queues.push_front(back)
+        self._stats["released"] += len(back)
+
+    def _on_done(self, identity: bytes, raw_results: list[Any]) -> None:
+        slot = self._workers.get(identity)
+        now = trio.current_time()
+        for raw in raw_results:
+            try:
+                record = ResultRecord.from_wire(raw)
+            except WireError:
+                self._rejected["invalid"] += 1
+                continue
+            task_id = record.task_id
+            if slot is not None:
+                slot.inflight.pop(task_id, None)
+                if slot.suspect == task_id:
+                    slot.suspect = None
+            job = self._jobs.get(task_id)
+            if job is None or job.status not in (_RUNNING, _QUEUED):
+                # Finished already (first result wins), cancelled, or unknown:
+                # a late result from a worker thought dead lands here.
+                self._stats["stale_results"] += 1
+                continue
+            if job.status is _QUEUED:
+                self._queues.discard(job)  # requeued, but its old run finished first
+            if record.status == "retrying":
+                job.status = _RETRYING
+                job.worker = None
+                job.attempt = record.attempts + 1
+                self._stats["retried"] += 1
+                self._schedule(now + (record.retry_delay or 0.0), job)
+                continue
+            self._finish(job, record)
+
+    # -- finishing ----------------------------------------------------------
+
+    def _finish_here(self, job: _Job, status: TaskStatus, error: str) -> None:
+        """Finish a task with a result made by the control plane (no worker ran it to the end)."""
+        now = time.time()
+        record = ResultRecord(
+            task_id=job.envelope.task_id,
+            status=status.value,
+            error=error,
+            completed_at=now,
+            attempts=job.attempt,
+            format=job.envelope.format,
+            name=job.envelope.name,
+        )
+        self._finish(job, record)
+
+    def _finish(self, job: _Job, record: ResultRecord) -> None:
+        task_id = record.task_id
+        del self._jobs[task_id]
+        job.status = TaskStatus(record.status)
+        finished = self._finished
+        finished[task_id] = None
+        if len(finished) > self.config.finished_memory:
+            del finished[next(iter(finished))]
+        self._stats[record.status] += 1
+        self._out_records.append(record)
+        if job.client:
+            push = self._out_push.get(job.client)
+            if push is None:
+                push = self._out_push[job.client] = []
+            push.append(record.to_wire())
+        address = job.envelope.option("cb")
+        if address is not None:
+            payload = build_callback_payload(
+                record, job.envelope.option("cbd"), allow_pickle=self.config.allow_pickle
+            )
+            self._out_callbacks.append((address, payload))
+
+    def _on_cancel(self, message: CancelTask) -> None:
+        job = self._jobs.get(message.task_id)
+        cancelled = False
+        if job is not None:
+            if job.status is _QUEUED:
+                self._queues.discard(job)
+            if job.status is _RUNNING and job.worker is not None and self._sock is not None:
+                try:
+                    self._sock.send_multipart_nowait(
+                        [job.worker, encode(CancelRunning([message.task_id]))]
+                    )
+                except (trio.WouldBlock, PeerUnreachable):
+                    pass  # the worker is gone or full; its result will be ignored anyway
+            job.status = _CANCELLED  # before _finish, so queues skip it
+            self._finish_here(job, _CANCELLED, "cancelled by request")
+            cancelled = True
+            status = _CANCELLED.value
+        else:
+            status = "finished" if message.task_id in self._finished else "unknown"
+        reply = encode(CancelReply(message.request_id, cancelled, status))
+        self._tell(self._gateway, Outgoing([[message.identity, reply]]), "cancel replies")
+
+    # -- dispatch -----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if not len(self._queues) or self._sock is None:
+            return
+        for slot in list(self._workers.values()):
+            free = slot.window - len(slot.inflight)
+            if free <= 0 or slot.names is None:
+                continue
+            batch: list[Any] = []
+            jobs: list[_Job] = []
+            while free > 0:
+                job = self._queues.pop_for(slot.names)
+                if job is None:
+                    break
+                if job.deaths:
+                    if slot.suspect is not None:
+                        # One suspect per worker: a poison task must not take innocent
+                        # tasks down with it again.  Another worker will take it.
+                        self._queues.push_front([job])
+                        break
+                    slot.suspect = job.envelope.task_id
+                job.status = _RUNNING
+                job.worker = slot.identity
+                slot.inflight[job.envelope.task_id] = job
+                wire = job.envelope.to_wire()
+                if job.attempt > 1:
+                    wire[5] = dict(wire[5] or {}, attempt=job.attempt)
+                batch.append(wire)
+                jobs.append(job)
+                free -= 1
+            if batch:
+                self._send_dispatch(slot, batch, jobs)
+            if not len(self._queues):
+                return
+
+    def _send_dispatch(self, slot: _WorkerSlot, batch: list[Any], jobs: list[_Job]) -> None:
+        assert self._sock is not None
+        try:
+            self._sock.send_multipart_nowait([slot.identity, encode(Dispatch(batch))])
+        except (trio.WouldBlock, PeerUnreachable) as exc:
+            # The worker vanished between its last message and now: undo, and
+            # wait for Discovery to declare it lost or for it to come back.
+            log.info("worker %r unreachable (%s); %d tasks stay queued", slot.identity, exc, len(jobs))
+            for job in jobs:
+                slot.inflight.pop(job.envelope.task_id, None)
+                job.status = _QUEUED
+                job.worker = None
+                if slot.suspect == job.envelope.task_id:
+                    slot.suspect = None
+            self._queues.push_front(jobs)
+            slot.window = 0
+            return
+        self._stats["dispatched"] += len(batch)
+
+    # -- introspection ------------------------------------------------------
+
+    def statistics_dict(self) -> dict[str, Any]:
+        counts = self._queues.counts()
+        running = sum(len(s.inflight) for s in self._workers.values())
+        return {
+            "workers_connected": sum(1 for s in self._workers.values() if s.names is not None),
+            "queued": {"critical": counts[0], "high": counts[1], "normal": counts[2], "low": counts[3]},
+            "queued_total": sum(counts),
+            "running": running,
+            "scheduled": sum(1 for j in self._jobs.values() if j.status in (_SCHEDULED, _RETRYING)),
+            "held": len(self._jobs),
+            "max_queued": self.config.max_queued,
+            "succeeded": self._stats["success"],
+            "failed": self._stats["failure"],
+            "cancelled": self._stats["cancelled"],
+            "accepted": self._stats["accepted"],
+            "dispatched": self._stats["dispatched"],
+            "retried": self._stats["retried"],
+            "requeued": self._stats["requeued"],
+            "released": self._stats["released"],
+            "duplicate_submissions": self._stats["duplicate_submissions"],
+            "stale_results": self._stats["stale_results"],
+            "dropped": {k[8:]: v for k, v in self._stats.items() if k.startswith("dropped_")},
+            "rejected": dict(self._rejected),
+        }

@@ -1,0 +1,1 @@
+"""Task definitions, the user-facing models and the payload serializer."""

@@ -1,0 +1,368 @@
+"""A trio adapter for one non-blocking pyzmq socket.
+
+Why this is delicate: ``zmq.FD`` is edge-triggered and shared by both
+directions.  It becomes readable when the socket's ``EVENTS`` *may* have
+changed, and any zmq call on the socket (send, recv, reading ``EVENTS``) can
+consume that notification.  So readiness is always decided by reading
+``EVENTS``; the fd only says "go and re-read".  Two consequences shape the code:
+
+* trio lets one task wait on an fd at a time, so the first waiter becomes the
+  *watcher* of the fd and everybody else parks; whenever the watcher wakes it
+  wakes all parked tasks so each re-reads ``EVENTS`` for its own direction.
+* after every zmq call on the socket -- a send or receive *that failed* as
+  much as one that succeeded, ``bind``/``connect``/``disconnect``, and a
+  waiter's own read of ``EVENTS`` -- we re-read ``EVENTS``: if a direction
+  somebody waits for became ready while our call swallowed the edge, nobody
+  would ever be told, so we wake the waiters ourselves (and kick the watcher
+  off the fd).  A failing ``recv(NOBLOCK)`` and ``connect()`` process pending
+  commands unthrottled, so "only after success" is not enough.
+* a ROUTER reports ``POLLOUT`` while *any* peer has room, so a send to one
+  full peer can fail although ``EVENTS`` says the socket is writable.  Such a
+  sender cannot wait for ``POLLOUT`` (it would retry without ever yielding);
+  it retries on every wake-up of the socket and on a short, growing timer.
+
+Operations follow trio's checkpoint discipline (see ``trio/_socket.py``):
+check for cancellation, try the non-blocking call, wait for readiness if it
+would block, and on success leave through a cancel-shielded checkpoint, so a
+received message is never dropped by a cancellation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import cast
+
+import attrs
+import trio
+import zmq
+
+__all__ = ["PeerUnreachable", "ZSocket", "ZSocketStatistics"]
+
+# The fd wait is bounded as a safety net: even if an edge were lost (a bug in
+# this file or in libzmq), a waiter re-reads EVENTS at least this often.
+_SAFETY_NET_SECONDS = 2.0
+
+# A send that fails although EVENTS shows POLLOUT (a ROUTER whose target peer is
+# full) is retried on every wake-up of the socket and at least this often.
+_PEER_RETRY_FIRST_SECONDS = 0.001
+_PEER_RETRY_MAX_SECONDS = 0.05
+
+
+class PeerUnreachable(Exception):
+    """A ROUTER socket was asked to send to an identity that is not connected.
+
+    Raised instead of the silent drop ZeroMQ does by default (we set
+    ``ROUTER_MANDATORY``), so the sender can count or re-route the message.
+    """
+
+
+@attrs.frozen
+class ZSocketStatistics:
+    sent: int
+    received: int
+    waiting_readers: int
+    waiting_writers: int
+
+
+class ZSocket:
+    """Trio-friendly wrapper around a ``zmq.Socket`` (composition, not subclassing).
+
+    One actor owns each ZSocket; several tasks of that actor may use it at once
+    (typically a reader task blocked in ``recv_batch`` while the actor's loop
+    sends), which is exactly the case a naive adapter deadlocks on.  Create
+    instances with :func:`fastworker.transport.open_socket`, the one place that
+    applies the socket options the project relies on.
+    """
+
+    __slots__ = (
+        "_closed",
+        "_fd",
+        "_lot",
+        "_peer_writers",
+        "_readers",
+        "_received",
+        "_sent",
+        "_sock",
+        "_watch_scope",
+        "_writers",
+        "endpoint",
+    )
+
+    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+        self._sock = sock
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._lot = trio.lowlevel.ParkingLot()
+        self._watch_scope: trio.CancelScope | None = None
+        self._readers = 0
+        self._writers = 0
+        self._peer_writers = 0
+        self._closed = False
+        self._sent = 0
+        self._received = 0
+        self.endpoint: str | None = None
+
+    # -- set-up -------------------------------------------------------------
+
+    @property
+    def zmq_socket(self) -> zmq.Socket[bytes]:
+        """The wrapped socket, for options only: never send or receive on it directly.
+
+        Reading ``EVENTS`` on it, or any call that processes zmq's pending
+        commands, can swallow the fd's edge and stall the tasks waiting here.
+        """
+        return self._sock
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def bind(self, address: str) -> str:
+        """Bind and return the real endpoint (``tcp://127.0.0.1:*`` resolves its port)."""
+        self._check_open()
+        try:
+            self._sock.bind(address)
+        finally:
+            self._after_io()  # bind processes pending commands: it can swallow an edge
+        endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.endpoint = endpoint
+        return endpoint
+
+    def connect(self, address: str) -> None:
+        self._check_open()
+        try:
+            self._sock.connect(address)
+        finally:
+            self._after_io()
+
+    def disconnect(self, address: str) -> None:
+        self._check_open()
+        try:
+            self._sock.disconnect(address)
+        finally:
+            self._after_io()
+
+    # -- sending ------------------------------------------------------------
+
+    def send_multipart_nowait(self, frames: Sequence[bytes]) -> None:
+        """Queue a message without waiting.
+
+        Raises ``trio.WouldBlock`` when the socket cannot take it now (high-water
+        mark reached) and :class:`PeerUnreachable` when a ROUTER has no peer of
+        that identity.  The socket owner decides what that means: senders that
+        must not stall (the scheduler) count and re-route rather than wait.
+        """
+        self._check_open()
+        try:
+            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise trio.WouldBlock from None
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise PeerUnreachable(f"no connected peer for identity {frames[0]!r}") from None
+            raise
+        else:
+            self._sent += 1
+        finally:
+            # Also after a failure: the attempt may have processed pending commands.
+            self._after_io()
+
+    async def send_multipart(self, frames: Sequence[bytes]) -> None:
+        """Send one multipart message, waiting for room if the socket is full.
+
+        On a ROUTER, "full" is per peer: the send waits until *that* peer has
+        room (``PeerUnreachable`` if it disconnects meanwhile).
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        peer_retry = 0.0
+        while True:
+            try:
+                self.send_multipart_nowait(frames)
+            except trio.WouldBlock:
+                if peer_retry:
+                    # EVENTS said POLLOUT yet the send would block: a ROUTER whose
+                    # target peer is full.  Waiting for POLLOUT again would return at
+                    # once and spin without a checkpoint; wait for any change instead.
+                    await self._wait_for_change(peer_retry)
+                    peer_retry = min(peer_retry * 2, _PEER_RETRY_MAX_SECONDS)
+                else:
+                    await self._wait_for(zmq.POLLOUT)
+                    peer_retry = _PEER_RETRY_FIRST_SECONDS
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+
+    # -- receiving ----------------------------------------------------------
+
+    def recv_multipart_nowait(self) -> list[bytes]:
+        """One message if one is ready, else ``trio.WouldBlock``."""
+        self._check_open()
+        try:
+            frames: list[bytes] = self._sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            raise trio.WouldBlock from None
+        else:
+            self._received += 1
+        finally:
+            # A failing recv processes pending commands (unthrottled): it can
+            # swallow the edge that a task blocked in send_multipart waits for.
+            self._after_io()
+        return frames
+
+    async def recv_multipart(self) -> list[bytes]:
+        """Wait for one multipart message."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                frames = self.recv_multipart_nowait()
+            except trio.WouldBlock:
+                await self._wait_for(zmq.POLLIN)
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return frames
+
+    async def recv_batch(self, max_messages: int = 1024) -> list[list[bytes]]:
+        """Wait for at least one message, then take every message already queued.
+
+        Draining in one wake-up is what makes batching work: under load a reader
+        pays one task switch for hundreds of messages instead of one each.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self._check_open()
+        sock = self._sock
+        batch: list[list[bytes]] = []
+        while True:
+            while len(batch) < max_messages:
+                try:
+                    batch.append(sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            self._received += len(batch)
+            self._after_io()
+            if batch:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return batch
+            await self._wait_for(zmq.POLLIN)
+            self._check_open()
+
+    # -- readiness ----------------------------------------------------------
+
+    def _after_io(self) -> None:
+        """Our call may have swallowed the fd's edge: hand readiness on to waiters."""
+        if self._readers or self._writers:
+            self._hand_off(self._events())
+
+    def _events(self) -> int:
+        """Read ``EVENTS``; this processes zmq's pending commands and drains the fd."""
+        return cast(int, self._sock.getsockopt(zmq.EVENTS))
+
+    def _hand_off(self, events: int) -> None:
+        """Wake everybody if ``events`` shows a direction that somebody waits for."""
+        if (events & zmq.POLLIN and self._readers) or (events & zmq.POLLOUT and self._writers):
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        self._lot.unpark_all()
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+
+    async def _wait_for(self, flag: int) -> None:
+        """Return once ``EVENTS`` shows ``flag`` (POLLIN or POLLOUT) or the socket closed."""
+        reading = flag == zmq.POLLIN
+        if reading:
+            self._readers += 1
+        else:
+            self._writers += 1
+        try:
+            while True:
+                self._check_open()
+                events = self._events()
+                # Reading EVENTS may itself have swallowed the edge that the other
+                # direction's watcher waits for: hand that readiness on.
+                self._hand_off(events & ~flag)
+                if events & flag:
+                    return
+                if self._watch_scope is None:
+                    await self._watch_fd()
+                else:
+                    await self._lot.park()
+        finally:
+            if reading:
+                self._readers -= 1
+            else:
+                self._writers -= 1
+
+    async def _wait_for_change(self, retry_after: float) -> None:
+        """Wait for the socket's next wake-up (fd edge, hand-off) or ``retry_after`` seconds.
+
+        For a sender whose failure ``EVENTS`` cannot describe (one full ROUTER
+        peer).  Such senders are not counted as writers: a hand-off on ``POLLOUT``
+        would wake them for nothing, and two of them would wake each other forever.
+        """
+        self._peer_writers += 1
+        try:
+            with trio.move_on_after(retry_after):
+                self._check_open()
+                if self._watch_scope is None:
+                    await self._watch_fd()
+                else:
+                    await self._lot.park()
+        finally:
+            self._peer_writers -= 1
+        self._check_open()
+
+    async def _watch_fd(self) -> None:
+        """Be the one task waiting on the fd; wake everybody when it fires."""
+        scope = trio.CancelScope(deadline=trio.current_time() + _SAFETY_NET_SECONDS)
+        self._watch_scope = scope
+        try:
+            with scope:
+                await trio.lowlevel.wait_readable(self._fd)
+        finally:
+            self._watch_scope = None
+            # Whoever parked while we watched must re-read EVENTS too, and one of
+            # them must take over the fd if we leave (also on cancellation).
+            self._lot.unpark_all()
+
+    # -- closing ------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this ZeroMQ socket was closed")
+
+    def close(self, linger_ms: int = 0) -> None:
+        """Close now; waiters get ``trio.ClosedResourceError``.
+
+        ``linger_ms`` bounds how long ZeroMQ keeps trying to deliver what is
+        still queued (0 drops it at once).  Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # RuntimeError: not inside trio.run (closing from plain code), nobody can be waiting.
+        with contextlib.suppress(RuntimeError):
+            trio.lowlevel.notify_closing(self._fd)
+        self._lot.unpark_all()
+        self._sock.close(linger=linger_ms)
+
+    async def aclose(self) -> None:
+        self.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> ZSocket:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def statistics(self) -> ZSocketStatistics:
+        return ZSocketStatistics(
+            sent=self._sent,
+            received=self._received,
+            waiting_readers=self._readers,
+            waiting_writers=self._writers + self._peer_writers,
+        )
+
+    def __repr__(self) -> str:
+        kind = zmq.SocketType(self._sock.socket_type).name if not self._closed else "closed"
+        return f"<ZSocket {kind} {self.endpoint or ''}>"

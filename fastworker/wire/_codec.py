@@ -1,0 +1,58 @@
+"""Messages to bytes and back: one frame, ``cbor([version, tag, *fields])``.
+
+``decode`` is the trust boundary for every frame that arrives: whatever the
+bytes, it returns a valid message or raises WireError with a countable reason.
+"""
+
+from __future__ import annotations
+
+from operator import attrgetter
+from typing import Any
+
+import cbor2
+
+from ._errors import WireError
+from ._messages import MESSAGE_TYPES, Message
+
+__all__ = ["PROTOCOL_VERSION", "decode", "encode"]
+
+PROTOCOL_VERSION = 1
+
+_GETTERS = {
+    cls: attrgetter(*(name for name, _ in cls.FIELDS)) for cls in MESSAGE_TYPES.values()
+}
+
+
+def encode(message: Message) -> bytes:
+    cls = type(message)
+    values = _GETTERS[cls](message)
+    if len(cls.FIELDS) == 1:
+        return cbor2.dumps([PROTOCOL_VERSION, cls.TAG, values])
+    return cbor2.dumps([PROTOCOL_VERSION, cls.TAG, *values])
+
+
+def decode(data: bytes) -> Message:
+    try:
+        body: Any = cbor2.loads(data)
+    except Exception as exc:  # cbor2 raises a zoo of types on garbage; all mean the same
+        raise WireError("malformed", f"frame is not valid CBOR: {type(exc).__name__}") from None
+    if type(body) is not list or len(body) < 2:
+        raise WireError("malformed", "frame is not a [version, tag, ...] array")
+    version, tag = body[0], body[1]
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise WireError(
+            "version", f"protocol version {version!r} not supported (speak {PROTOCOL_VERSION})"
+        )
+    cls = MESSAGE_TYPES.get(tag) if type(tag) is int else None
+    if cls is None:
+        raise WireError("unknown_type", f"unknown message type {tag!r}")
+    fields = body[2:]
+    spec = cls.FIELDS
+    if len(fields) != len(spec):
+        raise WireError(
+            "bad_fields", f"{cls.__name__} takes {len(spec)} fields, got {len(fields)}"
+        )
+    for value, (name, types) in zip(fields, spec, strict=True):
+        if type(value) not in types:
+            raise WireError("bad_fields", f"{cls.__name__}.{name} has type {type(value).__name__}")
+    return cls(*fields)

@@ -1,0 +1,28 @@
+"""The one error type for bytes from the network that cannot be accepted."""
+
+from __future__ import annotations
+
+__all__ = ["WIRE_ERROR_REASONS", "WireError"]
+
+# Every reason a message or a part of one is rejected; stats count by these.
+WIRE_ERROR_REASONS = (
+    "malformed",  # not CBOR, or not an array
+    "version",  # protocol version we do not speak
+    "unknown_type",  # tag not in the protocol
+    "bad_fields",  # wrong number or types of fields
+    "invalid",  # a task or result inside the message is invalid
+    "bad_frames",  # wrong number of ZeroMQ frames
+    "unexpected",  # a valid message that this endpoint does not accept
+)
+
+
+class WireError(ValueError):
+    """A message from the network that cannot be accepted.
+
+    ``reason`` is one of WIRE_ERROR_REASONS, so receivers can count rejections
+    by cause and answer the sender with something precise.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -1,0 +1,284 @@
+"""Every message of the fastworker protocol, as frozen attrs records.
+
+A message is one ZeroMQ frame holding a CBOR array ``[version, tag, *fields]``
+(a ROUTER socket adds the peer's identity as a frame before it).  Each class
+lists its fields in wire order with the types a decoder must check; tasks and
+results inside messages are plain arrays (see ``TaskWire``/``ResultWire`` in
+``_records.py``) so a batch of thousands costs one CBOR decode.  The tag
+numbers and layouts are documented in ``design/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import attrs
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "Cancel",
+    "CancelReply",
+    "CancelRunning",
+    "Dispatch",
+    "Done",
+    "ErrorReply",
+    "Heartbeat",
+    "HeartbeatAck",
+    "Lookup",
+    "LookupReply",
+    "Message",
+    "Ready",
+    "Register",
+    "Registered",
+    "Release",
+    "ResultQuery",
+    "ResultReply",
+    "Results",
+    "StatsQuery",
+    "StatsReply",
+    "Submit",
+    "SubmitAck",
+    "Unregister",
+]
+
+
+class Message:
+    """Base of all protocol messages: ``TAG`` names the type on the wire."""
+
+    __slots__ = ()
+    TAG: ClassVar[int]
+    # (field name, accepted python types) in wire order; filled by _register.
+    FIELDS: ClassVar[tuple[tuple[str, tuple[type, ...]], ...]]
+
+
+MESSAGE_TYPES: dict[int, type[Message]] = {}
+
+_NONE = type(None)
+
+
+def _register(tag: int, *types: tuple[type, ...]) -> Any:
+    def wrap(cls: type[Message]) -> type[Message]:
+        names = [f.name for f in attrs.fields(cls)]  # type: ignore[arg-type]
+        if len(names) != len(types):
+            raise TypeError(f"{cls.__name__}: {len(names)} fields but {len(types)} types")
+        cls.TAG = tag
+        cls.FIELDS = tuple(zip(names, types, strict=True))
+        if tag in MESSAGE_TYPES:
+            raise TypeError(f"tag {tag} used twice")
+        MESSAGE_TYPES[tag] = cls
+        return cls
+
+    return wrap
+
+
+_S = (str,)
+_I = (int,)
+_L = (list,)
+_D = (dict,)
+_B = (bytes,)
+_F = (float, int)
+_BOOL = (bool,)
+
+# --- client <-> discovery ---------------------------------------------------
+
+
+@_register(1, _I)
+@attrs.frozen
+class Lookup(Message):
+    """Client → discovery: where is the control plane?"""
+
+    request_id: int
+
+
+@_register(2, _I, _S, _S, _F)
+@attrs.frozen
+class LookupReply(Message):
+    """Discovery → client: the control plane's instance id and client endpoint."""
+
+    request_id: int
+    instance_id: str
+    client_endpoint: str
+    heartbeat_interval: float
+
+
+# --- worker <-> discovery ---------------------------------------------------
+
+
+@_register(10, _S, _L, _I, _I, _S)
+@attrs.frozen
+class Register(Message):
+    """Worker → discovery: join, naming the tasks served and the concurrency."""
+
+    worker_id: str
+    task_names: list[str]
+    concurrency: int
+    pid: int
+    hostname: str
+
+
+@_register(11, _S, _S, _F)
+@attrs.frozen
+class Registered(Message):
+    """Discovery → worker: accepted; where to fetch work, how often to heartbeat."""
+
+    instance_id: str
+    worker_endpoint: str
+    heartbeat_interval: float
+
+
+@_register(12, _S)
+@attrs.frozen
+class Heartbeat(Message):
+    worker_id: str
+
+
+@_register(13, _S, _BOOL)
+@attrs.frozen
+class HeartbeatAck(Message):
+    """Discovery → worker.  ``known`` false means: register again."""
+
+    instance_id: str
+    known: bool
+
+
+@_register(14, _S)
+@attrs.frozen
+class Unregister(Message):
+    """Worker → discovery: leaving on purpose (after handing back its work)."""
+
+    worker_id: str
+
+
+# --- client <-> gateway -----------------------------------------------------
+
+
+@_register(20, _I, _L)
+@attrs.frozen
+class Submit(Message):
+    """Client → control plane: a batch of TaskWire arrays."""
+
+    request_id: int
+    tasks: list[Any]
+
+
+@_register(21, _I, _L)
+@attrs.frozen
+class SubmitAck(Message):
+    """Control plane → client: every task of the request is accepted except ``rejected``.
+
+    ``rejected`` holds ``[task_id, reason, message]`` arrays; reasons are listed
+    in design/protocol.md (``queue_full``, ``invalid``).
+    """
+
+    request_id: int
+    rejected: list[Any]
+
+
+@_register(22, _L)
+@attrs.frozen
+class Results(Message):
+    """Control plane → client (push) and worker → control plane: ResultWire arrays."""
+
+    results: list[Any]
+
+
+@_register(23, _I, _L)
+@attrs.frozen
+class ResultQuery(Message):
+    request_id: int
+    task_ids: list[str]
+
+
+@_register(24, _I, _L)
+@attrs.frozen
+class ResultReply(Message):
+    """One ResultWire or null per queried id, in order."""
+
+    request_id: int
+    results: list[Any]
+
+
+@_register(25, _I, _S)
+@attrs.frozen
+class Cancel(Message):
+    request_id: int
+    task_id: str
+
+
+@_register(26, _I, _BOOL, _S)
+@attrs.frozen
+class CancelReply(Message):
+    """``cancelled`` true when it took effect; ``status`` is the task's status after it."""
+
+    request_id: int
+    cancelled: bool
+    status: str
+
+
+@_register(27, _I)
+@attrs.frozen
+class StatsQuery(Message):
+    request_id: int
+
+
+@_register(28, _I, _D)
+@attrs.frozen
+class StatsReply(Message):
+    request_id: int
+    stats: dict[str, Any]
+
+
+@_register(29, _I, _S, _S)
+@attrs.frozen
+class ErrorReply(Message):
+    """Any endpoint → sender: the request could not be understood.
+
+    ``request_id`` is 0 when the bad message carried none.
+    """
+
+    request_id: int
+    reason: str
+    message: str
+
+
+# --- worker <-> scheduler ---------------------------------------------------
+
+
+@_register(30, _I)
+@attrs.frozen
+class Ready(Message):
+    """Worker → scheduler: how many tasks it may hold at once (0 = send no more)."""
+
+    window: int
+
+
+@_register(31, _L)
+@attrs.frozen
+class Dispatch(Message):
+    """Scheduler → worker: TaskWire arrays to run."""
+
+    tasks: list[Any]
+
+
+@_register(32, _L)
+@attrs.frozen
+class Done(Message):
+    """Worker → scheduler: ResultWire arrays of finished (or retrying) tasks."""
+
+    results: list[Any]
+
+
+@_register(33, _L)
+@attrs.frozen
+class Release(Message):
+    """Worker → scheduler: ids of tasks handed back unstarted (draining)."""
+
+    task_ids: list[str]
+
+
+@_register(34, _L)
+@attrs.frozen
+class CancelRunning(Message):
+    """Scheduler → worker: stop these tasks if they are still running."""
+
+    task_ids: list[str]

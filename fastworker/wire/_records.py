@@ -1,0 +1,199 @@
+"""Tasks and results as they travel inside messages.
+
+Both are CBOR arrays, not maps: a batch of ten thousand tasks should not
+repeat ten thousand sets of key names.  ``from_wire`` is the validation
+boundary: anything that came from the network goes through it before use.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import attrs
+
+from ..tasks.models import TaskPriority, TaskResult, TaskStatus
+from ..tasks.serializer import SerializationFormat, Serializer
+from ._errors import WireError
+
+__all__ = ["TASK_OPTIONS", "ResultRecord", "TaskEnvelope", "epoch", "from_epoch"]
+
+# Option keys a TaskWire may carry, with the types they accept.
+TASK_OPTIONS: dict[str, tuple[type, ...]] = {
+    "cb": (str,),  # callback address
+    "cbd": (bytes,),  # callback data, encoded in the task's format
+    "eta": (float, int),  # do not start before this time (epoch seconds, UTC)
+    "timeout": (float, int),  # seconds a run may take
+    "max_retries": (int,),
+    "retry_delay": (float, int),
+    "retry_backoff": (float, int),
+    "retry_backoff_max": (float, int),
+    "attempt": (int,),  # control plane → worker: which run this is (1-based)
+}
+
+_STATUS_BY_VALUE = {s.value: s for s in TaskStatus}
+_MAX_ID_LENGTH = 256
+_MAX_NAME_LENGTH = 512
+
+
+def epoch(value: dt.datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def from_epoch(value: float | None) -> dt.datetime | None:
+    return None if value is None else dt.datetime.fromtimestamp(value, dt.UTC)
+
+
+def _check_options(options: Any) -> dict[str, Any] | None:
+    if options is None:
+        return None
+    if not isinstance(options, dict):
+        raise WireError("invalid", "task options must be a map or null")
+    for key, value in options.items():
+        types = TASK_OPTIONS.get(key)
+        if types is None:
+            raise WireError("invalid", f"unknown task option {key!r}")
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise WireError("invalid", f"task option {key!r} has the wrong type")
+    return options
+
+
+@attrs.define(slots=True)
+class TaskEnvelope:
+    """A task with its arguments still encoded: what clients, scheduler and workers pass on.
+
+    Wire form: ``[task_id, name, priority, format, payload, options]`` with
+    priority 0 (CRITICAL) … 3 (LOW), format 0 JSON / 1 CBOR / 2 PICKLE, payload
+    the encoded ``[args, kwargs]`` and options a map (see TASK_OPTIONS) or null.
+    """
+
+    task_id: str
+    name: str
+    priority: int
+    format: int
+    payload: bytes
+    options: dict[str, Any] | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [self.task_id, self.name, self.priority, self.format, self.payload, self.options]
+
+    @classmethod
+    def from_wire(cls, item: Any) -> TaskEnvelope:
+        """Validate one untrusted TaskWire; raises WireError("invalid", …)."""
+        if type(item) is not list or len(item) != 6:
+            raise WireError("invalid", "a task must be an array of 6 items")
+        task_id, name, priority, fmt, payload, options = item
+        if type(task_id) is not str or not 0 < len(task_id) <= _MAX_ID_LENGTH:
+            raise WireError("invalid", "task id must be a string of 1-256 characters")
+        if type(name) is not str or not 0 < len(name) <= _MAX_NAME_LENGTH:
+            raise WireError("invalid", f"task {task_id}: name must be a non-empty string")
+        if type(priority) is not int or not 0 <= priority <= 3:
+            raise WireError("invalid", f"task {task_id}: priority must be 0-3")
+        if type(fmt) is not int or not 0 <= fmt <= 2:
+            raise WireError("invalid", f"task {task_id}: format must be 0-2")
+        if type(payload) is not bytes:
+            raise WireError("invalid", f"task {task_id}: payload must be bytes")
+        return cls(task_id, name, priority, fmt, payload, _check_options(options))
+
+    @property
+    def priority_enum(self) -> TaskPriority:
+        return TaskPriority.from_rank(self.priority)
+
+    def option(self, key: str, default: Any = None) -> Any:
+        return default if self.options is None else self.options.get(key, default)
+
+
+@attrs.frozen
+class ResultRecord:
+    """A result with its value still encoded, as the control plane stores and forwards it.
+
+    Wire form: ``[task_id, status, result, error, started_at, completed_at,
+    attempts, traceback, format, name, retry_delay]``: status is a TaskStatus
+    value, result the encoded return value or null, timestamps epoch seconds
+    (UTC) or null, retry_delay the seconds to wait before the next attempt
+    (only with status "retrying").
+    """
+
+    task_id: str
+    status: str
+    result: bytes | None = None
+    error: str | None = None
+    started_at: float | None = None
+    completed_at: float | None = None
+    attempts: int = 0
+    traceback: str | None = None
+    format: int = 0
+    name: str = ""
+    retry_delay: float | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.task_id,
+            self.status,
+            self.result,
+            self.error,
+            self.started_at,
+            self.completed_at,
+            self.attempts,
+            self.traceback,
+            self.format,
+            self.name,
+            self.retry_delay,
+        ]
+
+    @classmethod
+    def from_wire(cls, item: Any) -> ResultRecord:
+        """Validate one untrusted ResultWire; raises WireError("invalid", …)."""
+        if type(item) is not list or len(item) != 11:
+            raise WireError("invalid", "a result must be an array of 11 items")
+        tid, status, result, error, started, completed, attempts, tb, fmt, name, retry = item
+        if type(tid) is not str or not tid:
+            raise WireError("invalid", "result task id must be a non-empty string")
+        if status not in _STATUS_BY_VALUE:
+            raise WireError("invalid", f"result {tid}: unknown status {status!r}")
+        ok = (
+            (result is None or type(result) is bytes)
+            and (error is None or type(error) is str)
+            and (started is None or type(started) in (float, int))
+            and (completed is None or type(completed) in (float, int))
+            and type(attempts) is int
+            and (tb is None or type(tb) is str)
+            and type(fmt) is int
+            and 0 <= fmt <= 2
+            and type(name) is str
+            and (retry is None or type(retry) in (float, int))
+        )
+        if not ok:
+            raise WireError("invalid", f"result {tid}: a field has the wrong type")
+        return cls(tid, status, result, error, started, completed, attempts, tb, fmt, name, retry)
+
+    @property
+    def is_final(self) -> bool:
+        return _STATUS_BY_VALUE[self.status].is_final
+
+    def to_task_result(self, *, allow_pickle: bool = False) -> TaskResult:
+        """Decode the value: what the Client hands to users.
+
+        A result whose bytes cannot be decoded becomes a FAILURE that says why,
+        rather than an exception far from its cause.
+        """
+        value = None
+        status = _STATUS_BY_VALUE[self.status]
+        error = self.error
+        if self.result is not None:
+            try:
+                fmt = SerializationFormat.from_code(self.format)
+                value = Serializer(fmt, allow_pickle=allow_pickle).loads(self.result)
+            except ValueError as exc:
+                status, error = TaskStatus.FAILURE, f"result could not be decoded: {exc}"
+        return TaskResult(
+            task_id=self.task_id,
+            status=status,
+            result=value,
+            error=error,
+            started_at=from_epoch(self.started_at),
+            completed_at=from_epoch(self.completed_at),
+            task_name=self.name or None,
+            attempts=self.attempts,
+            traceback=self.traceback,
+        )

@@ -1,0 +1,301 @@
+"""The Worker actor: joins a control plane, takes work as it has room, reports results.
+
+It owns two DEALER sockets: one to Discovery (register, heartbeats) and one to
+the Scheduler (Ready, Dispatch, Done).  The Scheduler's endpoint comes from
+Discovery, so a worker needs only the discovery address, and may start
+before the control plane: it keeps registering, with backoff, until answered.
+
+Liveness both ways: Discovery declares a worker dead after ``liveness``
+missed heartbeats; the worker treats the control plane as gone after the
+same number of unanswered ones, and re-registers when it answers again — with
+a new instance id after a restart, at which point unreported results go to
+the new instance (which accepts them if a client re-submitted those tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import attrs
+import trio
+import zmq
+
+from .._io import Inbound, pump_socket
+from ..runtime import Actor
+from ..tasks.registry import TaskRegistry
+from ..transport import TransportConfig, ZSocket, open_socket
+from ..wire import (
+    CancelRunning,
+    Dispatch,
+    Done,
+    ErrorReply,
+    Heartbeat,
+    HeartbeatAck,
+    Ready,
+    Register,
+    Registered,
+    Release,
+    ResultRecord,
+    TaskEnvelope,
+    Unregister,
+    WireError,
+    decode,
+    encode,
+)
+from ._executor import Executor
+
+__all__ = ["Worker", "WorkerConfig"]
+
+log = logging.getLogger("fastworker.worker")
+
+_MAX_RESULTS_PER_MESSAGE = 2048
+
+
+def _resolve(endpoint: str, discovery_address: str) -> str:
+    """Replace a wildcard host in an endpoint by the host we reached discovery at."""
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            host = discovery_address[6:].rsplit(":", 1)[0]
+            return f"tcp://{host}:{endpoint[len(wildcard):]}"
+    return endpoint
+
+
+@attrs.frozen
+class WorkerConfig:
+    discovery_address: str = "tcp://127.0.0.1:5550"
+    concurrency: int = 8
+    prefetch: int | None = None  # tasks held beyond concurrency; default max(concurrency, 64)
+    heartbeat_interval: float = 1.0  # until Discovery says otherwise
+    liveness: int = 3
+    allow_pickle: bool = False
+    transport: TransportConfig = TransportConfig()
+    worker_id: str | None = None
+
+    @property
+    def window(self) -> int:
+        prefetch = self.prefetch if self.prefetch is not None else max(self.concurrency, 64)
+        return self.concurrency + prefetch
+
+
+@attrs.frozen
+class _Tick:
+    pass
+
+
+class Worker(Actor):
+    def __init__(self, registry: TaskRegistry, config: WorkerConfig | None = None) -> None:
+        cfg = config or WorkerConfig()
+        self.worker_id = cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        super().__init__(f"worker {self.worker_id}", mailbox_size=4096)
+        self.config = cfg
+        self.registry = registry
+        self.executor = Executor(
+            registry, cfg.concurrency, self._on_results, allow_pickle=cfg.allow_pickle
+        )
+        self.instance_id: str | None = None
+        self.registered = trio.Event()  # set on every (re)registration's first success
+        self._discovery: ZSocket | None = None
+        self._scheduler: ZSocket | None = None
+        self._scheduler_endpoint: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._interval = cfg.heartbeat_interval
+        self._last_ack = 0.0
+        self._connected = False
+        self._draining = False
+        self._outbox: list[Any] = []
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._connected = False
+        self._scheduler_endpoint = None
+        sock = open_socket(zmq.DEALER, self.config.transport)
+        sock.connect(self.config.discovery_address)
+        self._discovery = sock
+        nursery.start_soon(pump_socket, sock, self.ref, 1024)
+        await nursery.start(self.executor.run)
+        nursery.start_soon(self._ticker)
+        self._send_discovery(self._register_message())
+
+    async def on_stop(self) -> None:
+        for sock in (self._discovery, self._scheduler):
+            if sock is not None:
+                sock.close(linger_ms=200)
+        self._discovery = self._scheduler = None
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self._interval)
+            await self.ref.send(_Tick())
+
+    # -- messages -----------------------------------------------------------
+
+    def receive(self, message: Any) -> Any:
+        if type(message) is Inbound:
+            for parts in message.frames:
+                self._on_frame(parts)
+        elif type(message) is _Tick:
+            self._on_tick()
+        elif message == "stats":
+            return self.statistics_dict()
+        else:
+            raise TypeError(f"worker got an unexpected message {message!r}")
+        return None
+
+    def _on_frame(self, parts: list[bytes]) -> None:
+        if len(parts) != 1:
+            return
+        try:
+            message = decode(parts[0])
+        except WireError as exc:
+            log.warning("worker %s ignored a bad frame: %s", self.worker_id, exc)
+            return
+        kind = type(message)
+        if kind is Dispatch:
+            self._on_dispatch(message.tasks)  # type: ignore[attr-defined]
+        elif kind is HeartbeatAck:
+            self._on_ack(message)  # type: ignore[arg-type]
+        elif kind is Registered:
+            self._on_registered(message)  # type: ignore[arg-type]
+        elif kind is CancelRunning:
+            ids = [i for i in message.task_ids if type(i) is str]  # type: ignore[attr-defined]
+            self.executor.cancel(ids)
+        elif kind is ErrorReply:
+            log.error("control plane rejected a worker message: %s", message.message)  # type: ignore[attr-defined]
+
+    def _on_dispatch(self, raw_tasks: list[Any]) -> None:
+        envelopes = []
+        for raw in raw_tasks:
+            try:
+                envelopes.append(TaskEnvelope.from_wire(raw))
+            except WireError as exc:
+                log.warning("worker %s ignored an invalid task: %s", self.worker_id, exc)
+        if self._draining:
+            self._send_scheduler(Release([e.task_id for e in envelopes]))
+            return
+        self.executor.submit(envelopes)
+
+    def _on_ack(self, ack: HeartbeatAck) -> None:
+        self._last_ack = trio.current_time()
+        if not ack.known or ack.instance_id != self.instance_id:
+            # The control plane restarted or forgot us: join again.
+            self._connected = False
+            self._send_discovery(self._register_message())
+
+    def _on_registered(self, message: Registered) -> None:
+        self._last_ack = trio.current_time()
+        self._interval = message.heartbeat_interval
+        if message.instance_id != self.instance_id:
+            log.info("worker %s joined control plane %s", self.worker_id, message.instance_id)
+        self.instance_id = message.instance_id
+        endpoint = _resolve(message.worker_endpoint, self.config.discovery_address)
+        if endpoint != self._scheduler_endpoint:
+            self._open_scheduler(endpoint)
+        self._connected = True
+        self._send_scheduler(Ready(0 if self._draining else self.config.window))
+        self._flush()
+        self.registered.set()
+
+    def _open_scheduler(self, endpoint: str) -> None:
+        assert self._nursery is not None
+        if self._scheduler is not None:
+            self._scheduler.close()  # its pump task ends with it
+        sock = open_socket(zmq.DEALER, self.config.transport, identity=self.worker_id.encode())
+        sock.connect(endpoint)
+        self._scheduler = sock
+        self._scheduler_endpoint = endpoint
+        self._nursery.start_soon(pump_socket, sock, self.ref, 1024)
+
+    def _on_tick(self) -> None:
+        now = trio.current_time()
+        silent = now - self._last_ack
+        if self._connected and silent > self._interval * self.config.liveness:
+            log.warning(
+                "worker %s: control plane silent for %.1f s; waiting for it to come back",
+                self.worker_id, silent,
+            )
+            self._connected = False
+        if self._connected:
+            self._send_discovery(Heartbeat(self.worker_id))
+        else:
+            self._send_discovery(self._register_message())
+        self._flush()
+
+    # -- sending ------------------------------------------------------------
+
+    def _register_message(self) -> Register:
+        return Register(
+            self.worker_id,
+            self.registry.names(),
+            self.config.concurrency,
+            os.getpid(),
+            socket.gethostname(),
+        )
+
+    def _send_discovery(self, message: Any) -> None:
+        if self._discovery is None:
+            return
+        try:
+            self._discovery.send_multipart_nowait([encode(message)])
+        except trio.WouldBlock:
+            pass  # not connected yet: the next tick tries again
+
+    def _send_scheduler(self, message: Any) -> bool:
+        if self._scheduler is None:
+            return False
+        try:
+            self._scheduler.send_multipart_nowait([encode(message)])
+        except trio.WouldBlock:
+            return False
+        return True
+
+    def _on_results(self, records: list[ResultRecord]) -> None:
+        self._outbox.extend(r.to_wire() for r in records)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send unreported results; what cannot go now waits for the next chance."""
+        while self._outbox:
+            batch = self._outbox[:_MAX_RESULTS_PER_MESSAGE]
+            if not self._send_scheduler(Done(batch)):
+                return
+            del self._outbox[: len(batch)]
+
+    # -- draining -----------------------------------------------------------
+
+    async def drain(self, grace: float) -> int:
+        """Stop taking work, let running tasks finish within ``grace``, hand back the rest.
+
+        Returns how many tasks were handed back.  The worker then unregisters;
+        stop the actor afterwards.
+        """
+        self._draining = True
+        self._send_scheduler(Ready(0))
+        released = self.executor.release_waiting()
+        with trio.move_on_after(grace):
+            while self.executor.running:
+                await trio.sleep(0.05)
+        released += self.executor.running_ids()
+        if released:
+            self._send_scheduler(Release(released))
+        self._flush()
+        self._send_discovery(Unregister(self.worker_id))
+        await trio.sleep(0)
+        return len(released)
+
+    def statistics_dict(self) -> dict[str, Any]:
+        return {
+            "worker_id": self.worker_id,
+            "instance_id": self.instance_id,
+            "connected": self._connected,
+            "running": self.executor.running,
+            "waiting": self.executor.waiting,
+            "completed": self.executor.completed,
+            "unreported": len(self._outbox),
+            "stuck_threads": self.executor.stuck_threads,
+        }
