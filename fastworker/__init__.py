@@ -1,5 +1,12 @@
 """fastworker: a brokerless distributed task queue on trio and ZeroMQ."""
 
+from .client import Client as Client
+from .client import ClientError as ClientError
+from .client import ClientNotStartedError as ClientNotStartedError
+from .client import ClientStoppedError as ClientStoppedError
+from .client import ControlPlaneUnavailableError as ControlPlaneUnavailableError
+from .client import PendingLimitError as PendingLimitError
+from .client import QueueFullError as QueueFullError
 from .cluster import Cluster as Cluster
 from .tasks.models import CallbackInfo as CallbackInfo
 from .tasks.models import Task as Task
@@ -16,9 +23,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallbackInfo",
+    "Client",
+    "ClientError",
+    "ClientNotStartedError",
+    "ClientStoppedError",
     "Cluster",
+    "ControlPlaneUnavailableError",
     "DuplicateTaskError",
+    "PendingLimitError",
     "PickleRefusedError",
+    "QueueFullError",
     "SerializationError",
     "SerializationFormat",
     "Task",

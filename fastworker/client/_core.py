@@ -1,0 +1,496 @@
+"""The client's actor: the trio side of ``Client``, owner of its two sockets.
+
+Callers (on asyncio in another thread, or on trio in this one) never touch a
+socket.  They put work on ``inbox`` (a deque: appending is thread-safe) and
+call ``wake()``; the first wake after a drain schedules one message to this
+actor, which then takes everything queued at once and sends it as few
+``Submit`` messages as the size bound allows.  That is where the client's
+throughput comes from.
+
+The actor keeps every task it submitted until its result arrives.  It
+re-sends a request whose ack did not come (same task ids, so the control
+plane deduplicates), and when Discovery reports a new control-plane instance
+it re-submits everything unfinished.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import attrs
+import trio
+import zmq
+
+from .._io import Inbound, pump_socket
+from ..runtime import Actor
+from ..tasks.models import TaskStatus
+from ..transport import TransportConfig, ZSocket, open_socket
+from ..wire import (
+    Cancel,
+    CancelReply,
+    ErrorReply,
+    Lookup,
+    LookupReply,
+    ResultQuery,
+    ResultRecord,
+    ResultReply,
+    Results,
+    StatsQuery,
+    StatsReply,
+    Submit,
+    SubmitAck,
+    WireError,
+    decode,
+    encode,
+)
+from ._errors import QueueFullError
+from ._waiters import Waiter
+
+__all__ = ["ClientCore", "Command", "PendingTask"]
+
+log = logging.getLogger("fastworker.client")
+
+_MAX_TASKS_PER_SUBMIT = 4096
+
+
+@attrs.define(eq=False, slots=True)
+class PendingTask:
+    """A task this client submitted and has no final result for yet."""
+
+    wire: list[Any]
+    status: TaskStatus = TaskStatus.PENDING
+    waiters: list[Waiter] | None = None
+    sent: bool = False  # part of a request not yet acknowledged or acknowledged
+
+
+@attrs.define(eq=False, slots=True)
+class Command:
+    """A request from a caller other than a submission: query, cancel, stats, join."""
+
+    kind: str
+    waiter: Waiter
+    task_ids: list[str] = attrs.Factory(list)
+
+
+@attrs.define(eq=False, slots=True)
+class _Request:
+    task_ids: list[str]
+    sent_at: float
+    tries: int = 1
+
+
+@attrs.frozen
+class _Wake:
+    pass
+
+
+@attrs.frozen
+class _Tick:
+    pass
+
+
+def _resolve(endpoint: str, discovery_address: str) -> str:
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            host = discovery_address[6:].rsplit(":", 1)[0]
+            return f"tcp://{host}:{endpoint[len(wildcard):]}"
+    return endpoint
+
+
+class ClientCore(Actor):
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        discovery_address: str,
+        retries: int,
+        ack_timeout: float,
+        result_cache_size: int,
+        transport: TransportConfig,
+    ) -> None:
+        super().__init__("client", mailbox_size=4096)
+        self.client_id = client_id
+        self.discovery_address = discovery_address
+        self.retries = retries
+        self.ack_timeout = ack_timeout
+        self.transport = transport
+        # Shared with the caller side (plain dict/deque operations only).
+        self.inbox: collections.deque[str | Command] = collections.deque()
+        self.pending: dict[str, PendingTask] = {}
+        self.finished: OrderedDict[str, ResultRecord] = OrderedDict()
+        self.result_cache_size = result_cache_size
+        self.queue_full = False
+        self.token: trio.lowlevel.TrioToken | None = None
+        self._wake_scheduled = False
+        # Trio side only.
+        self._unsent: collections.deque[str] = collections.deque()
+        self._requests: dict[int, _Request] = {}
+        self._queries: dict[int, Command] = {}
+        self._joiners: list[Waiter] = []
+        self._parked: list[Command] = []  # commands waiting for a connection
+        self._next_request = 1
+        self._discovery: ZSocket | None = None
+        self._gateway: ZSocket | None = None
+        self._gateway_endpoint: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self.instance_id: str | None = None
+        self._interval = 0.1
+        self._heartbeat = 1.0
+        self._last_reply = 0.0
+        self.connected = trio.Event()
+        self.acks_dropped_for_test = 0  # tests set this to lose acknowledgements on purpose
+        self.resubmitted = 0
+
+    # -- caller side (any thread) -------------------------------------------
+
+    def wake(self) -> None:
+        """Ask the actor to look at ``inbox``; cheap when a wake is already on its way."""
+        if not self._wake_scheduled and self.token is not None:
+            self._wake_scheduled = True
+            try:
+                self.token.run_sync_soon(self._on_wake_callback)
+            except trio.RunFinishedError:
+                self._wake_scheduled = False
+
+    def _on_wake_callback(self) -> None:
+        self._wake_scheduled = False
+        try:
+            self.ref.tell(_Wake())
+        except Exception:
+            # Mailbox full: a wake is queued already and will drain everything.
+            pass
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self._nursery = nursery
+        sock = open_socket(zmq.DEALER, self.transport)
+        sock.connect(self.discovery_address)
+        self._discovery = sock
+        nursery.start_soon(pump_socket, sock, self.ref, 1024)
+        nursery.start_soon(self._ticker)
+        self._lookup()
+
+    async def on_stop(self) -> None:
+        self.close_now(linger_ms=500)
+
+    def close_now(self, linger_ms: int) -> int:
+        """Send what can be sent without waiting, close the sockets; returns what is left unsent."""
+        if self._gateway is not None and self.inbox:
+            self._drain_inbox()
+            self._send_unsent()
+        left = len(self._unsent)
+        for sock in (self._gateway, self._discovery):
+            if sock is not None:
+                sock.close(linger_ms=linger_ms)
+        self._gateway = self._discovery = None
+        return left
+
+    async def _ticker(self) -> None:
+        while True:
+            await trio.sleep(self._interval)
+            await self.ref.send(_Tick())
+
+    # -- messages -----------------------------------------------------------
+
+    def receive(self, message: Any) -> Any:
+        if type(message) is Inbound:
+            for parts in message.frames:
+                self._on_frame(parts)
+        elif type(message) is _Wake:
+            self._drain_inbox()
+            self._send_unsent()
+        elif type(message) is _Tick:
+            self._on_tick()
+        else:
+            raise TypeError(f"client got an unexpected message {message!r}")
+        return None
+
+    def _drain_inbox(self) -> None:
+        inbox = self.inbox
+        while inbox:
+            item = inbox.popleft()
+            if type(item) is str:
+                entry = self.pending.get(item)
+                if entry is not None and not entry.sent:
+                    self._unsent.append(item)
+            else:
+                self._on_command(item)  # type: ignore[arg-type]
+
+    def _on_command(self, command: Command) -> None:
+        if command.kind == "join":
+            if self.pending:
+                self._joiners.append(command.waiter)
+            else:
+                command.waiter.set(None)
+            return
+        if command.kind == "cancel":
+            entry = self.pending.get(command.task_ids[0])
+            if entry is not None and not entry.sent:
+                # Never left this process: cancel here, it will never run.
+                wire = entry.wire
+                record = ResultRecord(wire[0], TaskStatus.CANCELLED.value, error="cancelled",
+                                      format=wire[3], name=wire[1])
+                self._finish([record], None)
+                command.waiter.set(CancelReply(0, True, TaskStatus.CANCELLED.value))
+                return
+        if self._gateway is None or not self.connected.is_set():
+            self._park_command(command)
+            return
+        request_id = self._new_request_id()
+        if command.kind == "query":
+            message: Any = ResultQuery(request_id, command.task_ids)
+        elif command.kind == "cancel":
+            message = Cancel(request_id, command.task_ids[0])
+        elif command.kind == "stats":
+            message = StatsQuery(request_id)
+        else:
+            raise ValueError(f"unknown client command {command.kind!r}")
+        self._queries[request_id] = command
+        if not self._send_gateway(message):
+            del self._queries[request_id]
+            self._park_command(command)
+
+    def _park_command(self, command: Command) -> None:
+        # Not connected: retried on the next tick; the caller's own timeout bounds it.
+        self._parked.append(command)
+
+    def _new_request_id(self) -> int:
+        request_id = self._next_request
+        self._next_request += 1
+        return request_id
+
+    # -- sending ------------------------------------------------------------
+
+    def _send_gateway(self, message: Any) -> bool:
+        if self._gateway is None:
+            return False
+        try:
+            self._gateway.send_multipart_nowait([encode(message)])
+        except trio.WouldBlock:
+            return False
+        return True
+
+    def _send_unsent(self) -> None:
+        if self._gateway is None or not self.connected.is_set():
+            return
+        unsent = self._unsent
+        pending = self.pending
+        now = trio.current_time()
+        while unsent:
+            ids: list[str] = []
+            wires: list[Any] = []
+            while unsent and len(ids) < _MAX_TASKS_PER_SUBMIT:
+                task_id = unsent.popleft()
+                entry = pending.get(task_id)
+                if entry is None or entry.sent:
+                    continue  # cancelled locally, or finished meanwhile
+                ids.append(task_id)
+                wires.append(entry.wire)
+            if not ids:
+                return
+            request_id = self._new_request_id()
+            if not self._send_gateway(Submit(request_id, wires)):
+                unsent.extendleft(reversed(ids))
+                return
+            for task_id in ids:
+                pending[task_id].sent = True
+            self._requests[request_id] = _Request(ids, now)
+
+    def _lookup(self) -> None:
+        if self._discovery is None:
+            return
+        try:
+            self._discovery.send_multipart_nowait([encode(Lookup(self._new_request_id()))])
+        except trio.WouldBlock:
+            pass  # discovery not reachable yet: the next tick asks again
+
+    def _on_tick(self) -> None:
+        now = trio.current_time()
+        if self.connected.is_set() and now - self._last_reply > self._heartbeat * 3:
+            log.warning("client: control plane silent for %.1f s", now - self._last_reply)
+            self.connected = trio.Event()
+            self._interval = 0.1
+        if not self.connected.is_set():
+            self._interval = min(self._interval * 2, self._heartbeat)
+        self._lookup()
+        self._retry_unacked(now)
+        if self._parked and self.connected.is_set():
+            parked, self._parked = self._parked, []
+            for command in parked:
+                self._on_command(command)
+        self._send_unsent()
+
+    def _retry_unacked(self, now: float) -> None:
+        for request_id, request in list(self._requests.items()):
+            if now - request.sent_at < self.ack_timeout * 2 ** (request.tries - 1):
+                continue
+            del self._requests[request_id]
+            live = [t for t in request.task_ids if t in self.pending]
+            if request.tries > self.retries:
+                self._fail_locally(
+                    live,
+                    f"the control plane did not acknowledge the submission after "
+                    f"{request.tries} attempts",
+                )
+                continue
+            wires = [self.pending[t].wire for t in live]
+            if not wires:
+                continue
+            new_id = self._new_request_id()
+            if self._send_gateway(Submit(new_id, wires)):
+                self._requests[new_id] = _Request(live, now, request.tries + 1)
+            else:
+                for task_id in live:
+                    self.pending[task_id].sent = False
+                self._unsent.extendleft(reversed(live))
+
+    # -- receiving ----------------------------------------------------------
+
+    def _on_frame(self, parts: list[bytes]) -> None:
+        if len(parts) != 1:
+            return
+        try:
+            message = decode(parts[0])
+        except WireError as exc:
+            log.warning("client ignored a bad frame from the control plane: %s", exc)
+            return
+        self._last_reply = trio.current_time()
+        kind = type(message)
+        if kind is Results:
+            self._on_results(message.results)  # type: ignore[attr-defined]
+        elif kind is SubmitAck:
+            self._on_ack(message)  # type: ignore[arg-type]
+        elif kind is LookupReply:
+            self._on_lookup(message)  # type: ignore[arg-type]
+        elif kind is ResultReply:
+            command = self._queries.pop(message.request_id, None)  # type: ignore[attr-defined]
+            if command is not None:
+                records = [
+                    None if raw is None else _safe_record(raw)
+                    for raw in message.results  # type: ignore[attr-defined]
+                ]
+                command.waiter.set(records)
+        elif kind in (CancelReply, StatsReply):
+            command = self._queries.pop(message.request_id, None)  # type: ignore[attr-defined]
+            if command is not None:
+                command.waiter.set(message)
+        elif kind is ErrorReply:
+            command = self._queries.pop(message.request_id, None)  # type: ignore[attr-defined]
+            error = RuntimeError(f"control plane rejected a request: {message.message}")  # type: ignore[attr-defined]
+            if command is not None:
+                command.waiter.set(error)
+            else:
+                log.error("%s", error)
+
+    def _on_lookup(self, reply: LookupReply) -> None:
+        self._heartbeat = reply.heartbeat_interval
+        self._interval = reply.heartbeat_interval
+        endpoint = _resolve(reply.client_endpoint, self.discovery_address)
+        if reply.instance_id != self.instance_id:
+            if self.instance_id is not None:
+                log.warning(
+                    "client: control plane restarted (%s → %s); re-submitting %d unfinished tasks",
+                    self.instance_id, reply.instance_id, len(self.pending),
+                )
+            self.instance_id = reply.instance_id
+            self._resubmit_all()
+        if endpoint != self._gateway_endpoint:
+            self._open_gateway(endpoint)
+        if not self.connected.is_set():
+            self.connected.set()
+        self._send_unsent()
+
+    def _resubmit_all(self) -> None:
+        self._requests.clear()
+        self._unsent.clear()
+        for task_id, entry in list(self.pending.items()):
+            if entry.sent:
+                self.resubmitted += 1
+            entry.sent = False
+            self._unsent.append(task_id)
+        # Replies to questions asked of the old instance will never come.
+        for command in self._queries.values():
+            self._parked.append(command)
+        self._queries.clear()
+
+    def _open_gateway(self, endpoint: str) -> None:
+        assert self._nursery is not None
+        if self._gateway is not None:
+            self._gateway.close()
+        sock = open_socket(zmq.DEALER, self.transport, identity=self.client_id.encode())
+        sock.connect(endpoint)
+        self._gateway = sock
+        self._gateway_endpoint = endpoint
+        self._nursery.start_soon(pump_socket, sock, self.ref, 1024)
+
+    def _on_ack(self, ack: SubmitAck) -> None:
+        if self.acks_dropped_for_test > 0:
+            self.acks_dropped_for_test -= 1
+            return
+        request = self._requests.pop(ack.request_id, None)
+        if not ack.rejected:
+            self.queue_full = False
+        if request is None:
+            return
+        for item in ack.rejected:
+            if type(item) is not list or len(item) != 3:
+                continue
+            task_id, reason, text = item
+            if reason == "queue_full":
+                self.queue_full = True
+            self._fail_locally([task_id], f"rejected by the control plane ({reason}): {text}",
+                               error_type=QueueFullError if reason == "queue_full" else None)
+        for task_id in request.task_ids:
+            entry = self.pending.get(task_id)
+            if entry is not None and entry.status is TaskStatus.PENDING:
+                entry.status = TaskStatus.QUEUED
+
+    def _fail_locally(
+        self, task_ids: list[str], error: str, error_type: type[Exception] | None = None
+    ) -> None:
+        records = []
+        for task_id in task_ids:
+            entry = self.pending.get(task_id)
+            if entry is None:
+                continue
+            wire = entry.wire
+            records.append(
+                ResultRecord(task_id, TaskStatus.FAILURE.value, error=error, format=wire[3],
+                             name=wire[1])
+            )
+        self._finish(records, error_type(error) if error_type is not None else None)
+
+    def _on_results(self, raw_results: list[Any]) -> None:
+        records = [r for r in map(_safe_record, raw_results) if r is not None]
+        self._finish(records, None)
+
+    def _finish(self, records: list[ResultRecord], raise_in_waiters: Exception | None) -> None:
+        pending = self.pending
+        finished = self.finished
+        for record in records:
+            if not record.is_final:
+                continue
+            entry = pending.pop(record.task_id, None)
+            finished[record.task_id] = record
+            if entry is not None and entry.waiters:
+                for waiter in entry.waiters:
+                    waiter.set(raise_in_waiters if raise_in_waiters is not None else record)
+        while len(finished) > self.result_cache_size:
+            finished.popitem(last=False)
+        if not pending and self._joiners:
+            joiners, self._joiners = self._joiners, []
+            for waiter in joiners:
+                waiter.set(None)
+
+
+def _safe_record(raw: Any) -> ResultRecord | None:
+    try:
+        return ResultRecord.from_wire(raw)
+    except WireError:
+        log.warning("client ignored an invalid result from the control plane")
+        return None

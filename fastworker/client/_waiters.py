@@ -1,0 +1,80 @@
+"""One-shot replies from the client's trio side to a caller on asyncio or trio.
+
+The client's actor runs on trio; callers may be on asyncio in another thread
+(FastAPI) or on trio in the same thread.  A waiter is how the actor hands a
+value to one awaiting caller without knowing which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import trio
+
+__all__ = ["AsyncioWaiter", "TrioWaiter", "Waiter", "new_waiter"]
+
+
+class Waiter(Protocol):
+    def set(self, value: Any) -> None:
+        """Deliver the value; called on the client's trio thread, at most once."""
+
+    async def wait(self, timeout: float | None) -> tuple[bool, Any]:
+        """(True, value) once set, or (False, None) after ``timeout`` seconds."""
+
+
+def _resolve(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+
+
+class AsyncioWaiter:
+    __slots__ = ("_future", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._future: asyncio.Future[Any] = loop.create_future()
+
+    def set(self, value: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(_resolve, self._future, value)
+        except RuntimeError:
+            pass  # the caller's loop is closed: nobody is waiting any more
+
+    async def wait(self, timeout: float | None) -> tuple[bool, Any]:
+        try:
+            value = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        except TimeoutError:
+            return False, None
+        return True, value
+
+
+class TrioWaiter:
+    __slots__ = ("_event", "_value")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._value: Any = None
+
+    def set(self, value: Any) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    async def wait(self, timeout: float | None) -> tuple[bool, Any]:
+        with trio.move_on_after(timeout if timeout is not None else float("inf")):
+            await self._event.wait()
+        if not self._event.is_set():
+            return False, None
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return True, self._value
+
+
+def new_waiter(on_trio: bool) -> Waiter:
+    if on_trio:
+        return TrioWaiter()
+    return AsyncioWaiter(asyncio.get_running_loop())

@@ -1,0 +1,456 @@
+"""``Client``: the documented coroutine API, as a proxy to the client actor.
+
+Every method that submits work encodes the arguments in the caller's thread
+(so an argument the format cannot hold raises TypeError right at the call),
+records the task locally, and hands its id to the actor: ``delay`` returns
+without touching the network.  See ``_core.py`` for what the actor does
+with it and ``_host.py`` for where the actor runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ..tasks.models import TaskPriority, TaskResult, TaskStatus
+from ..tasks.serializer import SerializationFormat, dumps
+from ..transport import TransportConfig
+from ..wire import CancelReply, ResultRecord, StatsReply
+from ._core import ClientCore, Command, PendingTask
+from ._errors import (
+    ClientNotStartedError,
+    ClientStoppedError,
+    ControlPlaneUnavailableError,
+    PendingLimitError,
+    QueueFullError,
+)
+from ._host import ThreadHost, TrioHost, current_library
+from ._waiters import Waiter, new_waiter
+
+__all__ = ["Client"]
+
+DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    return value if value else None
+
+
+def _env_number(name: str, kind: type[int] | type[float]) -> Any:
+    raw = _env(name)
+    if raw is None:
+        return None
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+class Client:
+    """Submits tasks to a fastworker control plane and follows their results.
+
+    Arguments not given are read from ``FASTWORKER_DISCOVERY_ADDRESS``,
+    ``FASTWORKER_SERIALIZATION_FORMAT``, ``FASTWORKER_TIMEOUT`` and
+    ``FASTWORKER_RETRIES``, then from the documented defaults.  ``timeout``
+    bounds how long ``submit_task`` and queries wait; ``retries`` how often an
+    unacknowledged submission is re-sent.
+    """
+
+    def __init__(
+        self,
+        discovery_address: str | None = None,
+        serialization_format: SerializationFormat | str | None = None,
+        timeout: float | None = None,
+        retries: int | None = None,
+        *,
+        max_pending: int = 1_000_000,
+        result_cache_size: int = 10_000,
+        ack_timeout: float = 1.0,
+        allow_pickle: bool = False,
+        max_message_size: int | None = None,
+    ) -> None:
+        self.discovery_address: str = (
+            discovery_address
+            or _env("FASTWORKER_DISCOVERY_ADDRESS")
+            or DEFAULT_DISCOVERY_ADDRESS
+        )
+        fmt = serialization_format or _env("FASTWORKER_SERIALIZATION_FORMAT") or "json"
+        try:
+            self.serialization_format = SerializationFormat(fmt)
+        except ValueError:
+            valid = ", ".join(f.value for f in SerializationFormat)
+            raise ValueError(f"unknown serialization format {fmt!r}; expected {valid}") from None
+        self.timeout: float = (
+            timeout if timeout is not None else _env_number("FASTWORKER_TIMEOUT", float) or 30
+        )
+        env_retries = _env_number("FASTWORKER_RETRIES", int)
+        self.retries: int = retries if retries is not None else (
+            env_retries if env_retries is not None else 3
+        )
+        if self.timeout <= 0 or self.retries < 0 or max_pending < 1:
+            raise ValueError("timeout must be > 0, retries >= 0 and max_pending >= 1")
+        self.max_pending = max_pending
+        self.allow_pickle = allow_pickle
+        self.client_id = f"client-{secrets.token_hex(8)}"
+        self._format_code = self.serialization_format.code
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(8)
+        transport = (
+            TransportConfig(max_message_size=max_message_size)
+            if max_message_size
+            else TransportConfig()
+        )
+        self._core = ClientCore(
+            client_id=self.client_id,
+            discovery_address=self.discovery_address,
+            retries=self.retries,
+            ack_timeout=ack_timeout,
+            result_cache_size=result_cache_size,
+            transport=transport,
+        )
+        self._host: TrioHost | ThreadHost | None = None
+        self._on_trio = False
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "started" if self._host else "new"
+        return f"<Client {self.discovery_address} {self.serialization_format.value} {state}>"
+
+    # -- life cycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the client's actor; returns promptly even with no control plane up yet."""
+        if self._stopped:
+            raise ClientStoppedError("this client was stopped; create a new Client")
+        if self._host is not None:
+            return
+        library = current_library()
+        self._on_trio = library == "trio"
+        host = TrioHost(self._core) if self._on_trio else ThreadHost(self._core)
+        await host.start()
+        self._host = host
+
+    def stop(self) -> None:
+        """Hand over what can be sent at once, close sockets, end the actor; never hangs."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._host is not None:
+            self._host.stop()
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _check_running(self) -> None:
+        if self._stopped:
+            raise ClientStoppedError("this client was stopped; create a new Client")
+        if self._host is None:
+            raise ClientNotStartedError("call `await client.start()` before using the client")
+
+    # -- submitting ---------------------------------------------------------
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
+    def _prepare(
+        self,
+        task_name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        priority: TaskPriority | str,
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        callback_address: str | None = None,
+        callback_data: Any = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> tuple[str, list[Any]]:
+        """Encode one task in the caller's thread: every error surfaces here."""
+        if not isinstance(task_name, str) or not task_name:
+            raise ValueError(f"task_name must be a non-empty string, got {task_name!r}")
+        rank = TaskPriority.coerce(priority).rank
+        fmt = self.serialization_format
+        payload = dumps(fmt, [list(args), dict(kwargs or {})])
+        opts: dict[str, Any] | None = None
+        if countdown is not None or eta is not None:
+            if countdown is not None and eta is not None:
+                raise ValueError("give countdown or eta, not both")
+            if eta is not None:
+                if eta.tzinfo is None:
+                    raise ValueError("eta must be timezone-aware (e.g. datetime.now(timezone.utc))")
+                when = eta.timestamp()
+            else:
+                assert countdown is not None
+                if countdown < 0:
+                    raise ValueError("countdown must be >= 0")
+                when = time.time() + countdown
+            opts = {"eta": when}
+        if callback_address is not None:
+            if not isinstance(callback_address, str) or "://" not in callback_address:
+                raise ValueError(
+                    f"callback_address must be a ZeroMQ endpoint like 'tcp://127.0.0.1:6000', "
+                    f"got {callback_address!r}"
+                )
+            opts = opts or {}
+            opts["cb"] = callback_address
+            if callback_data is not None:
+                opts["cbd"] = dumps(fmt, callback_data)
+        if options:
+            opts = opts or {}
+            opts.update(options)
+        return self._new_id(), [None, task_name, rank, self._format_code, payload, opts]
+
+    def _enqueue(self, items: Iterable[tuple[str, list[Any]]], waiter: Waiter | None = None) -> list[str]:
+        self._check_running()
+        core = self._core
+        pending = core.pending
+        items = list(items)
+        if core.queue_full:
+            raise QueueFullError(
+                "the control plane reported its queue full (--max-queued); "
+                "wait for tasks to finish and retry"
+            )
+        if len(pending) + len(items) > self.max_pending:
+            raise PendingLimitError(
+                f"this client already holds {len(pending)} unfinished tasks "
+                f"(max_pending={self.max_pending}); is the control plane at "
+                f"{self.discovery_address} running?"
+            )
+        ids = []
+        inbox = core.inbox
+        for task_id, wire in items:
+            wire[0] = task_id
+            pending[task_id] = PendingTask(wire, waiters=[waiter] if waiter is not None else None)
+            inbox.append(task_id)
+            ids.append(task_id)
+        core.wake()
+        return ids
+
+    async def delay(
+        self,
+        task_name: str,
+        *args: Any,
+        priority: TaskPriority | str = TaskPriority.NORMAL,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Submit and return the task id at once; the result arrives later by itself."""
+        self._check_running()
+        item = self._prepare(task_name, args, kwargs, priority, countdown=countdown, eta=eta)
+        return self._enqueue([item])[0]
+
+    async def delay_with_callback(
+        self,
+        task_name: str,
+        callback_address: str,
+        *args: Any,
+        callback_data: Any = None,
+        priority: TaskPriority | str = TaskPriority.NORMAL,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Like ``delay``; when the task finishes, its callback document goes to ``callback_address``."""
+        self._check_running()
+        item = self._prepare(
+            task_name, args, kwargs, priority, countdown=countdown, eta=eta,
+            callback_address=callback_address, callback_data=callback_data,
+        )
+        return self._enqueue([item])[0]
+
+    async def apply_async(
+        self,
+        task_name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        priority: TaskPriority | str = TaskPriority.NORMAL,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        callback_address: str | None = None,
+        callback_data: Any = None,
+        time_limit: float | None = None,
+        max_retries: int | None = None,
+        retry_delay: float | None = None,
+        retry_backoff: float | None = None,
+        retry_backoff_max: float | None = None,
+    ) -> str:
+        """The general non-blocking form: every per-call option, task id back at once."""
+        self._check_running()
+        item = self._prepare(
+            task_name, args, kwargs, priority, countdown=countdown, eta=eta,
+            callback_address=callback_address, callback_data=callback_data,
+            options=_call_options(time_limit, max_retries, retry_delay, retry_backoff,
+                                  retry_backoff_max),
+        )
+        return self._enqueue([item])[0]
+
+    async def submit_batch(self, tasks: Iterable[Any]) -> list[str]:
+        """Submit many tasks in one go (one network message per few thousand); their ids.
+
+        Each item is ``(task_name, args)``, ``(task_name, args, kwargs)`` or a
+        mapping with ``task_name`` and optionally ``args``, ``kwargs``,
+        ``priority``, ``countdown``, ``eta``, ``callback_address``,
+        ``callback_data``.
+        """
+        self._check_running()
+        items = []
+        for spec in tasks:
+            if isinstance(spec, Mapping):
+                spec = dict(spec)
+                name = spec.pop("task_name")
+                items.append(self._prepare(
+                    name, spec.pop("args", ()), spec.pop("kwargs", None),
+                    spec.pop("priority", TaskPriority.NORMAL), **spec,
+                ))
+            elif isinstance(spec, (tuple, list)) and 1 <= len(spec) <= 3:
+                name, args, kwargs = (*spec, (), None)[:3]
+                items.append(self._prepare(name, args, kwargs, TaskPriority.NORMAL))
+            else:
+                raise TypeError(
+                    f"submit_batch items are (task_name, args[, kwargs]) or mappings, got {spec!r}"
+                )
+        return self._enqueue(items)
+
+    async def submit_task(
+        self,
+        task_name: str,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        priority: TaskPriority | str = TaskPriority.NORMAL,
+        *,
+        timeout: float | None = None,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        callback_address: str | None = None,
+        callback_data: Any = None,
+        time_limit: float | None = None,
+        max_retries: int | None = None,
+    ) -> TaskResult:
+        """Submit and wait for the result.
+
+        Past ``timeout`` (default: the client's) this returns a FAILURE result
+        whose error names the timeout; the task itself stays with the control
+        plane and its result still arrives in the local cache later.
+        """
+        self._check_running()
+        item = self._prepare(
+            task_name, args, kwargs, priority, countdown=countdown, eta=eta,
+            callback_address=callback_address, callback_data=callback_data,
+            options=_call_options(time_limit, max_retries, None, None, None),
+        )
+        waiter = new_waiter(self._on_trio)
+        task_id = self._enqueue([item], waiter)[0]
+        wait = timeout if timeout is not None else self.timeout
+        done, record = await waiter.wait(wait)
+        if not done:
+            return TaskResult(
+                task_id=task_id,
+                status=TaskStatus.FAILURE,
+                error=f"timed out after {wait:g} s waiting for the result of {task_name!r} "
+                f"(the task is still with the control plane)",
+                task_name=task_name,
+            )
+        return self._decode(record)
+
+    def _decode(self, record: ResultRecord) -> TaskResult:
+        return record.to_task_result(allow_pickle=self.allow_pickle)
+
+    # -- results ------------------------------------------------------------
+
+    def get_result(self, task_id: str) -> TaskResult | None:
+        """The final result of a task this client submitted, if it has arrived (no I/O)."""
+        record = self._core.finished.get(task_id)
+        return None if record is None else self._decode(record)
+
+    def get_status(self, task_id: str) -> TaskStatus | None:
+        """The status of a task this client submitted as far as it knows (no I/O)."""
+        record = self._core.finished.get(task_id)
+        if record is not None:
+            return TaskStatus(record.status)
+        entry = self._core.pending.get(task_id)
+        return None if entry is None else entry.status
+
+    async def _command(self, kind: str, task_ids: list[str], timeout: float | None) -> Any:
+        self._check_running()
+        waiter = new_waiter(self._on_trio)
+        self._core.inbox.append(Command(kind, waiter, task_ids))
+        self._core.wake()
+        wait = timeout if timeout is not None else self.timeout
+        done, value = await waiter.wait(wait)
+        if not done:
+            raise ControlPlaneUnavailableError(
+                f"the control plane at {self.discovery_address} did not answer within {wait:g} s"
+            )
+        return value
+
+    async def get_task_result(self, task_id: str, *, timeout: float | None = None) -> TaskResult | None:
+        """The control plane's cached result; None when unknown, expired or not finished."""
+        local = self._core.finished.get(task_id)
+        if local is not None:
+            return self._decode(local)
+        records = await self._command("query", [task_id], timeout)
+        record = records[0] if records else None
+        return None if record is None else self._decode(record)
+
+    async def cancel_task(self, task_id: str, *, timeout: float | None = None) -> bool:
+        """Cancel a task; True when it took effect (a queued task then never runs)."""
+        reply: CancelReply = await self._command("cancel", [task_id], timeout)
+        return reply.cancelled
+
+    async def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The control plane's statistics (workers, queues, cache, callbacks, rejections)."""
+        reply: StatsReply = await self._command("stats", [], timeout)
+        return reply.stats
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until every task this client submitted has a final result.
+
+        Raises TimeoutError after ``timeout`` seconds (default: wait as long as it takes).
+        """
+        self._check_running()
+        waiter = new_waiter(self._on_trio)
+        self._core.inbox.append(Command("join", waiter))
+        self._core.wake()
+        done, _ = await waiter.wait(timeout)
+        if not done:
+            raise TimeoutError(
+                f"{len(self._core.pending)} tasks still unfinished after {timeout:g} s"
+            )
+
+    @property
+    def pending_count(self) -> int:
+        """Tasks submitted by this client without a final result yet."""
+        return len(self._core.pending)
+
+
+def _call_options(
+    time_limit: float | None,
+    max_retries: int | None,
+    retry_delay: float | None,
+    retry_backoff: float | None,
+    retry_backoff_max: float | None,
+) -> dict[str, Any] | None:
+    options = {
+        key: value
+        for key, value in (
+            ("timeout", time_limit),
+            ("max_retries", max_retries),
+            ("retry_delay", retry_delay),
+            ("retry_backoff", retry_backoff),
+            ("retry_backoff_max", retry_backoff_max),
+        )
+        if value is not None
+    }
+    return options or None

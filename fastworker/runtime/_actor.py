@@ -1,0 +1,402 @@
+"""Actors: a mailbox, a synchronous handler and a run loop on trio.
+
+An :class:`Actor` owns a mailbox (a trio memory channel) and handles its
+messages one at a time in :meth:`Actor.receive`. Others hold its
+:class:`ActorRef` and talk to it with :meth:`~ActorRef.tell` (fire and
+forget), :meth:`~ActorRef.send` (wait for room) or :meth:`~ActorRef.ask`
+(request/reply).
+
+The mailbox belongs to the actor, not to one run of it: when a run crashes the
+mailbox stays open, so a supervisor can start the next run on the same
+messages. Only a graceful stop or :meth:`Actor.close_mailbox` ends it.
+
+**Stopping.** :meth:`ActorRef.stop` closes the *sending* side of the mailbox.
+Nothing new gets in (``tell``/``send``/``ask`` raise :class:`ActorStopped`,
+and so do producers blocked in ``send`` on a full mailbox), while everything
+already queued is still delivered, and the run loop ends when trio reports the
+end of the channel. We chose closing over a sentinel message because it needs
+no room in the mailbox: a stop on a full mailbox takes effect at once, lands
+exactly behind the messages already queued, and costs the loop no per-message
+check.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import trio
+
+__all__ = [
+    "Actor",
+    "ActorError",
+    "ActorRef",
+    "ActorStatistics",
+    "ActorStopped",
+    "AskTimeout",
+    "MailboxFull",
+]
+
+logger = logging.getLogger("fastworker.runtime")
+
+
+class ActorError(Exception):
+    """Base class of the errors raised by the actor runtime."""
+
+
+class MailboxFull(ActorError):
+    """``tell`` found the mailbox full: the actor is not keeping up.
+
+    Producers that can wait should use :meth:`ActorRef.send` instead.
+    """
+
+
+class ActorStopped(ActorError):
+    """The actor no longer accepts messages, or stopped before it replied."""
+
+
+class AskTimeout(ActorError, TimeoutError):
+    """The actor did not reply to an ``ask`` within its timeout."""
+
+
+@attrs.frozen
+class ActorStatistics:
+    """A snapshot of one actor, as returned by :meth:`Actor.statistics`."""
+
+    name: str
+    mailbox_size: int
+    queued: int
+    processed: int
+    restarts: int
+
+
+class _Ask:
+    """The envelope of an ``ask``: the message plus a one-shot reply slot.
+
+    The asking task parks itself with trio's low-level primitives instead of a
+    :class:`trio.Event`, which saves an event and its parking lot per ask. The
+    reply may be settled before the asker parks (the actor can run while the
+    asker is still in ``send``), hence the ``done`` flag.
+    """
+
+    __slots__ = ("_error", "_task", "_value", "done", "message")
+
+    def __init__(self, message: object) -> None:
+        self.message = message
+        self.done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._task: trio.lowlevel.Task | None = None
+
+    def resolve(self, value: object) -> None:
+        if not self.done:
+            self.done = True
+            self._value = value
+            self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    def _abort(self, _: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+        # The asker was cancelled (usually its timeout): forget it, so that a
+        # late reply has nobody to wake.
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def wait(self) -> None:
+        """Park until the reply is settled. Not a checkpoint if it already is."""
+        if not self.done:
+            self._task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def result(self) -> Any:
+        """Return the reply, or raise the error the actor settled it with."""
+        error = self._error
+        if error is not None:
+            # Drop our reference so the traceback does not keep the envelope
+            # (and everything its frames hold) alive in a cycle.
+            self._error = None
+            raise error
+        return self._value
+
+
+class ActorRef:
+    """Handle others use to talk to an actor.
+
+    Stays valid across restarts: the mailbox outlives one run of the actor.
+    Refs are created by :class:`Actor`; do not construct them yourself.
+    """
+
+    __slots__ = ("_capacity", "_send", "_stopped", "name")
+
+    def __init__(self, name: str, send: trio.MemorySendChannel[object], capacity: int) -> None:
+        self.name = name
+        self._send = send
+        self._capacity = capacity
+        self._stopped = False
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopped else "open"
+        return f"<ActorRef {self.name!r} {state}>"
+
+    def _stopped_error(self) -> ActorStopped:
+        return ActorStopped(f"actor {self.name!r} is stopped")
+
+    def tell(self, message: object) -> None:
+        """Queue ``message`` without waiting.
+
+        Raises :class:`MailboxFull` if the mailbox has no room and
+        :class:`ActorStopped` if it is closed. If the actor's ``receive``
+        raises for this message, the actor crashes (its supervisor decides
+        what happens next); the sender is not told.
+        """
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            raise MailboxFull(
+                f"mailbox of actor {self.name!r} is full ({self._capacity} messages)"
+            ) from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self._stopped_error() from None
+
+    async def send(self, message: object) -> None:
+        """Queue ``message``, waiting for room if the mailbox is full.
+
+        This is the backpressure path for producers such as socket readers.
+        Raises :class:`ActorStopped` if the mailbox is closed, including while
+        waiting for room. Cancellation never leaves the message half-sent.
+        """
+        try:
+            await self._send.send(message)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self._stopped_error() from None
+
+    # A deadline per ask is the point of ask (pykka's shape), hence the noqa.
+    async def ask(self, message: object, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
+        """Send ``message`` and return what the actor's ``receive`` returned.
+
+        If ``receive`` raised an :class:`Exception`, that same exception is
+        raised here, in the asker's task, and the actor keeps running. The
+        ``timeout`` (seconds, on trio's clock) covers waiting for room in the
+        mailbox and for the reply; past it, :class:`AskTimeout` is raised. An
+        actor that times out an ask still handles the message later: the reply
+        is then dropped. Raises :class:`ActorStopped` if the actor is stopped,
+        or if its mailbox is closed before it replies.
+        """
+        envelope = _Ask(message)
+        try:
+            with trio.fail_after(timeout):
+                await self.send(envelope)
+                await envelope.wait()
+        except trio.TooSlowError:
+            # The reply may have landed in the same tick as the deadline.
+            if not envelope.done:
+                raise AskTimeout(
+                    f"actor {self.name!r} did not reply to {type(message).__name__} "
+                    f"within {timeout} s"
+                ) from None
+        return envelope.result()
+
+    def stop(self) -> None:
+        """Ask the actor to stop once it has handled what is already queued.
+
+        Closes the sending side of the mailbox (see the module docstring), so
+        it works even on a full mailbox. Idempotent.
+        """
+        self._stopped = True
+        self._send.close()
+
+    @property
+    def stopped(self) -> bool:
+        """True once the mailbox accepts no more messages.
+
+        That is, after :meth:`stop` or :meth:`Actor.close_mailbox`; queued
+        messages may still be in the middle of being handled.
+        """
+        return self._stopped
+
+
+class Actor:
+    """Base class of actors.
+
+    Subclasses call ``super().__init__(name, mailbox_size=...)`` and implement
+    :meth:`receive`; they may override :meth:`on_start` and :meth:`on_stop`.
+    ``stop_timeout`` (seconds) bounds :meth:`on_stop`.
+
+    The runtime's own state uses double-underscore names so it cannot collide
+    with the single-underscore attributes of subclasses.
+    """
+
+    name: str
+    ref: ActorRef
+    stop_timeout: float = 5.0
+
+    def __init__(self, name: str, *, mailbox_size: int = 1024) -> None:
+        if mailbox_size < 1:
+            raise ValueError(f"mailbox_size must be at least 1, got {mailbox_size}")
+        self.name = name
+        send, inbox = trio.open_memory_channel[object](mailbox_size)
+        self.ref = ActorRef(name, send, mailbox_size)
+        self.__inbox = inbox
+        self.__mailbox_size = mailbox_size
+        self.__processed = 0
+        self.__runs = 0
+        self.__running = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        """Open resources and start helper tasks in ``nursery``.
+
+        ``nursery`` belongs to this run: its tasks are cancelled when the run
+        ends, and one that raises crashes the actor. The actor is reported
+        started (and handles messages) only after this returns.
+        """
+
+    async def on_stop(self) -> None:
+        """Release resources. Awaited at the end of every run, however it ended.
+
+        Runs after the helper tasks are gone, shielded from cancellation but
+        bounded by ``stop_timeout``. An exception here is logged, not raised:
+        it must neither hide the reason the run ended nor turn a clean stop
+        into a crash.
+        """
+
+    def receive(self, message: Any) -> Any:
+        """Handle one message; the return value is the reply to an ``ask``.
+
+        Synchronous on purpose: an actor handles one message at a time and
+        never blocks its mailbox. Work that must await belongs in a helper
+        task started from :meth:`on_start`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement receive()")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the actor once: start it, handle messages until stopped.
+
+        Returns normally when a :meth:`ActorRef.stop` took effect, after
+        closing the mailbox. Raises the exception of a crash: ``receive``
+        raising for a told message (that message is consumed), or an
+        ``on_start``/helper-task failure. A single exception is raised as
+        itself, not wrapped in an exception group. After a crash the mailbox
+        stays open so that a restart loses no message. :meth:`on_stop` is
+        awaited in every case.
+        """
+        if self.__running:
+            raise RuntimeError(f"actor {self.name!r} is already running")
+        self.__running = True
+        self.__runs += 1
+        try:
+            failure: BaseException | None = None
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self.on_start(nursery)
+                    task_status.started()
+                    await self.__loop()
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # trio's nurseries always wrap; a crash nearly always has one
+                # cause, and the supervisor (and users) want that exception
+                # itself, the same object, to match on. Several stay grouped.
+                if len(group.exceptions) != 1:
+                    raise
+                failure = group.exceptions[0]
+            if failure is not None:
+                raise failure
+            self.close_mailbox()
+        finally:
+            self.__running = False
+            with trio.move_on_after(self.stop_timeout, shield=True) as scope:
+                await self.__on_stop()
+            if scope.cancelled_caught:
+                logger.warning(
+                    "on_stop of actor %s did not finish within %s s", self.name, self.stop_timeout
+                )
+
+    async def __on_stop(self) -> None:
+        try:
+            await self.on_stop()
+        except Exception:
+            logger.exception("on_stop of actor %s failed", self.name)
+
+    async def __loop(self) -> None:
+        # The hot path. Each wake-up takes one message with a (checkpointing)
+        # receive, then drains whatever else is queued without yielding; the
+        # drain is bounded by the mailbox size plus the producers already
+        # blocked on it, so other tasks still get their turn.
+        inbox = self.__inbox
+        receive_nowait = inbox.receive_nowait
+        handle = self.receive
+        while True:
+            try:
+                message = await inbox.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                return
+            while True:
+                if type(message) is _Ask:
+                    try:
+                        reply = handle(message.message)
+                    except Exception as exc:
+                        message.fail(exc)
+                    except BaseException:
+                        message.fail(ActorStopped(f"actor {self.name!r} stopped before replying"))
+                        raise
+                    else:
+                        message.resolve(reply)
+                else:
+                    handle(message)
+                self.__processed += 1
+                try:
+                    message = receive_nowait()
+                except trio.WouldBlock:
+                    break
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+
+    def close_mailbox(self) -> int:
+        """Close the mailbox for good and return how many messages were dropped.
+
+        Every queued ``ask`` fails with :class:`ActorStopped`; queued tells
+        are dropped, with a warning when there were any. Call it when the
+        actor is finally done and not running (a supervisor does this for its
+        children). Idempotent.
+        """
+        self.ref.stop()
+        inbox = self.__inbox
+        dropped = 0
+        while True:
+            try:
+                message = inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            if type(message) is _Ask:
+                message.fail(ActorStopped(f"actor {self.name!r} stopped before replying"))
+            dropped += 1
+        inbox.close()
+        if dropped:
+            logger.warning("actor %s stopped with %d unprocessed messages", self.name, dropped)
+        return dropped
+
+    def statistics(self) -> ActorStatistics:
+        """Return a snapshot of the mailbox and counters.
+
+        ``restarts`` counts the runs after the first, whoever started them.
+        """
+        return ActorStatistics(
+            name=self.name,
+            mailbox_size=self.__mailbox_size,
+            queued=self.__inbox.statistics().current_buffer_used,
+            processed=self.__processed,
+            restarts=max(0, self.__runs - 1),
+        )

@@ -1,0 +1,336 @@
+"""Tests for fastworker.runtime._actor: mailbox, tell/send/ask, run loop, hooks."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from fastworker.runtime import (
+    Actor,
+    ActorError,
+    ActorStatistics,
+    ActorStopped,
+    AskTimeout,
+    MailboxFull,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Boom(Exception):
+    pass
+
+
+class Recorder(Actor):
+    """Records told messages; answers asks; raises on request."""
+
+    def __init__(self, name: str = "rec", *, mailbox_size: int = 16) -> None:
+        super().__init__(name, mailbox_size=mailbox_size)
+        self.seen: list[Any] = []
+        self.events: list[str] = []
+
+    def receive(self, message: Any) -> Any:
+        match message:
+            case ("boom", text):
+                raise Boom(text)
+            case "get":
+                return list(self.seen)
+            case ("double", n):
+                return 2 * n
+            case _:
+                self.seen.append(message)
+                return None
+
+    async def on_stop(self) -> None:
+        self.events.append("on_stop")
+
+
+async def test_tell_then_ask_returns_reply() -> None:
+    actor = Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            actor.ref.tell("a")
+            await actor.ref.send("b")
+            assert await actor.ref.ask(("double", 21)) == 42
+            assert await actor.ref.ask("get") == ["a", "b"]
+            actor.ref.stop()
+    assert actor.statistics() == ActorStatistics(
+        name="rec", mailbox_size=16, queued=0, processed=4, restarts=0
+    )
+
+
+async def test_ask_reraises_the_actors_exception_and_the_actor_keeps_serving() -> None:
+    actor = Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            with pytest.raises(Boom, match="for you") as info:
+                await actor.ref.ask(("boom", "for you"))
+            assert type(info.value) is Boom
+            actor.ref.tell("after")
+            assert await actor.ref.ask("get") == ["after"]
+            actor.ref.stop()
+    assert actor.events == ["on_stop"]
+
+
+async def test_ask_past_its_timeout_raises_ask_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    actor = Recorder("slowpoke")  # never run: nobody will answer
+    start = trio.current_time()
+    with trio.fail_after(60), pytest.raises(AskTimeout) as info:
+        await actor.ref.ask(("double", 1), timeout=2.5)
+    assert trio.current_time() - start == pytest.approx(2.5)
+    message = str(info.value)
+    assert "'slowpoke'" in message
+    assert "tuple" in message
+    assert "2.5 s" in message
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, ActorError)
+
+
+async def test_ask_timeout_covers_waiting_for_room(autojump_clock: trio.testing.MockClock) -> None:
+    actor = Recorder(mailbox_size=1)
+    actor.ref.tell("fill")
+    with trio.fail_after(60), pytest.raises(AskTimeout):
+        await actor.ref.ask("get", timeout=1)
+    assert actor.statistics().queued == 1
+
+
+async def test_messages_to_a_stopped_actor_raise_actor_stopped() -> None:
+    actor = Recorder("gone")
+    actor.ref.stop()
+    actor.ref.stop()  # idempotent
+    assert actor.ref.stopped
+    with pytest.raises(ActorStopped, match="'gone'"):
+        actor.ref.tell("x")
+    with trio.fail_after(5):
+        with pytest.raises(ActorStopped, match="'gone'"):
+            await actor.ref.send("x")
+        with pytest.raises(ActorStopped, match="'gone'"):
+            await actor.ref.ask("get")
+
+
+async def test_pending_ask_fails_when_the_actor_stops_before_replying(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    actor = Recorder("quitter")  # not running, so the ask stays queued
+    outcome: list[BaseException] = []
+
+    async def asker() -> None:
+        try:
+            await actor.ref.ask("get")
+        except ActorStopped as exc:
+            outcome.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(asker)
+            await trio.testing.wait_all_tasks_blocked()
+            actor.ref.tell("dropped")
+            with caplog.at_level(logging.WARNING, logger="fastworker.runtime"):
+                assert actor.close_mailbox() == 2
+    assert len(outcome) == 1
+    assert "'quitter'" in str(outcome[0])
+    assert "actor quitter stopped with 2 unprocessed messages" in caplog.messages
+    assert actor.close_mailbox() == 0  # idempotent
+    with pytest.raises(ActorStopped):
+        actor.ref.tell("late")
+
+
+async def test_stop_on_a_full_mailbox_still_takes_effect() -> None:
+    actor = Recorder(mailbox_size=2)
+    actor.ref.tell("a")
+    actor.ref.tell("b")
+    blocked: list[BaseException] = []
+
+    async def producer() -> None:
+        try:
+            await actor.ref.ask("get")  # waits for room
+        except ActorStopped as exc:
+            blocked.append(exc)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            actor.ref.stop()
+            # Already queued messages are still handled, then run returns.
+            await actor.run()
+    assert len(blocked) == 1
+    assert actor.seen == ["a", "b"]
+    assert actor.events == ["on_stop"]
+
+
+async def test_tell_on_a_full_mailbox_raises_and_send_waits_for_room() -> None:
+    actor = Recorder("busy", mailbox_size=2)
+    actor.ref.tell(1)
+    actor.ref.tell(2)
+    with pytest.raises(MailboxFull, match=r"'busy' is full \(2 messages\)"):
+        actor.ref.tell(3)
+    sent = trio.Event()
+
+    async def producer() -> None:
+        await actor.ref.send(3)
+        sent.set()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(producer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not sent.is_set()
+            await nursery.start(actor.run)
+            await sent.wait()
+            assert await actor.ref.ask("get") == [1, 2, 3]
+            actor.ref.stop()
+
+
+async def test_queued_messages_are_handled_in_one_wake_up_in_fifo_order() -> None:
+    # A task that bumps `ticks` whenever it is scheduled: if the actor yielded
+    # to the scheduler between two messages, they would see different ticks.
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await trio.lowlevel.checkpoint()
+            ticks += 1
+
+    class Batcher(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ticks: list[int] = []
+
+        def receive(self, message: Any) -> Any:
+            self.ticks.append(ticks)
+            return super().receive(message)
+
+    actor = Batcher()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await nursery.start(actor.run)
+            for n in range(10):
+                actor.ref.tell(n)
+            await actor.ref.ask("get")
+            actor.ref.stop()
+            nursery.cancel_scope.cancel()
+    assert actor.seen == list(range(10))
+    assert len(actor.ticks) == 11
+    assert len(set(actor.ticks)) == 1
+
+
+class Hooked(Recorder):
+    """Starts a helper task in on_start and records how things end."""
+
+    def __init__(self, *, helper_fails: bool = False, on_stop_hangs: bool = False) -> None:
+        super().__init__("hooked")
+        self.helper_fails = helper_fails
+        self.on_stop_hangs = on_stop_hangs
+        self.stop_timeout = 3.0
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        self.events.append("on_start")
+        await nursery.start(self._helper)
+
+    async def _helper(self, *, task_status: trio.TaskStatus[None]) -> None:
+        task_status.started()
+        try:
+            if self.helper_fails:
+                await trio.sleep(1)
+                raise Boom("helper")
+            await trio.sleep_forever()
+        finally:
+            self.events.append("helper done")
+
+    async def on_stop(self) -> None:
+        self.events.append("on_stop")
+        if self.on_stop_hangs:
+            await trio.sleep_forever()
+
+
+async def test_stop_cancels_helpers_then_runs_on_stop_and_closes_mailbox() -> None:
+    actor = Hooked()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            actor.ref.tell("x")
+            actor.ref.stop()
+    assert actor.events == ["on_start", "helper done", "on_stop"]
+    assert actor.seen == ["x"]
+    with pytest.raises(ActorStopped):
+        actor.ref.tell("y")
+
+
+async def test_crash_on_a_told_message_raises_it_and_keeps_the_mailbox() -> None:
+    actor = Hooked()
+    actor.ref.tell(("boom", "told"))
+    actor.ref.tell("kept")
+    with trio.fail_after(5), pytest.raises(Boom, match="told"):
+        await actor.run()
+    assert actor.events == ["on_start", "helper done", "on_stop"]
+    assert not actor.ref.stopped
+    assert actor.statistics().queued == 1
+    # A second run (what a supervisor does) sees the message queued before.
+    actor.ref.stop()
+    with trio.fail_after(5):
+        await actor.run()
+    assert actor.seen == ["kept"]
+    assert actor.statistics().restarts == 1
+
+
+async def test_a_failing_helper_crashes_the_actor(autojump_clock: trio.testing.MockClock) -> None:
+    actor = Hooked(helper_fails=True)
+    with trio.fail_after(60), pytest.raises(Boom, match="helper"):
+        await actor.run()
+    assert actor.events == ["on_start", "helper done", "on_stop"]
+
+
+async def test_cancellation_runs_on_stop_bounded_by_stop_timeout(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    actor = Hooked(on_stop_hangs=True)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            start = trio.current_time()
+            nursery.cancel_scope.cancel()
+    assert trio.current_time() - start == pytest.approx(actor.stop_timeout)
+    assert actor.events == ["on_start", "helper done", "on_stop"]
+    assert "on_stop of actor hooked did not finish within 3.0 s" in caplog.messages
+    # Cancellation is not a stop: the mailbox stays open for whoever owns it.
+    assert not actor.ref.stopped
+
+
+async def test_a_failing_on_stop_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    class BadStop(Recorder):
+        async def on_stop(self) -> None:
+            raise Boom("cleanup")
+
+    actor = BadStop("bad")
+    actor.ref.stop()
+    with trio.fail_after(5):
+        await actor.run()
+    assert "on_stop of actor bad failed" in caplog.messages
+
+
+async def test_run_refuses_a_second_concurrent_run() -> None:
+    actor = Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            with pytest.raises(RuntimeError, match="already running"):
+                await actor.run()
+            actor.ref.stop()
+
+
+def test_base_receive_and_mailbox_size_are_checked() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Actor("zero", mailbox_size=0)
+    with pytest.raises(NotImplementedError):
+        Actor("plain").receive("x")
