@@ -10,6 +10,7 @@ over real ZeroMQ sockets, exactly as between processes.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
@@ -21,7 +22,7 @@ from .runtime import Supervisor
 from .tasks.registry import TaskRegistry, registry_from
 from .worker import Worker, WorkerConfig
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "ClusterThread"]
 
 
 class Cluster:
@@ -108,3 +109,75 @@ class Cluster:
 
     async def stats(self) -> dict[str, Any]:
         return await self.control_plane.stats()
+
+
+class ClusterThread:
+    """A Cluster running in a background thread, for asyncio and plain synchronous code.
+
+    ``with ClusterThread(tasks=[add]) as cluster:`` returns once the cluster
+    is ready; leaving the block stops it and joins the thread.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args = args
+        self._kwargs = kwargs
+        self.cluster: Cluster | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def discovery_address(self) -> str:
+        assert self.cluster is not None, "the cluster is not running"
+        return self.cluster.discovery_address
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._token = trio.lowlevel.current_trio_token()
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                async with Cluster(*self._args, **self._kwargs) as cluster:
+                    self.cluster = cluster
+                    self._ready.set()
+                    await trio.sleep_forever()
+
+        try:
+            trio.run(main)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    def start(self, timeout: float = 30.0) -> ClusterThread:
+        self._thread = threading.Thread(target=self._main, name="fastworker-cluster", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the embedded cluster did not start within {timeout:g} s")
+        if self._error is not None:
+            raise RuntimeError("the embedded cluster failed to start") from self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._token is not None and self._scope is not None:
+            scope = self._scope
+            try:
+                self._token.run_sync_soon(scope.cancel)
+            except trio.RunFinishedError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        """The control plane's statistics, fetched from the cluster's thread."""
+        assert self._token is not None
+        assert self.cluster is not None
+        cluster = self.cluster
+        return trio.from_thread.run(cluster.stats, trio_token=self._token)
+
+    def __enter__(self) -> ClusterThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

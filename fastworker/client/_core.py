@@ -96,7 +96,7 @@ def _resolve(endpoint: str, discovery_address: str) -> str:
     for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
         if endpoint.startswith(wildcard):
             host = discovery_address[6:].rsplit(":", 1)[0]
-            return f"tcp://{host}:{endpoint[len(wildcard):]}"
+            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
     return endpoint
 
 
@@ -214,12 +214,12 @@ class ClientCore(Actor):
         inbox = self.inbox
         while inbox:
             item = inbox.popleft()
-            if type(item) is str:
+            if isinstance(item, str):
                 entry = self.pending.get(item)
                 if entry is not None and not entry.sent:
                     self._unsent.append(item)
             else:
-                self._on_command(item)  # type: ignore[arg-type]
+                self._on_command(item)
 
     def _on_command(self, command: Command) -> None:
         if command.kind == "join":
@@ -233,8 +233,13 @@ class ClientCore(Actor):
             if entry is not None and not entry.sent:
                 # Never left this process: cancel here, it will never run.
                 wire = entry.wire
-                record = ResultRecord(wire[0], TaskStatus.CANCELLED.value, error="cancelled",
-                                      format=wire[3], name=wire[1])
+                record = ResultRecord(
+                    wire[0],
+                    TaskStatus.CANCELLED.value,
+                    error="cancelled",
+                    format=wire[3],
+                    name=wire[1],
+                )
                 self._finish([record], None)
                 command.waiter.set(CancelReply(0, True, TaskStatus.CANCELLED.value))
                 return
@@ -360,28 +365,24 @@ class ClientCore(Actor):
             log.warning("client ignored a bad frame from the control plane: %s", exc)
             return
         self._last_reply = trio.current_time()
-        kind = type(message)
-        if kind is Results:
-            self._on_results(message.results)  # type: ignore[attr-defined]
-        elif kind is SubmitAck:
-            self._on_ack(message)  # type: ignore[arg-type]
-        elif kind is LookupReply:
-            self._on_lookup(message)  # type: ignore[arg-type]
-        elif kind is ResultReply:
-            command = self._queries.pop(message.request_id, None)  # type: ignore[attr-defined]
+        if isinstance(message, Results):
+            self._on_results(message.results)
+        elif isinstance(message, SubmitAck):
+            self._on_ack(message)
+        elif isinstance(message, LookupReply):
+            self._on_lookup(message)
+        elif isinstance(message, ResultReply):
+            command = self._queries.pop(message.request_id, None)
             if command is not None:
-                records = [
-                    None if raw is None else _safe_record(raw)
-                    for raw in message.results  # type: ignore[attr-defined]
-                ]
+                records = [None if raw is None else _safe_record(raw) for raw in message.results]
                 command.waiter.set(records)
-        elif kind in (CancelReply, StatsReply):
-            command = self._queries.pop(message.request_id, None)  # type: ignore[attr-defined]
+        elif isinstance(message, (CancelReply, StatsReply)):
+            command = self._queries.pop(message.request_id, None)
             if command is not None:
                 command.waiter.set(message)
-        elif kind is ErrorReply:
-            command = self._queries.pop(message.request_id, None)  # type: ignore[attr-defined]
-            error = RuntimeError(f"control plane rejected a request: {message.message}")  # type: ignore[attr-defined]
+        elif isinstance(message, ErrorReply):
+            command = self._queries.pop(message.request_id, None)
+            error = RuntimeError(f"control plane rejected a request: {message.message}")
             if command is not None:
                 command.waiter.set(error)
             else:
@@ -395,7 +396,9 @@ class ClientCore(Actor):
             if self.instance_id is not None:
                 log.warning(
                     "client: control plane restarted (%s → %s); re-submitting %d unfinished tasks",
-                    self.instance_id, reply.instance_id, len(self.pending),
+                    self.instance_id,
+                    reply.instance_id,
+                    len(self.pending),
                 )
             self.instance_id = reply.instance_id
             self._resubmit_all()
@@ -443,8 +446,11 @@ class ClientCore(Actor):
             task_id, reason, text = item
             if reason == "queue_full":
                 self.queue_full = True
-            self._fail_locally([task_id], f"rejected by the control plane ({reason}): {text}",
-                               error_type=QueueFullError if reason == "queue_full" else None)
+            self._fail_locally(
+                [task_id],
+                f"rejected by the control plane ({reason}): {text}",
+                error_type=QueueFullError if reason == "queue_full" else None,
+            )
         for task_id in request.task_ids:
             entry = self.pending.get(task_id)
             if entry is not None and entry.status is TaskStatus.PENDING:
@@ -460,8 +466,9 @@ class ClientCore(Actor):
                 continue
             wire = entry.wire
             records.append(
-                ResultRecord(task_id, TaskStatus.FAILURE.value, error=error, format=wire[3],
-                             name=wire[1])
+                ResultRecord(
+                    task_id, TaskStatus.FAILURE.value, error=error, format=wire[3], name=wire[1]
+                )
             )
         self._finish(records, error_type(error) if error_type is not None else None)
 

@@ -26,7 +26,7 @@ _STOP_GRACE = 2.0  # seconds stop() may spend handing over what is still queued
 
 
 def current_library() -> str:
-    """"trio" or "asyncio" for the running event loop; raises RuntimeError outside one."""
+    """ "trio" or "asyncio" for the running event loop; raises RuntimeError outside one."""
     try:
         trio.lowlevel.current_trio_token()
     except RuntimeError:

@@ -76,9 +76,7 @@ class Client:
         max_message_size: int | None = None,
     ) -> None:
         self.discovery_address: str = (
-            discovery_address
-            or _env("FASTWORKER_DISCOVERY_ADDRESS")
-            or DEFAULT_DISCOVERY_ADDRESS
+            discovery_address or _env("FASTWORKER_DISCOVERY_ADDRESS") or DEFAULT_DISCOVERY_ADDRESS
         )
         fmt = serialization_format or _env("FASTWORKER_SERIALIZATION_FORMAT") or "json"
         try:
@@ -90,8 +88,8 @@ class Client:
             timeout if timeout is not None else _env_number("FASTWORKER_TIMEOUT", float) or 30
         )
         env_retries = _env_number("FASTWORKER_RETRIES", int)
-        self.retries: int = retries if retries is not None else (
-            env_retries if env_retries is not None else 3
+        self.retries: int = (
+            retries if retries is not None else (env_retries if env_retries is not None else 3)
         )
         if self.timeout <= 0 or self.retries < 0 or max_pending < 1:
             raise ValueError("timeout must be > 0, retries >= 0 and max_pending >= 1")
@@ -210,7 +208,9 @@ class Client:
             opts.update(options)
         return self._new_id(), [None, task_name, rank, self._format_code, payload, opts]
 
-    def _enqueue(self, items: Iterable[tuple[str, list[Any]]], waiter: Waiter | None = None) -> list[str]:
+    def _enqueue(
+        self, items: Iterable[tuple[str, list[Any]]], waiter: Waiter | None = None
+    ) -> list[str]:
         self._check_running()
         core = self._core
         pending = core.pending
@@ -261,11 +261,17 @@ class Client:
         eta: dt.datetime | None = None,
         **kwargs: Any,
     ) -> str:
-        """Like ``delay``; when the task finishes, its callback document goes to ``callback_address``."""
+        """Like ``delay``; the finished task's callback document goes to ``callback_address``."""
         self._check_running()
         item = self._prepare(
-            task_name, args, kwargs, priority, countdown=countdown, eta=eta,
-            callback_address=callback_address, callback_data=callback_data,
+            task_name,
+            args,
+            kwargs,
+            priority,
+            countdown=countdown,
+            eta=eta,
+            callback_address=callback_address,
+            callback_data=callback_data,
         )
         return self._enqueue([item])[0]
 
@@ -289,10 +295,17 @@ class Client:
         """The general non-blocking form: every per-call option, task id back at once."""
         self._check_running()
         item = self._prepare(
-            task_name, args, kwargs, priority, countdown=countdown, eta=eta,
-            callback_address=callback_address, callback_data=callback_data,
-            options=_call_options(time_limit, max_retries, retry_delay, retry_backoff,
-                                  retry_backoff_max),
+            task_name,
+            args,
+            kwargs,
+            priority,
+            countdown=countdown,
+            eta=eta,
+            callback_address=callback_address,
+            callback_data=callback_data,
+            options=_call_options(
+                time_limit, max_retries, retry_delay, retry_backoff, retry_backoff_max
+            ),
         )
         return self._enqueue([item])[0]
 
@@ -310,10 +323,15 @@ class Client:
             if isinstance(spec, Mapping):
                 spec = dict(spec)
                 name = spec.pop("task_name")
-                items.append(self._prepare(
-                    name, spec.pop("args", ()), spec.pop("kwargs", None),
-                    spec.pop("priority", TaskPriority.NORMAL), **spec,
-                ))
+                items.append(
+                    self._prepare(
+                        name,
+                        spec.pop("args", ()),
+                        spec.pop("kwargs", None),
+                        spec.pop("priority", TaskPriority.NORMAL),
+                        **spec,
+                    )
+                )
             elif isinstance(spec, (tuple, list)) and 1 <= len(spec) <= 3:
                 name, args, kwargs = (*spec, (), None)[:3]
                 items.append(self._prepare(name, args, kwargs, TaskPriority.NORMAL))
@@ -346,8 +364,14 @@ class Client:
         """
         self._check_running()
         item = self._prepare(
-            task_name, args, kwargs, priority, countdown=countdown, eta=eta,
-            callback_address=callback_address, callback_data=callback_data,
+            task_name,
+            args,
+            kwargs,
+            priority,
+            countdown=countdown,
+            eta=eta,
+            callback_address=callback_address,
+            callback_data=callback_data,
             options=_call_options(time_limit, max_retries, None, None, None),
         )
         waiter = new_waiter(self._on_trio)
@@ -395,7 +419,9 @@ class Client:
             )
         return value
 
-    async def get_task_result(self, task_id: str, *, timeout: float | None = None) -> TaskResult | None:
+    async def get_task_result(
+        self, task_id: str, *, timeout: float | None = None
+    ) -> TaskResult | None:
         """The control plane's cached result; None when unknown, expired or not finished."""
         local = self._core.finished.get(task_id)
         if local is not None:

@@ -116,7 +116,8 @@ class ControlPlane:
         )
 
     def _endpoints(self) -> tuple[str, str]:
-        assert self.gateway.endpoint is not None and self.scheduler.endpoint is not None
+        assert self.gateway.endpoint is not None
+        assert self.scheduler.endpoint is not None
         return self.gateway.endpoint, self.scheduler.endpoint
 
     @property
@@ -134,6 +135,11 @@ class ControlPlane:
 
     async def stats(self) -> dict[str, Any]:
         return await gather_stats(
-            [self.scheduler.ref, self.results.ref, self.callbacks.ref, self.discovery.ref,
-             self.gateway.ref]
+            [
+                self.scheduler.ref,
+                self.results.ref,
+                self.callbacks.ref,
+                self.discovery.ref,
+                self.gateway.ref,
+            ]
         )

@@ -18,6 +18,7 @@ import attrs
 import trio
 import zmq
 
+from .._io import Inbound, pump_socket
 from ..runtime import Actor, ActorRef
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -33,7 +34,6 @@ from ..wire import (
     decode,
     encode,
 )
-from .._io import Inbound, pump_socket
 from ._internal import WorkerJoined, WorkerLost
 
 __all__ = ["Discovery", "DiscoveryConfig"]
@@ -112,8 +112,12 @@ class Discovery(Actor):
             return {
                 "workers_alive": len(self._members),
                 "workers": {
-                    m.worker_id: {"tasks": sorted(m.names), "concurrency": m.concurrency,
-                                  "pid": m.pid, "hostname": m.hostname}
+                    m.worker_id: {
+                        "tasks": sorted(m.names),
+                        "concurrency": m.concurrency,
+                        "pid": m.pid,
+                        "hostname": m.hostname,
+                    }
                     for m in self._members.values()
                 },
                 "workers_lost": self._lost,
@@ -143,28 +147,29 @@ class Discovery(Actor):
             self._reply(identity, encode(ErrorReply(0, exc.reason, str(exc))))
             return
         now = trio.current_time()
-        kind = type(message)
-        if kind is Heartbeat:
-            member = self._members.get(message.worker_id)  # type: ignore[attr-defined]
+        if isinstance(message, Heartbeat):
+            member = self._members.get(message.worker_id)
             if member is not None:
                 member.last_seen = now
             self._reply(identity, encode(HeartbeatAck(self.instance_id, member is not None)))
-        elif kind is Lookup:
+        elif isinstance(message, Lookup):
             client_endpoint, _ = self._endpoints()
             reply = LookupReply(
-                message.request_id,  # type: ignore[attr-defined]
+                message.request_id,
                 self.instance_id,
                 client_endpoint,
                 self.config.heartbeat_interval,
             )
             self._reply(identity, encode(reply))
-        elif kind is Register:
-            self._register(identity, message, now)  # type: ignore[arg-type]
-        elif kind is Unregister:
-            self._remove(message.worker_id, "left")  # type: ignore[attr-defined]
+        elif isinstance(message, Register):
+            self._register(identity, message, now)
+        elif isinstance(message, Unregister):
+            self._remove(message.worker_id, "left")
         else:
             self._rejected["unexpected"] += 1
-            err = ErrorReply(0, "unexpected", f"{kind.__name__} is not a discovery request")
+            err = ErrorReply(
+                0, "unexpected", f"{type(message).__name__} is not a discovery request"
+            )
             self._reply(identity, encode(err))
 
     def _register(self, identity: bytes, message: Register, now: float) -> None:
@@ -187,7 +192,10 @@ class Discovery(Actor):
         if not known:
             log.info(
                 "worker %s joined (pid %d on %s, %d tasks)",
-                message.worker_id, message.pid, message.hostname, len(names),
+                message.worker_id,
+                message.pid,
+                message.hostname,
+                len(names),
             )
         self.scheduler.tell(WorkerJoined(message.worker_id, member.names, message.concurrency))
         _, worker_endpoint = self._endpoints()
@@ -201,7 +209,9 @@ class Discovery(Actor):
             if now - member.last_seen > limit:
                 log.warning(
                     "worker %s (pid %d) missed %d heartbeats: declared dead",
-                    member.worker_id, member.pid, self.config.liveness,
+                    member.worker_id,
+                    member.pid,
+                    self.config.liveness,
                 )
                 self._remove(member.worker_id, "died")
 

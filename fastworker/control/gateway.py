@@ -15,6 +15,7 @@ from typing import Any
 import trio
 import zmq
 
+from .._io import Inbound, pump_socket
 from ..runtime import Actor, ActorError, ActorRef
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -28,7 +29,6 @@ from ..wire import (
     decode,
     encode,
 )
-from .._io import Inbound, pump_socket
 from ._internal import CancelTask, ClientSubmits, Outgoing, QueryResults
 
 __all__ = ["Gateway"]
@@ -112,23 +112,32 @@ class Gateway(Actor):
             except WireError as exc:
                 self._error(identity, 0, exc)
                 continue
-            kind = type(message)
-            if kind is Submit:
-                submits.append((identity, message.request_id, message.tasks))  # type: ignore[attr-defined]
-            elif kind is ResultQuery:
-                ids = message.task_ids  # type: ignore[attr-defined]
+            if isinstance(message, Submit):
+                submits.append((identity, message.request_id, message.tasks))
+            elif isinstance(message, ResultQuery):
+                ids = message.task_ids
                 if not all(type(i) is str for i in ids):
-                    self._error(identity, message.request_id, WireError("invalid", "task ids must be strings"))  # type: ignore[attr-defined]
+                    self._error(
+                        identity,
+                        message.request_id,
+                        WireError("invalid", "task ids must be strings"),
+                    )
                     continue
-                self._forward(self.results, QueryResults(identity, message.request_id, ids))  # type: ignore[attr-defined]
-            elif kind is Cancel:
+                self._forward(self.results, QueryResults(identity, message.request_id, ids))
+            elif isinstance(message, Cancel):
                 assert self.scheduler is not None
-                self._forward(self.scheduler, CancelTask(identity, message.request_id, message.task_id))  # type: ignore[attr-defined]
-            elif kind is StatsQuery:
+                self._forward(
+                    self.scheduler, CancelTask(identity, message.request_id, message.task_id)
+                )
+            elif isinstance(message, StatsQuery):
                 assert self._nursery is not None
-                self._nursery.start_soon(self._answer_stats, identity, message.request_id)  # type: ignore[attr-defined]
+                self._nursery.start_soon(self._answer_stats, identity, message.request_id)
             else:
-                self._error(identity, 0, WireError("unexpected", f"{kind.__name__} is not a client request"))
+                self._error(
+                    identity,
+                    0,
+                    WireError("unexpected", f"{type(message).__name__} is not a client request"),
+                )
         if submits:
             assert self.scheduler is not None
             self._forward(self.scheduler, ClientSubmits(submits))

@@ -60,18 +60,17 @@ class ResultCache(Actor):
             await self.ref.send(_Sweep())
 
     def receive(self, message: Any) -> Any:
-        kind = type(message)
-        if kind is StoreResults:
+        if isinstance(message, StoreResults):
             self.store(message.records)
-        elif kind is QueryResults:
+        elif isinstance(message, QueryResults):
             found = [self.get(task_id) for task_id in message.task_ids]
             wires = [None if r is None else r.to_wire() for r in found]
             self._reply(message.identity, encode(ResultReply(message.request_id, wires)))
-        elif kind is ResendResults:
+        elif isinstance(message, ResendResults):
             records = [r for r in map(self.get, message.task_ids) if r is not None]
             if records:
                 self._reply(message.identity, encode(Results([r.to_wire() for r in records])))
-        elif kind is _Sweep:
+        elif isinstance(message, _Sweep):
             self.sweep()
         elif message == "stats":
             return self.statistics_dict()

@@ -23,6 +23,7 @@ import attrs
 import trio
 import zmq
 
+from .._io import Inbound, pump_socket
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..tasks.models import TaskStatus
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
@@ -42,7 +43,6 @@ from ..wire import (
     encode,
 )
 from ._callback_payload import build_callback_payload
-from .._io import Inbound, pump_socket
 from ._internal import (
     CallbackJobs,
     CancelTask,
@@ -364,13 +364,12 @@ class Scheduler(Actor):
             except WireError as exc:
                 self._rejected[exc.reason] += 1
                 continue
-            kind = type(message)
-            if kind is Done:
-                self._on_done(identity, message.results)  # type: ignore[attr-defined]
-            elif kind is Ready:
-                self._slot(identity).window = max(0, message.window)  # type: ignore[attr-defined]
-            elif kind is Release:
-                self._on_release(identity, message.task_ids)  # type: ignore[attr-defined]
+            if isinstance(message, Done):
+                self._on_done(identity, message.results)
+            elif isinstance(message, Ready):
+                self._slot(identity).window = max(0, message.window)
+            elif isinstance(message, Release):
+                self._on_release(identity, message.task_ids)
             else:
                 self._rejected["unexpected"] += 1
 
@@ -522,7 +521,9 @@ class Scheduler(Actor):
         except (trio.WouldBlock, PeerUnreachable) as exc:
             # The worker vanished between its last message and now: undo, and
             # wait for Discovery to declare it lost or for it to come back.
-            log.info("worker %r unreachable (%s); %d tasks stay queued", slot.identity, exc, len(jobs))
+            log.info(
+                "worker %r unreachable (%s); %d tasks stay queued", slot.identity, exc, len(jobs)
+            )
             for job in jobs:
                 slot.inflight.pop(job.envelope.task_id, None)
                 job.status = _QUEUED
@@ -541,7 +542,12 @@ class Scheduler(Actor):
         running = sum(len(s.inflight) for s in self._workers.values())
         return {
             "workers_connected": sum(1 for s in self._workers.values() if s.names is not None),
-            "queued": {"critical": counts[0], "high": counts[1], "normal": counts[2], "low": counts[3]},
+            "queued": {
+                "critical": counts[0],
+                "high": counts[1],
+                "normal": counts[2],
+                "low": counts[3],
+            },
             "queued_total": sum(counts),
             "running": running,
             "scheduled": sum(1 for j in self._jobs.values() if j.status in (_SCHEDULED, _RETRYING)),

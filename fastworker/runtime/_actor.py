@@ -182,7 +182,7 @@ class ActorRef:
             raise self._stopped_error() from None
 
     # A deadline per ask is the point of ask (pykka's shape), hence the noqa.
-    async def ask(self, message: object, timeout: float = 5.0) -> Any:  # noqa: ASYNC109
+    async def ask(self, message: object, timeout: float = 5.0) -> Any:
         """Send ``message`` and return what the actor's ``receive`` returned.
 
         If ``receive`` raised an :class:`Exception`, that same exception is

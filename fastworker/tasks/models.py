@@ -16,7 +16,7 @@ import attrs
 __all__ = ["CallbackInfo", "Task", "TaskPriority", "TaskResult", "TaskStatus"]
 
 
-class TaskPriority(str, enum.Enum):
+class TaskPriority(enum.StrEnum):
     """Strict dispatch order: every CRITICAL task goes before any HIGH one, and so on."""
 
     CRITICAL = "critical"
@@ -59,7 +59,7 @@ _BY_RANK = (TaskPriority.CRITICAL, TaskPriority.HIGH, TaskPriority.NORMAL, TaskP
 _RANKS = {p: i for i, p in enumerate(_BY_RANK)}
 
 
-class TaskStatus(str, enum.Enum):
+class TaskStatus(enum.StrEnum):
     """Where a task is in its life; ``.value`` is the lowercase name used on the wire."""
 
     PENDING = "pending"  # known to the client, not yet acknowledged by the control plane
@@ -94,6 +94,10 @@ def _non_empty(_inst: object, attribute: attrs.Attribute[Any], value: str) -> No
         raise ValueError(f"{attribute.name} must be a non-empty string, got {value!r}")
 
 
+def _priority(value: TaskPriority | str) -> TaskPriority:
+    return TaskPriority.coerce(value)
+
+
 @attrs.frozen
 class CallbackInfo:
     """Where to send the completion notice of a task, and what to echo back in it."""
@@ -117,9 +121,7 @@ class Task:
     name: str = attrs.field(validator=_non_empty)
     args: tuple[Any, ...] = attrs.field(default=(), converter=tuple)
     kwargs: dict[str, Any] = attrs.field(factory=dict)
-    priority: TaskPriority = attrs.field(
-        default=TaskPriority.NORMAL, converter=TaskPriority.coerce
-    )
+    priority: TaskPriority = attrs.field(default=TaskPriority.NORMAL, converter=_priority)
     callback: CallbackInfo | None = None
     timeout: float | None = None
     attempt: int = 1

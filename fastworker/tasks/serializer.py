@@ -28,7 +28,7 @@ __all__ = [
 ]
 
 
-class SerializationFormat(str, enum.Enum):
+class SerializationFormat(enum.StrEnum):
     """How task arguments and results are turned into bytes."""
 
     JSON = "json"

@@ -226,7 +226,11 @@ class ZSocket:
 
         Draining in one wake-up is what makes batching work: under load a reader
         pays one task switch for hundreds of messages instead of one each.
+        Raises ``ValueError`` if ``max_messages`` is below 1.
         """
+        if max_messages < 1:
+            # With 0 the loop below would never receive and never wait: a spin.
+            raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
         sock = self._sock

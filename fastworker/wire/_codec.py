@@ -18,9 +18,7 @@ __all__ = ["PROTOCOL_VERSION", "decode", "encode"]
 
 PROTOCOL_VERSION = 1
 
-_GETTERS = {
-    cls: attrgetter(*(name for name, _ in cls.FIELDS)) for cls in MESSAGE_TYPES.values()
-}
+_GETTERS = {cls: attrgetter(*(name for name, _ in cls.FIELDS)) for cls in MESSAGE_TYPES.values()}
 
 
 def encode(message: Message) -> bytes:
@@ -49,9 +47,7 @@ def decode(data: bytes) -> Message:
     fields = body[2:]
     spec = cls.FIELDS
     if len(fields) != len(spec):
-        raise WireError(
-            "bad_fields", f"{cls.__name__} takes {len(spec)} fields, got {len(fields)}"
-        )
+        raise WireError("bad_fields", f"{cls.__name__} takes {len(spec)} fields, got {len(fields)}")
     for value, (name, types) in zip(fields, spec, strict=True):
         if type(value) not in types:
             raise WireError("bad_fields", f"{cls.__name__}.{name} has type {type(value).__name__}")

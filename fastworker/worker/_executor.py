@@ -33,7 +33,7 @@ import trio
 
 from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
-from ..tasks.serializer import SerializationFormat, Serializer, SerializationError
+from ..tasks.serializer import SerializationError, SerializationFormat, Serializer
 from ..wire import ResultRecord, TaskEnvelope
 
 __all__ = ["Executor"]
@@ -90,6 +90,8 @@ class Executor:
         self._asyncio_thread: threading.Thread | None = None
         self.stuck_threads = 0
         self.completed = 0
+        self._idle = trio.Event()
+        self._idle.set()
 
     # -- life cycle ---------------------------------------------------------
 
@@ -165,14 +167,14 @@ class Executor:
                 q.remove(run)
                 cancelled.append(self._record(run, TaskStatus.CANCELLED, error="cancelled"))
         for task_id in wanted:
-            run = self._running.get(task_id)
-            if run is None:
+            active = self._running.get(task_id)
+            if active is None:
                 continue
-            run.cancel_requested = True
-            if run.cancel_scope is not None:
-                run.cancel_scope.cancel()
-            elif run.future is not None:
-                run.future.cancel()
+            active.cancel_requested = True
+            if active.cancel_scope is not None:
+                active.cancel_scope.cancel()
+            elif active.future is not None:
+                active.future.cancel()
             # A thread cannot be interrupted: it finishes, and its result is
             # reported as CANCELLED (see design/reliability.md).
         if cancelled:
@@ -182,18 +184,23 @@ class Executor:
 
     def _start_waiting(self) -> None:
         while len(self._running) < self.concurrency:
-            run = None
             for q in self._pending:
                 if q:
-                    run = q.popleft()
+                    self._start(q.popleft())
                     break
-            if run is None:
+            else:
                 return
-            self._start(run)
+
+    async def wait_idle(self) -> None:
+        """Return once no task is running (tasks waiting here do not count)."""
+        await self._idle.wait()
 
     def _start(self, run: _Run) -> None:
-        assert run.definition is not None and self._nursery is not None
+        assert run.definition is not None
+        assert self._nursery is not None
         run.started = time.time()
+        if not self._running:
+            self._idle = trio.Event()
         self._running[run.envelope.task_id] = run
         runner = run.definition.runner
         timeout = self._timeout(run)
@@ -248,6 +255,8 @@ class Executor:
             self._report([self._outcome_record((run, False, exc, None, time.time()))])
             self._ensure_threads()
             self._start_waiting()
+            if not self._running:
+                self._idle.set()
 
     # -- coroutines ---------------------------------------------------------
 
@@ -268,8 +277,8 @@ class Executor:
             if run.cancel_requested:
                 outcome = (run, False, _Cancelled(), None, time.time())
             else:
-                exc = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
-                outcome = (run, False, exc, None, time.time())
+                limit = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
+                outcome = (run, False, limit, None, time.time())
         self._finished(outcome)
 
     def _run_asyncio(self, run: _Run, timeout: float | None) -> None:
@@ -338,6 +347,8 @@ class Executor:
             records.append(self._outcome_record(outcome))
         self.completed += len(records)
         self._start_waiting()
+        if not self._running:
+            self._idle.set()
         if records:
             self._report(records)
 
@@ -351,7 +362,9 @@ class Executor:
                 encoded = Serializer(fmt).dumps(value)
             except TypeError as exc:
                 return self._record(
-                    run, TaskStatus.FAILURE, error=f"result could not be encoded: {exc}",
+                    run,
+                    TaskStatus.FAILURE,
+                    error=f"result could not be encoded: {exc}",
                     completed=completed,
                 )
             return self._record(run, TaskStatus.SUCCESS, result=encoded, completed=completed)
@@ -359,7 +372,11 @@ class Executor:
         retry_delay = self._retry_delay(run)
         if retry_delay is not None:
             return self._record(
-                run, TaskStatus.RETRYING, error=error, traceback=tb, completed=completed,
+                run,
+                TaskStatus.RETRYING,
+                error=error,
+                traceback=tb,
+                completed=completed,
                 retry_delay=retry_delay,
             )
         return self._record(run, TaskStatus.FAILURE, error=error, traceback=tb, completed=completed)

@@ -60,7 +60,7 @@ def _resolve(endpoint: str, discovery_address: str) -> str:
     for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
         if endpoint.startswith(wildcard):
             host = discovery_address[6:].rsplit(":", 1)[0]
-            return f"tcp://{host}:{endpoint[len(wildcard):]}"
+            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
     return endpoint
 
 
@@ -89,7 +89,9 @@ class _Tick:
 class Worker(Actor):
     def __init__(self, registry: TaskRegistry, config: WorkerConfig | None = None) -> None:
         cfg = config or WorkerConfig()
-        self.worker_id = cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.worker_id = (
+            cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         super().__init__(f"worker {self.worker_id}", mailbox_size=4096)
         self.config = cfg
         self.registry = registry
@@ -155,18 +157,17 @@ class Worker(Actor):
         except WireError as exc:
             log.warning("worker %s ignored a bad frame: %s", self.worker_id, exc)
             return
-        kind = type(message)
-        if kind is Dispatch:
-            self._on_dispatch(message.tasks)  # type: ignore[attr-defined]
-        elif kind is HeartbeatAck:
-            self._on_ack(message)  # type: ignore[arg-type]
-        elif kind is Registered:
-            self._on_registered(message)  # type: ignore[arg-type]
-        elif kind is CancelRunning:
-            ids = [i for i in message.task_ids if type(i) is str]  # type: ignore[attr-defined]
+        if isinstance(message, Dispatch):
+            self._on_dispatch(message.tasks)
+        elif isinstance(message, HeartbeatAck):
+            self._on_ack(message)
+        elif isinstance(message, Registered):
+            self._on_registered(message)
+        elif isinstance(message, CancelRunning):
+            ids = [i for i in message.task_ids if type(i) is str]
             self.executor.cancel(ids)
-        elif kind is ErrorReply:
-            log.error("control plane rejected a worker message: %s", message.message)  # type: ignore[attr-defined]
+        elif isinstance(message, ErrorReply):
+            log.error("control plane rejected a worker message: %s", message.message)
 
     def _on_dispatch(self, raw_tasks: list[Any]) -> None:
         envelopes = []
@@ -217,7 +218,8 @@ class Worker(Actor):
         if self._connected and silent > self._interval * self.config.liveness:
             log.warning(
                 "worker %s: control plane silent for %.1f s; waiting for it to come back",
-                self.worker_id, silent,
+                self.worker_id,
+                silent,
             )
             self._connected = False
         if self._connected:
@@ -278,14 +280,13 @@ class Worker(Actor):
         self._send_scheduler(Ready(0))
         released = self.executor.release_waiting()
         with trio.move_on_after(grace):
-            while self.executor.running:
-                await trio.sleep(0.05)
+            await self.executor.wait_idle()
         released += self.executor.running_ids()
         if released:
             self._send_scheduler(Release(released))
         self._flush()
         self._send_discovery(Unregister(self.worker_id))
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         return len(released)
 
     def statistics_dict(self) -> dict[str, Any]:
