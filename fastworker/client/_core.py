@@ -430,6 +430,15 @@ class ClientCore(Actor):
         self._gateway = sock
         self._gateway_endpoint = endpoint
         self._nursery.start_soon(pump_socket, sock, self.ref, 1024)
+        self._nursery.start_soon(self._when_writable, sock)
+
+    async def _when_writable(self, sock: ZSocket) -> None:
+        """Send what waited for the connection as soon as it is up, not a tick later."""
+        try:
+            await sock.wait_writable()
+        except trio.ClosedResourceError:
+            return
+        await self.ref.send(_Wake())
 
     def _on_ack(self, ack: SubmitAck) -> None:
         if self.acks_dropped_for_test > 0:

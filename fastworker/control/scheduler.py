@@ -338,7 +338,8 @@ class Scheduler(Actor):
             back.append(job)
         self._queues.push_front(back)
         self._stats["requeued"] += len(back)
-        log.warning(
+        log.log(
+            logging.WARNING if died else logging.INFO,
             "worker %s %s with %d tasks in flight; %d requeued",
             message.worker_id,
             message.reason,

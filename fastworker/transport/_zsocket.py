@@ -192,6 +192,11 @@ class ZSocket:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
 
+    async def wait_writable(self) -> None:
+        """Return once a send would not block (for a DEALER: once a peer is connected)."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self._wait_for(zmq.POLLOUT)
+
     # -- receiving ----------------------------------------------------------
 
     def recv_multipart_nowait(self) -> list[bytes]:
@@ -368,5 +373,6 @@ class ZSocket:
         )
 
     def __repr__(self) -> str:
-        kind = zmq.SocketType(self._sock.socket_type).name if not self._closed else "closed"
+        # Socket.socket_type is deprecated (a DeprecationWarning on every repr).
+        kind = zmq.SocketType(self._sock.type).name if not self._closed else "closed"
         return f"<ZSocket {kind} {self.endpoint or ''}>"

@@ -34,6 +34,21 @@ TASK_OPTIONS: dict[str, tuple[type, ...]] = {
 _STATUS_BY_VALUE = {s.value: s for s in TaskStatus}
 _MAX_ID_LENGTH = 256
 _MAX_NAME_LENGTH = 512
+# Numbers from the network end up in trio deadlines, float() and datetimes: NaN,
+# infinities, negative durations and bignums would raise far from here.
+_MAX_SECONDS = 1e15
+_MIN_EPOCH = -62135596800.0  # 0001-01-01T00:00:00Z, the first datetime
+_MAX_EPOCH = 253402214400.0  # 9999-12-31T00:00:00Z, near the last one
+
+
+def _seconds_ok(value: Any) -> bool:
+    """A finite, non-negative number of seconds (comparisons are False for NaN)."""
+    return type(value) in (float, int) and 0 <= value <= _MAX_SECONDS
+
+
+def _epoch_ok(value: Any) -> bool:
+    """Epoch seconds that ``from_epoch`` can turn into a datetime."""
+    return type(value) in (float, int) and _MIN_EPOCH <= value <= _MAX_EPOCH
 
 
 def epoch(value: dt.datetime | None) -> float | None:
@@ -55,6 +70,11 @@ def _check_options(options: Any) -> dict[str, Any] | None:
             raise WireError("invalid", f"unknown task option {key!r}")
         if not isinstance(value, types) or isinstance(value, bool):
             raise WireError("invalid", f"task option {key!r} has the wrong type")
+        if key == "eta":
+            if not _epoch_ok(value):
+                raise WireError("invalid", f"task option 'eta' is out of range: {value!r}")
+        elif int in types and not _seconds_ok(value):
+            raise WireError("invalid", f"task option {key!r} is out of range: {value!r}")
     return options
 
 
@@ -149,19 +169,19 @@ class ResultRecord:
         tid, status, result, error, started, completed, attempts, tb, fmt, name, retry = item
         if type(tid) is not str or not tid:
             raise WireError("invalid", "result task id must be a non-empty string")
-        if status not in _STATUS_BY_VALUE:
+        if type(status) is not str or status not in _STATUS_BY_VALUE:
             raise WireError("invalid", f"result {tid}: unknown status {status!r}")
         ok = (
             (result is None or type(result) is bytes)
             and (error is None or type(error) is str)
-            and (started is None or type(started) in (float, int))
-            and (completed is None or type(completed) in (float, int))
+            and (started is None or _epoch_ok(started))
+            and (completed is None or _epoch_ok(completed))
             and type(attempts) is int
             and (tb is None or type(tb) is str)
             and type(fmt) is int
             and 0 <= fmt <= 2
             and type(name) is str
-            and (retry is None or type(retry) in (float, int))
+            and (retry is None or _seconds_ok(retry))
         )
         if not ok:
             raise WireError("invalid", f"result {tid}: a field has the wrong type")

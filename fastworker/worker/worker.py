@@ -86,6 +86,11 @@ class _Tick:
     pass
 
 
+@attrs.frozen
+class _Connected:
+    sock: ZSocket
+
+
 class Worker(Actor):
     def __init__(self, registry: TaskRegistry, config: WorkerConfig | None = None) -> None:
         cfg = config or WorkerConfig()
@@ -143,6 +148,9 @@ class Worker(Actor):
                 self._on_frame(parts)
         elif type(message) is _Tick:
             self._on_tick()
+        elif type(message) is _Connected:
+            if message.sock is self._scheduler and self._connected:
+                self._announce()
         elif message == "stats":
             return self.statistics_dict()
         else:
@@ -198,9 +206,27 @@ class Worker(Actor):
         if endpoint != self._scheduler_endpoint:
             self._open_scheduler(endpoint)
         self._connected = True
-        self._send_scheduler(Ready(0 if self._draining else self.config.window))
+        if not self._send_scheduler(self._ready_message()):
+            # The DEALER queues only to a connected peer (IMMEDIATE), and right
+            # after connect() the connection is usually not up yet: without a
+            # Ready the scheduler would never dispatch to us.  Send it once it is.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._send_ready_when_connected, self._scheduler)
         self._flush()
         self.registered.set()
+
+    def _ready_message(self) -> Ready:
+        return Ready(0 if self._draining else self.config.window)
+
+    async def _send_ready_when_connected(self, sock: ZSocket | None) -> None:
+        if sock is None:
+            return
+        try:
+            await sock.send_multipart([encode(self._ready_message())])
+        except trio.ClosedResourceError:
+            return  # replaced or stopped meanwhile; whoever replaced it says Ready again
+        if self._draining:
+            self._send_scheduler(Ready(0))  # drain() began while we waited
 
     def _open_scheduler(self, endpoint: str) -> None:
         assert self._nursery is not None
@@ -211,6 +237,20 @@ class Worker(Actor):
         self._scheduler = sock
         self._scheduler_endpoint = endpoint
         self._nursery.start_soon(pump_socket, sock, self.ref, 1024)
+        self._nursery.start_soon(self._when_writable, sock)
+
+    async def _when_writable(self, sock: ZSocket) -> None:
+        """Announce ourselves as soon as the new connection is up, not a tick later."""
+        try:
+            await sock.wait_writable()
+        except trio.ClosedResourceError:
+            return
+        await self.ref.send(_Connected(sock))
+
+    def _announce(self) -> None:
+        """Tell the scheduler our window (absolute, so repeating it is harmless) and flush."""
+        self._send_scheduler(Ready(0 if self._draining else self.config.window))
+        self._flush()
 
     def _on_tick(self) -> None:
         now = trio.current_time()
@@ -224,9 +264,9 @@ class Worker(Actor):
             self._connected = False
         if self._connected:
             self._send_discovery(Heartbeat(self.worker_id))
+            self._announce()  # repeats the window: a lost Ready must not idle us forever
         else:
             self._send_discovery(self._register_message())
-        self._flush()
 
     # -- sending ------------------------------------------------------------
 

@@ -1,0 +1,350 @@
+"""``python -m fastworker.node``: run a control plane, worker processes, or both.
+
+Roles:
+
+* ``all`` (default): the control plane in this process and ``--workers``
+  worker processes beside it, supervised.
+* ``control-plane``: only the control plane.
+* ``worker``: only ``--workers`` worker processes, joining the control plane
+  at ``--discovery-address`` (started before it, they keep trying until it
+  answers).
+
+SIGINT/SIGTERM shut down gracefully: workers stop taking work, finish what
+they run within ``--grace`` seconds and hand back the rest; then the control
+plane stops; the exit code is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+import zmq
+
+from ..control import ControlPlane, ControlPlaneConfig
+from ..runtime import Supervisor
+from ..tasks.registry import TaskRegistry, registry_from
+from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
+from ..worker import Worker, WorkerConfig
+from ._processes import RECYCLE_EXIT_CODE, WorkerProcesses, parent_alive
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("fastworker.node")
+
+PROG = "python -m fastworker.node"
+
+
+class CliError(Exception):
+    """A problem to report as one line, with exit code 1."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value:g}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
+    return value
+
+
+def _address(text: str) -> str:
+    if "://" not in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a ZeroMQ endpoint (expected e.g. tcp://127.0.0.1:5550)"
+        )
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run a fastworker control plane and/or worker processes.",
+    )
+    parser.add_argument("--role", choices=("all", "control-plane", "worker"), default="all")
+    parser.add_argument(
+        "--discovery-address",
+        type=_address,
+        default="tcp://127.0.0.1:5550",
+        help="where Discovery listens (control plane) or is reached (worker); "
+        "tcp://127.0.0.1:* picks a free port, printed when ready",
+    )
+    parser.add_argument("--client-address", type=_address, help="client endpoint to bind")
+    parser.add_argument("--worker-address", type=_address, help="worker endpoint to bind")
+    parser.add_argument(
+        "--task-modules",
+        nargs="+",
+        default=[],
+        metavar="MOD",
+        help="modules whose @task functions workers serve (the current directory is importable)",
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=8,
+        help="tasks at once per worker process (default 8)",
+    )
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="tasks a worker holds beyond --concurrency (default max(concurrency, 64))",
+    )
+    parser.add_argument("--result-ttl", type=_positive_float, default=3600.0)
+    parser.add_argument("--result-cache-size", type=_positive_int, default=10_000)
+    parser.add_argument("--heartbeat-interval", type=_positive_float, default=1.0)
+    parser.add_argument("--max-queued", type=_positive_int, default=1_000_000)
+    parser.add_argument(
+        "--max-worker-deaths",
+        type=_positive_int,
+        default=3,
+        help="poison guard: runs of one task that may kill their worker",
+    )
+    parser.add_argument("--max-message-size", type=_positive_int, default=DEFAULT_MAX_MESSAGE_SIZE)
+    parser.add_argument("--callback-timeout", type=_positive_float, default=10.0)
+    parser.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=30.0,
+        help="seconds running tasks get to finish on shutdown (default 30)",
+    )
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept PICKLE payloads (unpickling runs arbitrary code)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        type=str.upper,
+    )
+    # Internal: the command line of one worker process, started by a node.
+    parser.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _load_registry(modules: Sequence[str]) -> TaskRegistry:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:
+            raise CliError(
+                f"cannot import task module {name!r}: {type(exc).__name__}: {exc}"
+            ) from None
+    return registry_from(modules)
+
+
+def _worker_argv(args: argparse.Namespace, discovery_address: str) -> list[str]:
+    argv = [
+        "--worker-process",
+        "--discovery-address",
+        discovery_address,
+        "--concurrency",
+        str(args.concurrency),
+        "--heartbeat-interval",
+        str(args.heartbeat_interval),
+        "--max-message-size",
+        str(args.max_message_size),
+        "--grace",
+        str(args.grace),
+        "--log-level",
+        args.log_level,
+    ]
+    if args.prefetch is not None:
+        argv += ["--prefetch", str(args.prefetch)]
+    if args.allow_pickle:
+        argv.append("--allow-pickle")
+    if args.task_modules:
+        argv += ["--task-modules", *args.task_modules]
+    return argv
+
+
+async def _wait_for_signal(*, also_when: trio.Event | None = None) -> str:
+    """The name of the first SIGINT/SIGTERM, or "recycle" when ``also_when`` fires first."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        result = "recycle"
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                nonlocal result
+                async for signum in signals:
+                    result = signal.Signals(signum).name
+                    nursery.cancel_scope.cancel()
+
+            async def on_event() -> None:
+                assert also_when is not None
+                await also_when.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            if also_when is not None:
+                nursery.start_soon(on_event)
+        return result
+
+
+async def _run_node(args: argparse.Namespace) -> int:
+    control_plane: ControlPlane | None = None
+    async with trio.open_nursery() as nursery:
+        discovery_address = args.discovery_address
+        if args.role in ("all", "control-plane"):
+            control_plane = ControlPlane(
+                ControlPlaneConfig(
+                    discovery_address=args.discovery_address,
+                    client_address=args.client_address,
+                    worker_address=args.worker_address,
+                    result_ttl=args.result_ttl,
+                    result_cache_size=args.result_cache_size,
+                    heartbeat_interval=args.heartbeat_interval,
+                    max_queued=args.max_queued,
+                    max_worker_deaths=args.max_worker_deaths,
+                    max_message_size=args.max_message_size,
+                    callback_timeout=args.callback_timeout,
+                    allow_pickle=args.allow_pickle,
+                )
+            )
+            await nursery.start(control_plane.run)
+            discovery_address = control_plane.discovery_address
+        processes: WorkerProcesses | None = None
+        if args.role in ("all", "worker") and args.workers > 0:
+            processes = WorkerProcesses(
+                args.workers, _worker_argv(args, discovery_address), args.grace
+            )
+            await nursery.start(processes.run)
+        print(
+            f"fastworker node ready: role={args.role} discovery={discovery_address} "
+            f"workers={args.workers if processes else 0} pid={os.getpid()}",
+            flush=True,
+        )
+        name = await _wait_for_signal()
+        log.info("%s received: shutting down (grace %.0f s)", name, args.grace)
+        if processes is not None:
+            await processes.stop()
+        if control_plane is not None:
+            control_plane.stop()
+        nursery.cancel_scope.deadline = trio.current_time() + 10.0
+    return 0
+
+
+async def _run_worker_process(args: argparse.Namespace, registry: TaskRegistry) -> int:
+    """One worker actor in this process; drains on SIGTERM, recycles itself when stuck."""
+    parent = os.getppid()
+    worker = Worker(
+        registry,
+        WorkerConfig(
+            discovery_address=args.discovery_address,
+            concurrency=args.concurrency,
+            prefetch=args.prefetch,
+            heartbeat_interval=args.heartbeat_interval,
+            allow_pickle=args.allow_pickle,
+            transport=TransportConfig(max_message_size=args.max_message_size),
+        ),
+    )
+    leave = trio.Event()
+
+    async def watch() -> None:
+        # Leave when our node died under us (no orphan workers) or when a task
+        # thread is stuck and nothing else runs (the process must be replaced).
+        while True:
+            await trio.sleep(args.heartbeat_interval)
+            ex = worker.executor
+            if not parent_alive(parent):
+                log.warning("worker %s: parent node gone; leaving", worker.worker_id)
+                break
+            if ex.stuck_threads and not ex.running:
+                log.warning("worker %s: recycling (a task thread is stuck)", worker.worker_id)
+                break
+        leave.set()
+
+    supervisor = Supervisor("worker-process", [worker], max_restarts=5, within=10.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        async with trio.open_nursery() as watchers:
+            watchers.start_soon(watch)
+            why = await _wait_for_signal(also_when=leave)
+            watchers.cancel_scope.cancel()
+        handed_back = await worker.drain(args.grace)
+        if handed_back:
+            log.info("worker %s handed back %d tasks", worker.worker_id, handed_back)
+        supervisor.stop()
+        nursery.cancel_scope.deadline = trio.current_time() + 5.0
+    stuck = worker.executor.stuck_threads > 0
+    if why == "recycle" and stuck:
+        return RECYCLE_EXIT_CODE
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
+    logging.basicConfig(
+        level=args.log_level,
+        format=f"%(asctime)s %(levelname)s [{'worker' if args.worker_process else 'node'} "
+        f"%(process)d] %(name)s: %(message)s",
+    )
+    try:
+        if args.worker_process:
+            registry = _load_registry(args.task_modules)
+            return trio.run(_run_worker_process, args, registry)
+        if args.role != "control-plane":
+            _load_registry(args.task_modules)  # fail here, once, rather than in every child
+        return trio.run(_run_node, args)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except BaseException as exc:
+        message = _describe_startup_error(exc, args)
+        if message is None:
+            raise
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+
+
+def _describe_startup_error(exc: BaseException, args: Any) -> str | None:
+    """One line for errors users cause (address in use, bad address); None for bugs."""
+    found = _find(exc, zmq.ZMQError)
+    if found is None:
+        return None
+    if found.errno == errno.EADDRINUSE:
+        return f"address already in use: {args.discovery_address} (or another bound endpoint)"
+    return f"cannot bind or connect: {found.strerror}"
+
+
+def _find(exc: BaseException, kind: type[zmq.ZMQError]) -> zmq.ZMQError | None:
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kind)
+            if found is not None:
+                return found
+    if exc.__cause__ is not None:
+        return _find(exc.__cause__, kind)
+    return None
