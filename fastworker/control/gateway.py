@@ -35,6 +35,8 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger("fastworker.gateway")
 
+_TASKS_PER_FORWARD = 4096
+
 
 class Gateway(Actor):
     def __init__(
@@ -99,6 +101,7 @@ class Gateway(Actor):
 
     def _on_frames(self, frames: list[list[bytes]]) -> None:
         submits: list[tuple[bytes, int, list[Any]]] = []
+        batched = 0
         for parts in frames:
             if len(parts) != 2:
                 self._rejected["bad_frames"] += 1
@@ -114,6 +117,12 @@ class Gateway(Actor):
                 continue
             if isinstance(message, Submit):
                 submits.append((identity, message.request_id, message.tasks))
+                batched += len(message.tasks)
+                if batched >= _TASKS_PER_FORWARD:
+                    # Bounded hand-offs keep each Scheduler turn short (see runtime).
+                    assert self.scheduler is not None
+                    self._forward(self.scheduler, ClientSubmits(submits))
+                    submits, batched = [], 0
             elif isinstance(message, ResultQuery):
                 ids = message.task_ids
                 if not all(type(i) is str for i in ids):
@@ -126,6 +135,10 @@ class Gateway(Actor):
                 self._forward(self.results, QueryResults(identity, message.request_id, ids))
             elif isinstance(message, Cancel):
                 assert self.scheduler is not None
+                if submits:
+                    # A cancel must not overtake a submission that came before it.
+                    self._forward(self.scheduler, ClientSubmits(submits))
+                    submits, batched = [], 0
                 self._forward(
                     self.scheduler, CancelTask(identity, message.request_id, message.task_id)
                 )

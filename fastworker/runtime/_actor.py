@@ -23,6 +23,7 @@ check.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import attrs
@@ -39,6 +40,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("fastworker.runtime")
+
+# Longest stretch an actor handles already-queued messages without yielding.
+_DRAIN_BUDGET = 0.005
 
 
 class ActorError(Exception):
@@ -332,17 +336,20 @@ class Actor:
 
     async def __loop(self) -> None:
         # The hot path. Each wake-up takes one message with a (checkpointing)
-        # receive, then drains whatever else is queued without yielding; the
-        # drain is bounded by the mailbox size plus the producers already
-        # blocked on it, so other tasks still get their turn.
+        # receive, then drains whatever else is queued without yielding — but
+        # for at most _DRAIN_BUDGET seconds, so that a burst to one actor never
+        # starves the others of the same process (heartbeats must keep flowing
+        # while the scheduler chews through a million submissions).
         inbox = self.__inbox
         receive_nowait = inbox.receive_nowait
         handle = self.receive
+        clock = time.perf_counter
         while True:
             try:
                 message = await inbox.receive()
             except (trio.EndOfChannel, trio.ClosedResourceError):
                 return
+            deadline = clock() + _DRAIN_BUDGET
             while True:
                 if type(message) is _Ask:
                     try:
@@ -357,6 +364,8 @@ class Actor:
                 else:
                     handle(message)
                 self.__processed += 1
+                if clock() > deadline:
+                    break  # yield: the next receive() is a checkpoint
                 try:
                     message = receive_nowait()
                 except trio.WouldBlock:

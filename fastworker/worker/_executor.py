@@ -1,18 +1,17 @@
 """Runs tasks: plain functions in threads, coroutines on trio or on asyncio.
 
-* Plain functions run in a fixed pool of ``concurrency`` threads fed by one
-  queue: the trio loop never blocks on user code, and no thread is spawned
-  per task.
+* Plain functions run in a fixed pool of ``concurrency`` threads
+  (``_threadpool.py``), fed whole batches in strict priority order: the trio
+  loop never blocks on user code and no thread is spawned per task.
 * ``async def`` tasks written for trio run as tasks in this worker's nursery.
 * ``async def`` tasks written for asyncio run on one asyncio event loop in a
   thread of its own (started on first use), the way FastAPI code expects.
 
-Finished runs come back to the trio thread through one deque; the first
-finisher after a drain schedules a single ``run_sync_soon`` and the drain
-takes everything that finished meanwhile, so reporting is batched too.
-
-``concurrency`` bounds how many tasks run at once across all three runners;
-tasks beyond it wait here in strict priority order.
+At most ``concurrency`` plain functions run at once (one per thread), and at
+most ``concurrency`` coroutines; tasks beyond that wait here, in priority
+order.  Finished runs come back to the trio thread through one deque; the
+first finisher after a drain schedules a single ``run_sync_soon`` and the
+drain takes everything that finished meanwhile, so reporting is batched too.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
-import queue
 import threading
 import time
 import traceback
@@ -35,32 +33,45 @@ from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
 from ..tasks.serializer import SerializationError, SerializationFormat, Serializer
 from ..wire import ResultRecord, TaskEnvelope
+from ._threadpool import Outcome, TaskThreads
 
-__all__ = ["Executor"]
+__all__ = ["Executor", "TaskTimeout"]
 
 log = logging.getLogger("fastworker.worker")
+
+
+class TaskTimeout(Exception):
+    """A run took longer than its time limit."""
+
+
+class _Cancelled(Exception):
+    """Marks a run that was cancelled on request."""
 
 
 @attrs.define(eq=False, slots=True)
 class _Run:
     envelope: TaskEnvelope
-    definition: TaskDefinition | None
+    definition: TaskDefinition
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = attrs.Factory(dict)
     attempt: int = 1
+    timeout: float | None = None
     started: float = 0.0
     cancel_scope: trio.CancelScope | None = None
     future: concurrent.futures.Future[Any] | None = None
-    abandoned: bool = False  # reported already (timed out or cancelled while in a thread)
+    abandoned: bool = False  # reported already (timed out, cancelled or released)
     cancel_requested: bool = False
 
+    @property
+    def priority(self) -> int:
+        return self.envelope.priority
 
-# What a runner hands back: (run, ok, value-or-exception, traceback text, completed epoch)
-_Outcome = tuple[_Run, bool, Any, str | None, float]
+    @property
+    def task_id(self) -> str:
+        return self.envelope.task_id
 
-
-class TaskTimeout(Exception):
-    """A run took longer than its time limit."""
+    def call(self) -> Any:
+        return self.definition.fn(*self.args, **self.kwargs)
 
 
 class Executor:
@@ -78,14 +89,16 @@ class Executor:
         self.concurrency = concurrency
         self._report = report
         self._allow_pickle = allow_pickle
-        self._pending: list[collections.deque[_Run]] = [collections.deque() for _ in range(4)]
-        self._running: dict[str, _Run] = {}
-        self._done: collections.deque[_Outcome] = collections.deque()
+        self._held: dict[str, _Run] = {}  # every run accepted and not yet reported
+        self._async_waiting: list[collections.deque[_Run]] = [
+            collections.deque() for _ in range(4)
+        ]
+        self._async_running = 0
+        self._done: collections.deque[Outcome] = collections.deque()
         self._drain_scheduled = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
-        self._threads: list[threading.Thread] = []
-        self._thread_jobs: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
+        self._threads = TaskThreads(concurrency, self._thread_started, self._finished)
         self._asyncio_loop: asyncio.AbstractEventLoop | None = None
         self._asyncio_thread: threading.Thread | None = None
         self.stuck_threads = 0
@@ -105,170 +118,181 @@ class Executor:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self._shutdown_threads()
-
-    def _shutdown_threads(self) -> None:
-        for _ in self._threads:
-            self._thread_jobs.put(None)
-        if self._asyncio_loop is not None:
-            self._asyncio_loop.call_soon_threadsafe(self._asyncio_loop.stop)
-        # Threads are daemons: one stuck in user code must not keep the process alive.
-        deadline = time.monotonic() + 1.0
-        for thread in [*self._threads, self._asyncio_thread]:
-            if thread is not None:
-                thread.join(max(0.0, deadline - time.monotonic()))
-        self._threads.clear()
+            self._threads.stop()
+            loop, thread = self._asyncio_loop, self._asyncio_thread
+            if loop is not None:
+                loop.call_soon_threadsafe(loop.stop)
+                if thread is not None:
+                    thread.join(1.0)
+                if thread is None or not thread.is_alive():
+                    loop.close()  # an unclosed loop leaks its self-pipe (ResourceWarning)
+                    self._asyncio_loop = self._asyncio_thread = None
 
     # -- intake -------------------------------------------------------------
 
     @property
-    def running(self) -> int:
-        return len(self._running)
+    def held(self) -> int:
+        """Tasks accepted and not yet reported (running or waiting)."""
+        return len(self._held)
 
     @property
     def waiting(self) -> int:
-        return sum(len(q) for q in self._pending)
+        return self._threads.waiting() + sum(len(q) for q in self._async_waiting)
+
+    @property
+    def running(self) -> int:
+        return max(0, len(self._held) - self.waiting)
+
+    async def wait_idle(self) -> None:
+        """Return once every accepted task has been reported."""
+        await self._idle.wait()
 
     def submit(self, envelopes: list[TaskEnvelope]) -> None:
         failed: list[ResultRecord] = []
+        for_threads: list[_Run] = []
         for envelope in envelopes:
-            run = _Run(envelope, self.registry.get(envelope.name))
-            run.attempt = envelope.option("attempt", 1)
-            if run.definition is None:
-                failed.append(self._failure(run, f"unknown task {envelope.name!r} on this worker"))
+            if envelope.task_id in self._held:
+                continue  # a duplicate delivery of a task we are already running
+            definition = self.registry.get(envelope.name)
+            if definition is None:
+                failed.append(_failure(envelope, f"unknown task {envelope.name!r} on this worker"))
                 continue
             try:
                 fmt = SerializationFormat.from_code(envelope.format)
                 decoded = Serializer(fmt, allow_pickle=self._allow_pickle).loads(envelope.payload)
-                run.args, run.kwargs = _split_arguments(decoded)
+                args, kwargs = _split_arguments(decoded)
             except (SerializationError, ValueError) as exc:
-                failed.append(self._failure(run, f"bad task payload: {exc}"))
+                failed.append(_failure(envelope, f"bad task payload: {exc}"))
                 continue
-            self._pending[envelope.priority].append(run)
+            timeout = envelope.option("timeout", definition.timeout)
+            run = _Run(
+                envelope,
+                definition,
+                args,
+                kwargs,
+                attempt=envelope.option("attempt", 1),
+                timeout=float(timeout) if timeout is not None else None,
+            )
+            self._held[envelope.task_id] = run
+            if definition.runner == "thread":
+                for_threads.append(run)
+            else:
+                self._async_waiting[run.priority].append(run)
+        if self._held:
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+        if for_threads:
+            self._threads.put_many(for_threads)
+        self._start_coroutines()
         if failed:
             self._report(failed)
-        self._start_waiting()
 
     def release_waiting(self) -> list[str]:
         """Give up every task not started yet (draining): their ids, for the scheduler."""
-        ids = [run.envelope.task_id for q in self._pending for run in q]
-        for q in self._pending:
+        released = self._threads.take_waiting()
+        for q in self._async_waiting:
+            released.extend(q)
             q.clear()
+        for run in released:
+            run.abandoned = True
+            self._held.pop(run.task_id, None)
+        self._check_idle()
+        return [run.task_id for run in released]
+
+    def abandon_all(self) -> list[str]:
+        """Give up every task still held (drain past its grace): their ids, to hand back.
+
+        Threads still running one finish it, but its result is dropped: the
+        scheduler requeues the task and it runs again elsewhere.
+        """
+        ids = list(self._held)
+        for run in self._held.values():
+            run.abandoned = True
+            if run.cancel_scope is not None:
+                run.cancel_scope.cancel()
+        self._held.clear()
+        self._check_idle()
         return ids
 
-    def running_ids(self) -> list[str]:
-        return list(self._running)
-
     def cancel(self, task_ids: list[str]) -> None:
-        wanted = set(task_ids)
         cancelled: list[ResultRecord] = []
-        for q in self._pending:
-            for run in [r for r in q if r.envelope.task_id in wanted]:
-                q.remove(run)
-                cancelled.append(self._record(run, TaskStatus.CANCELLED, error="cancelled"))
-        for task_id in wanted:
-            active = self._running.get(task_id)
-            if active is None:
+        for task_id in task_ids:
+            run = self._held.get(task_id)
+            if run is None:
                 continue
-            active.cancel_requested = True
-            if active.cancel_scope is not None:
-                active.cancel_scope.cancel()
-            elif active.future is not None:
-                active.future.cancel()
-            # A thread cannot be interrupted: it finishes, and its result is
-            # reported as CANCELLED (see design/reliability.md).
+            run.cancel_requested = True
+            if not run.started:
+                # Not started: it never will (the thread or the queue skips it).
+                run.abandoned = True
+                self._held.pop(task_id)
+                for q in self._async_waiting:
+                    if run in q:
+                        q.remove(run)
+                cancelled.append(_record(run, TaskStatus.CANCELLED, error="cancelled"))
+            elif run.cancel_scope is not None:
+                run.cancel_scope.cancel()
+            elif run.future is not None:
+                run.future.cancel()
+            # A running thread cannot be interrupted: it finishes, and its
+            # result is reported as CANCELLED (see design/reliability.md).
+        self._check_idle()
         if cancelled:
             self._report(cancelled)
 
-    # -- starting -----------------------------------------------------------
-
-    def _start_waiting(self) -> None:
-        while len(self._running) < self.concurrency:
-            for q in self._pending:
-                if q:
-                    self._start(q.popleft())
-                    break
-            else:
-                return
-
-    async def wait_idle(self) -> None:
-        """Return once no task is running (tasks waiting here do not count)."""
-        await self._idle.wait()
-
-    def _start(self, run: _Run) -> None:
-        assert run.definition is not None
-        assert self._nursery is not None
-        run.started = time.time()
-        if not self._running:
-            self._idle = trio.Event()
-        self._running[run.envelope.task_id] = run
-        runner = run.definition.runner
-        timeout = self._timeout(run)
-        if runner == "thread":
-            self._ensure_threads()
-            self._thread_jobs.put(run)
-            if timeout is not None:
-                self._nursery.start_soon(self._watch_thread_deadline, run, timeout)
-        elif runner == "trio":
-            self._nursery.start_soon(self._run_trio, run, timeout)
-        else:
-            self._run_asyncio(run, timeout)
-
-    def _timeout(self, run: _Run) -> float | None:
-        assert run.definition is not None
-        value = run.envelope.option("timeout")
-        return float(value) if value is not None else run.definition.timeout
-
     # -- threads ------------------------------------------------------------
 
-    def _ensure_threads(self) -> None:
-        while len(self._threads) < self.concurrency + self.stuck_threads:
-            thread = threading.Thread(
-                target=self._thread_main, name=f"fastworker-task-{len(self._threads)}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-
-    def _thread_main(self) -> None:
-        jobs = self._thread_jobs
-        while True:
-            run = jobs.get()
-            if run is None:
-                return
-            assert run.definition is not None
+    def _thread_started(self, run: _Run) -> None:
+        """Called in the task's thread as it starts: arm the time limit if there is one."""
+        if run.timeout is not None and self._token is not None:
             try:
-                value = run.definition.fn(*run.args, **run.kwargs)
-            except BaseException as exc:  # a task's SystemExit must not end this thread
-                self._finished((run, False, exc, traceback.format_exc(), time.time()))
-            else:
-                self._finished((run, True, value, None, time.time()))
+                self._token.run_sync_soon(self._arm_deadline, run)
+            except trio.RunFinishedError:
+                pass
 
-    async def _watch_thread_deadline(self, run: _Run, timeout: float) -> None:
-        await trio.sleep(timeout)
-        if self._running.get(run.envelope.task_id) is run:
+    def _arm_deadline(self, run: _Run) -> None:
+        if self._nursery is not None and not run.abandoned:
+            self._nursery.start_soon(self._watch_thread_deadline, run)
+
+    async def _watch_thread_deadline(self, run: _Run) -> None:
+        assert run.timeout is not None
+        remaining = run.started + run.timeout - time.time()
+        await trio.sleep(max(0.0, remaining))
+        if self._held.get(run.task_id) is run:
             # The thread cannot be stopped: report now, keep capacity with a fresh
             # thread, and let the worker decide to recycle the process once idle.
             run.abandoned = True
             self.stuck_threads += 1
-            del self._running[run.envelope.task_id]
-            exc = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
-            self._report([self._outcome_record((run, False, exc, None, time.time()))])
-            self._ensure_threads()
-            self._start_waiting()
-            if not self._running:
-                self._idle.set()
+            del self._held[run.task_id]
+            limit = TaskTimeout(f"task exceeded its time limit of {run.timeout:g} s")
+            self._report([self._outcome_record((run, False, limit, None, time.time()))])
+            self._threads.add_thread()
+            self._check_idle()
 
     # -- coroutines ---------------------------------------------------------
 
-    async def _run_trio(self, run: _Run, timeout: float | None) -> None:
-        assert run.definition is not None
-        outcome: _Outcome
+    def _start_coroutines(self) -> None:
+        while self._async_running < self.concurrency:
+            for q in self._async_waiting:
+                if q:
+                    run = q.popleft()
+                    break
+            else:
+                return
+            self._async_running += 1
+            run.started = time.time()
+            if run.definition.runner == "trio":
+                assert self._nursery is not None
+                self._nursery.start_soon(self._run_trio, run)
+            else:
+                self._run_asyncio(run)
+
+    async def _run_trio(self, run: _Run) -> None:
+        outcome: Outcome
         with trio.CancelScope() as scope:
             run.cancel_scope = scope
-            if timeout is not None:
-                scope.deadline = trio.current_time() + timeout
+            if run.timeout is not None:
+                scope.deadline = trio.current_time() + run.timeout
             try:
-                value = await run.definition.fn(*run.args, **run.kwargs)
+                value = await run.call()
             except Exception as exc:
                 outcome = (run, False, exc, traceback.format_exc(), time.time())
             else:
@@ -277,18 +301,18 @@ class Executor:
             if run.cancel_requested:
                 outcome = (run, False, _Cancelled(), None, time.time())
             else:
-                limit = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
+                limit = TaskTimeout(f"task exceeded its time limit of {run.timeout:g} s")
                 outcome = (run, False, limit, None, time.time())
         self._finished(outcome)
 
-    def _run_asyncio(self, run: _Run, timeout: float | None) -> None:
+    def _run_asyncio(self, run: _Run) -> None:
         loop = self._ensure_asyncio_loop()
-        assert run.definition is not None
         try:
-            coro = run.definition.fn(*run.args, **run.kwargs)
+            coro = run.call()
         except Exception as exc:  # e.g. wrong arguments: raised before any await
             self._finished((run, False, exc, traceback.format_exc(), time.time()))
             return
+        timeout = run.timeout
         if timeout is not None:
             coro = asyncio.wait_for(coro, timeout)
         future = asyncio.run_coroutine_threadsafe(coro, loop)
@@ -303,8 +327,8 @@ class Executor:
             if exc is None:
                 self._finished((run, True, fut.result(), None, now))
             elif isinstance(exc, TimeoutError) and timeout is not None:
-                err = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
-                self._finished((run, False, err, None, now))
+                limit = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
+                self._finished((run, False, limit, None, now))
             else:
                 tb = "".join(traceback.format_exception(exc))
                 self._finished((run, False, exc, tb, now))
@@ -323,7 +347,7 @@ class Executor:
 
     # -- completion ---------------------------------------------------------
 
-    def _finished(self, outcome: _Outcome) -> None:
+    def _finished(self, outcome: Outcome) -> None:
         """Called from any thread: queue the outcome and wake the trio side once."""
         self._done.append(outcome)
         if not self._drain_scheduled:
@@ -340,38 +364,42 @@ class Executor:
         records: list[ResultRecord] = []
         while done:
             outcome = done.popleft()
-            run = outcome[0]
-            if run.abandoned:
-                continue  # reported at its deadline; the late value is dropped
-            self._running.pop(run.envelope.task_id, None)
+            run: _Run = outcome[0]
+            if run.definition.runner != "thread":
+                self._async_running -= 1
+            if run.abandoned or self._held.pop(run.task_id, None) is None:
+                continue  # reported already (deadline, cancel, release): late value dropped
             records.append(self._outcome_record(outcome))
         self.completed += len(records)
-        self._start_waiting()
-        if not self._running:
-            self._idle.set()
+        self._start_coroutines()
+        self._check_idle()
         if records:
             self._report(records)
 
-    def _outcome_record(self, outcome: _Outcome) -> ResultRecord:
+    def _check_idle(self) -> None:
+        if not self._held:
+            self._idle.set()
+
+    def _outcome_record(self, outcome: Outcome) -> ResultRecord:
         run, ok, value, tb, completed = outcome
         if run.cancel_requested or isinstance(value, _Cancelled):
-            return self._record(run, TaskStatus.CANCELLED, error="cancelled", completed=completed)
+            return _record(run, TaskStatus.CANCELLED, error="cancelled", completed=completed)
         if ok:
             try:
                 fmt = SerializationFormat.from_code(run.envelope.format)
                 encoded = Serializer(fmt).dumps(value)
             except TypeError as exc:
-                return self._record(
+                return _record(
                     run,
                     TaskStatus.FAILURE,
                     error=f"result could not be encoded: {exc}",
                     completed=completed,
                 )
-            return self._record(run, TaskStatus.SUCCESS, result=encoded, completed=completed)
+            return _record(run, TaskStatus.SUCCESS, result=encoded, completed=completed)
         error = f"{type(value).__name__}: {value}"
-        retry_delay = self._retry_delay(run)
+        retry_delay = _retry_delay(run)
         if retry_delay is not None:
-            return self._record(
+            return _record(
                 run,
                 TaskStatus.RETRYING,
                 error=error,
@@ -379,54 +407,67 @@ class Executor:
                 completed=completed,
                 retry_delay=retry_delay,
             )
-        return self._record(run, TaskStatus.FAILURE, error=error, traceback=tb, completed=completed)
-
-    def _retry_delay(self, run: _Run) -> float | None:
-        """Seconds until the next attempt, or None when retries are used up."""
-        definition = run.definition
-        assert definition is not None
-        opt = run.envelope.option
-        max_retries = opt("max_retries", definition.max_retries)
-        if run.attempt > max_retries:
-            return None
-        delay = float(opt("retry_delay", definition.retry_delay))
-        backoff = float(opt("retry_backoff", definition.retry_backoff))
-        cap = float(opt("retry_backoff_max", definition.retry_backoff_max))
-        return min(delay * backoff ** (run.attempt - 1), cap)
-
-    def _failure(self, run: _Run, error: str) -> ResultRecord:
-        run.started = time.time()
-        return self._record(run, TaskStatus.FAILURE, error=error, completed=run.started)
-
-    def _record(
-        self,
-        run: _Run,
-        status: TaskStatus,
-        *,
-        result: bytes | None = None,
-        error: str | None = None,
-        traceback: str | None = None,
-        completed: float | None = None,
-        retry_delay: float | None = None,
-    ) -> ResultRecord:
-        envelope = run.envelope
-        return ResultRecord(
-            envelope.task_id,
-            status.value,
-            result,
-            error,
-            run.started or None,
-            completed if completed is not None else time.time(),
-            run.attempt,
-            traceback,
-            envelope.format,
-            envelope.name,
-            retry_delay,
-        )
+        return _record(run, TaskStatus.FAILURE, error=error, traceback=tb, completed=completed)
 
 
-class _Cancelled(Exception):
-    """Marks a run that was cancelled on request."""
+def _retry_delay(run: _Run) -> float | None:
+    """Seconds until the next attempt, or None when retries are used up.
+
+    Delay ``retry_delay * retry_backoff ** (attempt - 1)``, capped at
+    ``retry_backoff_max``; per-call options override the task's defaults.
+    """
+    definition = run.definition
+    opt = run.envelope.option
+    max_retries = opt("max_retries", definition.max_retries)
+    if run.attempt > max_retries:
+        return None
+    delay = float(opt("retry_delay", definition.retry_delay))
+    backoff = float(opt("retry_backoff", definition.retry_backoff))
+    cap = float(opt("retry_backoff_max", definition.retry_backoff_max))
+    return min(delay * backoff ** (run.attempt - 1), cap)
+
+
+def _failure(envelope: TaskEnvelope, error: str) -> ResultRecord:
+    now = time.time()
+    return ResultRecord(
+        envelope.task_id,
+        TaskStatus.FAILURE.value,
+        None,
+        error,
+        now,
+        now,
+        envelope.option("attempt", 1),
+        None,
+        envelope.format,
+        envelope.name,
+        None,
+    )
+
+
+def _record(
+    run: _Run,
+    status: TaskStatus,
+    *,
+    result: bytes | None = None,
+    error: str | None = None,
+    traceback: str | None = None,
+    completed: float | None = None,
+    retry_delay: float | None = None,
+) -> ResultRecord:
+    envelope = run.envelope
+    return ResultRecord(
+        envelope.task_id,
+        status.value,
+        result,
+        error,
+        run.started or None,
+        completed if completed is not None else time.time(),
+        run.attempt,
+        traceback,
+        envelope.format,
+        envelope.name,
+        retry_delay,
+    )
 
 
 def _split_arguments(decoded: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:

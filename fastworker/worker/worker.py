@@ -53,6 +53,7 @@ __all__ = ["Worker", "WorkerConfig"]
 log = logging.getLogger("fastworker.worker")
 
 _MAX_RESULTS_PER_MESSAGE = 2048
+_COALESCE_SECONDS = 0.002
 
 
 def _resolve(endpoint: str, discovery_address: str) -> str:
@@ -87,6 +88,11 @@ class _Tick:
 
 
 @attrs.frozen
+class _Flush:
+    pass
+
+
+@attrs.frozen
 class _Connected:
     sock: ZSocket
 
@@ -114,6 +120,7 @@ class Worker(Actor):
         self._connected = False
         self._draining = False
         self._outbox: list[Any] = []
+        self._flush_armed = False
 
     # -- life cycle ---------------------------------------------------------
 
@@ -148,6 +155,9 @@ class Worker(Actor):
                 self._on_frame(parts)
         elif type(message) is _Tick:
             self._on_tick()
+        elif type(message) is _Flush:
+            self._flush_armed = False
+            self._flush()
         elif type(message) is _Connected:
             if message.sock is self._scheduler and self._connected:
                 self._announce()
@@ -297,8 +307,24 @@ class Worker(Actor):
         return True
 
     def _on_results(self, records: list[ResultRecord]) -> None:
+        """Report results, coalescing them while the worker is busy.
+
+        An idle worker reports at once (latency); a busy one holds results up
+        to ``_COALESCE_SECONDS`` or ``_MAX_RESULTS_PER_MESSAGE`` so that one
+        Done carries many — and so does the scheduler's next Dispatch, since
+        credits come back together.
+        """
         self._outbox.extend(r.to_wire() for r in records)
-        self._flush()
+        if not self.executor.held or len(self._outbox) >= _MAX_RESULTS_PER_MESSAGE:
+            self._flush()
+        elif not self._flush_armed:
+            self._flush_armed = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._flush_soon)
+
+    async def _flush_soon(self) -> None:
+        await trio.sleep(_COALESCE_SECONDS)
+        await self.ref.send(_Flush())
 
     def _flush(self) -> None:
         """Send unreported results; what cannot go now waits for the next chance."""
@@ -321,7 +347,7 @@ class Worker(Actor):
         released = self.executor.release_waiting()
         with trio.move_on_after(grace):
             await self.executor.wait_idle()
-        released += self.executor.running_ids()
+        released += self.executor.abandon_all()
         if released:
             self._send_scheduler(Release(released))
         self._flush()
@@ -334,6 +360,7 @@ class Worker(Actor):
             "worker_id": self.worker_id,
             "instance_id": self.instance_id,
             "connected": self._connected,
+            "held": self.executor.held,
             "running": self.executor.running,
             "waiting": self.executor.waiting,
             "completed": self.executor.completed,
