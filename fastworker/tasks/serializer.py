@@ -128,6 +128,8 @@ class Serializer:
 
 def dumps(format: SerializationFormat, value: Any) -> bytes:
     """Encode ``value`` in ``format``; TypeError names the first type the format cannot hold."""
+    if type(format) is not SerializationFormat:
+        format = SerializationFormat(format)  # "json" as well as SerializationFormat.JSON
     if format is SerializationFormat.JSON:
         if isinstance(value, bytes):
             raise TypeError("Object of type bytes is not JSON serializable")
@@ -151,6 +153,8 @@ def dumps(format: SerializationFormat, value: Any) -> bytes:
 
 def loads(format: SerializationFormat, data: bytes, *, allow_pickle: bool = False) -> Any:
     """Decode ``data`` from ``format``; bad bytes raise PayloadDecodeError, never anything else."""
+    if type(format) is not SerializationFormat:
+        format = SerializationFormat(format)
     if format is SerializationFormat.JSON:
         try:
             return _json_decoder.decode(data.decode("utf-8"))

@@ -11,7 +11,7 @@ from typing import Any
 
 import cbor2
 
-from ._errors import WireError
+from ._errors import WireError, preview
 from ._messages import MESSAGE_TYPES, Message
 
 __all__ = ["PROTOCOL_VERSION", "decode", "encode"]
@@ -39,11 +39,12 @@ def decode(data: bytes) -> Message:
     version, tag = body[0], body[1]
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise WireError(
-            "version", f"protocol version {version!r} not supported (speak {PROTOCOL_VERSION})"
+            "version",
+            f"protocol version {preview(version)} not supported (speak {PROTOCOL_VERSION})",
         )
     cls = MESSAGE_TYPES.get(tag) if type(tag) is int else None
     if cls is None:
-        raise WireError("unknown_type", f"unknown message type {tag!r}")
+        raise WireError("unknown_type", f"unknown message type {preview(tag)}")
     fields = body[2:]
     spec = cls.FIELDS
     if len(fields) != len(spec):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["WIRE_ERROR_REASONS", "WireError"]
 
 # Every reason a message or a part of one is rejected; stats count by these.
@@ -26,3 +28,21 @@ class WireError(ValueError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def preview(value: Any, limit: int = 60) -> str:
+    """A bounded repr of an untrusted value for error messages.
+
+    ``repr`` of a CBOR bignum past 4300 digits raises ValueError, and a
+    rejected value may be megabytes long: neither may escape as anything but
+    a WireError, nor bloat one.
+    """
+    if type(value) in (str, bytes):
+        text = repr(value[: limit + 1])
+    elif value is None or type(value) in (bool, float):
+        text = repr(value)
+    elif type(value) is int:
+        text = repr(value) if value.bit_length() <= 128 else f"<int of {value.bit_length()} bits>"
+    else:
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "…"

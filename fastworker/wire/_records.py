@@ -14,7 +14,7 @@ import attrs
 
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
 from ..tasks.serializer import SerializationFormat, Serializer
-from ._errors import WireError
+from ._errors import WireError, preview
 
 __all__ = ["TASK_OPTIONS", "ResultRecord", "TaskEnvelope", "epoch", "from_epoch"]
 
@@ -67,14 +67,14 @@ def _check_options(options: Any) -> dict[str, Any] | None:
     for key, value in options.items():
         types = TASK_OPTIONS.get(key)
         if types is None:
-            raise WireError("invalid", f"unknown task option {key!r}")
+            raise WireError("invalid", f"unknown task option {preview(key)}")
         if not isinstance(value, types) or isinstance(value, bool):
             raise WireError("invalid", f"task option {key!r} has the wrong type")
         if key == "eta":
             if not _epoch_ok(value):
-                raise WireError("invalid", f"task option 'eta' is out of range: {value!r}")
+                raise WireError("invalid", f"task option 'eta' is out of range: {preview(value)}")
         elif int in types and not _seconds_ok(value):
-            raise WireError("invalid", f"task option {key!r} is out of range: {value!r}")
+            raise WireError("invalid", f"task option {key!r} is out of range: {preview(value)}")
     return options
 
 
@@ -170,7 +170,7 @@ class ResultRecord:
         if type(tid) is not str or not tid:
             raise WireError("invalid", "result task id must be a non-empty string")
         if type(status) is not str or status not in _STATUS_BY_VALUE:
-            raise WireError("invalid", f"result {tid}: unknown status {status!r}")
+            raise WireError("invalid", f"result {tid}: unknown status {preview(status)}")
         ok = (
             (result is None or type(result) is bytes)
             and (error is None or type(error) is str)
