@@ -311,7 +311,7 @@ def test_all_documented_options_are_covered() -> None:
 def test_task_envelope_round_trips(options: dict[str, Any] | None) -> None:
     item = [*GOOD_TASK[:5], options]
     envelope = TaskEnvelope.from_wire(item)
-    assert envelope.to_wire() == item
+    assert list(envelope.to_wire()) == item
     assert TaskEnvelope.from_wire(cbor2.loads(cbor2.dumps(envelope.to_wire()))) == envelope
 
 
@@ -413,7 +413,7 @@ def result_item(**changes: Any) -> list[Any]:
         name="add",
         retry_delay=None,
     )
-    return attrs.evolve(record, **changes).to_wire()
+    return list(record._replace(**changes))
 
 
 @pytest.mark.parametrize(
@@ -431,12 +431,12 @@ def result_item(**changes: Any) -> list[Any]:
 def test_result_record_round_trips(changes: dict[str, Any]) -> None:
     item = result_item(**changes)
     record = ResultRecord.from_wire(item)
-    assert record.to_wire() == item
+    assert list(record.to_wire()) == item
     assert ResultRecord.from_wire(cbor2.loads(cbor2.dumps(item))) == record
 
 
 def test_result_record_field_order_is_the_documented_layout() -> None:
-    assert [f.name for f in attrs.fields(ResultRecord)] == [
+    assert list(ResultRecord._fields) == [
         "task_id",
         "status",
         "result",
@@ -562,7 +562,7 @@ def _check_record(parse: Any, item: Any) -> None:
     if reason is not None:
         assert reason == "invalid"
         return
-    assert parsed.to_wire() == item
+    assert list(parsed.to_wire()) == item
     if isinstance(parsed, ResultRecord):
         converted = parsed.to_task_result()  # accepted records always convert
         assert converted.task_id == item[0]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -46,7 +47,7 @@ from ..wire import (
     decode,
     encode,
 )
-from ._errors import QueueFullError
+from ._errors import ClientStoppedError, QueueFullError
 from ._waiters import Waiter
 
 __all__ = ["ClientCore", "Command", "PendingTask"]
@@ -54,6 +55,31 @@ __all__ = ["ClientCore", "Command", "PendingTask"]
 log = logging.getLogger("fastworker.client")
 
 _MAX_TASKS_PER_SUBMIT = 4096
+# A result push can be lost (the client was reconnecting, a queue overflowed).
+# Tasks acknowledged this long ago without a result are looked up in the
+# control plane's cache, so nothing waits forever on a lost push.
+_SWEEP_AFTER = 5.0
+_SWEEP_BATCH = 4096
+# After a queue_full rejection, submissions are refused at once (QueueFullError)
+# for this long; then the next one goes out and the control plane decides again.
+# Without the expiry nothing would ever be sent again to clear the flag.
+_QUEUE_FULL_HOLD = 1.0
+
+
+class _SweepReply:
+    """Receives the answer to a sweep query on the actor's own thread."""
+
+    __slots__ = ("_core",)
+
+    def __init__(self, core: ClientCore) -> None:
+        self._core = core
+
+    def set(self, value: Any) -> None:
+        if isinstance(value, list):
+            self._core._finish([r for r in value if r is not None], None)
+
+    async def wait(self, timeout: float | None) -> tuple[bool, Any]:
+        raise NotImplementedError("sweep replies are never awaited")
 
 
 @attrs.define(eq=False, slots=True)
@@ -64,6 +90,7 @@ class PendingTask:
     status: TaskStatus = TaskStatus.PENDING
     waiters: list[Waiter] | None = None
     sent: bool = False  # part of a request not yet acknowledged or acknowledged
+    checked_at: float = 0.0  # when it was acknowledged, or last looked for in the cache
 
 
 @attrs.define(eq=False, slots=True)
@@ -122,7 +149,7 @@ class ClientCore(Actor):
         self.pending: dict[str, PendingTask] = {}
         self.finished: OrderedDict[str, ResultRecord] = OrderedDict()
         self.result_cache_size = result_cache_size
-        self.queue_full = False
+        self._queue_full_until = 0.0  # time.monotonic(); see queue_full
         self.token: trio.lowlevel.TrioToken | None = None
         self._wake_scheduled = False
         # Trio side only.
@@ -145,6 +172,11 @@ class ClientCore(Actor):
         self.resubmitted = 0
 
     # -- caller side (any thread) -------------------------------------------
+
+    @property
+    def queue_full(self) -> bool:
+        """True for ``_QUEUE_FULL_HOLD`` s after the control plane rejected a task as queue_full."""
+        return time.monotonic() < self._queue_full_until
 
     def wake(self) -> None:
         """Ask the actor to look at ``inbox``; cheap when a wake is already on its way."""
@@ -180,7 +212,8 @@ class ClientCore(Actor):
 
     def close_now(self, linger_ms: int) -> int:
         """Send what can be sent without waiting, close the sockets; returns what is left unsent."""
-        if self._gateway is not None and self.inbox:
+        if self.inbox:
+            # Also without a gateway: ids still in the inbox count as unsent.
             self._drain_inbox()
             self._send_unsent()
         left = len(self._unsent)
@@ -189,6 +222,18 @@ class ClientCore(Actor):
                 sock.close(linger_ms=linger_ms)
         self._gateway = self._discovery = None
         return left
+
+    def fail_waiters(self, message: str) -> None:
+        """The client stopped: every caller still waiting gets ClientStoppedError now."""
+        waiters = [w for entry in self.pending.values() for w in entry.waiters or ()]
+        waiters += self._joiners
+        waiters += [command.waiter for command in self._parked]
+        waiters += [command.waiter for command in self._queries.values()]
+        waiters += [item.waiter for item in self.inbox if isinstance(item, Command)]
+        self._joiners, self._parked = [], []
+        self._queries.clear()
+        for waiter in waiters:
+            waiter.set(ClientStoppedError(message))
 
     async def _ticker(self) -> None:
         while True:
@@ -324,11 +369,28 @@ class ClientCore(Actor):
             self._interval = min(self._interval * 2, self._heartbeat)
         self._lookup()
         self._retry_unacked(now)
+        self._sweep(now)
         if self._parked and self.connected.is_set():
             parked, self._parked = self._parked, []
             for command in parked:
                 self._on_command(command)
         self._send_unsent()
+
+    def _sweep(self, now: float) -> None:
+        if not self.connected.is_set() or self._gateway is None:
+            return
+        stale = []
+        for task_id, entry in self.pending.items():
+            if entry.checked_at and now - entry.checked_at > _SWEEP_AFTER:
+                entry.checked_at = now
+                stale.append(task_id)
+                if len(stale) >= _SWEEP_BATCH:
+                    break
+        if stale:
+            request_id = self._new_request_id()
+            self._queries[request_id] = Command("sweep", _SweepReply(self), stale)
+            if not self._send_gateway(ResultQuery(request_id, stale)):
+                del self._queries[request_id]
 
     def _retry_unacked(self, now: float) -> None:
         for request_id, request in list(self._requests.items()):
@@ -415,10 +477,12 @@ class ClientCore(Actor):
             if entry.sent:
                 self.resubmitted += 1
             entry.sent = False
+            entry.checked_at = 0.0
             self._unsent.append(task_id)
         # Replies to questions asked of the old instance will never come.
         for command in self._queries.values():
-            self._parked.append(command)
+            if command.kind != "sweep":
+                self._parked.append(command)
         self._queries.clear()
 
     def _open_gateway(self, endpoint: str) -> None:
@@ -446,7 +510,7 @@ class ClientCore(Actor):
             return
         request = self._requests.pop(ack.request_id, None)
         if not ack.rejected:
-            self.queue_full = False
+            self._queue_full_until = 0.0
         if request is None:
             return
         for item in ack.rejected:
@@ -454,16 +518,19 @@ class ClientCore(Actor):
                 continue
             task_id, reason, text = item
             if reason == "queue_full":
-                self.queue_full = True
+                self._queue_full_until = time.monotonic() + _QUEUE_FULL_HOLD
             self._fail_locally(
                 [task_id],
                 f"rejected by the control plane ({reason}): {text}",
                 error_type=QueueFullError if reason == "queue_full" else None,
             )
+        now = trio.current_time()
         for task_id in request.task_ids:
             entry = self.pending.get(task_id)
-            if entry is not None and entry.status is TaskStatus.PENDING:
-                entry.status = TaskStatus.QUEUED
+            if entry is not None:
+                entry.checked_at = now
+                if entry.status is TaskStatus.PENDING:
+                    entry.status = TaskStatus.QUEUED
 
     def _fail_locally(
         self, task_ids: list[str], error: str, error_type: type[Exception] | None = None

@@ -37,9 +37,12 @@ def current_library() -> str:
     return "asyncio"
 
 
-def _report_unsent(left: int) -> None:
+def _shut_down(core: ClientCore) -> None:
+    """Close the sockets (handing over what can go at once), then release every waiting caller."""
+    left = core.close_now(linger_ms=500)
     if left:
         log.warning("client stopped with %d tasks that could not be sent", left)
+    core.fail_waiters("the client was stopped before the reply or result arrived")
 
 
 class TrioHost:
@@ -70,7 +73,7 @@ class TrioHost:
     def stop(self) -> None:
         # Same thread as the actor, which is not running right now: flush and
         # close synchronously, then cancel it.
-        _report_unsent(self.core.close_now(linger_ms=500))
+        _shut_down(self.core)
         if self._scope is not None:
             self._scope.cancel()
 
@@ -126,7 +129,7 @@ class ThreadHost:
             signal(exc)
 
     def _shutdown_in_trio(self) -> None:
-        _report_unsent(self.core.close_now(linger_ms=500))
+        _shut_down(self.core)
         if self._scope is not None:
             self._scope.cancel()
 

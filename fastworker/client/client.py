@@ -84,8 +84,9 @@ class Client:
         except ValueError:
             valid = ", ".join(f.value for f in SerializationFormat)
             raise ValueError(f"unknown serialization format {fmt!r}; expected {valid}") from None
+        env_timeout = _env_number("FASTWORKER_TIMEOUT", float)
         self.timeout: float = (
-            timeout if timeout is not None else _env_number("FASTWORKER_TIMEOUT", float) or 30
+            timeout if timeout is not None else (env_timeout if env_timeout is not None else 30)
         )
         env_retries = _env_number("FASTWORKER_RETRIES", int)
         self.retries: int = (
@@ -135,7 +136,11 @@ class Client:
         self._host = host
 
     def stop(self) -> None:
-        """Hand over what can be sent at once, close sockets, end the actor; never hangs."""
+        """Hand over what can be sent at once, close sockets, end the actor; never hangs.
+
+        Callers still awaiting ``submit_task``, ``join`` or a query get
+        ClientStoppedError at once.
+        """
         if self._stopped:
             return
         self._stopped = True

@@ -64,12 +64,11 @@ class ResultCache(Actor):
             self.store(message.records)
         elif isinstance(message, QueryResults):
             found = [self.get(task_id) for task_id in message.task_ids]
-            wires = [None if r is None else r.to_wire() for r in found]
-            self._reply(message.identity, encode(ResultReply(message.request_id, wires)))
+            self._reply(message.identity, encode(ResultReply(message.request_id, found)))
         elif isinstance(message, ResendResults):
             records = [r for r in map(self.get, message.task_ids) if r is not None]
             if records:
-                self._reply(message.identity, encode(Results([r.to_wire() for r in records])))
+                self._reply(message.identity, encode(Results(records)))
         elif isinstance(message, _Sweep):
             self.sweep()
         elif message == "stats":

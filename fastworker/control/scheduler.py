@@ -64,6 +64,7 @@ _RUNNING = TaskStatus.RUNNING
 _SCHEDULED = TaskStatus.SCHEDULED
 _RETRYING = TaskStatus.RETRYING
 _CANCELLED = TaskStatus.CANCELLED
+_STATUS_BY_VALUE = {status.value: status for status in TaskStatus}
 
 
 @attrs.frozen
@@ -438,7 +439,7 @@ class Scheduler(Actor):
     def _finish(self, job: _Job, record: ResultRecord) -> None:
         task_id = record.task_id
         del self._jobs[task_id]
-        job.status = TaskStatus(record.status)
+        job.status = _STATUS_BY_VALUE[record.status]
         finished = self._finished
         finished[task_id] = None
         if len(finished) > self.config.finished_memory:
@@ -449,7 +450,7 @@ class Scheduler(Actor):
             push = self._out_push.get(job.client)
             if push is None:
                 push = self._out_push[job.client] = []
-            push.append(record.to_wire())
+            push.append(record)
         address = job.envelope.option("cb")
         if address is not None:
             payload = build_callback_payload(
@@ -476,6 +477,9 @@ class Scheduler(Actor):
             status = _CANCELLED.value
         else:
             status = "finished" if message.task_id in self._finished else "unknown"
+        # The CANCELLED result goes to the submitter ahead of the reply, so a
+        # client that sees cancel_task() return True already knows the status.
+        self._flush()
         reply = encode(CancelReply(message.request_id, cancelled, status))
         self._tell(self._gateway, Outgoing([[message.identity, reply]]), "cancel replies")
 
@@ -504,10 +508,12 @@ class Scheduler(Actor):
                 job.status = _RUNNING
                 job.worker = slot.identity
                 slot.inflight[job.envelope.task_id] = job
-                wire = job.envelope.to_wire()
+                envelope = job.envelope
                 if job.attempt > 1:
-                    wire[5] = dict(wire[5] or {}, attempt=job.attempt)
-                batch.append(wire)
+                    envelope = envelope._replace(
+                        options=dict(envelope.options or {}, attempt=job.attempt)
+                    )
+                batch.append(envelope)
                 jobs.append(job)
                 free -= 1
             if batch:

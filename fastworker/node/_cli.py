@@ -270,7 +270,7 @@ async def _run_node(args: argparse.Namespace) -> int:
             flush=True,
         )
         name = await _wait_for_signal()
-        log.info("%s received: shutting down (grace %.0f s)", name, args.grace)
+        log.info("%s received: shutting down (grace %g s)", name, args.grace)
         if processes is not None:
             await processes.stop()
         if control_plane is not None:

@@ -374,5 +374,5 @@ class ZSocket:
 
     def __repr__(self) -> str:
         # Socket.socket_type is deprecated (a DeprecationWarning on every repr).
-        kind = zmq.SocketType(self._sock.type).name if not self._closed else "closed"
+        kind = zmq.SocketType(cast(int, self._sock.type)).name if not self._closed else "closed"
         return f"<ZSocket {kind} {self.endpoint or ''}>"

@@ -3,17 +3,21 @@
 Both are CBOR arrays, not maps: a batch of ten thousand tasks should not
 repeat ten thousand sets of key names.  ``from_wire`` is the validation
 boundary: anything that came from the network goes through it before use.
+
+They are NamedTuples rather than attrs classes on purpose: each record *is*
+its own wire form (cbor2 encodes a tuple as an array), so forwarding one
+costs no conversion, and building one from a validated array is a single
+``tuple.__new__``.  These two types sit on the per-task hot path of every
+hop; everything else in the project is attrs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
-
-import attrs
+from typing import Any, NamedTuple
 
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
-from ..tasks.serializer import SerializationFormat, Serializer
+from ..tasks.serializer import SerializationFormat, loads
 from ._errors import WireError, preview
 
 __all__ = ["TASK_OPTIONS", "ResultRecord", "TaskEnvelope", "epoch", "from_epoch"]
@@ -32,6 +36,8 @@ TASK_OPTIONS: dict[str, tuple[type, ...]] = {
 }
 
 _STATUS_BY_VALUE = {s.value: s for s in TaskStatus}
+_FINAL_VALUES = frozenset(s.value for s in TaskStatus if s.is_final)
+_new_tuple = tuple.__new__
 _MAX_ID_LENGTH = 256
 _MAX_NAME_LENGTH = 512
 # Numbers from the network end up in trio deadlines, float() and datetimes: NaN,
@@ -78,8 +84,7 @@ def _check_options(options: Any) -> dict[str, Any] | None:
     return options
 
 
-@attrs.define(slots=True)
-class TaskEnvelope:
+class TaskEnvelope(NamedTuple):
     """A task with its arguments still encoded: what clients, scheduler and workers pass on.
 
     Wire form: ``[task_id, name, priority, format, payload, options]`` with
@@ -94,8 +99,8 @@ class TaskEnvelope:
     payload: bytes
     options: dict[str, Any] | None = None
 
-    def to_wire(self) -> list[Any]:
-        return [self.task_id, self.name, self.priority, self.format, self.payload, self.options]
+    def to_wire(self) -> TaskEnvelope:
+        return self
 
     @classmethod
     def from_wire(cls, item: Any) -> TaskEnvelope:
@@ -113,7 +118,9 @@ class TaskEnvelope:
             raise WireError("invalid", f"task {task_id}: format must be 0-2")
         if type(payload) is not bytes:
             raise WireError("invalid", f"task {task_id}: payload must be bytes")
-        return cls(task_id, name, priority, fmt, payload, _check_options(options))
+        if options is not None:
+            _check_options(options)
+        return _new_tuple(cls, item)
 
     @property
     def priority_enum(self) -> TaskPriority:
@@ -123,8 +130,7 @@ class TaskEnvelope:
         return default if self.options is None else self.options.get(key, default)
 
 
-@attrs.frozen
-class ResultRecord:
+class ResultRecord(NamedTuple):
     """A result with its value still encoded, as the control plane stores and forwards it.
 
     Wire form: ``[task_id, status, result, error, started_at, completed_at,
@@ -146,20 +152,8 @@ class ResultRecord:
     name: str = ""
     retry_delay: float | None = None
 
-    def to_wire(self) -> list[Any]:
-        return [
-            self.task_id,
-            self.status,
-            self.result,
-            self.error,
-            self.started_at,
-            self.completed_at,
-            self.attempts,
-            self.traceback,
-            self.format,
-            self.name,
-            self.retry_delay,
-        ]
+    def to_wire(self) -> ResultRecord:
+        return self
 
     @classmethod
     def from_wire(cls, item: Any) -> ResultRecord:
@@ -185,11 +179,11 @@ class ResultRecord:
         )
         if not ok:
             raise WireError("invalid", f"result {tid}: a field has the wrong type")
-        return cls(tid, status, result, error, started, completed, attempts, tb, fmt, name, retry)
+        return _new_tuple(cls, item)
 
     @property
     def is_final(self) -> bool:
-        return _STATUS_BY_VALUE[self.status].is_final
+        return self.status in _FINAL_VALUES
 
     def to_task_result(self, *, allow_pickle: bool = False) -> TaskResult:
         """Decode the value: what the Client hands to users.
@@ -203,7 +197,7 @@ class ResultRecord:
         if self.result is not None:
             try:
                 fmt = SerializationFormat.from_code(self.format)
-                value = Serializer(fmt, allow_pickle=allow_pickle).loads(self.result)
+                value = loads(fmt, self.result, allow_pickle=allow_pickle)
             except ValueError as exc:
                 status, error = TaskStatus.FAILURE, f"result could not be decoded: {exc}"
         return TaskResult(

@@ -31,7 +31,7 @@ import trio
 
 from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
-from ..tasks.serializer import SerializationError, SerializationFormat, Serializer
+from ..tasks.serializer import SerializationError, SerializationFormat, dumps, loads
 from ..wire import ResultRecord, TaskEnvelope
 from ._threadpool import Outcome, TaskThreads
 
@@ -159,7 +159,7 @@ class Executor:
                 continue
             try:
                 fmt = SerializationFormat.from_code(envelope.format)
-                decoded = Serializer(fmt, allow_pickle=self._allow_pickle).loads(envelope.payload)
+                decoded = loads(fmt, envelope.payload, allow_pickle=self._allow_pickle)
                 args, kwargs = _split_arguments(decoded)
             except (SerializationError, ValueError) as exc:
                 failed.append(_failure(envelope, f"bad task payload: {exc}"))
@@ -386,8 +386,7 @@ class Executor:
             return _record(run, TaskStatus.CANCELLED, error="cancelled", completed=completed)
         if ok:
             try:
-                fmt = SerializationFormat.from_code(run.envelope.format)
-                encoded = Serializer(fmt).dumps(value)
+                encoded = dumps(SerializationFormat.from_code(run.envelope.format), value)
             except TypeError as exc:
                 return _record(
                     run,

@@ -216,27 +216,11 @@ class Worker(Actor):
         if endpoint != self._scheduler_endpoint:
             self._open_scheduler(endpoint)
         self._connected = True
-        if not self._send_scheduler(self._ready_message()):
-            # The DEALER queues only to a connected peer (IMMEDIATE), and right
-            # after connect() the connection is usually not up yet: without a
-            # Ready the scheduler would never dispatch to us.  Send it once it is.
-            assert self._nursery is not None
-            self._nursery.start_soon(self._send_ready_when_connected, self._scheduler)
+        # Right after connect() this Ready usually fails (IMMEDIATE): _when_writable
+        # and every tick announce the window again.
+        self._send_scheduler(Ready(0 if self._draining else self.config.window))
         self._flush()
         self.registered.set()
-
-    def _ready_message(self) -> Ready:
-        return Ready(0 if self._draining else self.config.window)
-
-    async def _send_ready_when_connected(self, sock: ZSocket | None) -> None:
-        if sock is None:
-            return
-        try:
-            await sock.send_multipart([encode(self._ready_message())])
-        except trio.ClosedResourceError:
-            return  # replaced or stopped meanwhile; whoever replaced it says Ready again
-        if self._draining:
-            self._send_scheduler(Ready(0))  # drain() began while we waited
 
     def _open_scheduler(self, endpoint: str) -> None:
         assert self._nursery is not None
@@ -314,7 +298,7 @@ class Worker(Actor):
         Done carries many — and so does the scheduler's next Dispatch, since
         credits come back together.
         """
-        self._outbox.extend(r.to_wire() for r in records)
+        self._outbox.extend(records)
         if not self.executor.held or len(self._outbox) >= _MAX_RESULTS_PER_MESSAGE:
             self._flush()
         elif not self._flush_armed:

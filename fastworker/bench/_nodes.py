@@ -1,0 +1,234 @@
+"""The ``python -m fastworker.node`` processes a bench run starts, and their certain end.
+
+Each node runs in a session of its own, so its process group is exactly the
+node and the worker processes it supervises, and a Ctrl-C at the terminal
+reaches the bench alone: the bench then stops its nodes in order (SIGTERM,
+a bounded wait, SIGKILL of the whole group) instead of racing them.
+
+Every node started is in ``_live`` from the moment it exists until it is
+stopped; ``stop_all`` (called by the runner on every exit path, and by
+``atexit`` as a last resort) stops what is left.  Only a SIGKILL of the bench
+itself can leave a node behind; its process group id is its pid.
+
+Waiting for a node's exit does not reap it (``waitid`` with ``WNOWAIT``),
+so its pid, which is its group id, cannot be reused while we still signal
+the group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+from ._options import BenchError
+from ._tasks import MODULE
+
+__all__ = ["LocalNode", "start_node", "stop_all"]
+
+READY = re.compile(
+    r"^fastworker node ready: role=(?P<role>\S+) discovery=(?P<discovery>\S+) "
+    r"workers=(?P<workers>\d+) pid=(?P<pid>\d+)$"
+)
+READY_TIMEOUT = 30.0
+_KILL_WAIT = 5.0
+_GRACE = 5.0  # the nodes' --grace: after a run nothing is left to finish
+
+
+def _package_root() -> str:
+    """The directory holding the ``fastworker`` package this bench was imported from."""
+    return str(Path(__file__).resolve().parent.parent.parent)
+
+
+def _node_env() -> dict[str, str]:
+    """Our environment, with this very fastworker first on the path of the node."""
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = _package_root() + (os.pathsep + path if path else "")
+    return env
+
+
+class LocalNode:
+    """A node process this bench started; create with ``start_node``."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        # Lives as long as the node (closed in stop), so no `with`.
+        self._log: IO[bytes] = tempfile.TemporaryFile(prefix="fastworker-bench-node-")  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fastworker.node", *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._log,
+                env=_node_env(),
+                start_new_session=True,
+            )
+        except BaseException:
+            self._log.close()
+            raise
+        _live.add(self)
+        self.pid = self.process.pid
+        self.role = ""
+        self.discovery_address = ""
+        self.exit_code: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<LocalNode pid={self.pid} {self.role or '?'} {self.discovery_address}>"
+
+    # -- starting -------------------------------------------------------------
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        """Read the ready line; BenchError (with the node's stderr) when it does not come."""
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        buffer = b""
+        while b"\n" not in buffer:
+            left = deadline - time.monotonic()
+            readable, _, _ = select.select([fd], [], [], max(left, 0.0))
+            if not readable:
+                raise BenchError(self._explain(f"no ready line within {timeout:g} s"))
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise BenchError(self._explain("the node exited before it was ready"))
+            buffer += chunk
+        line = buffer.split(b"\n", 1)[0].decode(errors="replace")
+        match = READY.match(line)
+        if match is None or int(match["pid"]) != self.pid:
+            raise BenchError(self._explain(f"unexpected first line {line!r}"))
+        self.role = match["role"]
+        self.discovery_address = match["discovery"]
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of what the node wrote on stderr."""
+        if self._log.closed:
+            return ""
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
+        return "\n".join(text.rstrip().splitlines()[-lines:])
+
+    def _explain(self, what: str) -> str:
+        tail = self.log_tail()
+        command = "python -m fastworker.node " + " ".join(self.argv)
+        return f"{command}: {what}" + (f"; its stderr ends with:\n{tail}" if tail else "")
+
+    # -- stopping -------------------------------------------------------------
+
+    def _exited(self) -> bool:
+        """True once the node has exited; does not reap it (see the module docstring)."""
+        if self.exit_code is not None:
+            return True
+        if not hasattr(os, "waitid"):  # macOS: reaping is the only way to know
+            code = self.process.poll()
+            if code is not None:
+                self.exit_code = code
+            return code is not None
+        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+        if info is None:
+            return False
+        killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+        self.exit_code = -info.si_status if killed else info.si_status
+        return True
+
+    def _wait_exit(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._exited():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, grace: float = _GRACE + 10.0) -> None:
+        """SIGTERM, up to ``grace`` seconds to drain, then SIGKILL of the group; idempotent.
+
+        A KeyboardInterrupt while waiting (a second Ctrl-C) kills the group at
+        once and is re-raised.
+        """
+        if self not in _live:
+            return
+        try:
+            if not self._exited():
+                try:
+                    self.process.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                if not self._wait_exit(grace):
+                    self._kill_group()
+                    self._wait_exit(_KILL_WAIT)
+            # Worker processes its exit left behind (there should be none).
+            self._kill_group()
+        except KeyboardInterrupt:
+            self._kill_group()
+            raise
+        finally:
+            _live.discard(self)
+            try:
+                self.process.wait(_KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+            self._log.close()
+
+
+_live: set[LocalNode] = set()
+
+
+def start_node(
+    role: str,
+    *,
+    discovery_address: str = "tcp://127.0.0.1:*",
+    workers: int = 0,
+    concurrency: int = 8,
+    extra: Sequence[str] = (),
+) -> LocalNode:
+    """Start a node serving the bench tasks and return once it printed its ready line."""
+    argv = [
+        "--role",
+        role,
+        "--discovery-address",
+        discovery_address,
+        "--workers",
+        str(workers),
+        "--concurrency",
+        str(concurrency),
+        "--task-modules",
+        MODULE,
+        "--grace",
+        str(_GRACE),
+        "--log-level",
+        "WARNING",
+        *extra,
+    ]
+    node = LocalNode(argv)
+    try:
+        node.wait_ready()
+    except BaseException:
+        node.stop(grace=2.0)
+        raise
+    return node
+
+
+def stop_all() -> None:
+    """Stop every node still running (each one bounded); safe to call more than once."""
+    for node in list(_live):
+        node.stop()
+
+
+atexit.register(stop_all)

@@ -1,0 +1,215 @@
+"""The five scenarios; each run returns one flat dict of figures (or one per worker count).
+
+Figures are raw (seconds, bytes turned into MiB, ms) and unrounded: the
+report takes medians first and rounds last.  Memory is the peak ``VmRSS``
+sampled during the measured part; None where the process is not visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ..client import Client
+from ._cluster import Cluster, Context, connected, start_local
+from ._measure import (
+    Tally,
+    join_all,
+    local_worker_pids,
+    percentile,
+    round_trips,
+    scheduler_counter,
+    stats,
+    submit_each,
+    submit_in_batches,
+)
+from ._options import BenchError
+from ._rss import RssSampler, read_rss, to_mib
+
+__all__ = ["RUNNERS", "Figures"]
+
+Figures = dict[str, Any]
+Submit = Callable[[Client, Tally], Awaitable[None]]
+
+_NODE_MAX_QUEUED = 1_000_000  # the node's default --max-queued
+
+
+def _shared(ctx: Context) -> Cluster:
+    if ctx.shared is None:
+        raise RuntimeError("the shared cluster is started by the runner")
+    return ctx.shared
+
+
+async def _stream(ctx: Context, cluster: Cluster, label: str, submit: Submit) -> Figures:
+    """``--tasks`` tasks submitted by ``submit``, clocked until the last result is in."""
+    n = ctx.options.tasks
+    async with connected(ctx, cluster, capacity=n) as (client, pids):
+        failed_before = await scheduler_counter(client, "failed")
+        tally = Tally(client)
+        with RssSampler(cluster.cp_pid) as rss, ctx.progress.track(label, n, tally.done):
+            rss.watch_workers(pids)
+            started = time.perf_counter()
+            await submit(client, tally)
+            await join_all(client, ctx.options.stall_timeout)
+            seconds = time.perf_counter() - started
+        failed = await scheduler_counter(client, "failed") - failed_before
+    peaks = rss.peaks()
+    return {
+        "tasks": n,
+        "seconds": seconds,
+        "tasks_per_s": n / seconds,
+        "cp_rss_mb": to_mib(peaks.cp_bytes),
+        "worker_rss_mb": to_mib(peaks.worker_bytes),
+        "failed": failed,
+    }
+
+
+async def throughput(ctx: Context) -> Figures:
+    """One ``delay`` per task from asyncio, until ``join``."""
+    n, workload = ctx.options.tasks, ctx.workload
+
+    async def submit(client: Client, tally: Tally) -> None:
+        await submit_each(client, workload, n, tally)
+
+    return await _stream(ctx, _shared(ctx), "throughput", submit)
+
+
+async def batch(ctx: Context) -> Figures:
+    """``submit_batch`` in chunks of ``--batch-size``, until ``join``."""
+    n, workload, chunk = ctx.options.tasks, ctx.workload, ctx.options.batch_size
+
+    async def submit(client: Client, tally: Tally) -> None:
+        await submit_in_batches(client, workload, n, chunk, tally)
+
+    return await _stream(ctx, _shared(ctx), "batch", submit)
+
+
+async def latency(ctx: Context) -> Figures:
+    """Sequential ``submit_task`` round trips on an otherwise idle cluster."""
+    n, cluster = ctx.options.latency_count, _shared(ctx)
+    async with connected(ctx, cluster, capacity=n) as (client, pids):
+        tally = Tally(client)
+        with RssSampler(cluster.cp_pid) as rss, ctx.progress.track("latency", n, tally.done):
+            rss.watch_workers(pids)
+            times = await round_trips(client, ctx.workload, n, tally)
+    ordered = sorted(times)
+    peaks = rss.peaks()
+    return {
+        "tasks": n,
+        "seconds": sum(times),
+        "p50_ms": percentile(ordered, 0.50) * 1e3,
+        "p99_ms": percentile(ordered, 0.99) * 1e3,
+        "max_ms": ordered[-1] * 1e3,
+        "mean_ms": sum(times) / n * 1e3,
+        "cp_rss_mb": to_mib(peaks.cp_bytes),
+        "worker_rss_mb": to_mib(peaks.worker_bytes),
+    }
+
+
+async def _until_queued(client: Client, n: int, level: list[int], stall_timeout: float) -> None:
+    """Poll the scheduler until ``n`` tasks are queued; ``level[0]`` follows the count."""
+    quiet_since = time.monotonic()
+    while level[0] < n:
+        queued = int((await stats(client))["scheduler"]["queued_total"])
+        if queued != level[0]:
+            level[0], quiet_since = queued, time.monotonic()
+        elif time.monotonic() - quiet_since > stall_timeout:
+            raise BenchError(
+                f"the queue stayed at {queued:,} of {n:,} tasks for {stall_timeout:g} s"
+            )
+        if level[0] < n:
+            await asyncio.sleep(0.1)
+
+
+async def _first_worker(client: Client, timeout: float = 30.0) -> tuple[float, int, list[int]]:
+    """(clock, tasks still unfinished, local pids) as soon as Discovery lists a worker.
+
+    The drain clock starts here, not when the worker node was spawned, so
+    Python's start-up is not counted; tasks finished before this poll
+    noticed the worker are not counted either.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        workers: dict[str, Any] = (await stats(client))["discovery"]["workers"]
+        if workers:
+            return time.perf_counter(), client.pending_count, local_worker_pids(workers)
+        if time.monotonic() >= deadline:
+            raise BenchError(f"the worker node did not register within {timeout:g} s")
+        await asyncio.sleep(0.02)
+
+
+async def backlog(ctx: Context) -> Figures:
+    """Queue ``--backlog-tasks`` with no worker, weigh the control plane, then drain."""
+    options, n = ctx.options, ctx.options.backlog_tasks
+    cp = ctx.start_node("control-plane", extra=("--max-queued", str(max(n, _NODE_MAX_QUEUED))))
+    cluster = Cluster(cp.discovery_address, cp.pid, None, cp)
+    try:
+        async with connected(ctx, cluster, capacity=n, ready=False) as (client, _):
+            idle = read_rss(cp.pid)
+            tally, level = Tally(client), [0]
+            with RssSampler(cp.pid) as queue_rss:
+                started = time.perf_counter()
+                with ctx.progress.track("backlog: queue", n, lambda: level[0]):
+                    await submit_in_batches(client, ctx.workload, n, options.batch_size, tally)
+                    await _until_queued(client, n, level, options.stall_timeout)
+                queue_seconds = time.perf_counter() - started
+                at_peak = read_rss(cp.pid)
+            sampled = queue_rss.peaks().cp_bytes
+            peak = max(at_peak or 0, sampled or 0) or None
+            worker = ctx.start_node("worker", discovery_address=cp.discovery_address, workers=1)
+            try:
+                with (
+                    RssSampler(cp.pid) as drain_rss,
+                    ctx.progress.track("backlog: drain", n, tally.done),
+                ):
+                    started, remaining, pids = await _first_worker(client)
+                    ctx.pids.update(pids)
+                    drain_rss.watch_workers(pids)
+                    await join_all(client, options.stall_timeout)
+                    drain_seconds = time.perf_counter() - started
+            finally:
+                worker.stop()
+            failed = await scheduler_counter(client, "failed")
+    finally:
+        cluster.stop()
+    return {
+        "tasks": n,
+        "cp_idle_rss_mb": to_mib(idle),
+        "cp_rss_mb": to_mib(peak),
+        "rss_per_task_bytes": None if peak is None or idle is None else (peak - idle) / n,
+        "queue_seconds": queue_seconds,
+        "queue_tasks_per_s": n / queue_seconds,
+        "drain_tasks": remaining,
+        "drain_seconds": drain_seconds,
+        "drain_tasks_per_s": remaining / drain_seconds,
+        "worker_rss_mb": to_mib(drain_rss.peaks().worker_bytes),
+        "failed": failed,
+    }
+
+
+async def workers(ctx: Context) -> Figures:
+    """The throughput scenario on a fresh node per worker-process count."""
+    n, workload = ctx.options.tasks, ctx.workload
+
+    async def submit(client: Client, tally: Tally) -> None:
+        await submit_each(client, workload, n, tally)
+
+    figures: Figures = {}
+    for count in ctx.options.worker_counts:
+        cluster = start_local(ctx, count)
+        try:
+            figures[str(count)] = await _stream(ctx, cluster, f"workers={count}", submit)
+        finally:
+            cluster.stop()
+    return figures
+
+
+RUNNERS: dict[str, Callable[[Context], Awaitable[Figures]]] = {
+    "throughput": throughput,
+    "batch": batch,
+    "latency": latency,
+    "backlog": backlog,
+    "workers": workers,
+}
