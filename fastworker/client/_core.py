@@ -90,7 +90,6 @@ class PendingTask:
     status: TaskStatus = TaskStatus.PENDING
     waiters: list[Waiter] | None = None
     sent: bool = False  # part of a request not yet acknowledged or acknowledged
-    checked_at: float = 0.0  # when it was acknowledged, or last looked for in the cache
 
 
 @attrs.define(eq=False, slots=True)
@@ -158,6 +157,8 @@ class ClientCore(Actor):
         self._queries: dict[int, Command] = {}
         self._joiners: list[Waiter] = []
         self._parked: list[Command] = []  # commands waiting for a connection
+        # (acknowledged at, task id), oldest first: candidates for the lost-push sweep
+        self._watch: collections.deque[tuple[float, str]] = collections.deque()
         self._next_request = 1
         self._discovery: ZSocket | None = None
         self._gateway: ZSocket | None = None
@@ -377,15 +378,16 @@ class ClientCore(Actor):
         self._send_unsent()
 
     def _sweep(self, now: float) -> None:
+        """Look up tasks acknowledged long ago whose result push never came."""
         if not self.connected.is_set() or self._gateway is None:
             return
-        stale = []
-        for task_id, entry in self.pending.items():
-            if entry.checked_at and now - entry.checked_at > _SWEEP_AFTER:
-                entry.checked_at = now
+        watch = self._watch
+        stale: list[str] = []
+        while watch and now - watch[0][0] > _SWEEP_AFTER and len(stale) < _SWEEP_BATCH:
+            _, task_id = watch.popleft()
+            if task_id in self.pending:
                 stale.append(task_id)
-                if len(stale) >= _SWEEP_BATCH:
-                    break
+                watch.append((now, task_id))  # look again later if still missing
         if stale:
             request_id = self._new_request_id()
             self._queries[request_id] = Command("sweep", _SweepReply(self), stale)
@@ -472,12 +474,12 @@ class ClientCore(Actor):
 
     def _resubmit_all(self) -> None:
         self._requests.clear()
+        self._watch.clear()
         self._unsent.clear()
         for task_id, entry in list(self.pending.items()):
             if entry.sent:
                 self.resubmitted += 1
             entry.sent = False
-            entry.checked_at = 0.0
             self._unsent.append(task_id)
         # Replies to questions asked of the old instance will never come.
         for command in self._queries.values():
@@ -525,10 +527,11 @@ class ClientCore(Actor):
                 error_type=QueueFullError if reason == "queue_full" else None,
             )
         now = trio.current_time()
+        watch = self._watch
         for task_id in request.task_ids:
             entry = self.pending.get(task_id)
             if entry is not None:
-                entry.checked_at = now
+                watch.append((now, task_id))
                 if entry.status is TaskStatus.PENDING:
                     entry.status = TaskStatus.QUEUED
 

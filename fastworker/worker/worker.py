@@ -132,6 +132,7 @@ class Worker(Actor):
         sock.connect(self.config.discovery_address)
         self._discovery = sock
         nursery.start_soon(pump_socket, sock, self.ref, 1024)
+        nursery.start_soon(self._when_writable, sock)
         await nursery.start(self.executor.run)
         nursery.start_soon(self._ticker)
         self._send_discovery(self._register_message())
@@ -161,6 +162,9 @@ class Worker(Actor):
         elif type(message) is _Connected:
             if message.sock is self._scheduler and self._connected:
                 self._announce()
+            elif message.sock is self._discovery and not self._connected:
+                # The Register sent at start usually found no connection yet.
+                self._send_discovery(self._register_message())
         elif message == "stats":
             return self.statistics_dict()
         else:
