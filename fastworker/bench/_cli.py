@@ -17,7 +17,8 @@ from ._nodes import stop_all
 from ._options import SCENARIOS, BenchError, Options
 from ._progress import Progress
 from ._report import failed_tasks, render_json, render_table
-from ._runner import Terminated, run
+from ._runner import run
+from ._signals import Stopped
 
 __all__ = ["build_parser", "main"]
 
@@ -205,12 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = Progress(options.progress)
     try:
         results = asyncio.run(run(options, progress))
-    except KeyboardInterrupt:
-        progress.note(f"{PROG}: interrupted; the bench's nodes are stopped")
+    except Stopped as stop:
+        progress.note(f"{PROG}: stopped by {stop}; its nodes are stopped")
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # a second Ctrl-C: no graceful stop
+        progress.note(f"{PROG}: interrupted; its nodes are killed")
         return 130
-    except Terminated:
-        progress.note(f"{PROG}: terminated; the bench's nodes are stopped")
-        return 143
     except BenchError as exc:
         progress.note(f"{PROG}: error: {exc}")
         return 1

@@ -3,9 +3,8 @@
 The documented ``Client`` is driven from ``asyncio.run``, as most programs
 do.  Cleanup does not depend on how the run ends: scenarios stop their own
 nodes in ``finally`` blocks, and ``run`` stops whatever is left
-(``stop_all``) whether it returns, fails, is interrupted by Ctrl-C (asyncio
-cancels the main task) or receives SIGTERM (turned into the same
-cancellation here).
+(``stop_all``) whether it returns, fails, or is stopped by Ctrl-C or
+SIGTERM (``_signals`` turns both into cancellation of the main task).
 """
 
 from __future__ import annotations
@@ -13,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
-import signal
 import sys
 from typing import Any
 
 from .. import __version__
+from ..client import ClientStoppedError
 from ._cluster import Cluster, Context, idle_figures, start_local
 from ._measure import Workload
 from ._nodes import stop_all
@@ -25,14 +24,11 @@ from ._options import LOCAL_ONLY, SCENARIOS, Options
 from ._progress import Progress
 from ._report import combine_runs
 from ._scenarios import RUNNERS
+from ._signals import stop_on_signals
 
-__all__ = ["Terminated", "run"]
+__all__ = ["run"]
 
 _SHARED_BY = frozenset({"throughput", "batch", "latency"})
-
-
-class Terminated(Exception):
-    """The run was stopped by SIGTERM (after cleaning up)."""
 
 
 def _meta(options: Options, ctx: Context) -> dict[str, Any]:
@@ -78,36 +74,30 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
 async def run(options: Options, progress: Progress) -> dict[str, Any]:
     """Every selected scenario, ``options.runs`` times each; results keyed by scenario.
 
-    Raises ``Terminated`` on SIGTERM; Ctrl-C surfaces as KeyboardInterrupt
-    from ``asyncio.run``.  No node outlives this call.
+    Raises ``Stopped`` on SIGINT/SIGTERM (see ``_signals``).  No node outlives
+    this call, however it ends.
     """
     ctx = Context(options, progress, Workload.for_options(options))
     results: dict[str, Any] = {}
-    main = asyncio.current_task()
-    assert main is not None
     loop = asyncio.get_running_loop()
-    terminated = False
-
-    def on_sigterm() -> None:
-        nonlocal terminated
-        terminated = True
-        main.cancel()
-
+    loop.set_exception_handler(_quiet_about_stopped_clients)
     try:
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    except (NotImplementedError, RuntimeError):  # not the main thread, or not Unix
-        pass
-    try:
-        await _scenarios(ctx, results)
-    except asyncio.CancelledError:
-        if terminated:
-            raise Terminated() from None
-        raise
+        with stop_on_signals():
+            await _scenarios(ctx, results)
     finally:
         progress.clear()
         stop_all()
-        try:
-            loop.remove_signal_handler(signal.SIGTERM)
-        except (NotImplementedError, RuntimeError):
-            pass
     return {"meta": _meta(options, ctx), **results}
+
+
+def _quiet_about_stopped_clients(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Drop asyncio's "exception never retrieved" for calls abandoned by an interrupted run.
+
+    When a run is interrupted, the bench stops its client while a ``join``
+    or ``submit_task`` is still outstanding; the client then fails that
+    call's future with ClientStoppedError, which nobody awaits any more.
+    That is expected here and says nothing to the user.
+    """
+    if isinstance(context.get("exception"), ClientStoppedError):
+        return
+    loop.default_exception_handler(context)

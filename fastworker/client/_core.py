@@ -171,6 +171,7 @@ class ClientCore(Actor):
         self.connected = trio.Event()
         self.acks_dropped_for_test = 0  # tests set this to lose acknowledgements on purpose
         self.resubmitted = 0
+        self._starts = 0
 
     # -- caller side (any thread) -------------------------------------------
 
@@ -193,7 +194,8 @@ class ClientCore(Actor):
         try:
             self.ref.tell(_Wake())
         except Exception:
-            # Mailbox full: a wake is queued already and will drain everything.
+            # Mailbox full (or the actor restarting): the next tick drains the
+            # inbox anyway, so nothing queued there is lost.
             pass
 
     # -- life cycle ---------------------------------------------------------
@@ -201,6 +203,15 @@ class ClientCore(Actor):
     async def on_start(self, nursery: trio.Nursery) -> None:
         self.token = trio.lowlevel.current_trio_token()
         self._nursery = nursery
+        self._starts += 1
+        if self._starts > 1:
+            # Restarted after a crash: the old sockets are closed and replies to
+            # what we sent are lost; reconnect and send everything unfinished again
+            # (the control plane deduplicates by task id).
+            self._gateway = None
+            self._gateway_endpoint = None
+            self.connected = trio.Event()
+            self._resubmit_all()
         sock = open_socket(zmq.DEALER, self.transport)
         sock.connect(self.discovery_address)
         self._discovery = sock
@@ -369,6 +380,8 @@ class ClientCore(Actor):
         if not self.connected.is_set():
             self._interval = min(self._interval * 2, self._heartbeat)
         self._lookup()
+        if self.inbox:
+            self._drain_inbox()  # in case a wake was lost to a full mailbox
         self._retry_unacked(now)
         self._sweep(now)
         if self._parked and self.connected.is_set():

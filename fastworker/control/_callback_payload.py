@@ -60,8 +60,16 @@ def build_callback_payload(
         )
     full = dict(head, result=None, callback_data=None)
     if allow_pickle:
-        if record.result is not None:
-            full["result"] = pickle.loads(record.result)
-        if callback_data is not None:
-            full["callback_data"] = pickle.loads(callback_data)
+        full["result"] = _unpickle(record.result)
+        full["callback_data"] = _unpickle(callback_data)
     return pickle.dumps(full, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpickle(data: bytes | None) -> Any:
+    """A value for the document; bytes that do not unpickle become None, not a crash."""
+    if data is None:
+        return None
+    try:
+        return pickle.loads(data)
+    except Exception:
+        return None

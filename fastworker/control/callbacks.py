@@ -109,19 +109,21 @@ class CallbackDispatcher(Actor):
                 self._drop("bad_address", address, dropped)
                 return
             while True:
+                payload = None
                 with trio.move_on_after(self.config.idle_close):
                     payload = await inbox.receive()
-                    with trio.move_on_after(self.config.delivery_timeout) as scope:
-                        await sock.send_multipart([payload])
-                    if scope.cancelled_caught:
-                        self._drop("unreachable", address)
-                    else:
-                        self._counts["sent"] += 1
+                if payload is None:
+                    # Idle: retire this address, unless a document raced in.
+                    if inbox.statistics().current_buffer_used == 0:
+                        self._senders.pop(address, None)
+                        inbox.close()
+                        return
                     continue
-                # Idle: retire this address, unless a document raced in.
-                if inbox.statistics().current_buffer_used == 0:
-                    self._senders.pop(address, None)
-                    inbox.close()
-                    return
+                with trio.move_on_after(self.config.delivery_timeout) as scope:
+                    await sock.send_multipart([payload])
+                if scope.cancelled_caught:
+                    self._drop("unreachable", address)
+                else:
+                    self._counts["sent"] += 1
         finally:
             sock.close(linger_ms=0)

@@ -19,7 +19,7 @@ import trio
 import zmq
 
 from .._io import Inbound, pump_socket
-from ..runtime import Actor, ActorRef
+from ..runtime import Actor, ActorRef, MailboxFull
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
     ErrorReply,
@@ -84,6 +84,7 @@ class Discovery(Actor):
         self._members: dict[str, _Member] = {}
         self._rejected: Counter[str] = Counter()
         self._lost = 0
+        self._undelivered: list[WorkerJoined | WorkerLost] = []
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.config.transport)
@@ -107,6 +108,7 @@ class Discovery(Actor):
             for parts in message.frames:
                 self._on_frame(parts)
         elif type(message) is _Reap:
+            self._deliver()
             self._reap()
         elif message == "stats":
             return {
@@ -197,7 +199,7 @@ class Discovery(Actor):
                 message.hostname,
                 len(names),
             )
-        self.scheduler.tell(WorkerJoined(message.worker_id, member.names, message.concurrency))
+        self._tell_scheduler(WorkerJoined(message.worker_id, member.names, message.concurrency))
         _, worker_endpoint = self._endpoints()
         reply = Registered(self.instance_id, worker_endpoint, self.config.heartbeat_interval)
         self._reply(identity, encode(reply))
@@ -218,4 +220,17 @@ class Discovery(Actor):
     def _remove(self, worker_id: str, reason: str) -> None:
         if self._members.pop(worker_id, None) is not None:
             self._lost += reason != "left"
-            self.scheduler.tell(WorkerLost(worker_id, reason))
+            self._tell_scheduler(WorkerLost(worker_id, reason))
+
+    def _tell_scheduler(self, message: WorkerJoined | WorkerLost) -> None:
+        """Membership changes must reach the Scheduler: a full mailbox delays, never loses."""
+        self._undelivered.append(message)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        while self._undelivered:
+            try:
+                self.scheduler.tell(self._undelivered[0])
+            except MailboxFull:
+                return  # retried on the next reap tick
+            self._undelivered.pop(0)

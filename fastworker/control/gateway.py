@@ -104,10 +104,11 @@ class Gateway(Actor):
         batched = 0
         for parts in frames:
             if len(parts) != 2:
-                self._rejected["bad_frames"] += 1
                 if parts and len(parts[0]) > 0:
                     reason = "expected exactly one frame after the identity"
                     self._error(parts[0], 0, WireError("bad_frames", reason))
+                else:
+                    self._rejected["bad_frames"] += 1
                 continue
             identity, body = parts
             try:
@@ -171,7 +172,10 @@ class Gateway(Actor):
                 rejected.update(part.pop("rejected", {}) or {})
         stats["rejected"] = dict(rejected)
         stats["gateway"] = {"dropped_replies": self._dropped}
-        self.ref.tell(Outgoing([[identity, encode(StatsReply(request_id, stats))]]))
+        try:
+            self.ref.tell(Outgoing([[identity, encode(StatsReply(request_id, stats))]]))
+        except ActorError:
+            self._dropped += 1  # stopping or overloaded: the client's query times out
 
 
 async def gather_stats(sources: list[ActorRef], timeout: float = 2.0) -> dict[str, Any]:

@@ -8,6 +8,7 @@ counts as access.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -15,6 +16,7 @@ import attrs
 import trio
 
 from ..runtime import Actor, ActorRef, MailboxFull
+from ..tasks.models import TaskStatus
 from ..wire import ResultRecord, ResultReply, Results, encode
 from ._internal import Outgoing, QueryResults, ResendResults, StoreResults
 
@@ -36,6 +38,16 @@ class _Sweep:
     pass
 
 
+def _gone(task_id: str) -> ResultRecord:
+    return ResultRecord(
+        task_id,
+        TaskStatus.FAILURE.value,
+        error="the task finished earlier but its result is no longer in the control plane's "
+        "cache (expired or evicted); its outcome is unknown",
+        completed_at=time.time(),
+    )
+
+
 class ResultCache(Actor):
     def __init__(self, config: ResultCacheConfig, *, gateway: ActorRef | None = None) -> None:
         super().__init__("result-cache", mailbox_size=4096)
@@ -52,8 +64,8 @@ class ResultCache(Actor):
         nursery.start_soon(self._sweeper)
 
     async def _sweeper(self) -> None:
-        # Reads refresh expiry lazily; the sweep only bounds memory held by
-        # results nobody asks for again.
+        # Reads check expiry themselves; the sweep only bounds the memory held
+        # by expired results nobody asks for again.
         period = min(self.config.ttl, 60.0)
         while True:
             await trio.sleep(period)
@@ -66,9 +78,11 @@ class ResultCache(Actor):
             found = [self.get(task_id) for task_id in message.task_ids]
             self._reply(message.identity, encode(ResultReply(message.request_id, found)))
         elif isinstance(message, ResendResults):
-            records = [r for r in map(self.get, message.task_ids) if r is not None]
-            if records:
-                self._reply(message.identity, encode(Results(records)))
+            # A re-submitted task that finished here before: push its result again.
+            # If the result has expired or been evicted, the client still needs a
+            # final answer, or it would wait forever: say what happened.
+            records = [self.get(i) or _gone(i) for i in message.task_ids]
+            self._reply(message.identity, encode(Results(records)))
         elif isinstance(message, _Sweep):
             self.sweep()
         elif message == "stats":

@@ -65,6 +65,7 @@ _SCHEDULED = TaskStatus.SCHEDULED
 _RETRYING = TaskStatus.RETRYING
 _CANCELLED = TaskStatus.CANCELLED
 _STATUS_BY_VALUE = {status.value: status for status in TaskStatus}
+_REPORTABLE = frozenset({"success", "failure", "cancelled", "retrying"})
 
 
 @attrs.frozen
@@ -238,6 +239,8 @@ class Scheduler(Actor):
             for raw in raw_tasks:
                 try:
                     envelope = TaskEnvelope.from_wire(raw)
+                    if envelope.options is not None and "attempt" in envelope.options:
+                        raise WireError("invalid", "option 'attempt' is set by the control plane")
                 except WireError as exc:
                     self._rejected["invalid"] += 1
                     task_id = raw[0] if type(raw) is list and raw and type(raw[0]) is str else ""
@@ -399,6 +402,9 @@ class Scheduler(Actor):
                 self._rejected["invalid"] += 1
                 continue
             task_id = record.task_id
+            if record.status not in _REPORTABLE:
+                self._rejected["invalid"] += 1  # a worker reports outcomes, nothing else
+                continue
             if slot is not None:
                 slot.inflight.pop(task_id, None)
                 if slot.suspect == task_id:

@@ -3,7 +3,8 @@
 It owns two DEALER sockets: one to Discovery (register, heartbeats) and one to
 the Scheduler (Ready, Dispatch, Done).  The Scheduler's endpoint comes from
 Discovery, so a worker needs only the discovery address, and may start
-before the control plane: it keeps registering, with backoff, until answered.
+before the control plane: it keeps registering, once per heartbeat interval,
+until answered.
 
 Liveness both ways: Discovery declares a worker dead after ``liveness``
 missed heartbeats; the worker treats the control plane as gone after the
@@ -65,6 +66,10 @@ def _resolve(endpoint: str, discovery_address: str) -> str:
     return endpoint
 
 
+def _new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 @attrs.frozen
 class WorkerConfig:
     discovery_address: str = "tcp://127.0.0.1:5550"
@@ -100,9 +105,7 @@ class _Connected:
 class Worker(Actor):
     def __init__(self, registry: TaskRegistry, config: WorkerConfig | None = None) -> None:
         cfg = config or WorkerConfig()
-        self.worker_id = (
-            cfg.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        )
+        self.worker_id = cfg.worker_id or _new_worker_id()
         super().__init__(f"worker {self.worker_id}", mailbox_size=4096)
         self.config = cfg
         self.registry = registry
@@ -121,6 +124,7 @@ class Worker(Actor):
         self._draining = False
         self._outbox: list[Any] = []
         self._flush_armed = False
+        self._starts = 0
 
     # -- life cycle ---------------------------------------------------------
 
@@ -128,14 +132,41 @@ class Worker(Actor):
         self._nursery = nursery
         self._connected = False
         self._scheduler_endpoint = None
+        self._flush_armed = False
+        previous = self._restart()
         sock = open_socket(zmq.DEALER, self.config.transport)
         sock.connect(self.config.discovery_address)
         self._discovery = sock
+        if previous is not None:
+            # Hand our old identity's tasks back at once (their runs died with it).
+            self._send_discovery(Unregister(previous))
         nursery.start_soon(pump_socket, sock, self.ref, 1024)
         nursery.start_soon(self._when_writable, sock)
         await nursery.start(self.executor.run)
         nursery.start_soon(self._ticker)
         self._send_discovery(self._register_message())
+
+    def _restart(self) -> str | None:
+        """After a crash, start over as a new worker; return the old id (None on first start).
+
+        The old executor's runs, threads and results are gone with the crash,
+        so the old identity leaves (its tasks are requeued) and a fresh one joins.
+        """
+        self._starts += 1
+        if self._starts == 1:
+            return None
+        previous = self.worker_id
+        self.worker_id = _new_worker_id()
+        self.instance_id = None
+        self._outbox.clear()
+        self.executor = Executor(
+            self.registry,
+            self.config.concurrency,
+            self._on_results,
+            allow_pickle=self.config.allow_pickle,
+        )
+        log.warning("worker %s restarted as %s", previous, self.worker_id)
+        return previous
 
     async def on_stop(self) -> None:
         for sock in (self._discovery, self._scheduler):
