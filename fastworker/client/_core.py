@@ -55,6 +55,10 @@ __all__ = ["ClientCore", "Command", "PendingTask"]
 log = logging.getLogger("fastworker.client")
 
 _MAX_TASKS_PER_SUBMIT = 4096
+# Well under the 16 MiB message limit, so that a batch of large payloads is split
+# rather than refused by the control plane's MAXMSGSIZE (one payload alone is
+# bounded by the Client at the call site).
+_MAX_SUBMIT_BYTES = 4 * 1024 * 1024
 # A result push can be lost (the client was reconnecting, a queue overflowed).
 # Tasks acknowledged this long ago without a result are looked up in the
 # control plane's cache, so nothing waits forever on a lost push.
@@ -346,13 +350,15 @@ class ClientCore(Actor):
         while unsent:
             ids: list[str] = []
             wires: list[Any] = []
-            while unsent and len(ids) < _MAX_TASKS_PER_SUBMIT:
+            size = 0
+            while unsent and len(ids) < _MAX_TASKS_PER_SUBMIT and size < _MAX_SUBMIT_BYTES:
                 task_id = unsent.popleft()
                 entry = pending.get(task_id)
                 if entry is None or entry.sent:
                     continue  # cancelled locally, or finished meanwhile
                 ids.append(task_id)
                 wires.append(entry.wire)
+                size += len(entry.wire[4])
             if not ids:
                 return
             request_id = self._new_request_id()

@@ -105,6 +105,8 @@ class Client:
             if max_message_size
             else TransportConfig()
         )
+        # Room for the envelope around one task's payload.
+        self._max_payload = transport.max_message_size - 64 * 1024
         self._core = ClientCore(
             client_id=self.client_id,
             discovery_address=self.discovery_address,
@@ -184,6 +186,11 @@ class Client:
         rank = TaskPriority.coerce(priority).rank
         fmt = self.serialization_format
         payload = dumps(fmt, [list(args), dict(kwargs or {})])
+        if len(payload) > self._max_payload:
+            raise ValueError(
+                f"the arguments of {task_name!r} encode to {len(payload)} bytes, more than a "
+                f"message may carry ({self._max_payload} bytes); pass a reference instead"
+            )
         opts: dict[str, Any] | None = None
         if countdown is not None or eta is not None:
             if countdown is not None and eta is not None:

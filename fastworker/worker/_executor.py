@@ -103,6 +103,7 @@ class Executor:
         self._asyncio_thread: threading.Thread | None = None
         self.stuck_threads = 0
         self.completed = 0
+        self.max_result_bytes = 16 * 1024 * 1024 - 64 * 1024
         self._idle = trio.Event()
         self._idle.set()
 
@@ -387,6 +388,11 @@ class Executor:
         if ok:
             try:
                 encoded = dumps(SerializationFormat.from_code(run.envelope.format), value)
+                if len(encoded) > self.max_result_bytes:
+                    raise TypeError(
+                        f"it is {len(encoded)} bytes, more than a message may carry "
+                        f"({self.max_result_bytes} bytes)"
+                    )
             except TypeError as exc:
                 return _record(
                     run,

@@ -55,6 +55,11 @@ log = logging.getLogger("fastworker.worker")
 
 _MAX_RESULTS_PER_MESSAGE = 2048
 _COALESCE_SECONDS = 0.002
+_MAX_DONE_BYTES = 4 * 1024 * 1024  # split Done messages well under the message size limit
+
+
+def _result_size(record: ResultRecord) -> int:
+    return len(record.result or b"") + len(record.traceback or "") + len(record.error or "") + 64
 
 
 def _resolve(endpoint: str, discovery_address: str) -> str:
@@ -109,9 +114,7 @@ class Worker(Actor):
         super().__init__(f"worker {self.worker_id}", mailbox_size=4096)
         self.config = cfg
         self.registry = registry
-        self.executor = Executor(
-            registry, cfg.concurrency, self._on_results, allow_pickle=cfg.allow_pickle
-        )
+        self.executor = self._new_executor()
         self.instance_id: str | None = None
         self.registered = trio.Event()  # set on every (re)registration's first success
         self._discovery: ZSocket | None = None
@@ -146,6 +149,16 @@ class Worker(Actor):
         nursery.start_soon(self._ticker)
         self._send_discovery(self._register_message())
 
+    def _new_executor(self) -> Executor:
+        executor = Executor(
+            self.registry,
+            self.config.concurrency,
+            self._on_results,
+            allow_pickle=self.config.allow_pickle,
+        )
+        executor.max_result_bytes = self.config.transport.max_message_size - 64 * 1024
+        return executor
+
     def _restart(self) -> str | None:
         """After a crash, start over as a new worker; return the old id (None on first start).
 
@@ -159,12 +172,7 @@ class Worker(Actor):
         self.worker_id = _new_worker_id()
         self.instance_id = None
         self._outbox.clear()
-        self.executor = Executor(
-            self.registry,
-            self.config.concurrency,
-            self._on_results,
-            allow_pickle=self.config.allow_pickle,
-        )
+        self.executor = self._new_executor()
         log.warning("worker %s restarted as %s", previous, self.worker_id)
         return previous
 
@@ -347,11 +355,17 @@ class Worker(Actor):
 
     def _flush(self) -> None:
         """Send unreported results; what cannot go now waits for the next chance."""
-        while self._outbox:
-            batch = self._outbox[:_MAX_RESULTS_PER_MESSAGE]
-            if not self._send_scheduler(Done(batch)):
+        outbox = self._outbox
+        while outbox:
+            count = size = 0
+            while count < len(outbox) and count < _MAX_RESULTS_PER_MESSAGE:
+                size += _result_size(outbox[count])
+                if count and size > _MAX_DONE_BYTES:
+                    break
+                count += 1
+            if not self._send_scheduler(Done(outbox[:count])):
                 return
-            del self._outbox[: len(batch)]
+            del outbox[:count]
 
     # -- draining -----------------------------------------------------------
 
