@@ -49,6 +49,11 @@ class Context:
     workload: Workload
     shared: Cluster | None = None
     pids: set[int] = attrs.Factory(set)  # every node and worker process seen
+    run_note: str = ""  # " (run 2/3)" while repeating scenarios
+
+    def label(self, phase: str) -> str:
+        """What the progress line calls a phase."""
+        return phase + self.run_note
 
     def start_node(
         self,

@@ -104,16 +104,17 @@ async def wait_for_workers(
         serving = {k: w for k, w in workers.items() if task_name in w.get("tasks", ())}
         if (count is None and serving) or (count is not None and len(serving) == count):
             return serving
+        # An existing cluster whose workers lack the bench tasks will not grow them.
+        if count is None and workers and not serving:
+            raise BenchError(
+                f"none of the {len(workers)} workers at {client.discovery_address} serves "
+                f"{task_name!r}; start them with --task-modules {MODULE}"
+            )
         if time.monotonic() >= deadline:
             wanted = "a worker" if count is None else f"{count} workers"
-            hint = (
-                f"; start the cluster's workers with --task-modules {MODULE}"
-                if workers and not serving
-                else ""
-            )
             raise BenchError(
                 f"{wanted} serving {task_name!r} did not register within {timeout:g} s "
-                f"({len(serving)} of {len(workers)} do){hint}"
+                f"({len(serving)} did)"
             )
         await asyncio.sleep(0.05)
 

@@ -86,6 +86,10 @@ def _num(value: Any, digits: int = 0) -> str:
     return f"{round(value):,}"
 
 
+def _mb(value: Any) -> str:
+    return "n/a" if value is None else f"{value:,.1f} MB"
+
+
 def _runs_note(figures: Figures, key: str) -> str:
     runs = figures.get("runs")
     if not runs:
@@ -118,7 +122,7 @@ def _rows(name: str, f: Figures) -> list[list[str]]:
         per_task = f["rss_per_task_bytes"]
         idle = f["cp_idle_rss_mb"]
         queue_note = (
-            f"{_num(per_task)} B/task over idle {_num(idle, 1)} MB"
+            f"{_num(per_task)} B/task over idle {_mb(idle)}"
             if per_task is not None
             else "RSS not readable here"
         )
@@ -168,8 +172,8 @@ def _header(options: Options, results: Figures) -> list[str]:
     idle = results.get("idle")
     if idle:
         lines.append(
-            f"idle (before any task): control plane {_num(idle['cp_rss_mb'], 1)} MB, "
-            f"largest worker {_num(idle['worker_rss_mb'], 1)} MB RSS"
+            f"idle RSS (before any task): control plane {_mb(idle['cp_rss_mb'])}, "
+            f"largest worker {_mb(idle['worker_rss_mb'])}"
         )
     return lines
 

@@ -47,28 +47,40 @@ def _meta(options: Options, ctx: Context) -> dict[str, Any]:
     }
 
 
+async def _run_each(ctx: Context, names: list[str], results: dict[str, Any]) -> None:
+    runs = ctx.options.runs
+    for name in names:
+        figures = []
+        for i in range(runs):
+            ctx.run_note = f" (run {i + 1}/{runs})" if runs > 1 else ""
+            figures.append(await RUNNERS[name](ctx))
+        results[name] = combine_runs(figures)
+
+
 async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
     options = ctx.options
     wanted = [name for name in SCENARIOS if name in options.scenarios]
-    if _SHARED_BY & set(wanted):
+    shared = [name for name in wanted if name in _SHARED_BY]
+    if shared:
+        # One cluster for throughput, batch and latency, stopped before the
+        # scenarios that start their own so it does not compete for the CPUs.
         if options.local:
             ctx.shared = start_local(ctx, options.workers)
         else:
             assert options.discovery_address is not None
             ctx.shared = Cluster(options.discovery_address)
-        results["idle"] = await idle_figures(ctx, ctx.shared)
-    try:
-        for name in wanted:
-            if name in LOCAL_ONLY and not options.local:
-                reason = "needs worker processes of its own; not run against an existing cluster"
-                results[name] = {"skipped": reason}
-                ctx.progress.note(f"{name}: skipped ({reason})")
-                continue
-            runs = [await RUNNERS[name](ctx) for _ in range(options.runs)]
-            results[name] = combine_runs(runs)
-    finally:
-        if ctx.shared is not None:
+        try:
+            results["idle"] = await idle_figures(ctx, ctx.shared)
+            await _run_each(ctx, shared, results)
+        finally:
             ctx.shared.stop()
+    for name in wanted:
+        if name in LOCAL_ONLY and not options.local:
+            reason = "needs worker processes of its own; not run against an existing cluster"
+            results[name] = {"skipped": reason}
+            ctx.progress.note(f"{name}: skipped ({reason})")
+    if options.local:
+        await _run_each(ctx, [name for name in wanted if name in LOCAL_ONLY], results)
 
 
 async def run(options: Options, progress: Progress) -> dict[str, Any]:

@@ -48,7 +48,7 @@ async def _stream(ctx: Context, cluster: Cluster, label: str, submit: Submit) ->
     async with connected(ctx, cluster, capacity=n) as (client, pids):
         failed_before = await scheduler_counter(client, "failed")
         tally = Tally(client)
-        with RssSampler(cluster.cp_pid) as rss, ctx.progress.track(label, n, tally.done):
+        with RssSampler(cluster.cp_pid) as rss, ctx.progress.track(ctx.label(label), n, tally.done):
             rss.watch_workers(pids)
             started = time.perf_counter()
             await submit(client, tally)
@@ -91,7 +91,10 @@ async def latency(ctx: Context) -> Figures:
     n, cluster = ctx.options.latency_count, _shared(ctx)
     async with connected(ctx, cluster, capacity=n) as (client, pids):
         tally = Tally(client)
-        with RssSampler(cluster.cp_pid) as rss, ctx.progress.track("latency", n, tally.done):
+        with (
+            RssSampler(cluster.cp_pid) as rss,
+            ctx.progress.track(ctx.label("latency"), n, tally.done),
+        ):
             rss.watch_workers(pids)
             times = await round_trips(client, ctx.workload, n, tally)
     ordered = sorted(times)
@@ -140,40 +143,65 @@ async def _first_worker(client: Client, timeout: float = 30.0) -> tuple[float, i
         await asyncio.sleep(0.02)
 
 
+async def _fill(
+    ctx: Context, client: Client, cp_pid: int, tally: Tally
+) -> tuple[float, int | None]:
+    """Queue ``--backlog-tasks`` with no worker attached; (seconds, control-plane peak RSS)."""
+    n, options, level = ctx.options.backlog_tasks, ctx.options, [0]
+    with (
+        RssSampler(cp_pid) as rss,
+        ctx.progress.track(ctx.label("backlog: queue"), n, lambda: level[0]),
+    ):
+        started = time.perf_counter()
+        # Polled while submitting, so the progress line moves from the start.
+        queued = asyncio.ensure_future(_until_queued(client, n, level, options.stall_timeout))
+        try:
+            await submit_in_batches(client, ctx.workload, n, options.batch_size, tally)
+            await queued
+        finally:
+            queued.cancel()
+        seconds = time.perf_counter() - started
+        at_peak = read_rss(cp_pid)  # every task held, none running
+    sampled = rss.peaks().cp_bytes
+    return seconds, max(at_peak or 0, sampled or 0) or None
+
+
+async def _drain(
+    ctx: Context, client: Client, cp_pid: int, tally: Tally
+) -> tuple[int, float, int | None]:
+    """Wait for the worker just started to empty the queue; (tasks, seconds, worker peak RSS)."""
+    n = ctx.options.backlog_tasks
+    with (
+        RssSampler(cp_pid) as rss,
+        ctx.progress.track(ctx.label("backlog: drain"), n, tally.done),
+    ):
+        started, remaining, pids = await _first_worker(client)
+        ctx.pids.update(pids)
+        rss.watch_workers(pids)
+        await join_all(client, ctx.options.stall_timeout)
+        seconds = time.perf_counter() - started
+    return remaining, seconds, rss.peaks().worker_bytes
+
+
 async def backlog(ctx: Context) -> Figures:
     """Queue ``--backlog-tasks`` with no worker, weigh the control plane, then drain."""
-    options, n = ctx.options, ctx.options.backlog_tasks
-    cp = ctx.start_node("control-plane", extra=("--max-queued", str(max(n, _NODE_MAX_QUEUED))))
-    cluster = Cluster(cp.discovery_address, cp.pid, None, cp)
+    n = ctx.options.backlog_tasks
+    max_queued = max(n + 1_000, _NODE_MAX_QUEUED)
+    cp = ctx.start_node("control-plane", extra=("--max-queued", str(max_queued)))
     try:
+        cluster = Cluster(cp.discovery_address, cp.pid)
         async with connected(ctx, cluster, capacity=n, ready=False) as (client, _):
+            tally = Tally(client)
             idle = read_rss(cp.pid)
-            tally, level = Tally(client), [0]
-            with RssSampler(cp.pid) as queue_rss:
-                started = time.perf_counter()
-                with ctx.progress.track("backlog: queue", n, lambda: level[0]):
-                    await submit_in_batches(client, ctx.workload, n, options.batch_size, tally)
-                    await _until_queued(client, n, level, options.stall_timeout)
-                queue_seconds = time.perf_counter() - started
-                at_peak = read_rss(cp.pid)
-            sampled = queue_rss.peaks().cp_bytes
-            peak = max(at_peak or 0, sampled or 0) or None
+            queue_seconds, peak = await _fill(ctx, client, cp.pid, tally)
             worker = ctx.start_node("worker", discovery_address=cp.discovery_address, workers=1)
             try:
-                with (
-                    RssSampler(cp.pid) as drain_rss,
-                    ctx.progress.track("backlog: drain", n, tally.done),
-                ):
-                    started, remaining, pids = await _first_worker(client)
-                    ctx.pids.update(pids)
-                    drain_rss.watch_workers(pids)
-                    await join_all(client, options.stall_timeout)
-                    drain_seconds = time.perf_counter() - started
+                drained, drain_seconds, worker_peak = await _drain(ctx, client, cp.pid, tally)
             finally:
                 worker.stop()
             failed = await scheduler_counter(client, "failed")
     finally:
-        cluster.stop()
+        cp.stop()
     return {
         "tasks": n,
         "cp_idle_rss_mb": to_mib(idle),
@@ -181,10 +209,10 @@ async def backlog(ctx: Context) -> Figures:
         "rss_per_task_bytes": None if peak is None or idle is None else (peak - idle) / n,
         "queue_seconds": queue_seconds,
         "queue_tasks_per_s": n / queue_seconds,
-        "drain_tasks": remaining,
+        "drain_tasks": drained,
         "drain_seconds": drain_seconds,
-        "drain_tasks_per_s": remaining / drain_seconds,
-        "worker_rss_mb": to_mib(drain_rss.peaks().worker_bytes),
+        "drain_tasks_per_s": drained / drain_seconds,
+        "worker_rss_mb": to_mib(worker_peak),
         "failed": failed,
     }
 

@@ -185,22 +185,27 @@ class ClientCore(Actor):
         return time.monotonic() < self._queue_full_until
 
     def wake(self) -> None:
-        """Ask the actor to look at ``inbox``; cheap when a wake is already on its way."""
+        """From another thread: ask the actor to look at ``inbox``, once per drain."""
         if not self._wake_scheduled and self.token is not None:
             self._wake_scheduled = True
             try:
-                self.token.run_sync_soon(self._on_wake_callback)
+                self.token.run_sync_soon(self._tell_wake)
             except trio.RunFinishedError:
                 self._wake_scheduled = False
 
-    def _on_wake_callback(self) -> None:
-        self._wake_scheduled = False
+    def wake_here(self) -> None:
+        """From the actor's own thread (a trio caller): no thread hop needed."""
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            self._tell_wake()
+
+    def _tell_wake(self) -> None:
         try:
             self.ref.tell(_Wake())
         except Exception:
             # Mailbox full (or the actor restarting): the next tick drains the
             # inbox anyway, so nothing queued there is lost.
-            pass
+            self._wake_scheduled = False
 
     # -- life cycle ---------------------------------------------------------
 
@@ -263,6 +268,7 @@ class ClientCore(Actor):
             for parts in message.frames:
                 self._on_frame(parts)
         elif type(message) is _Wake:
+            self._wake_scheduled = False  # before draining: a later append wakes again
             self._drain_inbox()
             self._send_unsent()
         elif type(message) is _Tick:
@@ -347,11 +353,12 @@ class ClientCore(Actor):
         unsent = self._unsent
         pending = self.pending
         now = trio.current_time()
+        max_bytes = min(_MAX_SUBMIT_BYTES, self.transport.max_message_size // 2)
         while unsent:
             ids: list[str] = []
             wires: list[Any] = []
             size = 0
-            while unsent and len(ids) < _MAX_TASKS_PER_SUBMIT and size < _MAX_SUBMIT_BYTES:
+            while unsent and len(ids) < _MAX_TASKS_PER_SUBMIT and size < max_bytes:
                 task_id = unsent.popleft()
                 entry = pending.get(task_id)
                 if entry is None or entry.sent:

@@ -78,23 +78,31 @@ class SchedulerConfig:
     transport: TransportConfig = TransportConfig()
 
 
-@attrs.define(eq=False, slots=True)
 class _Job:
-    envelope: TaskEnvelope
-    client: bytes
-    seq: int
-    status: TaskStatus
-    attempt: int = 1
-    worker: bytes | None = None
-    deaths: int = 0
+    """A task the scheduler holds (a plain slotted class: one per task, on the hot path)."""
 
-    @property
-    def name(self) -> str:
-        return self.envelope.name
+    __slots__ = (
+        "attempt",
+        "client",
+        "deaths",
+        "envelope",
+        "name",
+        "priority",
+        "seq",
+        "status",
+        "worker",
+    )
 
-    @property
-    def priority(self) -> int:
-        return self.envelope.priority
+    def __init__(self, envelope: TaskEnvelope, client: bytes, seq: int, status: TaskStatus) -> None:
+        self.envelope = envelope
+        self.client = client
+        self.seq = seq
+        self.status = status
+        self.name = envelope.name
+        self.priority = envelope.priority
+        self.attempt = 1
+        self.worker: bytes | None = None
+        self.deaths = 0
 
 
 @attrs.define(eq=False, slots=True)
@@ -141,6 +149,8 @@ class Scheduler(Actor):
         self._sock: ZSocket | None = None
         self.endpoint: str | None = None
         self._stats: Counter[str] = Counter()
+        self._accepted = 0
+        self._outcomes = {"success": 0, "failure": 0, "cancelled": 0}
         self._rejected: Counter[str] = Counter()
         # Output of the message being handled, flushed once at its end.
         self._out_records: list[ResultRecord] = []
@@ -280,8 +290,9 @@ class Scheduler(Actor):
         self._seq += 1
         job = _Job(envelope, identity, self._seq, _QUEUED)
         self._jobs[task_id] = job
-        self._stats["accepted"] += 1
-        eta = envelope.option("eta")
+        self._accepted += 1
+        options = envelope.options
+        eta = None if options is None else options.get("eta")
         if eta is not None and eta > now_wall:
             job.status = _SCHEDULED
             self._schedule(now + (eta - now_wall), job)
@@ -450,14 +461,15 @@ class Scheduler(Actor):
         finished[task_id] = None
         if len(finished) > self.config.finished_memory:
             del finished[next(iter(finished))]
-        self._stats[record.status] += 1
+        self._outcomes[record.status] += 1
         self._out_records.append(record)
         if job.client:
             push = self._out_push.get(job.client)
             if push is None:
                 push = self._out_push[job.client] = []
             push.append(record)
-        address = job.envelope.option("cb")
+        options = job.envelope.options
+        address = None if options is None else options.get("cb")
         if address is not None:
             payload = build_callback_payload(
                 record, job.envelope.option("cbd"), allow_pickle=self.config.allow_pickle
@@ -500,16 +512,14 @@ class Scheduler(Actor):
                 continue
             batch: list[Any] = []
             jobs: list[_Job] = []
-            while free > 0:
-                job = self._queues.pop_for(slot.names)
-                if job is None:
-                    break
+            back: list[_Job] = []
+            for job in self._queues.pop_many(slot.names, free):
                 if job.deaths:
                     if slot.suspect is not None:
                         # One suspect per worker: a poison task must not take innocent
                         # tasks down with it again.  Another worker will take it.
-                        self._queues.push_front([job])
-                        break
+                        back.append(job)
+                        continue
                     slot.suspect = job.envelope.task_id
                 job.status = _RUNNING
                 job.worker = slot.identity
@@ -521,7 +531,8 @@ class Scheduler(Actor):
                     )
                 batch.append(envelope)
                 jobs.append(job)
-                free -= 1
+            if back:
+                self._queues.push_front(back)
             if batch:
                 self._send_dispatch(slot, batch, jobs)
             if not len(self._queues):
@@ -566,10 +577,10 @@ class Scheduler(Actor):
             "scheduled": sum(1 for j in self._jobs.values() if j.status in (_SCHEDULED, _RETRYING)),
             "held": len(self._jobs),
             "max_queued": self.config.max_queued,
-            "succeeded": self._stats["success"],
-            "failed": self._stats["failure"],
-            "cancelled": self._stats["cancelled"],
-            "accepted": self._stats["accepted"],
+            "succeeded": self._outcomes["success"],
+            "failed": self._outcomes["failure"],
+            "cancelled": self._outcomes["cancelled"],
+            "accepted": self._accepted,
             "dispatched": self._stats["dispatched"],
             "retried": self._stats["retried"],
             "requeued": self._stats["requeued"],

@@ -26,7 +26,6 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import attrs
 import trio
 
 from ..tasks.models import TaskStatus
@@ -39,6 +38,8 @@ __all__ = ["Executor", "TaskTimeout"]
 
 log = logging.getLogger("fastworker.worker")
 
+_FORMATS = (SerializationFormat.JSON, SerializationFormat.CBOR, SerializationFormat.PICKLE)
+
 
 class TaskTimeout(Exception):
     """A run took longer than its time limit."""
@@ -48,19 +49,43 @@ class _Cancelled(Exception):
     """Marks a run that was cancelled on request."""
 
 
-@attrs.define(eq=False, slots=True)
 class _Run:
-    envelope: TaskEnvelope
-    definition: TaskDefinition
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = attrs.Factory(dict)
-    attempt: int = 1
-    timeout: float | None = None
-    started: float = 0.0
-    cancel_scope: trio.CancelScope | None = None
-    future: concurrent.futures.Future[Any] | None = None
-    abandoned: bool = False  # reported already (timed out, cancelled or released)
-    cancel_requested: bool = False
+    """One task in this worker, from intake to report (a plain slotted class: hot path)."""
+
+    __slots__ = (
+        "abandoned",
+        "args",
+        "attempt",
+        "cancel_requested",
+        "cancel_scope",
+        "definition",
+        "envelope",
+        "future",
+        "kwargs",
+        "started",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        envelope: TaskEnvelope,
+        definition: TaskDefinition,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        attempt: int,
+        timeout: float | None,
+    ) -> None:
+        self.envelope = envelope
+        self.definition = definition
+        self.args = args
+        self.kwargs = kwargs
+        self.attempt = attempt
+        self.timeout = timeout
+        self.started = 0.0
+        self.cancel_scope: trio.CancelScope | None = None
+        self.future: concurrent.futures.Future[Any] | None = None
+        self.abandoned = False  # reported already (timed out, cancelled or released)
+        self.cancel_requested = False
 
     @property
     def priority(self) -> int:
@@ -90,9 +115,7 @@ class Executor:
         self._report = report
         self._allow_pickle = allow_pickle
         self._held: dict[str, _Run] = {}  # every run accepted and not yet reported
-        self._async_waiting: list[collections.deque[_Run]] = [
-            collections.deque() for _ in range(4)
-        ]
+        self._async_waiting: list[collections.deque[_Run]] = [collections.deque() for _ in range(4)]
         self._async_running = 0
         self._done: collections.deque[Outcome] = collections.deque()
         self._drain_scheduled = False
@@ -151,30 +174,38 @@ class Executor:
     def submit(self, envelopes: list[TaskEnvelope]) -> None:
         failed: list[ResultRecord] = []
         for_threads: list[_Run] = []
+        held = self._held
+        lookup = self.registry.get
+        allow_pickle = self._allow_pickle
         for envelope in envelopes:
-            if envelope.task_id in self._held:
+            task_id = envelope.task_id
+            if task_id in held:
                 continue  # a duplicate delivery of a task we are already running
-            definition = self.registry.get(envelope.name)
+            definition = lookup(envelope.name)
             if definition is None:
                 failed.append(_failure(envelope, f"unknown task {envelope.name!r} on this worker"))
                 continue
             try:
-                fmt = SerializationFormat.from_code(envelope.format)
-                decoded = loads(fmt, envelope.payload, allow_pickle=self._allow_pickle)
+                fmt = _FORMATS[envelope.format]
+                decoded = loads(fmt, envelope.payload, allow_pickle=allow_pickle)
                 args, kwargs = _split_arguments(decoded)
             except (SerializationError, ValueError) as exc:
                 failed.append(_failure(envelope, f"bad task payload: {exc}"))
                 continue
-            timeout = envelope.option("timeout", definition.timeout)
-            run = _Run(
-                envelope,
-                definition,
-                args,
-                kwargs,
-                attempt=envelope.option("attempt", 1),
-                timeout=float(timeout) if timeout is not None else None,
-            )
-            self._held[envelope.task_id] = run
+            options = envelope.options
+            if options is None:
+                run = _Run(envelope, definition, args, kwargs, 1, definition.timeout)
+            else:
+                timeout = options.get("timeout", definition.timeout)
+                run = _Run(
+                    envelope,
+                    definition,
+                    args,
+                    kwargs,
+                    options.get("attempt", 1),
+                    float(timeout) if timeout is not None else None,
+                )
+            held[task_id] = run
             if definition.runner == "thread":
                 for_threads.append(run)
             else:
@@ -362,14 +393,39 @@ class Executor:
     def _drain(self) -> None:
         self._drain_scheduled = False
         done = self._done
+        held = self._held
         records: list[ResultRecord] = []
         while done:
             outcome = done.popleft()
             run: _Run = outcome[0]
             if run.definition.runner != "thread":
                 self._async_running -= 1
-            if run.abandoned or self._held.pop(run.task_id, None) is None:
+            if run.abandoned or held.pop(run.envelope.task_id, None) is None:
                 continue  # reported already (deadline, cancel, release): late value dropped
+            if outcome[1] and not run.cancel_requested:
+                envelope = run.envelope
+                try:
+                    encoded = dumps(_FORMATS[envelope.format], outcome[2])
+                except TypeError:
+                    records.append(self._outcome_record(outcome))  # the slow path explains
+                    continue
+                if len(encoded) <= self.max_result_bytes:
+                    records.append(
+                        ResultRecord(
+                            envelope.task_id,
+                            "success",
+                            encoded,
+                            None,
+                            run.started,
+                            outcome[4],
+                            run.attempt,
+                            None,
+                            envelope.format,
+                            envelope.name,
+                            None,
+                        )
+                    )
+                    continue
             records.append(self._outcome_record(outcome))
         self.completed += len(records)
         self._start_coroutines()
@@ -387,7 +443,7 @@ class Executor:
             return _record(run, TaskStatus.CANCELLED, error="cancelled", completed=completed)
         if ok:
             try:
-                encoded = dumps(SerializationFormat.from_code(run.envelope.format), value)
+                encoded = dumps(_FORMATS[run.envelope.format], value)
                 if len(encoded) > self.max_result_bytes:
                     raise TypeError(
                         f"it is {len(encoded)} bytes, more than a message may carry "
@@ -477,6 +533,13 @@ def _record(
 
 def _split_arguments(decoded: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The payload is ``[args, kwargs]``; anything else is a bad payload."""
+    if type(decoded) is list and len(decoded) == 2:
+        args, kwargs = decoded
+        if type(args) is list and type(kwargs) is dict:
+            for key in kwargs:
+                if type(key) is not str:
+                    raise ValueError("payload keyword names must be strings")
+            return tuple(args), kwargs
     if (
         isinstance(decoded, (list, tuple))
         and len(decoded) == 2

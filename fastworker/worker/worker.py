@@ -156,7 +156,9 @@ class Worker(Actor):
             self._on_results,
             allow_pickle=self.config.allow_pickle,
         )
-        executor.max_result_bytes = self.config.transport.max_message_size - 64 * 1024
+        # Room for the envelope: 64 KiB, or half of a smaller message limit.
+        limit = self.config.transport.max_message_size
+        executor.max_result_bytes = limit - min(64 * 1024, limit // 2)
         return executor
 
     def _restart(self) -> str | None:
@@ -356,11 +358,12 @@ class Worker(Actor):
     def _flush(self) -> None:
         """Send unreported results; what cannot go now waits for the next chance."""
         outbox = self._outbox
+        max_bytes = min(_MAX_DONE_BYTES, self.config.transport.max_message_size // 2)
         while outbox:
             count = size = 0
             while count < len(outbox) and count < _MAX_RESULTS_PER_MESSAGE:
                 size += _result_size(outbox[count])
-                if count and size > _MAX_DONE_BYTES:
+                if count and size > max_bytes:
                     break
                 count += 1
             if not self._send_scheduler(Done(outbox[:count])):
