@@ -12,8 +12,8 @@ import sys
 # Make `examples.tasks` importable when run from anywhere.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastworker import Client, TaskPriority, TaskStatus  # noqa: E402
-from fastworker.testing import cluster  # noqa: E402
+from fastworker import Client, TaskPriority, TaskStatus
+from fastworker.testing import cluster
 
 
 async def main(discovery_address: str) -> None:
