@@ -1,0 +1,168 @@
+"""Completion callbacks as a receiver sees them: one frame on a PULL socket it binds.
+
+The document has exactly the documented keys, in the task's serialization
+format (JSON by default, CBOR when the client uses CBOR).  A receiver that is
+not there must not slow anything down: its documents are dropped after the
+delivery timeout and counted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import cbor2
+import pytest
+import trio
+import zmq
+
+from fastworker import Client, Cluster, TaskStatus
+from fastworker.transport import ZSocket, open_socket
+
+pytestmark = pytest.mark.timeout(30)
+
+DOCUMENTED_KEYS = {
+    "task_id",
+    "status",
+    "result",
+    "error",
+    "started_at",
+    "completed_at",
+    "callback_data",
+}
+DECODERS: dict[str, Callable[[bytes], Any]] = {"json": json.loads, "cbor": cbor2.loads}
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def reject(n: int) -> None:
+    raise ValueError(f"bad input {n}")
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[ZSocket]:
+    """A PULL socket bound on a random loopback port (``receiver.endpoint``)."""
+    sock = open_socket(zmq.PULL)
+    sock.bind("tcp://127.0.0.1:*")
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def _timestamp(value: Any) -> dt.datetime:
+    assert isinstance(value, str)
+    stamp = dt.datetime.fromisoformat(value)
+    assert stamp.tzinfo is not None, f"{value!r} is not timezone-aware"
+    return stamp
+
+
+@pytest.mark.parametrize("fmt", ["json", "cbor"])
+async def test_the_callback_document_has_the_documented_keys(receiver: ZSocket, fmt: str) -> None:
+    address = receiver.endpoint
+    assert address is not None
+    extra = {"source": "my_app", "user_id": 123}
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add, reject]) as cluster,
+            Client(discovery_address=cluster.discovery_address, serialization_format=fmt) as client,
+        ):
+            ok_id = await client.delay_with_callback("add", address, 2, 3, callback_data=extra)
+            failed_id = await client.delay_with_callback(
+                "reject", address, 7, callback_data=["a", 1]
+            )
+            bare_id = await client.delay_with_callback("add", address, 1, 1)
+            documents = {}
+            for _ in range(3):
+                [frame] = await receiver.recv_multipart()
+                document = DECODERS[fmt](frame)
+                documents[document["task_id"]] = document
+            await client.join(timeout=5)
+
+    assert set(documents) == {ok_id, failed_id, bare_id}
+    for document in documents.values():
+        assert set(document) == DOCUMENTED_KEYS
+        started, completed = (
+            _timestamp(document["started_at"]),
+            _timestamp(document["completed_at"]),
+        )
+        assert started <= completed <= dt.datetime.now(dt.UTC)
+
+    ok = documents[ok_id]
+    assert (ok["status"], ok["result"], ok["error"]) == ("success", 5, None)
+    assert ok["callback_data"] == extra
+
+    failed = documents[failed_id]
+    assert failed["status"] == "failure"
+    assert failed["result"] is None
+    assert "ValueError: bad input 7" in failed["error"]
+    assert failed["callback_data"] == ["a", 1]
+
+    assert documents[bare_id]["callback_data"] is None
+    assert documents[bare_id]["result"] == 2
+
+
+async def test_cbor_callback_data_keeps_bytes(receiver: ZSocket) -> None:
+    address = receiver.endpoint
+    assert address is not None
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add]) as cluster,
+            Client(discovery_address=cluster.discovery_address, serialization_format="cbor") as c,
+        ):
+            await c.delay_with_callback("add", address, 1, 2, callback_data={"blob": b"\x00\xff"})
+            [frame] = await receiver.recv_multipart()
+    document = cbor2.loads(frame)
+    assert document["callback_data"] == {"blob": b"\x00\xff"}
+    assert document["result"] == 3
+
+
+async def test_an_absent_receiver_slows_nothing_and_its_drops_are_counted(
+    receiver: ZSocket, poll_until: Callable[..., Awaitable[Any]]
+) -> None:
+    # An address nobody listens on: bound once for a free port, then closed.
+    probe = open_socket(zmq.PULL)
+    dead = probe.bind("tcp://127.0.0.1:*")
+    probe.close()
+    live = receiver.endpoint
+    assert live is not None
+
+    with trio.fail_after(15):
+        async with (
+            Cluster(tasks=[add], callback_timeout=0.2) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            ids = [
+                await client.delay_with_callback("add", dead, i, i, callback_data=i)
+                for i in range(500)
+            ]
+            # Waiting for the deliveries one after another would take
+            # 500 x 0.2 s = 100 s; the tasks themselves must not wait at all.
+            with trio.fail_after(5):
+                await client.join()
+            results = [client.get_result(task_id) for task_id in ids]
+            assert [r.result for r in results if r is not None and r.ok] == [
+                2 * i for i in range(500)
+            ]
+
+            # Another receiver is not stuck behind the absent one's backlog.
+            with trio.fail_after(5):
+                live_id = await client.delay_with_callback("add", live, 4, 4)
+                [frame] = await receiver.recv_multipart()
+            assert json.loads(frame)["task_id"] == live_id
+
+            stats = await poll_until(
+                client.stats,
+                lambda s: s["callbacks"]["dropped"] >= 1 and s["callbacks"]["sent"] == 1,
+                timeout=5,
+            )
+
+    callbacks = stats["callbacks"]
+    assert set(callbacks["dropped_by_reason"]) == {"unreachable"}
+    assert callbacks["dropped"] == callbacks["dropped_by_reason"]["unreachable"]
+    assert stats["scheduler"]["succeeded"] == 501
+    assert client.get_status(live_id) is TaskStatus.SUCCESS

@@ -1,0 +1,218 @@
+"""The control plane's result cache: one hour TTL, 10,000 results, LRU by last access.
+
+Time logic is tested on the ResultCache actor itself under a MockClock (its
+``store``/``get``/``sweep`` read ``trio.current_time()``).  End to end, a
+second Client (which did not submit, so has no local copy) asks the control
+plane; expiry end to end runs on a MockClock that follows real time and is
+jumped past the TTL, so nothing waits for it to pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from fastworker import Client, Cluster, TaskStatus
+from fastworker.control import ControlPlaneConfig
+from fastworker.control._internal import StoreResults
+from fastworker.control.result_cache import ResultCache, ResultCacheConfig
+from fastworker.wire import ResultRecord
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def done(task_id: str) -> ResultRecord:
+    return ResultRecord(task_id, TaskStatus.SUCCESS.value, b"1", name="add")
+
+
+# -- the actor, on a mock clock ----------------------------------------------
+
+
+async def test_defaults_are_one_hour_and_ten_thousand_results() -> None:
+    assert (ResultCacheConfig().ttl, ResultCacheConfig().max_size) == (3600.0, 10_000)
+    config = ControlPlaneConfig()
+    assert (config.result_ttl, config.result_cache_size) == (3600.0, 10_000)
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add]) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            stats = await client.stats()
+    assert stats["result-cache"]["ttl"] == 3600.0
+    assert stats["result-cache"]["max_size"] == 10_000
+
+
+async def test_a_result_expires_ttl_seconds_after_it_was_stored(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    cache = ResultCache(ResultCacheConfig(ttl=10.0, max_size=100))
+    record = done("a")
+    cache.store([record])
+    mock_clock.jump(5.0)
+    assert cache.get("a") == record
+    mock_clock.jump(4.5)
+    assert cache.get("a") == record  # reading does not extend its life
+    mock_clock.jump(0.5)
+    assert cache.get("a") is None
+    assert len(cache) == 0
+    stats = cache.statistics_dict()
+    assert (stats["hits"], stats["expired"]) == (2, 1)
+
+
+async def test_storing_a_result_again_restarts_its_ttl(mock_clock: trio.testing.MockClock) -> None:
+    cache = ResultCache(ResultCacheConfig(ttl=10.0, max_size=100))
+    cache.store([done("a")])
+    mock_clock.jump(8.0)
+    cache.store([done("a")])
+    mock_clock.jump(8.0)
+    assert cache.get("a") is not None
+
+
+async def test_an_unknown_id_is_not_found() -> None:
+    cache = ResultCache(ResultCacheConfig())
+    assert cache.get("never-stored") is None
+    assert cache.statistics_dict()["misses"] == 1
+
+
+async def test_sweep_drops_only_expired_results(mock_clock: trio.testing.MockClock) -> None:
+    cache = ResultCache(ResultCacheConfig(ttl=10.0, max_size=100))
+    cache.store([done("old")])
+    mock_clock.jump(6.0)
+    cache.store([done("young")])
+    mock_clock.jump(4.0)
+    assert cache.sweep() == 1
+    assert len(cache) == 1
+    assert cache.get("young") is not None
+    assert cache.statistics_dict()["expired"] == 1
+
+
+async def test_the_running_cache_frees_results_nobody_reads_again(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cache = ResultCache(ResultCacheConfig(ttl=30.0, max_size=100))
+    with trio.fail_after(600):  # virtual seconds
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cache.run)
+            cache.ref.tell(StoreResults([done("a"), done("b")]))
+            assert (await cache.ref.ask("stats"))["size"] == 2
+            await trio.sleep(29.0)
+            assert (await cache.ref.ask("stats"))["size"] == 2
+            # The sweep runs every min(ttl, 60 s): by ttl + one period, both are gone.
+            await trio.sleep(31.0)
+            stats = await cache.ref.ask("stats")
+            cache.ref.stop()
+    assert (stats["size"], stats["expired"]) == (0, 2)
+
+
+async def test_the_least_recently_stored_result_is_evicted_when_full() -> None:
+    cache = ResultCache(ResultCacheConfig(max_size=3))
+    cache.store([done("a"), done("b"), done("c")])
+    cache.store([done("d")])
+    assert cache.get("a") is None
+    assert [cache.get(t) is not None for t in ("b", "c", "d")] == [True, True, True]
+    assert cache.statistics_dict()["evicted"] == 1
+
+
+async def test_a_read_makes_a_result_recently_used() -> None:
+    cache = ResultCache(ResultCacheConfig(max_size=3))
+    cache.store([done("a"), done("b"), done("c")])
+    assert cache.get("a") is not None
+    cache.store([done("d")])
+    assert cache.get("b") is None  # b, not a, was the least recently accessed
+    assert [cache.get(t) is not None for t in ("a", "c", "d")] == [True, True, True]
+
+
+async def test_a_batch_bigger_than_the_cache_keeps_its_newest_results() -> None:
+    cache = ResultCache(ResultCacheConfig(max_size=3))
+    cache.store([done(str(i)) for i in range(5)])
+    assert len(cache) == 3
+    assert [cache.get(str(i)) is not None for i in range(5)] == [False, False, True, True, True]
+    assert cache.statistics_dict()["evicted"] == 2
+
+
+# -- end to end ---------------------------------------------------------------
+
+
+async def test_get_task_result_is_none_for_an_evicted_or_unknown_result() -> None:
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add], result_cache_size=3) as cluster,
+            Client(discovery_address=cluster.discovery_address) as submitter,
+            Client(discovery_address=cluster.discovery_address) as reader,
+        ):
+            # One at a time, so they are stored in this order.
+            ids = []
+            for i in range(4):
+                result = await submitter.submit_task("add", args=(i, i), timeout=5)
+                ids.append(result.task_id)
+            first = await reader.get_task_result(ids[0])
+            rest = [await reader.get_task_result(task_id) for task_id in ids[1:]]
+            unknown = await reader.get_task_result("no-such-task")
+            stats = await reader.stats()
+            # The submitter keeps its own copy: the documented local cache.
+            local = submitter.get_result(ids[0])
+
+    assert first is None
+    assert [(r.status, r.result) for r in rest if r is not None] == [
+        (TaskStatus.SUCCESS, 2),
+        (TaskStatus.SUCCESS, 4),
+        (TaskStatus.SUCCESS, 6),
+    ]
+    assert unknown is None
+    assert stats["result-cache"]["size"] == 3
+    assert stats["result-cache"]["evicted"] == 1
+    assert local is not None
+    assert local.result == 0
+
+
+async def test_reading_a_result_keeps_it_over_an_unread_one() -> None:
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add], result_cache_size=3) as cluster,
+            Client(discovery_address=cluster.discovery_address) as submitter,
+            Client(discovery_address=cluster.discovery_address) as reader,
+        ):
+            ids = []
+            for i in range(3):
+                ids.append((await submitter.submit_task("add", args=(i, i), timeout=5)).task_id)
+            assert await reader.get_task_result(ids[0]) is not None
+            ids.append((await submitter.submit_task("add", args=(3, 3), timeout=5)).task_id)
+            kept = await reader.get_task_result(ids[0])
+            evicted = await reader.get_task_result(ids[1])
+
+    assert kept is not None
+    assert kept.result == 0
+    assert evicted is None
+
+
+async def test_get_task_result_is_none_once_the_result_expired(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # Real time flows (sockets, heartbeats); jumps add time without waiting for it.
+    # Jumps stay well below heartbeat_interval x liveness (3 s): nobody is declared dead.
+    mock_clock.rate = 1.0
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add], result_ttl=1.0) as cluster,
+            Client(discovery_address=cluster.discovery_address) as submitter,
+            Client(discovery_address=cluster.discovery_address) as reader,
+        ):
+            task_id = (await submitter.submit_task("add", args=(20, 22), timeout=5)).task_id
+            fresh = await reader.get_task_result(task_id)
+            mock_clock.jump(0.5)
+            halfway = await reader.get_task_result(task_id)
+            mock_clock.jump(0.5)
+            expired = await reader.get_task_result(task_id)
+            stats = await reader.stats()
+
+    assert fresh is not None
+    assert fresh.result == 42
+    assert halfway is not None
+    assert expired is None
+    assert stats["result-cache"]["expired"] == 1
+    assert stats["result-cache"]["size"] == 0
