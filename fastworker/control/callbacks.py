@@ -70,7 +70,7 @@ class CallbackDispatcher(Actor):
 
     def _drop(self, reason: str, address: str, count: int = 1) -> None:
         self._counts[f"dropped_{reason}"] += count
-        log.warning("callback to %s dropped (%s)", address, reason)
+        log.warning("%d callback document(s) to %s dropped (%s)", count, address, reason)
 
     def _enqueue(self, address: str, payload: bytes) -> None:
         sender = self._senders.get(address)
@@ -122,7 +122,17 @@ class CallbackDispatcher(Actor):
                 with trio.move_on_after(self.config.delivery_timeout) as scope:
                     await sock.send_multipart([payload])
                 if scope.cancelled_caught:
-                    self._drop("unreachable", address)
+                    # Nobody took it within the timeout: what waits behind it would
+                    # only wait as long again, one by one.  Drop the queue now
+                    # (counted), and give later documents a fresh chance.
+                    dropped = 1
+                    while True:
+                        try:
+                            inbox.receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                            break
+                        dropped += 1
+                    self._drop("unreachable", address, dropped)
                 else:
                     self._counts["sent"] += 1
         finally:
