@@ -5,10 +5,10 @@ from __future__ import annotations
 import attrs
 import trio
 
-from .runtime import ActorRef
+from .runtime import ActorRef, ActorStopped
 from .transport import ZSocket
 
-__all__ = ["Inbound", "pump_socket"]
+__all__ = ["Inbound", "pump_socket", "tell_own_actor"]
 
 
 @attrs.frozen
@@ -26,7 +26,8 @@ async def pump_socket(
 
     ``send`` waits when the owner's mailbox is full: we stop reading, ZeroMQ's
     queues fill, and TCP pushes back on the peers.  That is the backpressure
-    path; nothing is dropped here.  Returns when the owner closes the socket.
+    path; nothing is dropped here.  Returns when the owner closes the socket
+    or stops.
     """
     origin = sock if tag else None
     while True:
@@ -34,4 +35,20 @@ async def pump_socket(
             frames = await sock.recv_batch(max_batch)
         except trio.ClosedResourceError:
             return
-        await owner.send(Inbound(frames, origin))
+        if not await tell_own_actor(owner, Inbound(frames, origin)):
+            return
+
+
+async def tell_own_actor(owner: ActorRef, message: object) -> bool:
+    """From a helper task of ``owner``: queue ``message``; False once ``owner`` has stopped.
+
+    A helper (socket reader, ticker, timer) can wake between its actor's stop
+    and the end of the actor's run.  That is no crash: the helper should just
+    end.  Raising ActorStopped into the actor's nursery instead would log a
+    "crashed while stopping" traceback and cut short the drain of its mailbox.
+    """
+    try:
+        await owner.send(message)
+    except ActorStopped:
+        return False
+    return True

@@ -30,6 +30,7 @@ __all__ = [
     "percentile",
     "round_trips",
     "scheduler_counter",
+    "stats",
     "submit_each",
     "submit_in_batches",
     "wait_for_workers",

@@ -25,7 +25,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket
+from .._io import Inbound, pump_socket, tell_own_actor
 from ..runtime import Actor
 from ..tasks.models import TaskStatus
 from ..transport import TransportConfig, ZSocket, open_socket
@@ -259,7 +259,8 @@ class ClientCore(Actor):
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(self._interval)
-            await self.ref.send(_Tick())
+            if not await tell_own_actor(self.ref, _Tick()):
+                return
 
     # -- messages -----------------------------------------------------------
 
@@ -530,7 +531,7 @@ class ClientCore(Actor):
             await sock.wait_writable()
         except trio.ClosedResourceError:
             return
-        await self.ref.send(_Wake())
+        await tell_own_actor(self.ref, _Wake())
 
     def _on_ack(self, ack: SubmitAck) -> None:
         if self.acks_dropped_for_test > 0:

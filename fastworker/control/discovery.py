@@ -18,7 +18,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket
+from .._io import Inbound, pump_socket, tell_own_actor
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -101,7 +101,8 @@ class Discovery(Actor):
     async def _reaper(self) -> None:
         while True:
             await trio.sleep(self.config.heartbeat_interval / 2)
-            await self.ref.send(_Reap())
+            if not await tell_own_actor(self.ref, _Reap()):
+                return
 
     def receive(self, message: Any) -> Any:
         if type(message) is Inbound:

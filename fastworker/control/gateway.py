@@ -36,6 +36,7 @@ __all__ = ["Gateway"]
 log = logging.getLogger("fastworker.gateway")
 
 _TASKS_PER_FORWARD = 4096
+_CLOSE_LINGER_MS = 1000  # see on_stop
 
 
 class Gateway(Actor):
@@ -68,7 +69,9 @@ class Gateway(Actor):
 
     async def on_stop(self) -> None:
         if self._sock is not None:
-            self._sock.close()
+            # Linger: replies and result pushes handed to the socket just before
+            # a shutdown still reach connected clients (the node waits for them).
+            self._sock.close(linger_ms=_CLOSE_LINGER_MS)
             self._sock = None
 
     def receive(self, message: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import trio
 
+from .._io import tell_own_actor
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..tasks.models import TaskStatus
 from ..wire import ResultRecord, ResultReply, Results, encode
@@ -69,7 +70,8 @@ class ResultCache(Actor):
         period = min(self.config.ttl, 60.0)
         while True:
             await trio.sleep(period)
-            await self.ref.send(_Sweep())
+            if not await tell_own_actor(self.ref, _Sweep()):
+                return
 
     def receive(self, message: Any) -> Any:
         if isinstance(message, StoreResults):

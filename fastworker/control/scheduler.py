@@ -23,7 +23,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket
+from .._io import Inbound, pump_socket, tell_own_actor
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..tasks.models import TaskStatus
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
@@ -179,7 +179,8 @@ class Scheduler(Actor):
                 await trio.sleep_forever()
             self._timer_scope = None
             self._next_due = math.inf
-            await self.ref.send(_Due())
+            if not await tell_own_actor(self.ref, _Due()):
+                return
 
     def _schedule(self, due: float, job: _Job) -> None:
         heapq.heappush(self._timed, (due, job.seq, job))

@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -355,10 +356,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.worker_process:
             registry = _load_registry(args.task_modules)
-            return trio.run(_run_worker_process, args, registry)
-        if args.role != "control-plane":
-            _load_registry(args.task_modules)  # fail here, once, rather than in every child
-        return trio.run(_run_node, args)
+            code = trio.run(_run_worker_process, args, registry)
+        else:
+            if args.role != "control-plane":
+                _load_registry(args.task_modules)  # fail here, once, rather than in every child
+            code = trio.run(_run_node, args)
+        _deliver_queued_messages()
+        return code
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
@@ -370,6 +374,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _deliver_queued_messages(timeout: float = 2.0) -> None:
+    """Give ZeroMQ up to ``timeout`` s to send what closed sockets still hold (their linger).
+
+    pyzmq does not terminate its context at exit, and the process's end
+    would cut off the last messages (a worker's final results, the results
+    the control plane pushed to clients) still queued in ZeroMQ's I/O thread.
+    ``term`` waits for them; in a thread, so that a socket somebody left open
+    (``term`` would wait forever) costs ``timeout``, not a hang.
+    """
+    thread = threading.Thread(target=zmq.Context.instance().term, name="zmq-term", daemon=True)
+    thread.start()
+    thread.join(timeout)
 
 
 def _describe_startup_error(exc: BaseException, args: Any) -> str | None:

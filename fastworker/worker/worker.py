@@ -25,7 +25,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket
+from .._io import Inbound, pump_socket, tell_own_actor
 from ..runtime import Actor
 from ..tasks.registry import TaskRegistry
 from ..transport import TransportConfig, ZSocket, open_socket
@@ -187,7 +187,8 @@ class Worker(Actor):
     async def _ticker(self) -> None:
         while True:
             await trio.sleep(self._interval)
-            await self.ref.send(_Tick())
+            if not await tell_own_actor(self.ref, _Tick()):
+                return
 
     # -- messages -----------------------------------------------------------
 
@@ -284,7 +285,7 @@ class Worker(Actor):
             await sock.wait_writable()
         except trio.ClosedResourceError:
             return
-        await self.ref.send(_Connected(sock))
+        await tell_own_actor(self.ref, _Connected(sock))
 
     def _announce(self) -> None:
         """Tell the scheduler our window (absolute, so repeating it is harmless) and flush."""
@@ -353,7 +354,7 @@ class Worker(Actor):
 
     async def _flush_soon(self) -> None:
         await trio.sleep(_COALESCE_SECONDS)
-        await self.ref.send(_Flush())
+        await tell_own_actor(self.ref, _Flush())
 
     def _flush(self) -> None:
         """Send unreported results; what cannot go now waits for the next chance."""
