@@ -246,11 +246,12 @@ class ClientCore(Actor):
 
     def fail_waiters(self, message: str) -> None:
         """The client stopped: every caller still waiting gets ClientStoppedError now."""
-        waiters = [w for entry in self.pending.values() for w in entry.waiters or ()]
+        # list(): callers in other threads may add to pending while we look.
+        waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
         waiters += self._joiners
         waiters += [command.waiter for command in self._parked]
         waiters += [command.waiter for command in self._queries.values()]
-        waiters += [item.waiter for item in self.inbox if isinstance(item, Command)]
+        waiters += [item.waiter for item in list(self.inbox) if isinstance(item, Command)]
         self._joiners, self._parked = [], []
         self._queries.clear()
         for waiter in waiters:

@@ -27,8 +27,15 @@ def _resolve(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         if isinstance(value, BaseException):
             future.set_exception(value)
+            # The caller may have timed out and left: an error nobody awaits is
+            # not worth asyncio's "exception was never retrieved" at exit.
+            future.add_done_callback(_retrieve)
         else:
             future.set_result(value)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    future.exception()
 
 
 class AsyncioWaiter:

@@ -300,7 +300,7 @@ async def _run_worker_process(args: argparse.Namespace, registry: TaskRegistry) 
         # Leave when our node died under us (no orphan workers) or when a task
         # thread is stuck and nothing else runs (the process must be replaced).
         while True:
-            await trio.sleep(args.heartbeat_interval)
+            await trio.sleep(min(args.heartbeat_interval, 1.0))
             ex = worker.executor
             if not parent_alive(parent):
                 log.warning("worker %s: parent node gone; leaving", worker.worker_id)
