@@ -48,6 +48,18 @@ _SAFETY_NET_SECONDS = 2.0
 _PEER_RETRY_FIRST_SECONDS = 0.001
 _PEER_RETRY_MAX_SECONDS = 0.05
 
+# Plain ints: pyzmq's constants are enums, and every ``events & zmq.POLLIN`` on
+# an enum builds a new enum member (a few microseconds, several times per
+# message on the hot path).
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+# Frames at least this large are sent without a copy; smaller ones are cheaper
+# to copy than to track (pyzmq's own threshold).
+_ZERO_COPY_BYTES = 65536
+
 
 class PeerUnreachable(Exception):
     """A ROUTER socket was asked to send to an identity that is not connected.
@@ -153,8 +165,15 @@ class ZSocket:
         must not stall (the scheduler) count and re-route rather than wait.
         """
         self._check_open()
+        sock = self._sock
         try:
-            self._sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            last = len(frames) - 1
+            for index, frame in enumerate(frames):
+                sock.send(
+                    frame,
+                    _NOBLOCK if index == last else _NOBLOCK_MORE,
+                    copy=len(frame) < _ZERO_COPY_BYTES,
+                )
         except zmq.Again:
             raise trio.WouldBlock from None
         except zmq.ZMQError as exc:
@@ -186,7 +205,7 @@ class ZSocket:
                     await self._wait_for_change(peer_retry)
                     peer_retry = min(peer_retry * 2, _PEER_RETRY_MAX_SECONDS)
                 else:
-                    await self._wait_for(zmq.POLLOUT)
+                    await self._wait_for(_POLLOUT)
                     peer_retry = _PEER_RETRY_FIRST_SECONDS
                 continue
             await trio.lowlevel.cancel_shielded_checkpoint()
@@ -195,7 +214,7 @@ class ZSocket:
     async def wait_writable(self) -> None:
         """Return once a send would not block (for a DEALER: once a peer is connected)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        await self._wait_for(zmq.POLLOUT)
+        await self._wait_for(_POLLOUT)
 
     # -- receiving ----------------------------------------------------------
 
@@ -203,7 +222,7 @@ class ZSocket:
         """One message if one is ready, else ``trio.WouldBlock``."""
         self._check_open()
         try:
-            frames: list[bytes] = self._sock.recv_multipart(zmq.NOBLOCK)
+            frames: list[bytes] = self._sock.recv_multipart(_NOBLOCK)
         except zmq.Again:
             raise trio.WouldBlock from None
         else:
@@ -221,7 +240,7 @@ class ZSocket:
             try:
                 frames = self.recv_multipart_nowait()
             except trio.WouldBlock:
-                await self._wait_for(zmq.POLLIN)
+                await self._wait_for(_POLLIN)
                 continue
             await trio.lowlevel.cancel_shielded_checkpoint()
             return frames
@@ -241,18 +260,28 @@ class ZSocket:
         sock = self._sock
         batch: list[list[bytes]] = []
         while True:
-            while len(batch) < max_messages:
-                try:
-                    batch.append(sock.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+            try:
+                batch.append(sock.recv_multipart(_NOBLOCK))
+            except zmq.Again:
+                self._after_io()  # the failed attempt may have swallowed an edge
+                await self._wait_for(_POLLIN)
+                self._check_open()
+                continue
+            # One message in hand.  Read EVENTS (which hands readiness on, as after
+            # any zmq call) rather than receiving until zmq.Again: raising Again
+            # costs more than the read, and a lone message is the common case.
+            events = self._events()
+            if events & _POLLIN:
+                while len(batch) < max_messages:
+                    try:
+                        batch.append(sock.recv_multipart(_NOBLOCK))
+                    except zmq.Again:
+                        break
+                events = self._events()
+            self._hand_off(events)
             self._received += len(batch)
-            self._after_io()
-            if batch:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return batch
-            await self._wait_for(zmq.POLLIN)
-            self._check_open()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return batch
 
     # -- readiness ----------------------------------------------------------
 
@@ -263,11 +292,11 @@ class ZSocket:
 
     def _events(self) -> int:
         """Read ``EVENTS``; this processes zmq's pending commands and drains the fd."""
-        return cast(int, self._sock.getsockopt(zmq.EVENTS))
+        return cast(int, self._sock.get(_EVENTS))
 
     def _hand_off(self, events: int) -> None:
         """Wake everybody if ``events`` shows a direction that somebody waits for."""
-        if (events & zmq.POLLIN and self._readers) or (events & zmq.POLLOUT and self._writers):
+        if (events & _POLLIN and self._readers) or (events & _POLLOUT and self._writers):
             self._wake_all()
 
     def _wake_all(self) -> None:
@@ -277,7 +306,7 @@ class ZSocket:
 
     async def _wait_for(self, flag: int) -> None:
         """Return once ``EVENTS`` shows ``flag`` (POLLIN or POLLOUT) or the socket closed."""
-        reading = flag == zmq.POLLIN
+        reading = flag == _POLLIN
         if reading:
             self._readers += 1
         else:

@@ -335,7 +335,12 @@ class Executor:
             else:
                 limit = TaskTimeout(f"task exceeded its time limit of {run.timeout:g} s")
                 outcome = (run, False, limit, None, time.time())
-        self._finished(outcome)
+        # Already on the trio thread: report now rather than through
+        # run_sync_soon's wake-up (measured at ~60 µs here); the drain still
+        # takes everything that finished meanwhile.
+        self._done.append(outcome)
+        if not self._drain_scheduled:
+            self._drain()
 
     def _run_asyncio(self, run: _Run) -> None:
         loop = self._ensure_asyncio_loop()
