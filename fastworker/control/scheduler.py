@@ -111,7 +111,7 @@ class _WorkerSlot:
     names: frozenset[str] | None = None  # None until Discovery reports the registration
     window: int = 0
     inflight: dict[str, _Job] = attrs.Factory(dict)
-    suspect: str | None = None  # the one task here that once killed a worker
+    suspect: str | None = None  # a task here on its last chance (see _may_take)
 
 
 @attrs.frozen
@@ -518,12 +518,11 @@ class Scheduler(Actor):
             back: list[_Job] = []
             for job in self._queues.pop_many(slot.names, free):
                 if job.deaths:
-                    if slot.suspect is not None:
-                        # One suspect per worker: a poison task must not take innocent
-                        # tasks down with it again.  Another worker will take it.
-                        back.append(job)
+                    if not self._may_take(slot, job):
+                        back.append(job)  # another worker, or this one later, takes it
                         continue
-                    slot.suspect = job.envelope.task_id
+                    if job.deaths >= self.config.max_worker_deaths - 1:
+                        slot.suspect = job.envelope.task_id
                 job.status = _RUNNING
                 job.worker = slot.identity
                 slot.inflight[job.envelope.task_id] = job
@@ -540,6 +539,23 @@ class Scheduler(Actor):
                 self._send_dispatch(slot, batch, jobs)
             if not len(self._queues):
                 return
+
+    def _may_take(self, slot: _WorkerSlot, job: _Job) -> bool:
+        """Whether a task that was on dying workers may go to ``slot`` now (poison guard).
+
+        A death counts against every task its worker held, so a poison task
+        must not keep dying in company: a task on its *last chance* (one death
+        short of the limit) runs on a worker that holds no other such suspect
+        and no task with a death at all, and a worker holding a last-chance
+        task takes no other task with a death.  Tasks with fewer deaths run
+        freely, so recovering from one crash costs no parallelism.  An innocent
+        task can then reach at most ``limit - 1`` deaths from one poison task.
+        """
+        if slot.suspect is not None:
+            return False
+        if job.deaths >= self.config.max_worker_deaths - 1:
+            return not any(held.deaths for held in slot.inflight.values())
+        return True
 
     def _send_dispatch(self, slot: _WorkerSlot, batch: list[Any], jobs: list[_Job]) -> None:
         assert self._sock is not None
