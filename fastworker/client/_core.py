@@ -86,14 +86,16 @@ class _SweepReply:
         raise NotImplementedError("sweep replies are never awaited")
 
 
-@attrs.define(eq=False, slots=True)
 class PendingTask:
-    """A task this client submitted and has no final result for yet."""
+    """A task this client submitted and has no final result for yet (slotted: one per task)."""
 
-    wire: list[Any]
-    status: TaskStatus = TaskStatus.PENDING
-    waiters: list[Waiter] | None = None
-    sent: bool = False  # part of a request not yet acknowledged or acknowledged
+    __slots__ = ("sent", "status", "waiters", "wire")
+
+    def __init__(self, wire: list[Any], waiters: list[Waiter] | None = None) -> None:
+        self.wire = wire
+        self.status = TaskStatus.PENDING
+        self.waiters = waiters
+        self.sent = False  # part of a request not yet acknowledged or acknowledged
 
 
 @attrs.define(eq=False, slots=True)
@@ -161,8 +163,8 @@ class ClientCore(Actor):
         self._queries: dict[int, Command] = {}
         self._joiners: list[Waiter] = []
         self._parked: list[Command] = []  # commands waiting for a connection
-        # (acknowledged at, task id), oldest first: candidates for the lost-push sweep
-        self._watch: collections.deque[tuple[float, str]] = collections.deque()
+        # (acknowledged at, task ids), oldest first: candidates for the lost-push sweep
+        self._watch: collections.deque[tuple[float, list[str]]] = collections.deque()
         self._next_request = 1
         self._discovery: ZSocket | None = None
         self._gateway: ZSocket | None = None
@@ -410,12 +412,14 @@ class ClientCore(Actor):
         if not self.connected.is_set() or self._gateway is None:
             return
         watch = self._watch
+        pending = self.pending
         stale: list[str] = []
         while watch and now - watch[0][0] > _SWEEP_AFTER and len(stale) < _SWEEP_BATCH:
-            _, task_id = watch.popleft()
-            if task_id in self.pending:
-                stale.append(task_id)
-                watch.append((now, task_id))  # look again later if still missing
+            _, task_ids = watch.popleft()
+            missing = [task_id for task_id in task_ids if task_id in pending]
+            if missing:
+                stale.extend(missing)
+                watch.append((now, missing))  # look again later if still missing
         if stale:
             request_id = self._new_request_id()
             self._queries[request_id] = Command("sweep", _SweepReply(self), stale)
@@ -554,14 +558,13 @@ class ClientCore(Actor):
                 f"rejected by the control plane ({reason}): {text}",
                 error_type=QueueFullError if reason == "queue_full" else None,
             )
-        now = trio.current_time()
-        watch = self._watch
+        self._watch.append((trio.current_time(), request.task_ids))
+        pending = self.pending
+        queued = TaskStatus.QUEUED
         for task_id in request.task_ids:
-            entry = self.pending.get(task_id)
+            entry = pending.get(task_id)
             if entry is not None:
-                watch.append((now, task_id))
-                if entry.status is TaskStatus.PENDING:
-                    entry.status = TaskStatus.QUEUED
+                entry.status = queued
 
     def _fail_locally(
         self, task_ids: list[str], error: str, error_type: type[Exception] | None = None

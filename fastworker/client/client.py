@@ -35,6 +35,10 @@ from ._waiters import Waiter, new_waiter
 
 __all__ = ["Client"]
 
+# Priority ranks by enum member and by lowercase name (TaskPriority is a StrEnum,
+# so members hash like their values): the hot path's one dict lookup.
+_RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
+
 DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
 
 
@@ -245,7 +249,7 @@ class Client:
         inbox = core.inbox
         for task_id, wire in items:
             wire[0] = task_id
-            pending[task_id] = PendingTask(wire, waiters=[waiter] if waiter is not None else None)
+            pending[task_id] = PendingTask(wire, [waiter] if waiter is not None else None)
             inbox.append(task_id)
             ids.append(task_id)
         self._wake()
@@ -279,9 +283,38 @@ class Client:
         **kwargs: Any,
     ) -> str:
         """Submit and return the task id at once; the result arrives later by itself."""
+        if countdown is None and eta is None:
+            return self._delay_now(task_name, args, kwargs, priority)
         self._check_running()
         item = self._prepare(task_name, args, kwargs, priority, countdown=countdown, eta=eta)
         return self._enqueue([item])[0]
+
+    def _delay_now(
+        self,
+        task_name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: TaskPriority | str,
+    ) -> str:
+        """``delay`` without options: the per-task hot path, kept to the checks that matter."""
+        if self._host is None or self._stopped:
+            self._check_running()
+        rank = _RANKS.get(priority) if isinstance(priority, str) else None
+        if rank is None or type(task_name) is not str or not task_name:
+            return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
+        core = self._core
+        pending = core.pending
+        if len(pending) >= self.max_pending or core.queue_full:
+            return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
+        payload = dumps(self.serialization_format, [args, kwargs])
+        if len(payload) > self._max_payload:
+            return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
+        task_id = f"{self._id_prefix}-{next(self._ids):x}"
+        pending[task_id] = PendingTask([task_id, task_name, rank, self._format_code, payload, None])
+        core.inbox.append(task_id)
+        if not self._wake_pending or self._on_trio:
+            self._wake()
+        return task_id
 
     async def delay_with_callback(
         self,
