@@ -38,6 +38,8 @@ __all__ = ["Client"]
 # Priority ranks by enum member and by lowercase name (TaskPriority is a StrEnum,
 # so members hash like their values): the hot path's one dict lookup.
 _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
+_EAGER_WAKE = 1024
+_NORMAL = TaskPriority.NORMAL.rank
 
 DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
 
@@ -247,12 +249,18 @@ class Client:
             )
         ids = []
         inbox = core.inbox
+        prefix = self._id_prefix
+        counter = self._ids
         for task_id, wire in items:
+            if not task_id:
+                task_id = f"{prefix}-{next(counter):x}"
             wire[0] = task_id
             pending[task_id] = PendingTask(wire, [waiter] if waiter is not None else None)
             inbox.append(task_id)
             ids.append(task_id)
         self._wake()
+        if not self._on_trio and len(inbox) >= _EAGER_WAKE:
+            core.wake()  # see _delay_now
         return ids
 
     def _wake(self) -> None:
@@ -311,9 +319,14 @@ class Client:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         task_id = f"{self._id_prefix}-{next(self._ids):x}"
         pending[task_id] = PendingTask([task_id, task_name, rank, self._format_code, payload, None])
-        core.inbox.append(task_id)
+        inbox = core.inbox
+        inbox.append(task_id)
         if not self._wake_pending or self._on_trio:
             self._wake()
+        elif len(inbox) >= _EAGER_WAKE:
+            # A caller looping over delay() without yielding never gives the loop
+            # its turn: hand over every _EAGER_WAKE tasks so sending overlaps.
+            core.wake()
         return task_id
 
     async def delay_with_callback(
@@ -384,7 +397,9 @@ class Client:
         ``callback_data``.
         """
         self._check_running()
-        items = []
+        items: list[tuple[str, list[Any]]] = []
+        fmt = self.serialization_format
+        code = self._format_code
         for spec in tasks:
             if isinstance(spec, Mapping):
                 spec = dict(spec)
@@ -400,6 +415,12 @@ class Client:
                 )
             elif isinstance(spec, (tuple, list)) and 1 <= len(spec) <= 3:
                 name, args, kwargs = (*spec, (), None)[:3]
+                if type(name) is str and name and type(args) in (tuple, list):
+                    # The common shape: encode directly (what _prepare does, minus options).
+                    payload = dumps(fmt, [args, kwargs or {}])
+                    if len(payload) <= self._max_payload:
+                        items.append(("", [None, name, _NORMAL, code, payload, None]))
+                        continue
                 items.append(self._prepare(name, args, kwargs, TaskPriority.NORMAL))
             else:
                 raise TypeError(
