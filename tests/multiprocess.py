@@ -166,7 +166,8 @@ class Node:
     ) -> None:
         self.args = list(args)
         self.stop_timeout = stop_timeout
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()
+        # Owned by the Node (not a with block): closed in close().
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         try:
             self.proc: subprocess.Popen[bytes] = subprocess.Popen(
                 node_command(*args),
@@ -181,7 +182,15 @@ class Node:
             self._stderr.close()
             raise
         self.pid = self.proc.pid
-        self._pidfd = os.pidfd_open(self.pid)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except BaseException:
+            os.killpg(self.pid, signal.SIGKILL)  # not reaped yet: the group id is ours
+            self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+            self._stderr.close()
+            raise
         self.ready_line = ""
         self.role = ""
         self.discovery_address = ""
@@ -273,7 +282,10 @@ class Node:
     def signal(self, signum: int) -> None:
         """Send a signal to the node (not its workers); it must not have been reaped."""
         if not self._closed:
-            signal.pidfd_send_signal(self._pidfd, signum)
+            try:
+                signal.pidfd_send_signal(self._pidfd, signum)
+            except ProcessLookupError:
+                pass  # it has just exited
 
     def terminate(self, timeout: float | None = None) -> int | None:
         """SIGTERM and wait; the exit code, or None if the node still runs after ``timeout``."""

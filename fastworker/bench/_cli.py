@@ -13,6 +13,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
+from .._argtypes import _address
 from ._nodes import stop_all
 from ._options import SCENARIOS, BenchError, Options
 from ._progress import Progress
@@ -55,14 +56,6 @@ def _seconds(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
-
-
-def _address(text: str) -> str:
-    if "://" not in text:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a ZeroMQ endpoint (expected e.g. tcp://127.0.0.1:5550)"
-        )
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,7 +28,7 @@ import zmq
 from .._io import Inbound, pump_socket, tell_own_actor
 from ..runtime import Actor
 from ..tasks.models import TaskStatus
-from ..transport import TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket, resolve_endpoint
 from ..wire import (
     Cancel,
     CancelReply,
@@ -122,14 +122,6 @@ class _Wake:
 @attrs.frozen
 class _Tick:
     pass
-
-
-def _resolve(endpoint: str, discovery_address: str) -> str:
-    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
-        if endpoint.startswith(wildcard):
-            host = discovery_address[6:].rsplit(":", 1)[0]
-            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
-    return endpoint
 
 
 class ClientCore(Actor):
@@ -487,7 +479,7 @@ class ClientCore(Actor):
     def _on_lookup(self, reply: LookupReply) -> None:
         self._heartbeat = reply.heartbeat_interval
         self._interval = reply.heartbeat_interval
-        endpoint = _resolve(reply.client_endpoint, self.discovery_address)
+        endpoint = resolve_endpoint(reply.client_endpoint, self.discovery_address)
         if reply.instance_id != self.instance_id:
             if self.instance_id is not None:
                 log.warning(

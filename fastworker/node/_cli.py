@@ -21,7 +21,6 @@ import errno
 import gc
 import importlib
 import logging
-import math
 import os
 import signal
 import sys
@@ -32,6 +31,14 @@ from typing import Any
 import trio
 import zmq
 
+from .._argtypes import (
+    _address,
+    _interval,
+    _non_negative_float,
+    _non_negative_int,
+    _positive_float,
+    _positive_int,
+)
 from ..control import ControlPlane, ControlPlaneConfig
 from ..runtime import Supervisor
 from ..tasks.registry import TaskRegistry, registry_from
@@ -48,63 +55,6 @@ PROG = "python -m fastworker.node"
 
 class CliError(Exception):
     """A problem to report as one line, with exit code 1."""
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not value > 0:  # also refuses NaN, which every comparison fails
-        raise argparse.ArgumentTypeError(f"must be positive, got {value:g}")
-    return value
-
-
-def _interval(text: str) -> float:
-    value = _positive_float(text)
-    if math.isinf(value):
-        raise argparse.ArgumentTypeError("must be a finite number of seconds, got inf")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if not value >= 0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
-    return value
-
-
-def _address(text: str) -> str:
-    if "://" not in text:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a ZeroMQ endpoint (expected e.g. tcp://127.0.0.1:5550)"
-        )
-    return text
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 from ._factory import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 from ._factory import TransportConfig as TransportConfig
 from ._factory import open_socket as open_socket
+from ._factory import resolve_endpoint as resolve_endpoint
 from ._zsocket import PeerUnreachable as PeerUnreachable
 from ._zsocket import ZSocket as ZSocket
 from ._zsocket import ZSocketStatistics as ZSocketStatistics
@@ -14,4 +15,5 @@ __all__ = [
     "ZSocket",
     "ZSocketStatistics",
     "open_socket",
+    "resolve_endpoint",
 ]

@@ -13,7 +13,7 @@ import zmq
 
 from ._zsocket import ZSocket
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "TransportConfig", "open_socket"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "TransportConfig", "open_socket", "resolve_endpoint"]
 
 DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 
@@ -65,3 +65,16 @@ def open_socket(
         sock.close(linger=0)
         raise
     return ZSocket(sock)
+
+
+def resolve_endpoint(endpoint: str, discovery_address: str) -> str:
+    """An endpoint Discovery handed out, made reachable from here.
+
+    A control plane bound to ``0.0.0.0`` reports that wildcard; the peer
+    replaces it by the host it reached Discovery at.
+    """
+    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
+        if endpoint.startswith(wildcard):
+            host = discovery_address[6:].rsplit(":", 1)[0]
+            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
+    return endpoint

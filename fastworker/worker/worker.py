@@ -28,7 +28,7 @@ import zmq
 from .._io import Inbound, pump_socket, tell_own_actor
 from ..runtime import Actor
 from ..tasks.registry import TaskRegistry
-from ..transport import TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket, resolve_endpoint
 from ..wire import (
     CancelRunning,
     Dispatch,
@@ -62,15 +62,6 @@ _MAX_DONE_BYTES = 4 * 1024 * 1024  # split Done messages well under the message 
 
 def _result_size(record: ResultRecord) -> int:
     return len(record.result or b"") + len(record.traceback or "") + len(record.error or "") + 64
-
-
-def _resolve(endpoint: str, discovery_address: str) -> str:
-    """Replace a wildcard host in an endpoint by the host we reached discovery at."""
-    for wildcard in ("tcp://0.0.0.0:", "tcp://*:", "tcp://[::]:"):
-        if endpoint.startswith(wildcard):
-            host = discovery_address[6:].rsplit(":", 1)[0]
-            return f"tcp://{host}:{endpoint[len(wildcard) :]}"
-    return endpoint
 
 
 def _new_worker_id() -> str:
@@ -259,7 +250,7 @@ class Worker(Actor):
         if message.instance_id != self.instance_id:
             log.info("worker %s joined control plane %s", self.worker_id, message.instance_id)
         self.instance_id = message.instance_id
-        endpoint = _resolve(message.worker_endpoint, self.config.discovery_address)
+        endpoint = resolve_endpoint(message.worker_endpoint, self.config.discovery_address)
         if endpoint != self._scheduler_endpoint:
             self._open_scheduler(endpoint)
         self._connected = True
