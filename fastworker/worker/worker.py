@@ -404,13 +404,18 @@ class Worker(Actor):
         """
         self._draining = True
         self._send_scheduler(Ready(0))
-        released = self.executor.release_waiting()
+        # Unstarted tasks go back at once, so other workers start them now
+        # rather than after our grace period.
+        waiting = self.executor.release_waiting()
+        if waiting:
+            self._send_scheduler(Release(waiting))
         with trio.move_on_after(grace):
             await self.executor.wait_idle()
-        released += self.executor.abandon_all()
-        if released:
-            self._send_scheduler(Release(released))
-        self._flush()
+        self._flush()  # what finished within the grace period
+        given_up = self.executor.abandon_all()
+        if given_up:
+            self._send_scheduler(Release(given_up))
+        released = waiting + given_up
         self._send_discovery(Unregister(self.worker_id))
         await trio.lowlevel.checkpoint()
         return len(released)
