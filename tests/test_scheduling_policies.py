@@ -1,0 +1,171 @@
+"""Scheduler and worker policies that shape dispatch: the poison guard and adaptive prefetch.
+
+The poison guard is exercised end to end by tests/faults/test_fault_poison.py
+with real processes; here its dispatch rule is checked directly on the
+Scheduler, without sockets, so each case is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+
+from fastworker import Client, Cluster
+from fastworker.control._internal import ClientSubmits, WorkerJoined, WorkerLost
+from fastworker.control.scheduler import Scheduler, SchedulerConfig
+from fastworker.runtime import Actor
+from fastworker.tasks.serializer import SerializationFormat, dumps
+from fastworker.wire import Dispatch, decode
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _Sink(Actor):
+    def __init__(self, name: str) -> None:
+        super().__init__(name, mailbox_size=100_000)
+
+    def receive(self, message: Any) -> None:
+        return None
+
+
+class _Wire:
+    """Stands in for the worker socket: records what the scheduler dispatches to whom."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, list[str]]] = []
+
+    def send_multipart_nowait(self, frames: list[bytes]) -> None:
+        message = decode(frames[1])
+        if isinstance(message, Dispatch):
+            self.sent.append((frames[0], [t[0] for t in message.tasks]))
+
+    def close(self) -> None:
+        pass
+
+    def to(self, worker: bytes) -> list[str]:
+        return [tid for who, ids in self.sent if who == worker for tid in ids]
+
+
+def _scheduler(max_worker_deaths: int = 3) -> tuple[Scheduler, _Wire]:
+    sinks = [_Sink(n) for n in ("gateway", "results", "callbacks")]
+    scheduler = Scheduler(
+        SchedulerConfig(max_worker_deaths=max_worker_deaths),
+        gateway=sinks[0].ref,
+        results=sinks[1].ref,
+        callbacks=sinks[2].ref,
+    )
+    wire = _Wire()
+    scheduler._sock = wire  # type: ignore[assignment]
+    return scheduler, wire
+
+
+def _join(scheduler: Scheduler, worker: str, window: int) -> None:
+    scheduler.receive(WorkerJoined(worker, frozenset({"t"}), 1))
+    scheduler._slot(worker.encode()).window = window
+
+
+def _submit(scheduler: Scheduler, *task_ids: str) -> None:
+    payload = dumps(SerializationFormat.JSON, [[], {}])
+    tasks = [[tid, "t", 2, 0, payload, None] for tid in task_ids]
+    scheduler.receive(ClientSubmits([(b"client", 1, tasks)]))
+
+
+async def test_tasks_from_one_crash_run_freely_on_the_next_worker() -> None:
+    scheduler, wire = _scheduler()
+    _join(scheduler, "a", 10)
+    _submit(scheduler, "p", "x", "y")
+    assert sorted(wire.to(b"a")) == ["p", "x", "y"]
+    _join(scheduler, "b", 10)
+    scheduler.receive(WorkerLost("a", "died"))
+    # One death each: not the last chance yet, so all three go to b at once.
+    assert sorted(wire.to(b"b")) == ["p", "x", "y"]
+
+
+async def test_a_last_chance_task_runs_apart_from_other_suspects() -> None:
+    scheduler, wire = _scheduler(max_worker_deaths=3)
+    _join(scheduler, "a", 10)
+    _submit(scheduler, "p", "x")
+    for dying, heir in (("a", "b"), ("b", "c")):
+        _join(scheduler, heir, 10)
+        scheduler.receive(WorkerLost(dying, "died"))
+    # p and x died twice together: both are on their last chance now, and c may
+    # hold only one of them; the other waits for a worker without suspects.
+    assert len([t for t in wire.to(b"c") if t in ("p", "x")]) == 1, wire.sent
+    _join(scheduler, "d", 10)
+    scheduler._dispatch()
+    assert len([t for t in wire.to(b"d") if t in ("p", "x")]) == 1
+    # A fresh task still goes anywhere, suspects or not.
+    _submit(scheduler, "fresh")
+    assert "fresh" in wire.to(b"c") + wire.to(b"d")
+
+
+async def test_a_task_that_keeps_killing_its_worker_fails_as_poison() -> None:
+    scheduler, _ = _scheduler(max_worker_deaths=3)
+    _join(scheduler, "w0", 10)
+    _submit(scheduler, "p")
+    for n in range(1, 4):
+        _join(scheduler, f"w{n}", 10)
+        scheduler.receive(WorkerLost(f"w{n - 1}", "died"))
+    assert "p" not in scheduler._jobs
+    assert scheduler.statistics_dict()["failed"] == 1
+
+
+async def test_a_worker_holds_more_work_while_tasks_are_short() -> None:
+    def quick(x: int) -> int:
+        return x
+
+    async with Cluster(tasks=[quick], workers=1) as cluster:
+        worker = cluster.workers[0]
+        before = worker.window
+        client = Client(discovery_address=cluster.discovery_address)
+        await client.start()
+        try:
+            with trio.fail_after(30):
+                for i in range(3000):
+                    await client.delay("quick", i)
+                await client.join()
+        finally:
+            client.stop()
+        # Trivial tasks: the prefetch grows towards its cap, so messages carry more.
+        assert worker.window > before
+        assert worker.window <= worker.config.concurrency + 1024
+
+
+async def test_an_explicit_prefetch_is_left_alone() -> None:
+    def quick(x: int) -> int:
+        return x
+
+    async with Cluster(tasks=[quick], workers=1, prefetch=3, concurrency=2) as cluster:
+        client = Client(discovery_address=cluster.discovery_address)
+        await client.start()
+        try:
+            with trio.fail_after(30):
+                for i in range(500):
+                    await client.delay("quick", i)
+                await client.join()
+        finally:
+            client.stop()
+        assert cluster.workers[0].window == 5
+
+
+async def test_fifty_registered_workers_share_the_work() -> None:
+    """Fifty workers' registrations and heartbeats in one control plane (no speed asserted)."""
+
+    def quick(x: int) -> int:
+        return x
+
+    async with Cluster(tasks=[quick], workers=50, concurrency=1, prefetch=0) as cluster:
+        client = Client(discovery_address=cluster.discovery_address)
+        await client.start()
+        try:
+            with trio.fail_after(60):
+                ids = [await client.delay("quick", i) for i in range(500)]
+                await client.join()
+                stats = await client.stats()
+        finally:
+            client.stop()
+        assert stats["discovery"]["workers_alive"] == 50
+        assert all(client.get_result(t).result == i for i, t in enumerate(ids))  # type: ignore[union-attr]
+        assert sum(1 for w in cluster.workers if w.executor.completed) > 1
