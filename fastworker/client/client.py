@@ -277,6 +277,13 @@ class Client:
             self._wake_pending = True
             asyncio.get_running_loop().call_soon(self._wake_from_loop)
 
+    def _wake_now(self) -> None:
+        """Wake the actor without deferring to the end of the loop turn (a caller waits)."""
+        if self._on_trio:
+            self._core.wake_here()
+        else:
+            self._core.wake()
+
     def _wake_from_loop(self) -> None:
         self._wake_pending = False
         self._core.wake()
@@ -463,6 +470,7 @@ class Client:
         )
         waiter = new_waiter(self._on_trio)
         task_id = self._enqueue([item], waiter)[0]
+        self._wake_now()  # the caller waits on this one: no reason to wait for the loop's turn
         wait = timeout if timeout is not None else self.timeout
         done, record = await waiter.wait(wait)
         if not done:
@@ -497,7 +505,7 @@ class Client:
         self._check_running()
         waiter = new_waiter(self._on_trio)
         self._core.inbox.append(Command(kind, waiter, task_ids))
-        self._wake()
+        self._wake_now()
         wait = timeout if timeout is not None else self.timeout
         done, value = await waiter.wait(wait)
         if not done:
