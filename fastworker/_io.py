@@ -16,12 +16,9 @@ class Inbound:
     """Frames a socket reader took in one wake-up, for its own actor's loop."""
 
     frames: list[list[bytes]]
-    sock: ZSocket | None = None  # which socket, for actors that own several
 
 
-async def pump_socket(
-    sock: ZSocket, owner: ActorRef, max_batch: int = 1024, *, tag: bool = False
-) -> None:
+async def pump_socket(sock: ZSocket, owner: ActorRef, max_batch: int = 1024) -> None:
     """Forward every ready frame of ``sock`` to ``owner`` as one Inbound per wake-up.
 
     ``send`` waits when the owner's mailbox is full: we stop reading, ZeroMQ's
@@ -29,13 +26,12 @@ async def pump_socket(
     path; nothing is dropped here.  Returns when the owner closes the socket
     or stops.
     """
-    origin = sock if tag else None
     while True:
         try:
             frames = await sock.recv_batch(max_batch)
         except trio.ClosedResourceError:
             return
-        if not await tell_own_actor(owner, Inbound(frames, origin)):
+        if not await tell_own_actor(owner, Inbound(frames)):
             return
 
 

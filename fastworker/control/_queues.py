@@ -116,9 +116,6 @@ class PriorityQueues(Generic[T]):
                 break
         return out
 
-    def names_waiting(self) -> set[str]:
-        return {name for level in self._levels for name, q in level.items() if q}
-
     def counts(self) -> list[int]:
         """Live queued items per priority, CRITICAL first."""
         return list(self._counts)
