@@ -169,3 +169,19 @@ async def test_fifty_registered_workers_share_the_work() -> None:
         assert stats["discovery"]["workers_alive"] == 50
         assert all(client.get_result(t).result == i for i, t in enumerate(ids))  # type: ignore[union-attr]
         assert sum(1 for w in cluster.workers if w.executor.completed) > 1
+
+
+async def test_a_result_reported_before_its_resubmission_finishes_it_without_a_rerun() -> None:
+    """After a control-plane restart a worker may report a task before its client re-sends it."""
+    from fastworker._io import Inbound
+    from fastworker.wire import Done, ResultRecord, encode
+
+    scheduler, wire = _scheduler()
+    _join(scheduler, "w", 10)
+    done = ResultRecord("early", "success", b"42", None, 1.0, 2.0, 1, None, 0, "t", None)
+    scheduler.receive(Inbound([[b"w", encode(Done([done]))]]))
+    _submit(scheduler, "early", "late")
+    assert wire.to(b"w") == ["late"]  # "early" was not dispatched again
+    stats = scheduler.statistics_dict()
+    assert stats["recovered_results"] == 1
+    assert stats["succeeded"] == 1

@@ -66,6 +66,8 @@ _RETRYING = TaskStatus.RETRYING
 _CANCELLED = TaskStatus.CANCELLED
 _STATUS_BY_VALUE = {status.value: status for status in TaskStatus}
 _REPORTABLE = frozenset({"success", "failure", "cancelled", "retrying"})
+_ORPHAN_MEMORY = 10_000
+_ORPHAN_SECONDS = 60.0
 
 
 @attrs.frozen
@@ -145,6 +147,8 @@ class Scheduler(Actor):
         self._workers: dict[bytes, _WorkerSlot] = {}
         self._served: frozenset[str] = frozenset()
         self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first, bounded
+        # Final results for task ids we did not know when they arrived (see _keep_orphan).
+        self._orphans: OrderedDict[str, tuple[float, ResultRecord]] = OrderedDict()
         self._seq = 0
         self._sock: ZSocket | None = None
         self.endpoint: str | None = None
@@ -282,6 +286,7 @@ class Scheduler(Actor):
         if task_id in self._finished:
             self._stats["duplicate_submissions"] += 1
             return "finished"
+        orphan = self._orphans.pop(task_id, None)
         if len(self._jobs) >= self.config.max_queued:
             self._rejected["queue_full"] += 1
             return (
@@ -292,6 +297,12 @@ class Scheduler(Actor):
         job = _Job(envelope, identity, self._seq, _QUEUED)
         self._jobs[task_id] = job
         self._accepted += 1
+        if orphan is not None and now - orphan[0] < _ORPHAN_SECONDS:
+            # A worker finished this task for our previous instance and reported
+            # to us before its client re-submitted it: that run counts.
+            self._stats["recovered_results"] += 1
+            self._finish(job, orphan[1])
+            return None
         options = envelope.options
         eta = None if options is None else options.get("eta")
         if eta is not None and eta > now_wall:
@@ -302,6 +313,19 @@ class Scheduler(Actor):
         else:
             self._queues.push(job)
         return None
+
+    def _keep_orphan(self, record: ResultRecord, now: float) -> None:
+        """Remember a final result for a task we do not know (yet), for a short while.
+
+        After a control-plane restart, workers report results of tasks the old
+        instance dispatched before the clients have re-submitted them; keeping
+        those results lets the re-submission finish at once instead of running
+        the task again.  Bounded in count and age.
+        """
+        orphans = self._orphans
+        orphans[record.task_id] = (now, record)
+        while len(orphans) > _ORPHAN_MEMORY:
+            orphans.popitem(last=False)
 
     def _on_due(self) -> None:
         now = trio.current_time()
@@ -426,6 +450,8 @@ class Scheduler(Actor):
                 # Finished already (first result wins), cancelled, or unknown:
                 # a late result from a worker thought dead lands here.
                 self._stats["stale_results"] += 1
+                if job is None and task_id not in self._finished and record.is_final:
+                    self._keep_orphan(record, now)
                 continue
             if job.status is _QUEUED:
                 self._queues.discard(job)  # requeued, but its old run finished first
@@ -606,6 +632,7 @@ class Scheduler(Actor):
             "released": self._stats["released"],
             "duplicate_submissions": self._stats["duplicate_submissions"],
             "stale_results": self._stats["stale_results"],
+            "recovered_results": self._stats["recovered_results"],
             "dropped": {k[8:]: v for k, v in self._stats.items() if k.startswith("dropped_")},
             "rejected": dict(self._rejected),
         }
