@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import attrs
 import trio
 
 from .runtime import ActorRef, ActorStopped
 from .transport import ZSocket
 
-__all__ = ["Inbound", "pump_socket", "tell_own_actor"]
+__all__ = ["Inbound", "pump_socket", "tell_own_actor", "tick"]
 
 
 @attrs.frozen
@@ -48,3 +50,15 @@ async def tell_own_actor(owner: ActorRef, message: object) -> bool:
     except ActorStopped:
         return False
     return True
+
+
+async def tick(owner: ActorRef, period: Callable[[], float], message: object) -> None:
+    """Send ``message`` to ``owner`` every ``period()`` seconds until ``owner`` stops.
+
+    ``period`` is read before each wait, so an actor can change its pace (a
+    client backing off, a worker adopting the control plane's interval).
+    """
+    while True:
+        await trio.sleep(period())
+        if not await tell_own_actor(owner, message):
+            return

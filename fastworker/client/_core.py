@@ -25,7 +25,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket, tell_own_actor
+from .._io import Inbound, pump_socket, tell_own_actor, tick
 from ..runtime import Actor
 from ..tasks.models import TaskStatus
 from ..transport import TransportConfig, ZSocket, open_socket, resolve_endpoint
@@ -219,7 +219,7 @@ class ClientCore(Actor):
         sock.connect(self.discovery_address)
         self._discovery = sock
         nursery.start_soon(pump_socket, sock, self.ref, 1024)
-        nursery.start_soon(self._ticker)
+        nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._lookup()
 
     async def on_stop(self) -> None:
@@ -250,12 +250,6 @@ class ClientCore(Actor):
         self._queries.clear()
         for waiter in waiters:
             waiter.set(ClientStoppedError(message))
-
-    async def _ticker(self) -> None:
-        while True:
-            await trio.sleep(self._interval)
-            if not await tell_own_actor(self.ref, _Tick()):
-                return
 
     # -- messages -----------------------------------------------------------
 

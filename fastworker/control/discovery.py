@@ -18,7 +18,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket, tell_own_actor
+from .._io import Inbound, pump_socket, tick
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -91,18 +91,12 @@ class Discovery(Actor):
         self.endpoint = sock.bind(self.endpoint or self.config.address)
         self._sock = sock
         nursery.start_soon(pump_socket, sock, self.ref)
-        nursery.start_soon(self._reaper)
+        nursery.start_soon(tick, self.ref, lambda: self.config.heartbeat_interval / 2, _Reap())
 
     async def on_stop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-    async def _reaper(self) -> None:
-        while True:
-            await trio.sleep(self.config.heartbeat_interval / 2)
-            if not await tell_own_actor(self.ref, _Reap()):
-                return
 
     def receive(self, message: Any) -> Any:
         if type(message) is Inbound:

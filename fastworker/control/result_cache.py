@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._io import tell_own_actor
+from .._io import tick
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..tasks.models import TaskStatus
 from ..wire import ResultRecord, ResultReply, Results, encode
@@ -62,16 +62,10 @@ class ResultCache(Actor):
         self._dropped_replies = 0
 
     async def on_start(self, nursery: trio.Nursery) -> None:
-        nursery.start_soon(self._sweeper)
-
-    async def _sweeper(self) -> None:
         # Reads check expiry themselves; the sweep only bounds the memory held
         # by expired results nobody asks for again.
         period = min(self.config.ttl, 60.0)
-        while True:
-            await trio.sleep(period)
-            if not await tell_own_actor(self.ref, _Sweep()):
-                return
+        nursery.start_soon(tick, self.ref, lambda: period, _Sweep())
 
     def receive(self, message: Any) -> Any:
         if isinstance(message, StoreResults):

@@ -25,7 +25,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket, tell_own_actor
+from .._io import Inbound, pump_socket, tell_own_actor, tick
 from ..runtime import Actor
 from ..tasks.registry import TaskRegistry
 from ..transport import TransportConfig, ZSocket, open_socket, resolve_endpoint
@@ -138,7 +138,7 @@ class Worker(Actor):
         nursery.start_soon(pump_socket, sock, self.ref, 1024)
         nursery.start_soon(self._when_writable, sock)
         await nursery.start(self.executor.run)
-        nursery.start_soon(self._ticker)
+        nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._send_discovery(self._register_message())
 
     def _new_executor(self) -> Executor:
@@ -175,12 +175,6 @@ class Worker(Actor):
             if sock is not None:
                 sock.close(linger_ms=200)
         self._discovery = self._scheduler = None
-
-    async def _ticker(self) -> None:
-        while True:
-            await trio.sleep(self._interval)
-            if not await tell_own_actor(self.ref, _Tick()):
-                return
 
     # -- messages -----------------------------------------------------------
 
