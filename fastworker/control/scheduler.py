@@ -125,6 +125,23 @@ def _is_queued(job: _Job) -> bool:
     return job.status is _QUEUED
 
 
+def _by_size(records: list[ResultRecord], limit: int) -> list[list[ResultRecord]]:
+    """Split a result push so no message nears the size limit (a large one is lost whole)."""
+    chunks: list[list[ResultRecord]] = []
+    chunk: list[ResultRecord] = []
+    size = 0
+    for record in records:
+        weight = len(record.result or b"") + len(record.traceback or "") + 128
+        if chunk and size + weight > limit:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(record)
+        size += weight
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 class Scheduler(Actor):
     def __init__(
         self,
@@ -222,9 +239,10 @@ class Scheduler(Actor):
             self._out_records = []
         if self._out_push:
             messages = [
-                [identity, encode(Results(wires))]
+                [identity, encode(Results(chunk))]
                 for identity, wires in self._out_push.items()
                 if identity
+                for chunk in _by_size(wires, self._max_push_bytes)
             ]
             self._out_push = {}
             if messages:
@@ -232,6 +250,10 @@ class Scheduler(Actor):
         if self._out_callbacks:
             self._tell(self._callbacks, CallbackJobs(self._out_callbacks), "callbacks")
             self._out_callbacks = []
+
+    @property
+    def _max_push_bytes(self) -> int:
+        return min(4 * 1024 * 1024, self.config.transport.max_message_size // 2)
 
     def _tell(self, ref: ActorRef, message: object, what: str) -> None:
         try:
