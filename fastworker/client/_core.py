@@ -169,6 +169,7 @@ class ClientCore(Actor):
         self.connected = trio.Event()
         self.acks_dropped_for_test = 0  # tests set this to lose acknowledgements on purpose
         self.resubmitted = 0
+        self.failure: Exception | None = None  # set when the actor is gone for good
         self._starts = 0
 
     # -- caller side (any thread) -------------------------------------------

@@ -17,6 +17,7 @@ import trio
 
 from ..runtime import Supervisor
 from ._core import ClientCore
+from ._errors import ClientError
 
 __all__ = ["ThreadHost", "TrioHost", "current_library"]
 
@@ -45,6 +46,16 @@ def _shut_down(core: ClientCore) -> None:
     core.fail_waiters("the client was stopped before the reply or result arrived")
 
 
+def _failed(core: ClientCore, exc: BaseException) -> None:
+    """The client's actor is gone for good: say so, and release everybody waiting on it."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    log.error("the client's actor failed and was not restarted", exc_info=exc)
+    core.failure = ClientError(f"the client failed: {type(exc).__name__}: {exc}")
+    core.failure.__cause__ = exc
+    core.fail_waiters(str(core.failure))
+
+
 class TrioHost:
     """Runs the actor inside the caller's trio run."""
 
@@ -64,11 +75,18 @@ class TrioHost:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(supervisor.run)
                         started.set()
+                except Exception as exc:
+                    # A system task must not raise: that would crash the caller's
+                    # whole trio run.  The client fails instead, loudly and for good.
+                    _failed(self.core, exc)
                 finally:
+                    started.set()
                     self._done.set()
 
         trio.lowlevel.spawn_system_task(main)
         await started.wait()
+        if self.core.failure is not None:
+            raise self.core.failure
 
     def stop(self) -> None:
         # Same thread as the actor, which is not running right now: flush and
@@ -125,7 +143,7 @@ class ThreadHost:
             trio.run(main)
         except BaseException as exc:
             self._error = exc
-            log.exception("client thread failed")
+            _failed(self.core, exc)
             signal(exc)
 
     def _shutdown_in_trio(self) -> None:

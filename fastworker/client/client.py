@@ -170,6 +170,8 @@ class Client:
             raise ClientStoppedError("this client was stopped; create a new Client")
         if self._host is None:
             raise ClientNotStartedError("call `await client.start()` before using the client")
+        if self._core.failure is not None:
+            raise self._core.failure
 
     # -- submitting ---------------------------------------------------------
 
@@ -312,7 +314,7 @@ class Client:
         priority: TaskPriority | str,
     ) -> str:
         """``delay`` without options: the per-task hot path, kept to the checks that matter."""
-        if self._host is None or self._stopped:
+        if self._host is None or self._stopped or self._core.failure is not None:
             self._check_running()
         rank = _RANKS.get(priority) if isinstance(priority, str) else None
         if rank is None or type(task_name) is not str or not task_name:
