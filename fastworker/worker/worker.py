@@ -55,7 +55,7 @@ log = logging.getLogger("fastworker.worker")
 
 _MAX_RESULTS_PER_MESSAGE = 2048
 _COALESCE_SECONDS = 0.002
-_MAX_PREFETCH = 1024
+_MAX_PREFETCH = 4096
 _PREFETCH_TARGET_SECONDS = 0.05
 _MAX_DONE_BYTES = 4 * 1024 * 1024  # split Done messages well under the message size limit
 
