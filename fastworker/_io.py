@@ -7,7 +7,7 @@ from collections.abc import Callable
 import attrs
 import trio
 
-from .runtime import ActorRef, ActorStopped
+from .runtime import ActorRef, ActorStopped, MailboxFull
 from .transport import ZSocket
 
 __all__ = ["Inbound", "pump_socket", "tell_own_actor", "tick"]
@@ -33,7 +33,13 @@ async def pump_socket(sock: ZSocket, owner: ActorRef, max_batch: int = 1024) -> 
             frames = await sock.recv_batch(max_batch)
         except trio.ClosedResourceError:
             return
-        if not await tell_own_actor(owner, Inbound(frames)):
+        message = Inbound(frames)
+        try:
+            owner.tell(message)  # room in the mailbox: no extra turn of the run loop
+        except MailboxFull:
+            if not await tell_own_actor(owner, message):  # full: wait (backpressure)
+                return
+        except ActorStopped:
             return
 
 

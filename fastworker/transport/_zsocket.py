@@ -259,12 +259,13 @@ class ZSocket:
         self._check_open()
         sock = self._sock
         batch: list[list[bytes]] = []
+        yielded = False
         while True:
             try:
                 batch.append(sock.recv_multipart(_NOBLOCK))
             except zmq.Again:
                 self._after_io()  # the failed attempt may have swallowed an edge
-                await self._wait_for(_POLLIN)
+                yielded = await self._wait_for(_POLLIN) or yielded
                 self._check_open()
                 continue
             # One message in hand.  Read EVENTS (which hands readiness on, as after
@@ -280,7 +281,11 @@ class ZSocket:
                 events = self._events()
             self._hand_off(events)
             self._received += len(batch)
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            if not yielded:
+                # As trio's own sockets do: an operation that completed without
+                # waiting still yields once; one that waited has yielded already
+                # (each skipped yield is a turn of the run loop saved per message).
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return batch
 
     # -- readiness ----------------------------------------------------------
@@ -304,13 +309,17 @@ class ZSocket:
         if self._watch_scope is not None:
             self._watch_scope.cancel()
 
-    async def _wait_for(self, flag: int) -> None:
-        """Return once ``EVENTS`` shows ``flag`` (POLLIN or POLLOUT) or the socket closed."""
+    async def _wait_for(self, flag: int) -> bool:
+        """Return once ``EVENTS`` shows ``flag`` (POLLIN or POLLOUT) or the socket closed.
+
+        Returns whether it yielded to the scheduler on the way (a checkpoint).
+        """
         reading = flag == _POLLIN
         if reading:
             self._readers += 1
         else:
             self._writers += 1
+        yielded = False
         try:
             while True:
                 self._check_open()
@@ -319,7 +328,8 @@ class ZSocket:
                 # direction's watcher waits for: hand that readiness on.
                 self._hand_off(events & ~flag)
                 if events & flag:
-                    return
+                    return yielded
+                yielded = True
                 if self._watch_scope is None:
                     await self._watch_fd()
                 else:
