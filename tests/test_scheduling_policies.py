@@ -185,3 +185,28 @@ async def test_a_result_reported_before_its_resubmission_finishes_it_without_a_r
     stats = scheduler.statistics_dict()
     assert stats["recovered_results"] == 1
     assert stats["succeeded"] == 1
+
+
+async def test_a_name_nobody_serves_fails_once_workers_have_joined() -> None:
+    """Submitted before any worker existed, an unknown name must not wait forever."""
+
+    def quick(x: int) -> int:
+        return x
+
+    async with Cluster(tasks=[quick], workers=0, unknown_task_grace=0.2) as cluster:
+        client = Client(discovery_address=cluster.discovery_address)
+        await client.start()
+        try:
+            with trio.fail_after(20):
+                typo = await client.delay("quikc", 1)
+                fine = await client.delay("quick", 2)
+                await client.stats()  # both are queued at the control plane by now
+                await cluster.add_worker()
+                await client.join()
+        finally:
+            client.stop()
+        failed = client.get_result(typo)
+        assert failed is not None
+        assert failed.status.value == "failure"
+        assert "unknown task 'quikc'" in (failed.error or "")
+        assert client.get_result(fine).result == 2  # type: ignore[union-attr]

@@ -116,6 +116,18 @@ class PriorityQueues(Generic[T]):
                 break
         return out
 
+    def take_names_except(self, keep: Collection[str]) -> list[T]:
+        """Remove and return every live item whose name is not in ``keep``."""
+        taken: list[T] = []
+        is_live = self._is_live
+        for priority, level in enumerate(self._levels):
+            for name in [n for n in level if n not in keep]:
+                for item in level.pop(name):
+                    if is_live(item):
+                        taken.append(item)
+                        self._counts[priority] -= 1
+        return taken
+
     def counts(self) -> list[int]:
         """Live queued items per priority, CRITICAL first."""
         return list(self._counts)

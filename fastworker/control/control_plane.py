@@ -56,6 +56,7 @@ class ControlPlaneConfig:
     liveness: int = 3
     max_queued: int = 1_000_000
     max_worker_deaths: int = 3
+    unknown_task_grace: float = 5.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     callback_timeout: float = 10.0
     allow_pickle: bool = False
@@ -83,6 +84,7 @@ class ControlPlane:
                 worker_address=cfg.worker_address or sibling_address(cfg.discovery_address),
                 max_queued=cfg.max_queued,
                 max_worker_deaths=cfg.max_worker_deaths,
+                unknown_task_grace=cfg.unknown_task_grace,
                 allow_pickle=cfg.allow_pickle,
                 transport=transport,
             ),

@@ -75,6 +75,9 @@ class SchedulerConfig:
     worker_address: str = "tcp://127.0.0.1:*"
     max_queued: int = 1_000_000  # tasks held (queued, scheduled, running) before rejecting
     max_worker_deaths: int = 3  # poison guard: runs that may kill their worker
+    # Tasks queued while no worker was registered, for names no worker serves,
+    # fail this long after the last worker joined (time for the others to join).
+    unknown_task_grace: float = 5.0
     finished_memory: int = 200_000  # finished task ids remembered for deduplication
     allow_pickle: bool = False
     transport: TransportConfig = TransportConfig()
@@ -161,6 +164,7 @@ class Scheduler(Actor):
         self._timed: list[tuple[float, int, _Job]] = []  # (due, seq, job) heap
         self._next_due = math.inf
         self._timer_scope: trio.CancelScope | None = None
+        self._unserved_check = math.inf  # when to fail queued tasks nobody serves
         self._workers: dict[bytes, _WorkerSlot] = {}
         self._served: frozenset[str] = frozenset()
         self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first, bounded
@@ -205,6 +209,9 @@ class Scheduler(Actor):
 
     def _schedule(self, due: float, job: _Job) -> None:
         heapq.heappush(self._timed, (due, job.seq, job))
+        self._wake_at(due)
+
+    def _wake_at(self, due: float) -> None:
         if due < self._next_due:
             self._next_due = due
             if self._timer_scope is not None:
@@ -357,9 +364,27 @@ class Scheduler(Actor):
             if job.status is _SCHEDULED or job.status is _RETRYING:
                 job.status = _QUEUED
                 self._queues.push(job)
-        self._next_due = timed[0][0] if timed else math.inf
+        if now >= self._unserved_check:
+            self._unserved_check = math.inf
+            self._fail_unserved()
+        self._next_due = min(timed[0][0] if timed else math.inf, self._unserved_check)
         if self._timer_scope is not None:
             self._timer_scope.deadline = self._next_due
+
+    def _fail_unserved(self) -> None:
+        """Fail queued tasks whose name no registered worker serves (see unknown_task_grace).
+
+        A name unknown at submission fails at once when workers are registered;
+        this catches the ones submitted before any worker had joined.
+        """
+        if not self._served:
+            return
+        for job in self._queues.take_names_except(self._served):
+            self._finish_here(
+                job,
+                TaskStatus.FAILURE,
+                f"unknown task {job.name!r}: no connected worker serves it",
+            )
 
     # -- workers ------------------------------------------------------------
 
@@ -373,6 +398,8 @@ class Scheduler(Actor):
         slot = self._slot(message.worker_id.encode())
         slot.names = message.task_names
         self._recompute_served()
+        self._unserved_check = trio.current_time() + self.config.unknown_task_grace
+        self._wake_at(self._unserved_check)
         self._stats["workers_joined"] += 1
 
     def _on_worker_lost(self, message: WorkerLost) -> None:

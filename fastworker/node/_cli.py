@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="poison guard: runs of one task that may kill their worker",
     )
     parser.add_argument("--max-message-size", type=_positive_int, default=DEFAULT_MAX_MESSAGE_SIZE)
+    parser.add_argument(
+        "--unknown-task-grace",
+        type=_non_negative_float,
+        default=5.0,
+        help="seconds after a worker joins before queued tasks nobody serves fail (default 5)",
+    )
     parser.add_argument("--callback-timeout", type=_positive_float, default=10.0)
     parser.add_argument(
         "--grace",
@@ -202,6 +208,7 @@ async def _run_node(args: argparse.Namespace) -> int:
                     heartbeat_interval=args.heartbeat_interval,
                     max_queued=args.max_queued,
                     max_worker_deaths=args.max_worker_deaths,
+                    unknown_task_grace=args.unknown_task_grace,
                     max_message_size=args.max_message_size,
                     callback_timeout=args.callback_timeout,
                     allow_pickle=args.allow_pickle,
