@@ -362,6 +362,9 @@ class Scheduler(Actor):
         while timed and timed[0][0] <= now:
             _, _, job = heapq.heappop(timed)
             if job.status is _SCHEDULED or job.status is _RETRYING:
+                if self._served and job.name not in self._served:
+                    self._finish_here(job, TaskStatus.FAILURE, f"unknown task {job.name!r}")
+                    continue
                 job.status = _QUEUED
                 self._queues.push(job)
         if now >= self._unserved_check:
