@@ -6,11 +6,12 @@ from collections.abc import Callable
 
 import attrs
 import trio
+import zmq
 
 from .runtime import ActorRef, ActorStopped, MailboxFull
-from .transport import ZSocket
+from .transport import TransportConfig, ZSocket, open_socket
 
-__all__ = ["Inbound", "pump_socket", "tell_own_actor", "tick"]
+__all__ = ["Inbound", "connect_dealer", "pump_socket", "tell_own_actor", "tick"]
 
 
 @attrs.frozen
@@ -68,3 +69,36 @@ async def tick(owner: ActorRef, period: Callable[[], float], message: object) ->
         await trio.sleep(period())
         if not await tell_own_actor(owner, message):
             return
+
+
+def connect_dealer(
+    nursery: trio.Nursery,
+    owner: ActorRef,
+    endpoint: str,
+    transport: TransportConfig,
+    *,
+    identity: bytes | None = None,
+    when_up: Callable[[ZSocket], object] | None = None,
+) -> ZSocket:
+    """A DEALER connected to ``endpoint``, read into ``owner``'s mailbox.
+
+    ``when_up(sock)`` is told to ``owner`` once the connection is up: with
+    IMMEDIATE set, a send right after ``connect`` usually finds no peer yet,
+    and what waited should go at once rather than a heartbeat tick later.
+    """
+    sock = open_socket(zmq.DEALER, transport, identity=identity)
+    sock.connect(endpoint)
+    nursery.start_soon(pump_socket, sock, owner)
+    if when_up is not None:
+        nursery.start_soon(_tell_when_writable, sock, owner, when_up)
+    return sock
+
+
+async def _tell_when_writable(
+    sock: ZSocket, owner: ActorRef, when_up: Callable[[ZSocket], object]
+) -> None:
+    try:
+        await sock.wait_writable()
+    except trio.ClosedResourceError:
+        return
+    await tell_own_actor(owner, when_up(sock))

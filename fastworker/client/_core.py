@@ -23,12 +23,11 @@ from typing import Any
 
 import attrs
 import trio
-import zmq
 
-from .._io import Inbound, pump_socket, tell_own_actor, tick
+from .._io import Inbound, connect_dealer, tick
 from ..runtime import Actor
 from ..tasks.models import TaskStatus
-from ..transport import TransportConfig, ZSocket, open_socket, resolve_endpoint
+from ..transport import TransportConfig, ZSocket, resolve_endpoint
 from ..wire import (
     Cancel,
     CancelReply,
@@ -216,10 +215,7 @@ class ClientCore(Actor):
             self._gateway_endpoint = None
             self.connected = trio.Event()
             self._resubmit_all()
-        sock = open_socket(zmq.DEALER, self.transport)
-        sock.connect(self.discovery_address)
-        self._discovery = sock
-        nursery.start_soon(pump_socket, sock, self.ref, 1024)
+        self._discovery = connect_dealer(nursery, self.ref, self.discovery_address, self.transport)
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._lookup()
 
@@ -510,20 +506,15 @@ class ClientCore(Actor):
         assert self._nursery is not None
         if self._gateway is not None:
             self._gateway.close()
-        sock = open_socket(zmq.DEALER, self.transport, identity=self.client_id.encode())
-        sock.connect(endpoint)
-        self._gateway = sock
+        self._gateway = connect_dealer(
+            self._nursery,
+            self.ref,
+            endpoint,
+            self.transport,
+            identity=self.client_id.encode(),
+            when_up=lambda _: _Wake(),  # send what waited for the connection
+        )
         self._gateway_endpoint = endpoint
-        self._nursery.start_soon(pump_socket, sock, self.ref, 1024)
-        self._nursery.start_soon(self._when_writable, sock)
-
-    async def _when_writable(self, sock: ZSocket) -> None:
-        """Send what waited for the connection as soon as it is up, not a tick later."""
-        try:
-            await sock.wait_writable()
-        except trio.ClosedResourceError:
-            return
-        await tell_own_actor(self.ref, _Wake())
 
     def _on_ack(self, ack: SubmitAck) -> None:
         if self.acks_dropped_for_test > 0:

@@ -23,12 +23,11 @@ from typing import Any
 
 import attrs
 import trio
-import zmq
 
-from .._io import Inbound, pump_socket, tell_own_actor, tick
+from .._io import Inbound, connect_dealer, tell_own_actor, tick
 from ..runtime import Actor
 from ..tasks.registry import TaskRegistry
-from ..transport import TransportConfig, ZSocket, open_socket, resolve_endpoint
+from ..transport import TransportConfig, ZSocket, resolve_endpoint
 from ..wire import (
     CancelRunning,
     Dispatch,
@@ -129,14 +128,16 @@ class Worker(Actor):
         self._scheduler_endpoint = None
         self._flush_armed = False
         previous = self._restart()
-        sock = open_socket(zmq.DEALER, self.config.transport)
-        sock.connect(self.config.discovery_address)
-        self._discovery = sock
+        self._discovery = connect_dealer(
+            nursery,
+            self.ref,
+            self.config.discovery_address,
+            self.config.transport,
+            when_up=_Connected,  # the first Register usually found no connection yet
+        )
         if previous is not None:
             # Hand our old identity's tasks back at once (their runs died with it).
             self._send_discovery(Unregister(previous))
-        nursery.start_soon(pump_socket, sock, self.ref, 1024)
-        nursery.start_soon(self._when_writable, sock)
         await nursery.start(self.executor.run)
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._send_discovery(self._register_message())
@@ -248,30 +249,24 @@ class Worker(Actor):
         if endpoint != self._scheduler_endpoint:
             self._open_scheduler(endpoint)
         self._connected = True
-        # Right after connect() this Ready usually fails (IMMEDIATE): _when_writable
+        # Right after connect() this Ready usually fails (IMMEDIATE): connect_dealer's when_up
         # and every tick announce the window again.
-        self._send_scheduler(Ready(0 if self._draining else self.window))
-        self._flush()
+        self._announce()
         self.registered.set()
 
     def _open_scheduler(self, endpoint: str) -> None:
         assert self._nursery is not None
         if self._scheduler is not None:
             self._scheduler.close()  # its pump task ends with it
-        sock = open_socket(zmq.DEALER, self.config.transport, identity=self.worker_id.encode())
-        sock.connect(endpoint)
-        self._scheduler = sock
+        self._scheduler = connect_dealer(
+            self._nursery,
+            self.ref,
+            endpoint,
+            self.config.transport,
+            identity=self.worker_id.encode(),
+            when_up=_Connected,  # announce our window as soon as we can
+        )
         self._scheduler_endpoint = endpoint
-        self._nursery.start_soon(pump_socket, sock, self.ref, 1024)
-        self._nursery.start_soon(self._when_writable, sock)
-
-    async def _when_writable(self, sock: ZSocket) -> None:
-        """Announce ourselves as soon as the new connection is up, not a tick later."""
-        try:
-            await sock.wait_writable()
-        except trio.ClosedResourceError:
-            return
-        await tell_own_actor(self.ref, _Connected(sock))
 
     def _announce(self) -> None:
         """Tell the scheduler our window (absolute, so repeating it is harmless) and flush."""
