@@ -260,33 +260,41 @@ class ZSocket:
         sock = self._sock
         batch: list[list[bytes]] = []
         yielded = False
+        # Ask EVENTS before receiving: on an idle socket a failing recv costs
+        # a raised zmq.Again (~7 µs) where the read costs ~2.5 µs, and every
+        # wake-up of a latency-bound reader starts on an empty socket.
+        ready = self._events()
+        self._hand_off(ready & ~_POLLIN)  # the read may have swallowed a writer's edge
         while True:
-            try:
-                batch.append(sock.recv_multipart(_NOBLOCK))
-            except zmq.Again:
-                self._after_io()  # the failed attempt may have swallowed an edge
-                yielded = await self._wait_for(_POLLIN) or yielded
-                self._check_open()
-                continue
-            # One message in hand.  Read EVENTS (which hands readiness on, as after
-            # any zmq call) rather than receiving until zmq.Again: raising Again
-            # costs more than the read, and a lone message is the common case.
+            if ready & _POLLIN:
+                try:
+                    batch.append(sock.recv_multipart(_NOBLOCK))
+                except zmq.Again:
+                    self._after_io()  # the failed attempt may have swallowed an edge
+                else:
+                    break
+            yielded = await self._wait_for(_POLLIN) or yielded
+            self._check_open()
+            ready = _POLLIN  # _wait_for returns once EVENTS shows it
+        # One message in hand.  Read EVENTS (which hands readiness on, as after
+        # any zmq call) rather than receiving until zmq.Again: raising Again
+        # costs more than the read, and a lone message is the common case.
+        events = self._events()
+        if events & _POLLIN:
+            while len(batch) < max_messages:
+                try:
+                    batch.append(sock.recv_multipart(_NOBLOCK))
+                except zmq.Again:
+                    break
             events = self._events()
-            if events & _POLLIN:
-                while len(batch) < max_messages:
-                    try:
-                        batch.append(sock.recv_multipart(_NOBLOCK))
-                    except zmq.Again:
-                        break
-                events = self._events()
-            self._hand_off(events)
-            self._received += len(batch)
-            if not yielded:
-                # As trio's own sockets do: an operation that completed without
-                # waiting still yields once; one that waited has yielded already
-                # (each skipped yield is a turn of the run loop saved per message).
-                await trio.lowlevel.cancel_shielded_checkpoint()
-            return batch
+        self._hand_off(events)
+        self._received += len(batch)
+        if not yielded:
+            # As trio's own sockets do: an operation that completed without
+            # waiting still yields once; one that waited has yielded already
+            # (each skipped yield is a turn of the run loop saved per message).
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return batch
 
     # -- readiness ----------------------------------------------------------
 
