@@ -209,6 +209,25 @@ def test_workers_runs_one_fresh_node_per_count_and_prints_a_table(marker: str) -
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(60)
+def test_floor_times_the_bare_transport_in_both_variants_and_stops_its_processes(
+    marker: str,
+) -> None:
+    report = json_report(
+        run_bench(marker, "--scenarios", "floor", "--latency-count", "50", "--json", timeout=45)
+    )
+    assert set(report) == {"meta", "floor"}  # no node was needed
+    floor = report["floor"]
+    assert floor["round_trips"] == 50
+    for prefix in ("", "thread_"):
+        assert floor[f"{prefix}seconds"] > 0
+        assert 0 < floor[f"{prefix}p50_ms"] <= floor[f"{prefix}p99_ms"] <= floor[f"{prefix}max_ms"]
+        assert floor[f"{prefix}mean_ms"] > 0
+    assert len(report["meta"]["pids"]) == 3  # the relay, the echo and the client
+    assert_all_gone(marker, report)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
 @pytest.mark.skipif(not HAS_PROC, reason="finds the node processes through /proc")
 def test_ctrl_c_stops_every_node_and_exits_130(marker: str) -> None:
     proc = subprocess.Popen(
@@ -289,6 +308,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (args.tasks, args.workers, args.runs, args.backlog_tasks) == (100_000, 1, 1, 1_000_000)
     assert args.latency_count == 2000
     assert args.scenarios == ["throughput", "batch", "latency", "backlog", "workers"]
+    assert Options().scenarios == tuple(args.scenarios)
+    assert build_parser().parse_args(["--scenarios", "floor"]).scenarios == ["floor"]
     assert (args.format, args.json, args.discovery_address) == ("json", False, None)
 
 
@@ -357,6 +378,12 @@ def test_the_table_has_a_row_per_phase_and_says_what_was_skipped() -> None:
         },
         "backlog": {"skipped": "not here"},
         "workers": combine_runs([{"1": stream}, {"1": stream}]),
+        "floor": {
+            "round_trips": 10,
+            **{f"{p}seconds": 0.005 for p in ("", "thread_")},
+            **{f"{p}{k}_ms": v for p in ("", "thread_") for k, v in (("p50", 0.4), ("p99", 2.0))},
+            **{"max_ms": 3.0, "thread_max_ms": 4.0},
+        },
     }
     table = render_table(Options(tasks=1000, runs=2), results)
     rows = {line.split()[0]: line for line in table.splitlines()[3:] if line}
@@ -365,6 +392,10 @@ def test_the_table_has_a_row_per_phase_and_says_what_was_skipped() -> None:
     assert "p50 0.500 ms, p99 2.000 ms, max 3.000 ms" in rows["latency"]
     assert "skipped: not here" in rows["backlog"]
     assert "runs: 2,000 / 2,000" in rows["workers=1"]
+    floor_rows = [line for line in table.splitlines() if line.startswith("floor ")]
+    assert "p50 0.400 ms, p99 2.000 ms, max 3.000 ms" in floor_rows[0]
+    assert floor_rows[1].startswith("floor thread")
+    assert "max 4.000 ms" in floor_rows[1]
     assert "median of 2 runs" in table.splitlines()[0]
 
 

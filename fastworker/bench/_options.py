@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["LOCAL_ONLY", "SCENARIOS", "BenchError", "Options"]
+__all__ = ["DEFAULT_SCENARIOS", "LOCAL_ONLY", "SCENARIOS", "BenchError", "Options"]
 
-SCENARIOS = ("throughput", "batch", "latency", "backlog", "workers")
+DEFAULT_SCENARIOS = ("throughput", "batch", "latency", "backlog", "workers")
+# ``floor`` measures the machine, not fastworker: run only when asked for.
+SCENARIOS = (*DEFAULT_SCENARIOS, "floor")
 # Scenarios that start and stop processes: impossible against a cluster we do not own.
 LOCAL_ONLY = frozenset({"backlog", "workers"})
 
@@ -28,7 +30,7 @@ class Options:
     concurrency: int = 8
     serialization_format: str = "json"
     payload_bytes: int = 0
-    scenarios: tuple[str, ...] = SCENARIOS
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS
     discovery_address: str | None = None
     json: bool = False
     runs: int = 1

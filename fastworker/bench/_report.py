@@ -109,15 +109,27 @@ def _stream_row(label: str, f: Figures, note: str = "") -> list[str]:
     ]
 
 
+def _spread_note(f: Figures, prefix: str = "") -> str:
+    p50, p99, top = (f[f"{prefix}{key}_ms"] for key in ("p50", "p99", "max"))
+    return f"p50 {p50:.3f} ms, p99 {p99:.3f} ms, max {top:.3f} ms"
+
+
+def _floor_row(label: str, f: Figures, prefix: str) -> list[str]:
+    """Round trips in the task columns; no fastworker process, so no memory to show."""
+    n, seconds = f["round_trips"], f[f"{prefix}seconds"]
+    return [label, _num(n), _num(seconds, 3), _num(n / seconds), "-", "-", _spread_note(f, prefix)]
+
+
 def _rows(name: str, f: Figures) -> list[list[str]]:
     if "skipped" in f:
         return [[name, "", "", "", "", "", f"skipped: {f['skipped']}"]]
     if name in ("throughput", "batch"):
         return [_stream_row(name, f)]
     if name == "latency":
-        note = f"p50 {f['p50_ms']:.3f} ms, p99 {f['p99_ms']:.3f} ms, max {f['max_ms']:.3f} ms"
         rate = {**f, "tasks_per_s": f["tasks"] / f["seconds"]}
-        return [_stream_row(name, rate, note)]
+        return [_stream_row(name, rate, _spread_note(f))]
+    if name == "floor":
+        return [_floor_row("floor", f, ""), _floor_row("floor thread", f, "thread_")]
     if name == "backlog":
         per_task = f["rss_per_task_bytes"]
         idle = f["cp_idle_rss_mb"]
@@ -192,4 +204,14 @@ def render_table(options: Options, results: Figures) -> str:
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     lines.append("")
     lines.append("MB = MiB of resident memory (VmRSS), peak sampled every 100 ms; n/a: not visible")
+    if "floor" in results:
+        lines.append(_FLOOR_NOTE)
     return "\n".join(lines)
+
+
+_FLOOR_NOTE = (
+    "floor = the latency path's 3 processes and 4 socket hops on bare pyzmq + trio, no\n"
+    "fastworker code: round trips client -> relay -> echo -> relay -> client on loopback;\n"
+    "floor thread: the echo answers through trio.to_thread.run_sync, a thread hop like a\n"
+    "worker's for a plain-function task"
+)

@@ -1,4 +1,4 @@
-"""The five scenarios; each run returns one flat dict of figures (or one per worker count).
+"""The scenarios; each run returns one flat dict of figures (or one per worker count).
 
 Figures are raw (seconds, bytes turned into MiB, ms) and unrounded: the
 report takes medians first and rounds last.  Memory is the peak ``VmRSS``
@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..client import Client
+from ._chain import floor_round_trips
 from ._cluster import Cluster, Context, connected, start_local
 from ._measure import (
     Tally,
@@ -97,17 +98,39 @@ async def latency(ctx: Context) -> Figures:
         ):
             rss.watch_workers(pids)
             times = await round_trips(client, ctx.workload, n, tally)
-    ordered = sorted(times)
     peaks = rss.peaks()
     return {
         "tasks": n,
-        "seconds": sum(times),
-        "p50_ms": percentile(ordered, 0.50) * 1e3,
-        "p99_ms": percentile(ordered, 0.99) * 1e3,
-        "max_ms": ordered[-1] * 1e3,
-        "mean_ms": sum(times) / n * 1e3,
+        **_spread(times),
         "cp_rss_mb": to_mib(peaks.cp_bytes),
         "worker_rss_mb": to_mib(peaks.worker_bytes),
+    }
+
+
+def _spread(times: list[float], prefix: str = "") -> Figures:
+    """Total seconds and the percentiles of round trips, under keys starting with ``prefix``."""
+    ordered = sorted(times)
+    return {
+        f"{prefix}seconds": sum(times),
+        f"{prefix}p50_ms": percentile(ordered, 0.50) * 1e3,
+        f"{prefix}p99_ms": percentile(ordered, 0.99) * 1e3,
+        f"{prefix}max_ms": ordered[-1] * 1e3,
+        f"{prefix}mean_ms": sum(times) / len(times) * 1e3,
+    }
+
+
+async def floor(ctx: Context) -> Figures:
+    """The ``latency`` path's bare transport, no fastworker code: what this machine allows.
+
+    ``thread_*`` figures: the echo answers through a thread hop, as a
+    worker does to run a plain function.  See ``_floor`` for the why.
+    """
+    n = ctx.options.latency_count
+    times = await floor_round_trips(n, ctx.pids)
+    return {
+        "round_trips": n,
+        **_spread(times["direct"]),
+        **_spread(times["thread"], "thread_"),
     }
 
 
@@ -240,4 +263,5 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[Figures]]] = {
     "latency": latency,
     "backlog": backlog,
     "workers": workers,
+    "floor": floor,
 }
