@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import select
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import IO
 
-from ._nodes import _node_env
+from ._nodes import NoFirstLine, read_first_line, spawn_logged
 from ._options import BenchError
 
 __all__ = ["floor_round_trips"]
@@ -45,20 +42,12 @@ class _Helper:
 
     def __init__(self, argv: Sequence[str], stdout: int | IO[bytes]) -> None:
         self.name = argv[0]
-        # Lives as long as the process (closed in stop), so no `with`.
-        self.stderr: IO[bytes] = tempfile.TemporaryFile(prefix="fastworker-bench-floor-")  # noqa: SIM115
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fastworker.bench._floor", *argv],
-                stdin=subprocess.PIPE,
-                stdout=stdout,
-                stderr=self.stderr,
-                env=_node_env(),
-                start_new_session=True,
-            )
-        except BaseException:
-            self.stderr.close()
-            raise
+        self.process, self.stderr = spawn_logged(
+            ["fastworker.bench._floor", *argv],
+            stdin=subprocess.PIPE,
+            stdout=stdout,
+            log_prefix="fastworker-bench-floor-",
+        )
 
     def last_words(self) -> str:
         """The last line it wrote on stderr (where ``_floor`` puts its one-line error)."""
@@ -103,19 +92,10 @@ def _ready_line(relay: _Helper) -> tuple[str, str]:
     """The relay's (clients, workers) endpoints from its ready line, within the time allowed."""
     from ._floor import RELAY_READY  # see floor_round_trips
 
-    assert relay.process.stdout is not None
-    fd = relay.process.stdout.fileno()
-    deadline = time.monotonic() + _READY_TIMEOUT
-    buffer = b""
-    while b"\n" not in buffer:
-        left = deadline - time.monotonic()
-        if not select.select([fd], [], [], max(left, 0.0))[0]:
-            raise relay.failure(f"printed no ready line within {_READY_TIMEOUT:g} s")
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            raise relay.failure("exited before it was ready")
-        buffer += chunk
-    line = buffer.split(b"\n", 1)[0].decode(errors="replace")
+    try:
+        line = read_first_line(relay.process, _READY_TIMEOUT)
+    except NoFirstLine as exc:
+        raise relay.failure(str(exc)) from None
     fields = dict(f.split("=", 1) for f in line.removeprefix(RELAY_READY).split() if "=" in f)
     if not line.startswith(RELAY_READY) or set(fields) != {"clients", "workers"}:
         raise BenchError(f"floor: unexpected ready line from the relay: {line!r}")

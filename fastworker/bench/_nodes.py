@@ -33,7 +33,7 @@ from typing import IO
 from ._options import BenchError
 from ._tasks import MODULE
 
-__all__ = ["LocalNode", "start_node", "stop_all"]
+__all__ = ["LocalNode", "NoFirstLine", "read_first_line", "spawn_logged", "start_node", "stop_all"]
 
 READY = re.compile(
     r"^fastworker node ready: role=(?P<role>\S+) discovery=(?P<discovery>\S+) "
@@ -57,25 +57,66 @@ def _node_env() -> dict[str, str]:
     return env
 
 
+class NoFirstLine(Exception):
+    """A helper process printed no first line: ``str()`` says why, for the caller's message."""
+
+
+def spawn_logged(
+    argv: Sequence[str], *, stdin: int, stdout: int | IO[bytes], log_prefix: str
+) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
+    """``python -m <argv>`` in a session of its own, stderr to a temporary file kept for errors.
+
+    The caller owns both and closes the file once the process is reaped.
+    """
+    # Lives as long as the process (closed by the caller), so no `with`.
+    log: IO[bytes] = tempfile.TemporaryFile(prefix=log_prefix)  # noqa: SIM115
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", *argv],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=log,
+            env=_node_env(),
+            start_new_session=True,
+        )
+    except BaseException:
+        log.close()
+        raise
+    return process, log
+
+
+def read_first_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first line ``process`` prints on its stdout pipe, within ``timeout`` seconds.
+
+    ``select`` plus ``os.read`` rather than ``readline``: a silent process must
+    not hang the bench.  Raises :class:`NoFirstLine`.
+    """
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    buffer = b""
+    while b"\n" not in buffer:
+        left = deadline - time.monotonic()
+        if not select.select([fd], [], [], max(left, 0.0))[0]:
+            raise NoFirstLine(f"printed no ready line within {timeout:g} s")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise NoFirstLine("exited before it was ready")
+        buffer += chunk
+    return buffer.split(b"\n", 1)[0].decode(errors="replace")
+
+
 class LocalNode:
     """A node process this bench started; create with ``start_node``."""
 
     def __init__(self, argv: Sequence[str]) -> None:
         self.argv = list(argv)
-        # Lives as long as the node (closed in stop), so no `with`.
-        self._log: IO[bytes] = tempfile.TemporaryFile(prefix="fastworker-bench-node-")  # noqa: SIM115
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "fastworker.node", *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=self._log,
-                env=_node_env(),
-                start_new_session=True,
-            )
-        except BaseException:
-            self._log.close()
-            raise
+        self.process, self._log = spawn_logged(
+            ["fastworker.node", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            log_prefix="fastworker-bench-node-",
+        )
         _live.add(self)
         self.pid = self.process.pid
         self.role = ""
@@ -89,20 +130,10 @@ class LocalNode:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Read the ready line; BenchError (with the node's stderr) when it does not come."""
-        assert self.process.stdout is not None
-        fd = self.process.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        buffer = b""
-        while b"\n" not in buffer:
-            left = deadline - time.monotonic()
-            readable, _, _ = select.select([fd], [], [], max(left, 0.0))
-            if not readable:
-                raise BenchError(self._explain(f"no ready line within {timeout:g} s"))
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise BenchError(self._explain("the node exited before it was ready"))
-            buffer += chunk
-        line = buffer.split(b"\n", 1)[0].decode(errors="replace")
+        try:
+            line = read_first_line(self.process, timeout)
+        except NoFirstLine as exc:
+            raise BenchError(self._explain(f"the node {exc}")) from None
         match = READY.match(line)
         if match is None or int(match["pid"]) != self.pid:
             raise BenchError(self._explain(f"unexpected first line {line!r}"))
