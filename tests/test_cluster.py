@@ -8,6 +8,7 @@ reached, or a reply that is known to travel behind the thing awaited.
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 import pytest
 import trio
@@ -15,7 +16,16 @@ import zmq
 
 from fastworker import Client, Cluster, TaskPriority, TaskResult, TaskStatus
 from fastworker.transport import open_socket
-from fastworker.wire import ErrorReply, decode
+from fastworker.wire import (
+    ErrorReply,
+    Results,
+    StatsQuery,
+    StatsReply,
+    Submit,
+    SubmitAck,
+    decode,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -237,3 +247,56 @@ async def test_cancelling_a_finished_or_unknown_task_returns_false() -> None:
             assert await client.cancel_task(done.task_id) is False
             assert client.get_status(done.task_id) is TaskStatus.SUCCESS
             assert await client.cancel_task("no-such-task") is False
+
+
+def _task_wire(task_id: str, name: str, *args: object) -> list[object]:
+    """A TaskWire as a client in any language would build it (JSON payload, no options)."""
+    payload = json.dumps([list(args), {}]).encode()
+    return [task_id, name, TaskPriority.NORMAL.rank, 0, payload, None]
+
+
+async def test_a_held_back_ack_comes_before_any_later_reply_and_without_a_result(gate) -> None:
+    """Plain acks wait a moment for a message to ride with, but never hold up anything else."""
+
+    def hold() -> None:
+        gate.wait()
+
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[hold], workers=1, concurrency=1, prefetch=0) as cluster,
+            open_socket(zmq.DEALER, identity=b"raw-client") as raw,
+        ):
+            gateway = cluster.control_plane.gateway.endpoint
+            assert gateway is not None
+            raw.connect(gateway)
+            await raw.send_multipart([encode(Submit(1, [_task_wire("held-1", "hold")]))])
+            await raw.send_multipart([encode(StatsQuery(2))])
+            first, second = [decode((await raw.recv_multipart())[0]) for _ in range(2)]
+            # The task is still running: the ack came on its own, before the stats.
+            assert first == SubmitAck(1, [])
+            assert isinstance(second, StatsReply)
+            assert second.request_id == 2
+
+            gate.open()
+            [pushed] = await raw.recv_multipart()
+
+    results = decode(pushed)
+    assert isinstance(results, Results)
+    assert [r[0:2] for r in results.results] == [["held-1", "success"]]
+
+
+async def test_a_quick_tasks_ack_rides_just_ahead_of_its_result() -> None:
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add], workers=1) as cluster,
+            open_socket(zmq.DEALER, identity=b"raw-client") as raw,
+        ):
+            gateway = cluster.control_plane.gateway.endpoint
+            assert gateway is not None
+            raw.connect(gateway)
+            await raw.send_multipart([encode(Submit(7, [_task_wire("quick-1", "add", 2, 3)]))])
+            ack, pushed = [decode((await raw.recv_multipart())[0]) for _ in range(2)]
+
+    assert ack == SubmitAck(7, [])
+    assert isinstance(pushed, Results)
+    assert [tuple(r[0:3]) for r in pushed.results] == [("quick-1", "success", b"5")]

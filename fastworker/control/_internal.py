@@ -15,6 +15,7 @@ __all__ = [
     "CallbackJobs",
     "CancelTask",
     "ClientSubmits",
+    "HeldAcks",
     "Outgoing",
     "QueryResults",
     "ResendResults",
@@ -27,6 +28,18 @@ __all__ = [
 @attrs.frozen
 class Outgoing:
     """Multipart messages for the gateway to send to clients: ``[identity, body]`` each."""
+
+    messages: list[list[bytes]]
+
+
+@attrs.frozen
+class HeldAcks:
+    """Plain SubmitAcks (nothing rejected) the gateway may hold back a moment: ``[identity, body]``.
+
+    They go out with the next message to the same client, or after the
+    gateway's ack delay: most tasks finish before that, so their results carry
+    the news and the client wakes once, not twice (see Gateway).
+    """
 
     messages: list[list[bytes]]
 

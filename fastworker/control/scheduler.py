@@ -47,6 +47,7 @@ from ._internal import (
     CallbackJobs,
     CancelTask,
     ClientSubmits,
+    HeldAcks,
     Outgoing,
     ResendResults,
     StoreResults,
@@ -277,6 +278,7 @@ class Scheduler(Actor):
         now_wall = time.time()
         now = trio.current_time()
         replies: list[list[bytes]] = []
+        plain_acks: list[list[bytes]] = []
         for identity, request_id, raw_tasks in message.submits:
             rejected: list[list[str]] = []
             resend: list[str] = []
@@ -297,10 +299,14 @@ class Scheduler(Actor):
                     resend.append(envelope.task_id)
                 else:
                     rejected.append([envelope.task_id, "queue_full", verdict])
-            replies.append([identity, encode(SubmitAck(request_id, rejected))])
+            ack = [identity, encode(SubmitAck(request_id, rejected))]
+            (replies if rejected else plain_acks).append(ack)
             if resend:
                 self._tell(self._results, ResendResults(identity, resend), "result resends")
-        self._tell(self._gateway, Outgoing(replies), "acks")
+        if replies:
+            self._tell(self._gateway, Outgoing(replies), "acks")
+        if plain_acks:
+            self._tell(self._gateway, HeldAcks(plain_acks), "acks")
 
     def _accept(
         self, envelope: TaskEnvelope, identity: bytes, now: float, now_wall: float
