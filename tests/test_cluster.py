@@ -15,7 +15,7 @@ import trio
 import zmq
 
 from fastworker import Client, Cluster, TaskPriority, TaskResult, TaskStatus
-from fastworker.transport import open_socket
+from fastworker.transport import ZSocket, open_socket
 from fastworker.wire import (
     ErrorReply,
     Results,
@@ -249,6 +249,14 @@ async def test_cancelling_a_finished_or_unknown_task_returns_false() -> None:
             assert await client.cancel_task("no-such-task") is False
 
 
+async def _bodies(raw: ZSocket, count: int) -> list[object]:
+    """The next ``count`` messages from the gateway, however they are grouped into frames."""
+    messages: list[object] = []
+    while len(messages) < count:
+        messages.extend(decode(body) for body in await raw.recv_multipart())
+    return messages
+
+
 def _task_wire(task_id: str, name: str, *args: object) -> list[object]:
     """A TaskWire as a client in any language would build it (JSON payload, no options)."""
     payload = json.dumps([list(args), {}]).encode()
@@ -271,16 +279,15 @@ async def test_a_held_back_ack_comes_before_any_later_reply_and_without_a_result
             raw.connect(gateway)
             await raw.send_multipart([encode(Submit(1, [_task_wire("held-1", "hold")]))])
             await raw.send_multipart([encode(StatsQuery(2))])
-            first, second = [decode((await raw.recv_multipart())[0]) for _ in range(2)]
-            # The task is still running: the ack came on its own, before the stats.
+            first, second = await _bodies(raw, 2)
+            # The task is still running: the ack came without a result, before the stats.
             assert first == SubmitAck(1, [])
             assert isinstance(second, StatsReply)
             assert second.request_id == 2
 
             gate.open()
-            [pushed] = await raw.recv_multipart()
+            [results] = await _bodies(raw, 1)
 
-    results = decode(pushed)
     assert isinstance(results, Results)
     assert [r[0:2] for r in results.results] == [["held-1", "success"]]
 
@@ -295,7 +302,7 @@ async def test_a_quick_tasks_ack_rides_just_ahead_of_its_result() -> None:
             assert gateway is not None
             raw.connect(gateway)
             await raw.send_multipart([encode(Submit(7, [_task_wire("quick-1", "add", 2, 3)]))])
-            ack, pushed = [decode((await raw.recv_multipart())[0]) for _ in range(2)]
+            ack, pushed = await _bodies(raw, 2)
 
     assert ack == SubmitAck(7, [])
     assert isinstance(pushed, Results)

@@ -436,10 +436,14 @@ class ClientCore(Actor):
     # -- receiving ----------------------------------------------------------
 
     def _on_frame(self, parts: list[bytes]) -> None:
-        if len(parts) != 1:
-            return
+        # One message per frame; the gateway puts held acks in front of the
+        # message they ride with (protocol.md, §3): handle them in order.
+        for body in parts:
+            self._on_body(body)
+
+    def _on_body(self, body: bytes) -> None:
         try:
-            message = decode(parts[0])
+            message = decode(body)
         except WireError as exc:
             log.warning("client ignored a bad frame from the control plane: %s", exc)
             return
