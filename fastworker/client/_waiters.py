@@ -52,9 +52,17 @@ class AsyncioWaiter:
             pass  # the caller's loop is closed: nobody is waiting any more
 
     async def wait(self, timeout: float | None) -> tuple[bool, Any]:
+        # The future itself, under asyncio.timeout: wait_for(shield(...)) chains
+        # three futures, each resolved one event-loop turn after the other,
+        # which cost ~100 µs per round trip (a lost race with a late value is
+        # harmless: _resolve skips a done future).
+        future = self._future
         try:
-            value = await asyncio.wait_for(asyncio.shield(self._future), timeout)
+            async with asyncio.timeout(timeout):
+                value = await future
         except TimeoutError:
+            if future.done() and not future.cancelled():
+                return True, future.result()  # the value itself was a TimeoutError: raised
             return False, None
         return True, value
 
