@@ -107,7 +107,8 @@ _json_decoder = json.JSONDecoder(object_hook=_json_object_hook)
 # JSONDecoder.decode: 0.8 µs instead of 3.2 for a small payload, and each
 # task's arguments and result are decoded once each.  Used only when the text
 # cannot hold a $datetime (nor an escape that could spell one).
-_scan_plain_json = json.JSONDecoder().scan_once
+_plain_json_decoder: Any = json.JSONDecoder()  # scan_once is not in the type stubs
+_scan_plain_json: Callable[[str, int], tuple[Any, int]] = _plain_json_decoder.scan_once
 
 
 def _decode_json(text: str, raw: bytes) -> Any:
