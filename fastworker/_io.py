@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import attrs
@@ -11,7 +12,7 @@ import zmq
 from .runtime import ActorRef, ActorStopped, MailboxFull
 from .transport import TransportConfig, ZSocket, open_socket
 
-__all__ = ["Inbound", "connect_dealer", "pump_socket", "tell_own_actor", "tick"]
+__all__ = ["DeadlineTimer", "Inbound", "connect_dealer", "pump_socket", "tell_own_actor", "tick"]
 
 
 @attrs.frozen
@@ -102,3 +103,36 @@ async def _tell_when_writable(
     except trio.ClosedResourceError:
         return
     await tell_own_actor(owner, when_up(sock))
+
+
+class DeadlineTimer:
+    """Tells its actor ``message`` when the trio clock passes ``due``; runs in its nursery.
+
+    Moving ``due`` only moves a cancel scope's deadline and wakes no task, so
+    an actor may re-arm it on every message (the gateway does, per held ack)
+    and pay nothing until it actually expires.
+    """
+
+    def __init__(self, owner: ActorRef, message: object) -> None:
+        self._owner = owner
+        self._message = message
+        self._scope: trio.CancelScope | None = None
+        self.due = math.inf
+
+    def set(self, due: float) -> None:
+        """Fire at ``due`` instead (``math.inf``: not at all)."""
+        self.due = due
+        if self._scope is not None:
+            self._scope.deadline = due
+
+    async def run(self) -> None:
+        while True:
+            try:
+                with trio.CancelScope(deadline=self.due) as scope:
+                    self._scope = scope
+                    await trio.sleep_forever()
+            finally:
+                self._scope = None
+            self.due = math.inf
+            if not await tell_own_actor(self._owner, self._message):
+                return

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
+from fastworker._io import DeadlineTimer
 from fastworker.runtime import (
     Actor,
     ActorError,
@@ -334,3 +336,40 @@ def test_base_receive_and_mailbox_size_are_checked() -> None:
         Actor("zero", mailbox_size=0)
     with pytest.raises(NotImplementedError):
         Actor("plain").receive("x")
+
+
+class TimedRecorder(Recorder):
+    """A Recorder with a DeadlineTimer that tells it ("due", time) when it fires."""
+
+    def __init__(self) -> None:
+        super().__init__("timed")
+        self.timer = DeadlineTimer(self.ref, "due")
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self.timer.run)
+
+    def receive(self, message: Any) -> Any:
+        if message == "due":
+            self.seen.append(("due", trio.current_time()))
+            return None
+        return super().receive(message)
+
+
+async def test_a_deadline_timer_fires_once_at_its_latest_due_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    actor = TimedRecorder()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        start = trio.current_time()
+        actor.timer.set(start + 5)
+        actor.timer.set(start + 8)  # moved later: only this one counts
+        await trio.sleep(20)
+        assert actor.seen == [("due", start + 8)]
+        assert actor.timer.due == math.inf  # fired: not armed any more
+
+        actor.timer.set(trio.current_time() + 1)
+        actor.timer.set(math.inf)  # disarmed before it fired
+        await trio.sleep(20)
+        assert len(actor.seen) == 1
+        actor.ref.stop()

@@ -26,7 +26,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket, tell_own_actor
+from .._io import DeadlineTimer, Inbound, pump_socket
 from ..runtime import Actor, ActorError, ActorRef
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -79,8 +79,8 @@ class Gateway(Actor):
         self._rejected: Counter[str] = Counter()
         self._dropped = 0
         self._held_acks: dict[bytes, list[bytes]] = {}  # identity -> SubmitAck bodies
-        self._acks_due = math.inf  # when the held acks go out at the latest
-        self._ack_timer: trio.CancelScope | None = None
+        # When the held acks go out at the latest.
+        self._ack_timer = DeadlineTimer(self.ref, _SendHeldAcks())
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.transport)
@@ -88,7 +88,7 @@ class Gateway(Actor):
         self._sock = sock
         self._nursery = nursery
         nursery.start_soon(pump_socket, sock, self.ref)
-        nursery.start_soon(self._ack_timer_loop)
+        nursery.start_soon(self._ack_timer.run)
 
     async def on_stop(self) -> None:
         self._send_held_acks()  # spares clients a re-send after a clean shutdown
@@ -125,7 +125,7 @@ class Gateway(Actor):
                 # them, and the client wakes once for both (protocol.md, §3).
                 frames = [frames[0], *held.pop(frames[0]), *frames[1:]]
                 if not held:
-                    self._set_acks_due(math.inf)
+                    self._ack_timer.set(math.inf)
             try:
                 sock.send_multipart_nowait(frames)
             except (trio.WouldBlock, PeerUnreachable):
@@ -144,29 +144,12 @@ class Gateway(Actor):
                 held[identity] = [body]
             else:
                 bodies.append(body)
-        if self._acks_due == math.inf:
-            self._set_acks_due(trio.current_time() + ACK_DELAY_SECONDS)
-
-    def _set_acks_due(self, due: float) -> None:
-        # Moving a deadline wakes nobody: when the result carried the ack, as
-        # usual, the timer costs the loop nothing.
-        self._acks_due = due
-        if self._ack_timer is not None:
-            self._ack_timer.deadline = due
-
-    async def _ack_timer_loop(self) -> None:
-        while True:
-            with trio.CancelScope(deadline=self._acks_due) as scope:
-                self._ack_timer = scope
-                await trio.sleep_forever()
-            self._ack_timer = None
-            self._acks_due = math.inf
-            if not await tell_own_actor(self.ref, _SendHeldAcks()):
-                return
+        if self._ack_timer.due == math.inf:
+            self._ack_timer.set(trio.current_time() + ACK_DELAY_SECONDS)
 
     def _send_held_acks(self) -> None:
         held, self._held_acks = self._held_acks, {}
-        self._set_acks_due(math.inf)
+        self._ack_timer.set(math.inf)
         self._send([[identity, *bodies] for identity, bodies in held.items()])
 
     def _error(self, identity: bytes, request_id: int, exc: WireError) -> None:

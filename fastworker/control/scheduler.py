@@ -23,7 +23,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket, tell_own_actor
+from .._io import DeadlineTimer, Inbound, pump_socket
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..tasks.models import TaskStatus
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
@@ -163,8 +163,7 @@ class Scheduler(Actor):
         self._jobs: dict[str, _Job] = {}
         self._queues: PriorityQueues[_Job] = PriorityQueues(_is_queued)
         self._timed: list[tuple[float, int, _Job]] = []  # (due, seq, job) heap
-        self._next_due = math.inf
-        self._timer_scope: trio.CancelScope | None = None
+        self._timer = DeadlineTimer(self.ref, _Due())  # eta, retries, the unserved check
         self._unserved_check = math.inf  # when to fail queued tasks nobody serves
         self._workers: dict[bytes, _WorkerSlot] = {}
         self._served: frozenset[str] = frozenset()
@@ -191,32 +190,20 @@ class Scheduler(Actor):
         self.endpoint = sock.bind(self.endpoint or self.config.worker_address)
         self._sock = sock
         nursery.start_soon(pump_socket, sock, self.ref)
-        nursery.start_soon(self._timer_loop)
+        nursery.start_soon(self._timer.run)
 
     async def on_stop(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
 
-    async def _timer_loop(self) -> None:
-        while True:
-            with trio.CancelScope(deadline=self._next_due) as scope:
-                self._timer_scope = scope
-                await trio.sleep_forever()
-            self._timer_scope = None
-            self._next_due = math.inf
-            if not await tell_own_actor(self.ref, _Due()):
-                return
-
     def _schedule(self, due: float, job: _Job) -> None:
         heapq.heappush(self._timed, (due, job.seq, job))
         self._wake_at(due)
 
     def _wake_at(self, due: float) -> None:
-        if due < self._next_due:
-            self._next_due = due
-            if self._timer_scope is not None:
-                self._timer_scope.deadline = due
+        if due < self._timer.due:
+            self._timer.set(due)
 
     # -- messages -----------------------------------------------------------
 
@@ -376,9 +363,7 @@ class Scheduler(Actor):
         if now >= self._unserved_check:
             self._unserved_check = math.inf
             self._fail_unserved()
-        self._next_due = min(timed[0][0] if timed else math.inf, self._unserved_check)
-        if self._timer_scope is not None:
-            self._timer_scope.deadline = self._next_due
+        self._timer.set(min(timed[0][0] if timed else math.inf, self._unserved_check))
 
     def _fail_unserved(self) -> None:
         """Fail queued tasks whose name no registered worker serves (see unknown_task_grace).
