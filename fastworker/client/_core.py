@@ -437,7 +437,7 @@ class ClientCore(Actor):
 
     def _on_frame(self, parts: list[bytes]) -> None:
         # One message per frame; the gateway puts held acks in front of the
-        # message they ride with (protocol.md, §3): handle them in order.
+        # message they ride with (protocol.md, §1): handle them in order.
         for body in parts:
             self._on_body(body)
 

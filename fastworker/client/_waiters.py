@@ -53,9 +53,9 @@ class AsyncioWaiter:
 
     async def wait(self, timeout: float | None) -> tuple[bool, Any]:
         # The future itself, under asyncio.timeout: wait_for(shield(...)) chains
-        # three futures, each resolved one event-loop turn after the other,
-        # which cost ~100 µs per round trip (a lost race with a late value is
-        # harmless: _resolve skips a done future).
+        # three futures, each resolved one event-loop turn after the other, on
+        # every round trip (a late value after a timeout is harmless: _resolve
+        # skips a done future).
         future = self._future
         try:
             async with asyncio.timeout(timeout):

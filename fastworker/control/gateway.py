@@ -7,12 +7,11 @@ task state itself, which keeps the Scheduler free of client I/O.
 
 Plain acknowledgements (nothing rejected) wait up to ``ACK_DELAY_SECONDS``
 for the next message to the same client and go out ahead of it, as leading
-frames of the same ZeroMQ message.  A trivial task's
-result follows its ack within a millisecond or two, and on a small machine a
-separate ack cost a wake-up of the client's threads at the very moment the
-worker needed the CPU: holding it took 0.1-0.8 ms off the median round trip
-and ~3 ms off the 99th percentile (design/performance.md).  Whatever else a
-client gets after its submission was accepted still comes after the ack.
+frames of the same ZeroMQ message.  A trivial task's result follows its ack
+within a millisecond or two, and on a small machine a separate ack woke the
+client's threads at the very moment the worker needed the CPU (steps 16-17 in
+design/performance.md).  Whatever else a client gets after its submission
+was accepted still comes after the ack.
 """
 
 from __future__ import annotations
@@ -122,7 +121,7 @@ class Gateway(Actor):
         for frames in messages:
             if held and frames[0] in held:
                 # The acks go first, in the same ZeroMQ message: nothing overtakes
-                # them, and the client wakes once for both (protocol.md, §3).
+                # them, and the client wakes once for both (protocol.md, §1).
                 frames = [frames[0], *held.pop(frames[0]), *frames[1:]]
                 if not held:
                     self._ack_timer.set(math.inf)
