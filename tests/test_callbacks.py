@@ -19,6 +19,8 @@ import trio
 import zmq
 
 from fastworker import Client, Cluster, TaskStatus
+from fastworker.control._internal import CallbackJobs
+from fastworker.control.callbacks import CallbackConfig, CallbackDispatcher
 from fastworker.transport import ZSocket, open_socket
 
 pytestmark = pytest.mark.timeout(30)
@@ -166,3 +168,20 @@ async def test_an_absent_receiver_slows_nothing_and_its_drops_are_counted(
     assert callbacks["dropped"] == callbacks["dropped_by_reason"]["unreachable"]
     assert stats["scheduler"]["succeeded"] == 501
     assert client.get_status(live_id) is TaskStatus.SUCCESS
+
+
+async def test_every_document_for_an_address_that_cannot_connect_is_counted() -> None:
+    """Passes the scheme check, fails in connect(): all queued documents count as dropped."""
+    dispatcher = CallbackDispatcher(CallbackConfig())
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            bad = "tcp://no host here"
+            dispatcher.ref.tell(CallbackJobs([(bad, b"one"), (bad, b"two"), (bad, b"three")]))
+            while (await dispatcher.ref.ask("stats"))["addresses"]:
+                await trio.lowlevel.checkpoint()  # the sender task has not failed yet
+            stats = await dispatcher.ref.ask("stats")
+            dispatcher.ref.stop()
+
+    assert stats["dropped_by_reason"] == {"bad_address": 3}
+    assert stats["sent"] == 0

@@ -98,15 +98,10 @@ class CallbackDispatcher(Actor):
             except zmq.ZMQError as exc:
                 log.warning("bad callback address %s: %s", address, exc)
                 self._senders.pop(address, None)
+                # Nothing was taken yet: every queued document is dropped (count
+                # them before closing, which would hide them).
+                self._drop("bad_address", address, _discard_queued(inbox))
                 inbox.close()
-                dropped = 1
-                while True:
-                    try:
-                        inbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                    dropped += 1
-                self._drop("bad_address", address, dropped)
                 return
             while True:
                 payload = None
@@ -125,15 +120,19 @@ class CallbackDispatcher(Actor):
                     # Nobody took it within the timeout: what waits behind it would
                     # only wait as long again, one by one.  Drop the queue now
                     # (counted), and give later documents a fresh chance.
-                    dropped = 1
-                    while True:
-                        try:
-                            inbox.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                            break
-                        dropped += 1
-                    self._drop("unreachable", address, dropped)
+                    self._drop("unreachable", address, 1 + _discard_queued(inbox))
                 else:
                     self._counts["sent"] += 1
         finally:
             sock.close(linger_ms=0)
+
+
+def _discard_queued(inbox: trio.MemoryReceiveChannel[bytes]) -> int:
+    """Empty an address's queue without waiting; how many documents it held."""
+    discarded = 0
+    while True:
+        try:
+            inbox.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return discarded
+        discarded += 1
