@@ -50,6 +50,10 @@ class ControlPlaneConfig:
     discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
     client_address: str | None = None  # default: discovery host, random port
     worker_address: str | None = None  # default: discovery host, random port
+    # What Discovery tells clients and workers to connect to, when it is not
+    # the bound endpoint (a proxy, NAT, or the fault campaign's TCP proxies).
+    advertise_client_address: str | None = None
+    advertise_worker_address: str | None = None
     result_ttl: float = 3600.0
     result_cache_size: int = 10_000
     heartbeat_interval: float = 1.0
@@ -120,7 +124,11 @@ class ControlPlane:
     def _endpoints(self) -> tuple[str, str]:
         assert self.gateway.endpoint is not None
         assert self.scheduler.endpoint is not None
-        return self.gateway.endpoint, self.scheduler.endpoint
+        cfg = self.config
+        return (
+            cfg.advertise_client_address or self.gateway.endpoint,
+            cfg.advertise_worker_address or self.scheduler.endpoint,
+        )
 
     @property
     def discovery_address(self) -> str:

@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-address", type=_address, help="client endpoint to bind")
     parser.add_argument("--worker-address", type=_address, help="worker endpoint to bind")
     parser.add_argument(
+        "--advertise-client-address",
+        type=_address,
+        help="client endpoint Discovery tells clients to connect to (default: the bound one)",
+    )
+    parser.add_argument(
+        "--advertise-worker-address",
+        type=_address,
+        help="worker endpoint Discovery tells workers to connect to (default: the bound one)",
+    )
+    parser.add_argument(
         "--task-modules",
         nargs="+",
         default=[],
@@ -203,6 +213,8 @@ async def _run_node(args: argparse.Namespace) -> int:
                     discovery_address=args.discovery_address,
                     client_address=args.client_address,
                     worker_address=args.worker_address,
+                    advertise_client_address=args.advertise_client_address,
+                    advertise_worker_address=args.advertise_worker_address,
                     result_ttl=args.result_ttl,
                     result_cache_size=args.result_cache_size,
                     heartbeat_interval=args.heartbeat_interval,

@@ -12,8 +12,15 @@ from ._records import ResultRecord as ResultRecord
 from ._records import TaskEnvelope as TaskEnvelope
 from ._records import epoch as epoch
 from ._records import from_epoch as from_epoch
+from ._split import MESSAGE_OVERHEAD as MESSAGE_OVERHEAD
+from ._split import message_budget as message_budget
+from ._split import result_weight as result_weight
+from ._split import split_by_bytes as split_by_bytes
+from ._split import task_weight as task_weight
+from ._split import text_bytes as text_bytes
 
 __all__ = [
+    "MESSAGE_OVERHEAD",
     "PROTOCOL_VERSION",
     "TASK_OPTIONS",
     "WIRE_ERROR_REASONS",
@@ -24,5 +31,10 @@ __all__ = [
     "encode",
     "epoch",
     "from_epoch",
+    "message_budget",
+    "result_weight",
+    "split_by_bytes",
+    "task_weight",
+    "text_bytes",
     *_message_names,
 ]
