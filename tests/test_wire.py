@@ -122,8 +122,8 @@ def test_a_frame_built_by_hand_decodes() -> None:
 
 
 def test_float_fields_accept_integers() -> None:
-    reply = decode(frame(1, LookupReply.TAG, 5, "i", "tcp://h:1", 3))
-    assert reply == LookupReply(5, "i", "tcp://h:1", 3)
+    reply = decode(frame(1, LookupReply.TAG, 5, "i", "tcp://h:1", 3, 1 << 20))
+    assert reply == LookupReply(5, "i", "tcp://h:1", 3, 1 << 20)
 
 
 def test_unicode_and_big_request_ids_survive() -> None:

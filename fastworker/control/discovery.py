@@ -156,6 +156,7 @@ class Discovery(Actor):
                 self.instance_id,
                 client_endpoint,
                 self.config.heartbeat_interval,
+                self.config.transport.max_message_size,
             )
             self._reply(identity, encode(reply))
         elif isinstance(message, Register):

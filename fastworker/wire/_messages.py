@@ -90,15 +90,21 @@ class Lookup(Message):
     request_id: int
 
 
-@_register(2, _I, _S, _S, _F)
+@_register(2, _I, _S, _S, _F, _I)
 @attrs.frozen
 class LookupReply(Message):
-    """Discovery → client: the control plane's instance id and client endpoint."""
+    """Discovery → client: the control plane's instance id, client endpoint and limits.
+
+    ``max_message_size`` is the largest message the control plane accepts: a
+    client splits its batches under it and fails a task too large for any
+    message at the call that submits it.
+    """
 
     request_id: int
     instance_id: str
     client_endpoint: str
     heartbeat_interval: float
+    max_message_size: int
 
 
 # --- worker <-> discovery ---------------------------------------------------

@@ -146,7 +146,7 @@ class Fuzz:
             Release([self._id()]),
             Done([result]),
             Results([result]),
-            LookupReply(1, "x", "tcp://127.0.0.1:1", 1.0),
+            LookupReply(1, "x", "tcp://127.0.0.1:1", 1.0, 1 << 20),
             Registered("x", "tcp://127.0.0.1:1", 1.0),
         ]
 
