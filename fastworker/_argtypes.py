@@ -61,6 +61,19 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+# Below this a message cannot hold even one ordinary task next to its envelope.
+MIN_MESSAGE_SIZE = 64 * 1024
+
+
+def _message_size(text: str) -> int:
+    value = _int(text)
+    if value < MIN_MESSAGE_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_MESSAGE_SIZE} bytes (64 KiB), got {value}"
+        )
+    return value
+
+
 def _address(text: str) -> str:
     if "://" not in text:
         raise argparse.ArgumentTypeError(

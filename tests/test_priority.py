@@ -140,7 +140,10 @@ class _Item:
     seq: int
     name: str
     priority: int
-    live: bool = True
+
+    @property
+    def key(self) -> str:
+        return str(self.seq)
 
 
 @given(
@@ -153,20 +156,21 @@ class _Item:
 def test_scheduler_queues_pop_by_priority_then_arrival(
     specs: list[tuple[int, str, bool]], served: set[str]
 ) -> None:
-    """The scheduler's queues: highest priority first, FIFO within one, cancelled skipped.
+    """The scheduler's queues: highest priority first, FIFO within one, removed ones gone.
 
     A worker that serves only some names gets the best task among those names.
     """
-    queues: PriorityQueues[_Item] = PriorityQueues(lambda item: item.live)
+    queues: PriorityQueues[_Item] = PriorityQueues()
     items = [_Item(seq, name, priority) for seq, (priority, name, _) in enumerate(specs, 1)]
     for item in items:
         queues.push(item)
     for item, (_, _, cancel) in zip(items, specs, strict=True):
         if cancel:
-            item.live = False
-            queues.discard(item)
-    live = [item for item in items if item.live]
+            assert queues.remove(item)
+            assert not queues.remove(item)
+    live = [item for item, (_, _, cancel) in zip(items, specs, strict=True) if not cancel]
     assert len(queues) == len(live)
+    assert sorted(i.seq for i in queues.items()) == [i.seq for i in live]
 
     def best_first(chosen: list[_Item]) -> list[_Item]:
         return sorted(chosen, key=lambda item: (item.priority, item.seq))
@@ -176,9 +180,7 @@ def test_scheduler_queues_pop_by_priority_then_arrival(
         popped.append(item)
     assert popped == best_first([item for item in live if item.name in served])
 
-    rest = []
-    while (item := queues.pop_for(None)) is not None:
-        rest.append(item)
+    rest = queues.pop_many(None, len(live) + 1)
     assert rest == best_first([item for item in live if item.name not in served])
     assert len(queues) == 0
     assert queues.counts() == [0, 0, 0, 0]

@@ -15,9 +15,9 @@ import trio.testing
 
 from fastworker import Client, Cluster, TaskStatus
 from fastworker.control import ControlPlaneConfig
-from fastworker.control._internal import StoreResults
+from fastworker.control._internal import QueryResults, StoreResults
 from fastworker.control.result_cache import ResultCache, ResultCacheConfig
-from fastworker.wire import ResultRecord
+from fastworker.wire import ResultRecord, ResultReply, Results, decode
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -157,7 +157,7 @@ async def test_get_task_result_is_none_for_an_evicted_or_unknown_result() -> Non
             # The submitter keeps its own copy: the documented local cache.
             local = submitter.get_result(ids[0])
 
-    assert first is None
+    assert first is None  # "not found or expired", as the usage document says
     assert [(r.status, r.result) for r in rest if r is not None] == [
         (TaskStatus.SUCCESS, 2),
         (TaskStatus.SUCCESS, 4),
@@ -216,3 +216,61 @@ async def test_get_task_result_is_none_once_the_result_expired(
     assert expired is None
     assert stats["result-cache"]["expired"] == 1
     assert stats["result-cache"]["size"] == 0
+
+
+async def test_a_query_answers_expired_for_a_result_that_left_and_none_for_a_stranger(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The cache remembers (bounded) which ids it had, so nobody waits on a result that left."""
+    cache = ResultCache(ResultCacheConfig(ttl=10.0, max_size=2, gone_memory=3))
+    replies: list[object] = []
+
+    class _Gateway:
+        name = "gateway"
+
+        def tell(self, message: object) -> None:
+            replies.append(message)
+
+    cache.gateway = _Gateway()  # type: ignore[assignment]
+    cache.store([done("a"), done("b"), done("c")])  # "a" evicted
+    mock_clock.jump(10.0)
+    cache.sweep()  # "b" and "c" expired
+    cache.receive(QueryResults(b"client", 7, ["a", "b", "c", "never"]))
+    (reply,) = replies
+    answer = decode(reply.messages[0][1])  # type: ignore[attr-defined]
+    assert isinstance(answer, ResultReply)
+    assert answer.request_id == 7
+    gone = [ResultRecord.from_wire(r) for r in answer.results[:3]]
+    assert [(r.task_id, r.status) for r in gone] == [("a", "failure")] + [
+        (i, "failure") for i in "bc"
+    ]
+    assert all(r.is_expired for r in gone)
+    assert answer.results[3] is None
+    cache.store([done(i) for i in "defg"])  # the memory of gone ids is bounded too
+    assert len(cache._gone) <= 3
+
+
+async def test_a_reply_too_big_for_one_message_pushes_the_rest_just_before_it() -> None:
+    cache = ResultCache(ResultCacheConfig(max_size=100, max_message_size=64 * 1024))
+    sent: list[list[bytes]] = []
+
+    class _Gateway:
+        name = "gateway"
+
+        def tell(self, message: object) -> None:
+            sent.extend(message.messages)  # type: ignore[attr-defined]
+
+    cache.gateway = _Gateway()  # type: ignore[assignment]
+    big = [ResultRecord(f"r{i}", "success", b"x" * 20_000, name="add") for i in range(6)]
+    cache.store(big)
+    cache.receive(QueryResults(b"client", 9, [r.task_id for r in big]))
+    messages = [decode(frames[1]) for frames in sent]
+    assert all(len(frames[1]) <= 64 * 1024 for frames in sent)
+    *pushes, reply = messages
+    assert isinstance(reply, ResultReply)
+    assert pushes
+    assert all(isinstance(m, Results) for m in pushes)
+    pushed = {ResultRecord.from_wire(r).task_id for m in pushes for r in m.results}  # type: ignore[attr-defined]
+    inline = {ResultRecord.from_wire(r).task_id for r in reply.results if isinstance(r, list)}
+    assert inline | pushed == {r.task_id for r in big}
+    assert [r is True for r in reply.results].count(True) == len(pushed)

@@ -13,11 +13,12 @@ import pytest
 import trio
 
 from fastworker import Client, Cluster
+from fastworker._io import Inbound
 from fastworker.control._internal import ClientSubmits, WorkerJoined, WorkerLost
 from fastworker.control.scheduler import Scheduler, SchedulerConfig
 from fastworker.runtime import Actor
 from fastworker.tasks.serializer import SerializationFormat, dumps
-from fastworker.wire import Dispatch, decode
+from fastworker.wire import Dispatch, Ready, decode, encode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,7 +64,7 @@ def _scheduler(max_worker_deaths: int = 3) -> tuple[Scheduler, _Wire]:
 
 def _join(scheduler: Scheduler, worker: str, window: int) -> None:
     scheduler.receive(WorkerJoined(worker, frozenset({"t"}), 1))
-    scheduler._slot(worker.encode()).window = window
+    scheduler.receive(Inbound([[worker.encode(), encode(Ready(window))]]))
 
 
 def _submit(scheduler: Scheduler, *task_ids: str) -> None:
@@ -94,7 +95,8 @@ async def test_a_last_chance_task_runs_apart_from_other_suspects() -> None:
     # hold only one of them; the other waits for a worker without suspects.
     assert len([t for t in wire.to(b"c") if t in ("p", "x")]) == 1, wire.sent
     _join(scheduler, "d", 10)
-    scheduler._dispatch()
+    scheduler.book.dispatch()
+    scheduler._send_effects()
     assert len([t for t in wire.to(b"d") if t in ("p", "x")]) == 1
     # A fresh task still goes anywhere, suspects or not.
     _submit(scheduler, "fresh")
@@ -108,7 +110,7 @@ async def test_a_task_that_keeps_killing_its_worker_fails_as_poison() -> None:
     for n in range(1, 4):
         _join(scheduler, f"w{n}", 10)
         scheduler.receive(WorkerLost(f"w{n - 1}", "died"))
-    assert "p" not in scheduler._jobs
+    assert scheduler.book.status_of("p") is None
     assert scheduler.statistics_dict()["failed"] == 1
 
 
@@ -210,3 +212,83 @@ async def test_a_name_nobody_serves_fails_once_workers_have_joined() -> None:
         assert failed.status.value == "failure"
         assert "unknown task 'quikc'" in (failed.error or "")
         assert client.get_result(fine).result == 2  # type: ignore[union-attr]
+
+
+def _report(scheduler: Scheduler, worker: str, record: Any) -> None:
+    from fastworker._io import Inbound
+    from fastworker.wire import Done, encode
+
+    scheduler.receive(Inbound([[worker.encode(), encode(Done([record]))]]))
+
+
+async def test_a_retry_reported_by_a_worker_declared_dead_does_not_queue_the_task_twice() -> None:
+    """The report arrives after the task was requeued: it is stale, the task runs once at a time.
+
+    The first release queued such a task twice, dispatched it twice in one
+    message, and its queue count went negative (then every message crashed
+    the Scheduler).
+    """
+    from fastworker.control.scheduler import _Due
+    from fastworker.wire import ResultRecord
+
+    scheduler, wire = _scheduler()
+    _join(scheduler, "a", 10)
+    _submit(scheduler, "r")
+    assert wire.to(b"a") == ["r"]
+    scheduler.receive(WorkerLost("a", "died"))  # stopped past its deadline: requeued
+    retrying = ResultRecord("r", "retrying", None, "boom", 1.0, 2.0, 1, None, 0, "t", 0.0)
+    _report(scheduler, "a", retrying)  # SIGCONT: its run reports, late
+    scheduler.receive(_Due())
+    _join(scheduler, "b", 10)
+    assert wire.to(b"b") == ["r"]
+    stats = scheduler.statistics_dict()
+    assert stats["queued_total"] == 0
+    assert stats["running"] == 1
+    assert stats["stale_results"] == 1
+
+
+async def test_ready_from_a_peer_that_never_registered_creates_no_worker() -> None:
+    from fastworker._io import Inbound
+    from fastworker.wire import Ready, encode
+
+    scheduler, wire = _scheduler()
+    strangers = [[f"stranger-{i}".encode(), encode(Ready(100))] for i in range(2000)]
+    scheduler.receive(Inbound(strangers))
+    _submit(scheduler, "x")
+    assert wire.sent == []  # nobody registered: nothing dispatched
+    _join(scheduler, "w", 1)
+    assert wire.to(b"w") == ["x"]
+    stats = scheduler.statistics_dict()
+    assert stats["workers_connected"] == 1
+    assert stats["ready_from_unknown"] == 2000
+    assert len(scheduler.book._unknown_peers) <= scheduler.book.config.unknown_peers
+
+
+async def test_a_large_batch_is_dispatched_in_messages_under_the_size_limit() -> None:
+    """200 tasks of 200 KB for a worker with a wide window: no Dispatch over the limit."""
+    from fastworker.transport import TransportConfig
+
+    sizes: list[int] = []
+    sinks = [_Sink(n) for n in ("gateway", "results", "callbacks")]
+    scheduler = Scheduler(
+        SchedulerConfig(transport=TransportConfig(max_message_size=4 * 1024 * 1024)),
+        gateway=sinks[0].ref,
+        results=sinks[1].ref,
+        callbacks=sinks[2].ref,
+    )
+    wire = _Wire()
+    original = wire.send_multipart_nowait
+
+    def measure(frames: list[bytes]) -> None:
+        sizes.append(len(frames[1]))
+        original(frames)
+
+    wire.send_multipart_nowait = measure  # type: ignore[method-assign]
+    scheduler._sock = wire  # type: ignore[assignment]
+    _join(scheduler, "w", 1000)
+    payload = dumps(SerializationFormat.JSON, [["x" * 200_000], {}])
+    tasks = [[f"big-{i}", "t", 2, 0, payload, None] for i in range(200)]
+    scheduler.receive(ClientSubmits([(b"client", 1, tasks)]))
+    assert len(wire.to(b"w")) == 200
+    assert len(sizes) > 1
+    assert max(sizes) <= 4 * 1024 * 1024

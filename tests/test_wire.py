@@ -597,3 +597,17 @@ def test_epoch_helpers_round_trip_and_pass_none() -> None:
     assert wire.from_epoch(wire.epoch(when)) == when
     assert wire.epoch(None) is None
     assert wire.from_epoch(None) is None
+
+
+@pytest.mark.parametrize("tag", [28, 25, 256])
+def test_cbor_references_are_refused_so_a_small_frame_cannot_expand(tag: int) -> None:
+    """One payload shared by reference would become many tasks' worth of bytes after decoding."""
+    import cbor2
+
+    task = cbor2.dumps(["t1", "name", 2, 0, b"x" * 1000, None])
+    head = {28: b"\xd8\x1c", 25: b"\xd8\x19", 256: b"\xd9\x01\x00"}[tag]
+    tasks = b"\x82" + head + task + b"\xd8\x1d\x00"
+    frame = b"\x84" + cbor2.dumps(1) + cbor2.dumps(Submit.TAG) + cbor2.dumps(7) + tasks
+    with pytest.raises(WireError, match="references are refused") as caught:
+        decode(frame)
+    assert caught.value.reason == "malformed"

@@ -527,7 +527,8 @@ class Client:
             return self._decode(local)
         records = await self._command("query", [task_id], timeout)
         record = records[0] if records else None
-        return None if record is None else self._decode(record)
+        # An expired or evicted result is "not found" to the caller, as documented.
+        return None if record is None or record.is_expired else self._decode(record)
 
     async def cancel_task(self, task_id: str, *, timeout: float | None = None) -> bool:
         """Cancel a task; True when it took effect (a queued task then never runs)."""

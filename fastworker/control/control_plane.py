@@ -23,6 +23,7 @@ import trio
 
 from ..runtime import Supervisor
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
+from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
 from .gateway import Gateway, gather_stats
@@ -59,6 +60,7 @@ class ControlPlaneConfig:
     heartbeat_interval: float = 1.0
     liveness: int = 3
     max_queued: int = 1_000_000
+    max_queued_bytes: int = attrs.field(factory=default_max_queued_bytes)
     max_worker_deaths: int = 3
     unknown_task_grace: float = 5.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
@@ -74,7 +76,11 @@ class ControlPlane:
         self.config = cfg
         self.instance_id = uuid.uuid4().hex
         transport = TransportConfig(max_message_size=cfg.max_message_size)
-        self.results = ResultCache(ResultCacheConfig(cfg.result_ttl, cfg.result_cache_size))
+        self.results = ResultCache(
+            ResultCacheConfig(
+                cfg.result_ttl, cfg.result_cache_size, max_message_size=cfg.max_message_size
+            )
+        )
         self.callbacks = CallbackDispatcher(
             CallbackConfig(delivery_timeout=cfg.callback_timeout, transport=transport)
         )
@@ -87,6 +93,7 @@ class ControlPlane:
             SchedulerConfig(
                 worker_address=cfg.worker_address or sibling_address(cfg.discovery_address),
                 max_queued=cfg.max_queued,
+                max_queued_bytes=cfg.max_queued_bytes,
                 max_worker_deaths=cfg.max_worker_deaths,
                 unknown_task_grace=cfg.unknown_task_grace,
                 allow_pickle=cfg.allow_pickle,

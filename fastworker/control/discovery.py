@@ -11,7 +11,7 @@ requeues its tasks.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 
 import attrs
@@ -40,12 +40,16 @@ __all__ = ["Discovery", "DiscoveryConfig"]
 
 log = logging.getLogger("fastworker.discovery")
 
+_MAX_TASK_NAMES = 10_000
+_MAX_NAME_LENGTH = 512
+
 
 @attrs.frozen
 class DiscoveryConfig:
     address: str = "tcp://127.0.0.1:5550"
     heartbeat_interval: float = 1.0
     liveness: int = 3  # missed heartbeats before a worker is dead
+    max_workers: int = 4096  # registered at once; more are refused
     transport: TransportConfig = TransportConfig()
 
 
@@ -84,7 +88,9 @@ class Discovery(Actor):
         self._members: dict[str, _Member] = {}
         self._rejected: Counter[str] = Counter()
         self._lost = 0
-        self._undelivered: list[WorkerJoined | WorkerLost] = []
+        # Membership news the Scheduler's full mailbox could not take yet, per
+        # worker id, compacted (see _tell_scheduler): at most two per id.
+        self._undelivered: OrderedDict[str, list[WorkerJoined | WorkerLost]] = OrderedDict()
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.config.transport)
@@ -162,7 +168,12 @@ class Discovery(Actor):
         elif isinstance(message, Register):
             self._register(identity, message, now)
         elif isinstance(message, Unregister):
-            self._remove(message.worker_id, "left")
+            if message.reason not in ("left", "crashed"):
+                self._rejected["invalid"] += 1
+                err = ErrorReply(0, "invalid", "Unregister.reason must be 'left' or 'crashed'")
+                self._reply(identity, encode(err))
+                return
+            self._remove(message.worker_id, message.reason)
         else:
             self._rejected["unexpected"] += 1
             err = ErrorReply(
@@ -172,9 +183,23 @@ class Discovery(Actor):
 
     def _register(self, identity: bytes, message: Register, now: float) -> None:
         names = message.task_names
-        if not all(type(n) is str for n in names) or message.concurrency < 1:
+        if (
+            len(names) > _MAX_TASK_NAMES
+            or not all(type(n) is str and 0 < len(n) <= _MAX_NAME_LENGTH for n in names)
+            or message.concurrency < 1
+        ):
             self._rejected["invalid"] += 1
-            err = ErrorReply(0, "invalid", "task names must be strings, concurrency >= 1")
+            err = ErrorReply(
+                0,
+                "invalid",
+                f"task names must be at most {_MAX_TASK_NAMES} strings of 1-{_MAX_NAME_LENGTH} "
+                "characters, concurrency >= 1",
+            )
+            self._reply(identity, encode(err))
+            return
+        if message.worker_id not in self._members and len(self._members) >= self.config.max_workers:
+            self._rejected["overloaded"] += 1
+            err = ErrorReply(0, "overloaded", f"{len(self._members)} workers registered: the limit")
             self._reply(identity, encode(err))
             return
         member = _Member(
@@ -219,14 +244,35 @@ class Discovery(Actor):
             self._tell_scheduler(WorkerLost(worker_id, reason))
 
     def _tell_scheduler(self, message: WorkerJoined | WorkerLost) -> None:
-        """Membership changes must reach the Scheduler: a full mailbox delays, never loses."""
-        self._undelivered.append(message)
+        """Membership changes must reach the Scheduler: a full mailbox delays, never loses.
+
+        What waits is compacted per worker id so it stays bounded by the
+        members: a join replaces a waiting join; a loss replaces everything
+        waiting for that id (the Scheduler treats a loss of a worker it never
+        saw join as nothing), and a death among them stays a death.
+        """
+        key = message.worker_id
+        waiting = self._undelivered.get(key)
+        if waiting is None:
+            self._undelivered[key] = [message]
+        elif isinstance(message, WorkerJoined):
+            if isinstance(waiting[-1], WorkerJoined):
+                waiting[-1] = message
+            else:
+                waiting.append(message)
+        else:
+            died = [m for m in waiting if isinstance(m, WorkerLost) and m.reason != "left"]
+            self._undelivered[key] = [died[0] if died and message.reason == "left" else message]
         self._deliver()
 
     def _deliver(self) -> None:
-        while self._undelivered:
-            try:
-                self.scheduler.tell(self._undelivered[0])
-            except MailboxFull:
-                return  # retried on the next reap tick
-            self._undelivered.pop(0)
+        undelivered = self._undelivered
+        while undelivered:
+            key, waiting = next(iter(undelivered.items()))
+            while waiting:
+                try:
+                    self.scheduler.tell(waiting[0])
+                except MailboxFull:
+                    return  # retried on the next reap tick
+                waiting.pop(0)
+            del undelivered[key]

@@ -50,6 +50,9 @@ _CLOSE_LINGER_MS = 1000  # see on_stop
 # How long a plain SubmitAck may wait for a message to ride with: far below any
 # client's ack timeout (ours: 1 s), above a trivial task's round trip.
 ACK_DELAY_SECONDS = 0.005
+# Statistics queries answered at once; more are refused ("overloaded"), so a
+# client looping on stats() cannot pile up helper tasks.
+MAX_STATS_QUERIES = 4
 
 
 @attrs.frozen
@@ -77,6 +80,7 @@ class Gateway(Actor):
         self._nursery: trio.Nursery | None = None
         self._rejected: Counter[str] = Counter()
         self._dropped = 0
+        self._stats_queries = 0
         self._held_acks: dict[bytes, list[bytes]] = {}  # identity -> SubmitAck bodies
         # When the held acks go out at the latest.
         self._ack_timer = DeadlineTimer(self.ref, _SendHeldAcks())
@@ -200,7 +204,11 @@ class Gateway(Actor):
                     self.scheduler, CancelTask(identity, message.request_id, message.task_id)
                 )
             elif isinstance(message, StatsQuery):
-                assert self._nursery is not None
+                if self._stats_queries >= MAX_STATS_QUERIES or self._nursery is None:
+                    reason = f"{MAX_STATS_QUERIES} statistics queries are being answered; retry"
+                    self._error(identity, message.request_id, WireError("overloaded", reason))
+                    continue
+                self._stats_queries += 1
                 self._nursery.start_soon(self._answer_stats, identity, message.request_id)
             else:
                 self._error(
@@ -221,7 +229,10 @@ class Gateway(Actor):
             self._rejected["overloaded"] += 1
 
     async def _answer_stats(self, identity: bytes, request_id: int) -> None:
-        stats = await gather_stats(self.stats_sources)
+        try:
+            stats = await gather_stats(self.stats_sources)
+        finally:
+            self._stats_queries -= 1
         rejected: Counter[str] = Counter(self._rejected)
         for part in stats.values():
             if isinstance(part, dict):

@@ -4,6 +4,12 @@ Results are kept encoded (ResultRecord), exactly as workers reported them, so
 storing and answering cost no serialization of user data.  Expiry counts
 from when the result was stored; eviction goes by last access, and a read
 counts as access.
+
+A result that left the cache (expired or evicted) leaves its id behind for a
+while (bounded): a query for it then answers a FAILURE saying the result
+expired, never "not found", so a caller waiting for that task gets a final
+answer instead of waiting forever.  Replies are split by bytes like every
+batch (see ``_answer``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,17 @@ import trio
 from .._io import tick
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..tasks.models import TaskStatus
-from ..wire import ResultRecord, ResultReply, Results, encode
+from ..transport import DEFAULT_MAX_MESSAGE_SIZE
+from ..wire import (
+    EXPIRED_PREFIX,
+    ResultRecord,
+    ResultReply,
+    Results,
+    encode,
+    message_budget,
+    result_chunks,
+    result_weight,
+)
 from ._internal import Outgoing, QueryResults, ResendResults, StoreResults
 
 __all__ = ["ResultCache", "ResultCacheConfig"]
@@ -28,6 +44,9 @@ __all__ = ["ResultCache", "ResultCacheConfig"]
 class ResultCacheConfig:
     ttl: float = 3600.0
     max_size: int = 10_000
+    # Ids of results that left the cache, remembered so queries say "expired".
+    gone_memory: int = 100_000
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
     def __attrs_post_init__(self) -> None:
         if self.ttl <= 0 or self.max_size <= 0:
@@ -43,8 +62,8 @@ def _gone(task_id: str) -> ResultRecord:
     return ResultRecord(
         task_id,
         TaskStatus.FAILURE.value,
-        error="the task finished earlier but its result is no longer in the control plane's "
-        "cache (expired or evicted); its outcome is unknown",
+        error=f"{EXPIRED_PREFIX}: the task finished, but its result is no longer in the control "
+        "plane's cache (past its TTL, or evicted as least recently used); its outcome is unknown",
         completed_at=time.time(),
     )
 
@@ -55,6 +74,8 @@ class ResultCache(Actor):
         self.config = config
         self.gateway = gateway
         self._entries: OrderedDict[str, tuple[ResultRecord, float]] = OrderedDict()
+        self._gone: OrderedDict[str, None] = OrderedDict()
+        self._budget = message_budget(config.max_message_size)
         self._hits = 0
         self._misses = 0
         self._expired = 0
@@ -71,14 +92,13 @@ class ResultCache(Actor):
         if isinstance(message, StoreResults):
             self.store(message.records)
         elif isinstance(message, QueryResults):
-            found = [self.get(task_id) for task_id in message.task_ids]
-            self._reply(message.identity, encode(ResultReply(message.request_id, found)))
+            self._answer(message)
         elif isinstance(message, ResendResults):
             # A re-submitted task that finished here before: push its result again.
             # If the result has expired or been evicted, the client still needs a
             # final answer, or it would wait forever: say what happened.
             records = [self.get(i) or _gone(i) for i in message.task_ids]
-            self._reply(message.identity, encode(Results(records)))
+            self._push(message.identity, records)
         elif isinstance(message, _Sweep):
             self.sweep()
         elif message == "stats":
@@ -86,6 +106,46 @@ class ResultCache(Actor):
         else:
             raise TypeError(f"result cache got an unexpected message {message!r}")
         return None
+
+    def _answer(self, query: QueryResults) -> None:
+        """Answer a query in one ResultReply that fits a message.
+
+        Entries follow the queried ids: a result, null (never known here) or
+        ``true`` — a result that did not fit this reply, pushed in a Results
+        message just before it (protocol.md, ResultReply).
+        """
+        found: list[ResultRecord | bool | None] = []
+        overflow: list[ResultRecord] = []
+        room = self._budget
+        for task_id in query.task_ids:
+            record = self.get(task_id)
+            if record is None and task_id in self._gone:
+                record = _gone(task_id)
+            if record is None:
+                found.append(None)
+                room -= 9
+                continue
+            weight = result_weight(record)
+            if weight <= room:
+                found.append(record)
+                room -= weight
+            else:
+                found.append(True)
+                overflow.append(record)
+                room -= 9
+        if overflow:
+            self._push(query.identity, overflow)
+        self._reply(query.identity, encode(ResultReply(query.request_id, found)))
+
+    def _push(self, identity: bytes, records: list[ResultRecord]) -> None:
+        for chunk in result_chunks(records, self._budget):
+            self._reply(identity, encode(Results(chunk)))
+
+    def _forget(self, task_id: str) -> None:
+        gone = self._gone
+        gone[task_id] = None
+        if len(gone) > self.config.gone_memory:
+            gone.popitem(last=False)
 
     def _reply(self, identity: bytes, body: bytes) -> None:
         if self.gateway is None:
@@ -102,10 +162,12 @@ class ResultCache(Actor):
             task_id = record.task_id
             if task_id in entries:  # stored again (a re-run's result): now the newest
                 entries.move_to_end(task_id)
+            elif self._gone:
+                self._gone.pop(task_id, None)
             entries[task_id] = (record, expires)
         excess = len(entries) - self.config.max_size
         for _ in range(max(0, excess)):
-            entries.popitem(last=False)
+            self._forget(entries.popitem(last=False)[0])
         self._evicted += max(0, excess)
 
     def get(self, task_id: str) -> ResultRecord | None:
@@ -117,6 +179,7 @@ class ResultCache(Actor):
         record, expires = entry
         if trio.current_time() >= expires:
             del self._entries[task_id]
+            self._forget(task_id)
             self._expired += 1
             self._misses += 1
             return None
@@ -129,6 +192,7 @@ class ResultCache(Actor):
         dead = [task_id for task_id, (_, expires) in self._entries.items() if now >= expires]
         for task_id in dead:
             del self._entries[task_id]
+            self._forget(task_id)
         self._expired += len(dead)
         return len(dead)
 

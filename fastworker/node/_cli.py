@@ -32,14 +32,17 @@ import trio
 import zmq
 
 from .._argtypes import (
+    MIN_MESSAGE_SIZE,
     _address,
     _interval,
+    _message_size,
     _non_negative_float,
     _non_negative_int,
     _positive_float,
     _positive_int,
 )
 from ..control import ControlPlane, ControlPlaneConfig
+from ..control._taskbook import default_max_queued_bytes
 from ..runtime import Supervisor
 from ..tasks.registry import TaskRegistry, registry_from
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
@@ -107,12 +110,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-interval", type=_interval, default=1.0)
     parser.add_argument("--max-queued", type=_positive_int, default=1_000_000)
     parser.add_argument(
+        "--max-queued-bytes",
+        type=_positive_int,
+        default=None,
+        help="bytes of tasks (arguments, options) the control plane holds before rejecting "
+        "(default: an eighth of this machine's memory, between 64 MiB and 4 GiB)",
+    )
+    parser.add_argument(
         "--max-worker-deaths",
         type=_positive_int,
         default=3,
         help="poison guard: runs of one task that may kill their worker",
     )
-    parser.add_argument("--max-message-size", type=_positive_int, default=DEFAULT_MAX_MESSAGE_SIZE)
+    parser.add_argument(
+        "--max-message-size",
+        type=_message_size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help=f"largest ZeroMQ message in bytes (default {DEFAULT_MAX_MESSAGE_SIZE}, "
+        f"at least {MIN_MESSAGE_SIZE}); a task or result larger than fits fails alone",
+    )
     parser.add_argument(
         "--unknown-task-grace",
         type=_non_negative_float,
@@ -219,6 +235,7 @@ async def _run_node(args: argparse.Namespace) -> int:
                     result_cache_size=args.result_cache_size,
                     heartbeat_interval=args.heartbeat_interval,
                     max_queued=args.max_queued,
+                    max_queued_bytes=args.max_queued_bytes or default_max_queued_bytes(),
                     max_worker_deaths=args.max_worker_deaths,
                     unknown_task_grace=args.unknown_task_grace,
                     max_message_size=args.max_message_size,
@@ -234,6 +251,11 @@ async def _run_node(args: argparse.Namespace) -> int:
                 args.workers, _worker_argv(args, discovery_address), args.grace
             )
             await nursery.start(processes.run)
+        elif args.role == "all":
+            log.warning(
+                "--workers 0: this node runs no worker processes; tasks wait in the queue "
+                "until workers join from elsewhere (python -m fastworker.node --role worker)"
+            )
         print(
             f"fastworker node ready: role={args.role} discovery={discovery_address} "
             f"workers={args.workers if processes else 0} pid={os.getpid()}",
@@ -317,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _tune_gc()
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
+    if args.workers == 0 and args.role == "worker":
+        parser.error("--role worker with --workers 0 would run nothing")
     logging.basicConfig(
         level=args.log_level,
         format=f"%(asctime)s %(levelname)s [{'worker' if args.worker_process else 'node'} "

@@ -21,6 +21,21 @@ PROTOCOL_VERSION = 1
 _GETTERS = {cls: attrgetter(*(name for name, _ in cls.FIELDS)) for cls in MESSAGE_TYPES.values()}
 
 
+def _refuse_reference(decoder: Any, *_: Any) -> Any:
+    raise ValueError("shared and string references are refused")
+
+
+# Tags 28/29 (value sharing) and 25/256 (string references) let a small frame
+# decode into a structure far larger than itself (one 1 MiB payload referenced
+# by ten thousand tasks), past every bound checked on the frame's size.
+_NO_REFERENCES = {
+    28: _refuse_reference,
+    29: _refuse_reference,
+    25: _refuse_reference,
+    256: _refuse_reference,
+}
+
+
 def encode(message: Message) -> bytes:
     cls = type(message)
     values = _GETTERS[cls](message)
@@ -31,8 +46,11 @@ def encode(message: Message) -> bytes:
 
 def decode(data: bytes) -> Message:
     try:
-        body: Any = cbor2.loads(data)
+        body: Any = cbor2.loads(data, semantic_decoders=_NO_REFERENCES)
     except Exception as exc:  # cbor2 raises a zoo of types on garbage; all mean the same
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ValueError) and "references are refused" in str(cause):
+            raise WireError("malformed", "CBOR shared and string references are refused") from None
         raise WireError("malformed", f"frame is not valid CBOR: {type(exc).__name__}") from None
     if type(body) is not list or len(body) < 2:
         raise WireError("malformed", "frame is not a [version, tag, ...] array")

@@ -147,12 +147,18 @@ class HeartbeatAck(Message):
     known: bool
 
 
-@_register(14, _S)
+@_register(14, _S, _S)
 @attrs.frozen
 class Unregister(Message):
-    """Worker → discovery: leaving on purpose (after handing back its work)."""
+    """Worker → discovery: this worker id is gone.
+
+    ``reason`` "left": on purpose, after handing back its work; "crashed": the
+    worker's actor crashed and starts over under a new id — its runs died, and
+    the poison guard counts that as a death of each task it held.
+    """
 
     worker_id: str
+    reason: str
 
 
 # --- client <-> gateway -----------------------------------------------------

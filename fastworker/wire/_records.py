@@ -20,7 +20,7 @@ from ..tasks.models import TaskPriority, TaskResult, TaskStatus
 from ..tasks.serializer import SerializationFormat, loads
 from ._errors import WireError, preview
 
-__all__ = ["TASK_OPTIONS", "ResultRecord", "TaskEnvelope", "epoch", "from_epoch"]
+__all__ = ["EXPIRED_PREFIX", "TASK_OPTIONS", "ResultRecord", "TaskEnvelope", "epoch", "from_epoch"]
 
 # Option keys a TaskWire may carry, with the types they accept.
 TASK_OPTIONS: dict[str, tuple[type, ...]] = {
@@ -38,6 +38,8 @@ TASK_OPTIONS: dict[str, tuple[type, ...]] = {
 _STATUS_BY_VALUE = {s.value: s for s in TaskStatus}
 _FINAL_VALUES = frozenset(s.value for s in TaskStatus if s.is_final)
 _new_tuple = tuple.__new__
+# How a control plane says "this task finished, but its result left the cache".
+EXPIRED_PREFIX = "result expired"
 _MAX_ID_LENGTH = 256
 _MAX_NAME_LENGTH = 512
 # Numbers from the network end up in trio deadlines, float() and datetimes: NaN,
@@ -184,6 +186,20 @@ class ResultRecord(NamedTuple):
     @property
     def is_final(self) -> bool:
         return self.status in _FINAL_VALUES
+
+    @property
+    def is_expired(self) -> bool:
+        """The control plane's answer for a task that finished but whose result it no longer has.
+
+        Final (a caller waiting for the task stops waiting, with this FAILURE),
+        yet "not found" to ``get_task_result``: the outcome is unknown.
+        """
+        return (
+            self.status == "failure"
+            and self.attempts == 0
+            and self.error is not None
+            and self.error.startswith(EXPIRED_PREFIX)
+        )
 
     def to_task_result(self, *, allow_pickle: bool = False) -> TaskResult:
         """Decode the value: what the Client hands to users.

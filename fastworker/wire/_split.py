@@ -19,9 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from ._records import ResultRecord
+
 __all__ = [
     "MESSAGE_OVERHEAD",
     "message_budget",
+    "result_chunks",
     "result_weight",
     "split_by_bytes",
     "task_weight",
@@ -106,4 +109,28 @@ def split_by_bytes(
         size += w
     if chunk:
         chunks.append(chunk)
+    return chunks
+
+
+def too_large_result(record: ResultRecord, budget: int) -> ResultRecord:
+    """What a receiver gets instead of a result too large for any message to it."""
+    return ResultRecord(
+        task_id=record.task_id,
+        status="failure",
+        error=f"the task's result needs {result_weight(record)} bytes, more than a message "
+        f"may carry ({budget}); raise --max-message-size",
+        started_at=record.started_at,
+        completed_at=record.completed_at,
+        attempts=record.attempts,
+        format=record.format,
+        name=record.name,
+    )
+
+
+def result_chunks(records: Iterable[ResultRecord], budget: int) -> list[list[ResultRecord]]:
+    """Results cut for Results messages; one too large for any becomes a failure saying so."""
+    too_large: list[ResultRecord] = []
+    chunks = split_by_bytes(records, result_weight, budget, too_large.append)
+    if too_large:
+        chunks.append([too_large_result(record, budget) for record in too_large])
     return chunks

@@ -137,7 +137,7 @@ class Worker(Actor):
         )
         if previous is not None:
             # Hand our old identity's tasks back at once (their runs died with it).
-            self._send_discovery(Unregister(previous))
+            self._send_discovery(Unregister(previous, "crashed"))
         await nursery.start(self.executor.run)
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._send_discovery(self._register_message())
@@ -405,7 +405,7 @@ class Worker(Actor):
         if given_up:
             self._send_scheduler(Release(given_up))
         released = waiting + given_up
-        self._send_discovery(Unregister(self.worker_id))
+        self._send_discovery(Unregister(self.worker_id, "left"))
         await trio.lowlevel.checkpoint()
         return len(released)
 

@@ -120,3 +120,11 @@ def always_fails(log_dir: str) -> None:
     with Path(log_dir, "always.log").open("a") as f:
         f.write(f"{time.time()}\n")
     raise RuntimeError("always fails")
+
+
+@task(max_retries=3, retry_delay=0.05)
+def slow_fail(log_dir: str, seconds: float) -> None:
+    """Records its start, sleeps ``seconds`` in a thread, then fails (and retries)."""
+    record(log_dir, "slow_fail")
+    time.sleep(seconds)
+    raise RuntimeError("slow failure")

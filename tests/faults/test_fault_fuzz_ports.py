@@ -137,7 +137,7 @@ class Fuzz:
         return [
             Lookup(1),
             Heartbeat(self._id()),
-            Unregister(self._id()),
+            Unregister(self._id(), "left"),
             Register("fuzz-worker", ["add"], 0, 1, "fuzz"),  # concurrency 0: refused
             Submit(7, [task]),
             ResultQuery(8, [self._id()]),
@@ -355,7 +355,9 @@ async def run_fuzz(messages_per_endpoint: int) -> None:
             registered = await trio.to_thread.run_sync(_request, ctx, node.discovery_address, probe)
             assert isinstance(registered, Registered)
             await trio.to_thread.run_sync(
-                lambda: _request(ctx, node.discovery_address, Unregister("fuzz-probe"), reply=False)
+                lambda: _request(
+                    ctx, node.discovery_address, Unregister("fuzz-probe", "left"), reply=False
+                )
             )
             addresses = {
                 "discovery": node.discovery_address,

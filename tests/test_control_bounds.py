@@ -1,0 +1,100 @@
+"""Tables keyed by peers stay bounded: Discovery's undelivered membership news, stats queries.
+
+Discovery must never lose a membership change when the Scheduler's mailbox
+is full, and must not pile them up either; a client looping on ``stats()``
+must not pile up helper tasks in the Gateway.  And a worker whose actor
+crashed says so, so the poison guard counts the death.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from fastworker._io import Inbound
+from fastworker.control._internal import WorkerJoined, WorkerLost
+from fastworker.control.discovery import Discovery, DiscoveryConfig
+from fastworker.control.gateway import MAX_STATS_QUERIES, Gateway
+from fastworker.runtime import MailboxFull
+from fastworker.transport import TransportConfig
+from fastworker.wire import ErrorReply, Register, StatsQuery, Unregister, decode, encode
+
+
+class _Scheduler:
+    """Stands in for the Scheduler's ref: full until opened, then records what it is told."""
+
+    name = "scheduler"
+
+    def __init__(self) -> None:
+        self.full = False
+        self.told: list[Any] = []
+
+    def tell(self, message: object) -> None:
+        if self.full:
+            raise MailboxFull("scheduler mailbox full")
+        self.told.append(message)
+
+
+def _discovery(scheduler: _Scheduler) -> Discovery:
+    return Discovery(
+        DiscoveryConfig(),
+        instance_id="i",
+        scheduler=scheduler,  # type: ignore[arg-type]
+        endpoints=lambda: ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),
+    )
+
+
+def _frame(identity: bytes, message: Any) -> Inbound:
+    return Inbound([[identity, encode(message)]])
+
+
+async def test_membership_news_waits_compacted_while_the_scheduler_is_full() -> None:
+    scheduler = _Scheduler()
+    discovery = _discovery(scheduler)
+    scheduler.full = True
+    for _ in range(1000):  # a worker flapping while the Scheduler cannot take news
+        discovery._tell_scheduler(WorkerJoined("w", frozenset({"t"}), 1))
+        discovery._tell_scheduler(WorkerLost("w", "died"))
+        discovery._tell_scheduler(WorkerLost("w", "left"))
+        discovery._tell_scheduler(WorkerJoined("w", frozenset({"t", "u"}), 1))
+    assert sum(len(v) for v in discovery._undelivered.values()) == 2
+    scheduler.full = False
+    discovery._deliver()
+    # What the Scheduler learns is what happened, in order: the worker died, then is back.
+    assert scheduler.told == [WorkerLost("w", "died"), WorkerJoined("w", frozenset({"t", "u"}), 1)]
+    assert not discovery._undelivered
+
+
+async def test_an_unregister_after_a_crash_is_a_death_and_an_odd_reason_is_refused() -> None:
+    scheduler = _Scheduler()
+    discovery = _discovery(scheduler)
+    discovery.receive(_frame(b"peer", Register("w", ["t"], 1, 1, "host")))
+    discovery.receive(_frame(b"peer", Unregister("w", "exploded")))
+    discovery.receive(_frame(b"peer", Unregister("w", "crashed")))
+    assert scheduler.told[-1] == WorkerLost("w", "crashed")
+    assert discovery.receive("stats")["rejected"] == {"invalid": 1}
+
+
+class _Wire:
+    def __init__(self) -> None:
+        self.sent: list[list[bytes]] = []
+
+    def send_multipart_nowait(self, frames: list[bytes]) -> None:
+        self.sent.append(frames)
+
+
+async def test_stats_queries_beyond_the_bound_are_refused_at_once() -> None:
+    gateway = Gateway("tcp://127.0.0.1:*", TransportConfig(), results=None)  # type: ignore[arg-type]
+    wire = _Wire()
+    gateway._sock = wire  # type: ignore[assignment]
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            gateway._nursery = nursery
+            queries = [[b"client", encode(StatsQuery(n))] for n in range(20)]
+            gateway.receive(Inbound(queries))
+            refused = [decode(frames[1]) for frames in wire.sent]
+            assert len(refused) == 20 - MAX_STATS_QUERIES
+            assert all(isinstance(m, ErrorReply) and m.reason == "overloaded" for m in refused)
+            assert gateway._stats_queries == MAX_STATS_QUERIES
+    assert gateway._stats_queries == 0  # every answered query gave its place back
