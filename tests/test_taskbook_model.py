@@ -30,7 +30,7 @@ from fastworker.control._taskbook import TaskBook, TaskBookConfig
 from fastworker.tasks.models import TaskStatus
 from fastworker.wire import ResultRecord, TaskEnvelope
 
-TASK_IDS = [f"t{i}" for i in range(12)]
+TASK_IDS = [f"t{i}" for i in range(8)]
 NAMES = ["a", "b"]
 WORKERS = [b"w0", b"w1", b"w2"]
 CLIENTS = [b"c0", b"c1", b""]
@@ -148,14 +148,34 @@ class TaskBookMachine(RuleBasedStateMachine):
             assert was_new, "a held or finished task was rejected"
         self._step()
 
-    @rule(worker=st.sampled_from(WORKERS), names=st.sets(st.sampled_from(NAMES), min_size=1))
-    def join(self, worker: bytes, names: set[str]) -> None:
+    @rule(
+        worker=st.sampled_from(WORKERS),
+        names=st.sets(st.sampled_from(NAMES), min_size=1),
+        window=st.none() | st.integers(1, 4),
+    )
+    def join(self, worker: bytes, names: set[str], window: int | None) -> None:
+        """A worker registers (again), usually announcing its window right after."""
         self.book.worker_joined(worker, frozenset(names))
+        if window is not None:
+            self.book.ready(worker, window)
         self._step()
 
     @rule(worker=st.sampled_from(WORKERS), died=st.booleans())
     def lose(self, worker: bytes, died: bool) -> None:
         self.book.worker_lost(worker, died)
+        self._step()
+
+    @precondition(lambda self: any(s.inflight for s in self.book._workers.values()))
+    @rule(data=st.data())
+    def holder_crashes_and_restarts(self, data: st.DataObject) -> None:
+        """A worker holding tasks dies and comes back at once: the poison guard's path."""
+        holders = [s for s in self.book._workers.values() if s.inflight]
+        slot = data.draw(st.sampled_from(holders))
+        names, window = slot.names, slot.window
+        self.book.worker_lost(slot.identity, True)
+        self._step()
+        self.book.worker_joined(slot.identity, names)
+        self.book.ready(slot.identity, window)
         self._step()
 
     @rule(worker=st.sampled_from([*WORKERS, b"stranger"]), window=st.integers(-2, 5))
