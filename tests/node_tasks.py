@@ -69,3 +69,10 @@ def always_fail(marker_dir: str) -> None:
     """Fail every run; each run leaves a file in ``marker_dir``."""
     _announce_run(marker_dir, "always_fail")
     raise RuntimeError("always fails")
+
+
+@task(loop="asyncio")
+async def blocks_its_loop(seconds: float) -> int:
+    """A blocking call in async code: the worker's asyncio loop stops for ``seconds``."""
+    time.sleep(seconds)  # noqa: ASYNC251 - the fault under test
+    return os.getpid()

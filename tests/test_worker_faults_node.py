@@ -130,3 +130,33 @@ async def test_a_retry_backoff_that_overflows_does_not_end_the_worker_process(
         stats = await _check_survival(node, client, pid, bystanders, tmp_path)
         assert _runs(tmp_path)["always_fail"] == 41
         assert stats["scheduler"]["retried"] == 40
+
+
+async def test_an_asyncio_task_blocking_its_loop_fails_in_time_and_its_process_is_recycled() -> (
+    None
+):
+    async with (
+        open_node(*ARGS) as node,
+        Client(discovery_address=node.discovery_address, timeout=20) as client,
+    ):
+        pid = await _only_worker_pid(client)
+        started = trio.current_time()
+        task_id = await client.apply_async("blocks_its_loop", (6.0,), time_limit=0.3)
+        with trio.fail_after(30):
+            await client.join()
+        took = trio.current_time() - started
+        result = client.get_result(task_id)
+        assert result is not None
+        assert result.status is TaskStatus.FAILURE
+        assert result.error is not None
+        assert "its asyncio event loop is blocked" in result.error
+        assert took < 4.0, f"answered after {took:.2f} s; the blocking call takes 6 s"
+
+        async def replaced() -> int | None:
+            current = await _only_worker_pid(client)
+            return current if current != pid else None
+
+        await poll(replaced, timeout=20, what="the worker process recycled")
+        assert f"worker process {pid} recycled itself" in node.stderr_text()
+        after = await client.submit_task("add_where", args=(2, 3), timeout=20)
+        assert after.result[0] == 5
