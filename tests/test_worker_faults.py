@@ -48,8 +48,23 @@ class BadDict(dict[str, int]):
         raise RuntimeError("items exploded")
 
 
+class _ExplodingQualname(type):
+    def __getattribute__(cls, name: str) -> Any:
+        if name == "__qualname__":  # what traceback formatting reads
+            raise RuntimeError("qualname exploded")
+        return super().__getattribute__(name)
+
+
+class WeirdType(Exception, metaclass=_ExplodingQualname):
+    pass
+
+
 def bad_str_thread() -> None:
     raise BadStr()
+
+
+def weird_type_thread() -> None:
+    raise WeirdType("odd")
 
 
 def not_a_str_thread() -> None:
@@ -170,6 +185,7 @@ def steady(n: int) -> int:
 
 TASKS: list[Callable[..., Any]] = [
     bad_str_thread,
+    weird_type_thread,
     not_a_str_thread,
     bad_str_asyncio,
     bad_repr_asyncio,
@@ -223,6 +239,25 @@ async def test_an_exception_whose_text_fails_fails_its_task_alone(name: str, err
     assert failed.traceback is not None
     assert name in failed.traceback  # the task's own frame
     assert (after.result, coroutine_after.result) == (5, "hello, x")
+    assert worker.statistics().restarts == 0
+
+
+async def test_an_exception_whose_traceback_cannot_be_formatted_fails_its_task_alone() -> None:
+    with trio.fail_after(20):
+        async with (
+            Cluster(tasks=TASKS, workers=1, concurrency=1) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            failed = await client.submit_task("weird_type_thread", timeout=10)
+            # concurrency=1: the thread that formatted the traceback runs this too.
+            after = await client.submit_task("add", args=(2, 3), timeout=10)
+            worker = cluster.workers[0]
+    assert failed.status is TaskStatus.FAILURE
+    assert failed.error == "WeirdType: odd"
+    assert failed.traceback == (
+        "WeirdType: odd\n<the traceback could not be formatted: RuntimeError>"
+    )
+    assert after.result == 5
     assert worker.statistics().restarts == 0
 
 
