@@ -523,3 +523,11 @@ async def test_a_stuck_worker_retires_under_steady_load() -> None:
     assert all(r is not None and r.status is TaskStatus.SUCCESS for r in results)
     assert len(_steady_runs) == len(submitted)
     assert set(_steady_runs.values()) == {1}, "a task of the stream ran more than once"
+
+
+@pytest.mark.parametrize("grace", [-1.0, math.nan, math.inf])
+def test_a_recycle_grace_out_of_range_is_refused_where_it_is_given(grace: float) -> None:
+    from fastworker.worker import WorkerConfig
+
+    with pytest.raises(ValueError, match="recycle_grace must be a finite number"):
+        WorkerConfig(recycle_grace=grace)

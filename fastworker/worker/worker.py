@@ -83,7 +83,12 @@ class WorkerConfig:
     # --grace): the worker stops taking work, lets running tasks finish
     # within that many seconds, hands the rest back and sets
     # ``Worker.recycle`` so that its process can be replaced.
-    recycle_grace: float | None = None
+    recycle_grace: float | None = attrs.field(default=None)
+
+    @recycle_grace.validator
+    def _check_recycle_grace(self, _attribute: Any, value: float | None) -> None:
+        if value is not None and not 0 <= value < float("inf"):
+            raise ValueError(f"recycle_grace must be a finite number >= 0 or None, got {value!r}")
 
 
 @attrs.frozen
@@ -433,7 +438,7 @@ class Worker(Actor):
         waiting = self.executor.release_waiting()
         if waiting:
             self._send_scheduler(Release(waiting))
-        self._nursery.start_soon(self._retire_after, grace)
+        self._nursery.start_soon(self._retire_after, max(0.0, grace))
 
     async def _retire_after(self, grace: float) -> None:
         with trio.move_on_after(grace):
