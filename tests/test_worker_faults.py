@@ -148,6 +148,9 @@ async def greet_on_asyncio(name: str) -> str:
     return f"hello, {name}"
 
 
+_stopped_ignoring = threading.Event()
+
+
 async def ignores_cancellation_asyncio(seconds: float) -> str:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -155,6 +158,7 @@ async def ignores_cancellation_asyncio(seconds: float) -> str:
             await asyncio.sleep(deadline - time.monotonic())
         except asyncio.CancelledError:
             pass  # swallowed: wait_for waits for the coroutine to end
+    _stopped_ignoring.set()
     return "finished"
 
 
@@ -449,6 +453,7 @@ async def test_an_asyncio_task_blocking_its_loop_fails_at_its_time_limit() -> No
 
 @pytest.mark.parametrize("name", ["ignores_cancellation_asyncio", "ignores_cancellation_trio"])
 async def test_a_coroutine_ignoring_cancellation_fails_at_its_time_limit(name: str) -> None:
+    _stopped_ignoring.clear()
     with trio.fail_after(20):
         async with (
             Cluster(tasks=TASKS, workers=1) as cluster,
@@ -462,6 +467,8 @@ async def test_a_coroutine_ignoring_cancellation_fails_at_its_time_limit(name: s
             worker = cluster.workers[0]
             stuck_runs = worker.executor.stuck_runs
             coroutine_after = await client.submit_task("greet_on_asyncio", args=("x",), timeout=10)
+            if name.endswith("asyncio"):  # let it end before the cluster closes its loop
+                await trio.to_thread.run_sync(_stopped_ignoring.wait, 10)
     assert result is not None
     assert result.status is TaskStatus.FAILURE
     assert result.error == (
