@@ -26,3 +26,53 @@ def sleepy(seconds: float, marker_dir: str | None = None, tag: str = "") -> list
         Path(marker_dir, f"{tag or 'task'}-{os.getpid()}-{time.monotonic_ns()}").touch()
     time.sleep(seconds)
     return [tag, os.getpid()]
+
+
+class BadStr(Exception):
+    """An exception whose text cannot be had: ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("str exploded")
+
+
+def _announce_run(marker_dir: str, name: str) -> None:
+    Path(marker_dir, f"{name}-{os.getpid()}-{time.monotonic_ns()}").touch()
+
+
+@task
+def bad_str_thread(marker_dir: str) -> None:
+    """Raise BadStr in a thread (announcing the run in ``marker_dir``)."""
+    _announce_run(marker_dir, "bad_str_thread")
+    raise BadStr()
+
+
+@task(loop="asyncio")
+async def bad_str_asyncio(marker_dir: str) -> None:
+    import asyncio  # here: this module is appended to, its imports left alone
+
+    _announce_run(marker_dir, "bad_str_asyncio")
+    await asyncio.sleep(0)
+    raise BadStr()
+
+
+@task(loop="trio")
+async def bad_str_trio(marker_dir: str) -> None:
+    import trio
+
+    _announce_run(marker_dir, "bad_str_trio")
+    await trio.lowlevel.checkpoint()
+    raise BadStr()
+
+
+@task
+def always_fail(marker_dir: str) -> None:
+    """Fail every run; each run leaves a file in ``marker_dir``."""
+    _announce_run(marker_dir, "always_fail")
+    raise RuntimeError("always fails")
+
+
+@task(loop="asyncio")
+async def blocks_its_loop(seconds: float) -> int:
+    """A blocking call in async code: the worker's asyncio loop stops for ``seconds``."""
+    time.sleep(seconds)  # noqa: ASYNC251 - the fault under test
+    return os.getpid()

@@ -12,6 +12,14 @@ most ``concurrency`` coroutines; tasks beyond that wait here, in priority
 order.  Finished runs come back to the trio thread through one deque; the
 first finisher after a drain schedules a single ``run_sync_soon`` and the
 drain takes everything that finished meanwhile, so reporting is batched too.
+
+Nothing a task does may reach trio's ``run_sync_soon`` or this worker's loop:
+every outcome is turned into a record under a guard (an exception whose text
+cannot be had, a result that cannot be encoded, a retry delay that overflows
+all fail that one task), and every time limit holds: a run still going a
+grace period past its limit (a thread, a coroutine that ignores cancellation,
+an asyncio loop blocked by a synchronous call) is reported as timed out,
+abandoned, and counted in ``stuck_runs`` so the worker can be recycled.
 """
 
 from __future__ import annotations
@@ -19,19 +27,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import functools
 import logging
+import math
 import threading
 import time
-import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import trio
 
 from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
-from ..tasks.serializer import SerializationError, SerializationFormat, dumps, loads
+from ..tasks.serializer import SerializationFormat, dumps, loads
 from ..wire import ResultRecord, TaskEnvelope
+from ._deadlines import Deadlines
+from ._errors import error_text, message_text, traceback_text
 from ._threadpool import Outcome, TaskThreads
 
 __all__ = ["Executor", "TaskTimeout"]
@@ -39,6 +50,15 @@ __all__ = ["Executor", "TaskTimeout"]
 log = logging.getLogger("fastworker.worker")
 
 _FORMATS = (SerializationFormat.JSON, SerializationFormat.CBOR, SerializationFormat.PICKLE)
+
+# Longest retry delay a worker reports: beyond it a task effectively never
+# retries, and every hop (the wire, trio deadlines) still accepts the number.
+_MAX_RETRY_DELAY = 1e9
+
+# What a time limit's deadline entry does when it comes due (see _expire).
+_THREAD_LIMIT = 0  # a thread task is past its limit: report it, replace the thread
+_PROBE = 1  # an asyncio task is past its limit: ask its loop whether it still turns
+_STUCK = 2  # a coroutine still runs a grace period past its limit: report, abandon
 
 
 class TaskTimeout(Exception):
@@ -58,10 +78,13 @@ class _Run:
         "attempt",
         "cancel_requested",
         "cancel_scope",
+        "deadline",
         "definition",
         "envelope",
+        "finished",
         "future",
         "kwargs",
+        "loop_answered",
         "started",
         "timeout",
     )
@@ -86,6 +109,9 @@ class _Run:
         self.future: concurrent.futures.Future[Any] | None = None
         self.abandoned = False  # reported already (timed out, cancelled or released)
         self.cancel_requested = False
+        self.deadline: list[Any] | None = None  # its entry in the Deadlines heap
+        self.finished = False  # its outcome was settled (a second one is ignored)
+        self.loop_answered = False  # the asyncio loop ran our probe after the limit
 
     @property
     def priority(self) -> int:
@@ -100,6 +126,13 @@ class _Run:
 
 
 class Executor:
+    """Runs the tasks a worker accepted and hands their records to ``report``.
+
+    ``on_stuck`` is called (on the trio thread) each time a run is abandoned
+    because it could not be stopped at its time limit: the worker decides
+    whether to recycle its process.
+    """
+
     def __init__(
         self,
         registry: TaskRegistry,
@@ -107,12 +140,14 @@ class Executor:
         report: Callable[[list[ResultRecord]], None],
         *,
         allow_pickle: bool = False,
+        on_stuck: Callable[[], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.registry = registry
         self.concurrency = concurrency
         self._report = report
+        self._on_stuck = on_stuck
         self._allow_pickle = allow_pickle
         self._held: dict[str, _Run] = {}  # every run accepted and not yet reported
         self._async_waiting: list[collections.deque[_Run]] = [collections.deque() for _ in range(4)]
@@ -122,13 +157,25 @@ class Executor:
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._threads = TaskThreads(concurrency, self._thread_started, self._finished)
+        self._deadlines = Deadlines(self._expire)
         self._asyncio_loop: asyncio.AbstractEventLoop | None = None
         self._asyncio_thread: threading.Thread | None = None
-        self.stuck_threads = 0
+        self.stuck_runs = 0
         self.completed = 0
-        self.max_result_bytes = 16 * 1024 * 1024 - 64 * 1024
+        # How long a coroutine may run past its limit before it counts as stuck.
+        self.stop_grace = 1.0
         self._idle = trio.Event()
         self._idle.set()
+
+    @property
+    def stuck_threads(self) -> int:
+        """Runs abandoned in user code (the node recycles a worker process that has any)."""
+        return self.stuck_runs
+
+    @property
+    def armed_deadlines(self) -> int:
+        """Time limits being watched: one per running task that has a limit."""
+        return self._deadlines.armed
 
     # -- life cycle ---------------------------------------------------------
 
@@ -138,6 +185,7 @@ class Executor:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                nursery.start_soon(self._deadlines.serve)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -189,8 +237,8 @@ class Executor:
                 fmt = _FORMATS[envelope.format]
                 decoded = loads(fmt, envelope.payload, allow_pickle=allow_pickle)
                 args, kwargs = _split_arguments(decoded)
-            except (SerializationError, ValueError) as exc:
-                failed.append(_failure(envelope, f"bad task payload: {exc}"))
+            except Exception as exc:  # a pickle may raise anything while it loads
+                failed.append(_failure(envelope, f"bad task payload: {message_text(exc)}"))
                 continue
             options = envelope.options
             if options is None:
@@ -216,7 +264,7 @@ class Executor:
             self._threads.put_many(for_threads)
         self._start_coroutines()
         if failed:
-            self._report(failed)
+            self._report_safely(failed)
 
     def release_waiting(self) -> list[str]:
         """Give up every task not started yet (draining): their ids, for the scheduler."""
@@ -239,8 +287,11 @@ class Executor:
         ids = list(self._held)
         for run in self._held.values():
             run.abandoned = True
+            self._deadlines.disarm(run.deadline)
             if run.cancel_scope is not None:
                 run.cancel_scope.cancel()
+            elif run.future is not None:
+                run.future.cancel()
         self._held.clear()
         self._check_idle()
         return ids
@@ -268,40 +319,72 @@ class Executor:
             # result is reported as CANCELLED (see design/reliability.md).
         self._check_idle()
         if cancelled:
-            self._report(cancelled)
+            self._report_safely(cancelled)
 
-    # -- threads ------------------------------------------------------------
+    # -- time limits ----------------------------------------------------------
 
     def _thread_started(self, run: _Run) -> None:
         """Called in the task's thread as it starts: arm the time limit if there is one."""
         if run.timeout is not None and self._token is not None:
             try:
-                self._token.run_sync_soon(self._arm_deadline, run)
+                self._token.run_sync_soon(self._arm_thread_deadline, run)
             except trio.RunFinishedError:
                 pass
 
-    def _arm_deadline(self, run: _Run) -> None:
-        if self._nursery is not None and not run.abandoned:
-            self._nursery.start_soon(self._watch_thread_deadline, run)
+    def _arm_thread_deadline(self, run: _Run) -> None:
+        """On the trio thread (run_sync_soon: must not raise): watch a thread's time limit."""
+        if run.finished or run.abandoned or run.timeout is None:
+            return
+        # The thread took its start time on the wall clock; the heap runs on trio's.
+        left = max(0.0, run.started + run.timeout - time.time())
+        run.deadline = self._deadlines.arm(trio.current_time() + left, run, _THREAD_LIMIT)
 
-    async def _watch_thread_deadline(self, run: _Run) -> None:
+    def _expire(self, run: _Run, stage: int) -> None:
+        """A time limit came due (called by the Deadlines task, on the trio thread)."""
+        run.deadline = None
+        if run.finished or run.abandoned or self._held.get(run.task_id) is not run:
+            return
         assert run.timeout is not None
-        remaining = run.started + run.timeout - time.time()
-        await trio.sleep(max(0.0, remaining))
-        if self._held.get(run.task_id) is run:
-            # The thread cannot be stopped: report now, keep capacity with a fresh
-            # thread, and let the worker decide to recycle the process once idle.
-            run.abandoned = True
-            self.stuck_threads += 1
-            del self._held[run.task_id]
-            limit = TaskTimeout(f"task exceeded its time limit of {run.timeout:g} s")
-            self._report([self._outcome_record((run, False, limit, None, time.time()))])
+        limit = f"task exceeded its time limit of {run.timeout:g} s"
+        if stage == _PROBE:
+            loop = self._asyncio_loop
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(_answer_probe, run)
+                except RuntimeError:
+                    pass  # the loop is closed: it will not answer
+            run.deadline = self._deadlines.arm(trio.current_time() + self.stop_grace, run, _STUCK)
+            return
+        if stage == _THREAD_LIMIT:
+            # A thread cannot be stopped: report now and keep capacity with a
+            # fresh thread; the late value is dropped.
             self._threads.add_thread()
-            self._check_idle()
+        else:
+            # A coroutine that outlived its limit by the grace period: it
+            # ignored cancellation, or its asyncio loop is blocked.
+            run.finished = True
+            self._async_running -= 1
+            if run.definition.runner == "asyncio" and not run.loop_answered:
+                limit += " and its asyncio event loop is blocked (a blocking call in async code?)"
+            else:
+                limit += " and did not stop when cancelled"
+        log.warning("task %s (%s): %s; abandoned", run.task_id, run.definition.name, limit)
+        run.abandoned = True
+        self.stuck_runs += 1
+        del self._held[run.task_id]
+        outcome: Outcome = (run, False, TaskTimeout(limit), None, time.time())
+        self._report_safely([self._record_safely(outcome)])
+        self._start_coroutines()
+        self._check_idle()
+        if self._on_stuck is not None:
+            self._on_stuck()
 
     # -- coroutines ---------------------------------------------------------
 
     def _start_coroutines(self) -> None:
+        nursery = self._nursery
+        if nursery is None:
+            return  # shutting down
         while self._async_running < self.concurrency:
             for q in self._async_waiting:
                 if q:
@@ -312,24 +395,28 @@ class Executor:
             self._async_running += 1
             run.started = time.time()
             if run.definition.runner == "trio":
-                assert self._nursery is not None
-                self._nursery.start_soon(self._run_trio, run)
+                nursery.start_soon(self._run_trio, run)
             else:
                 self._run_asyncio(run)
 
     async def _run_trio(self, run: _Run) -> None:
-        outcome: Outcome
+        outcome: Outcome | None = None
         with trio.CancelScope() as scope:
             run.cancel_scope = scope
             if run.timeout is not None:
                 scope.deadline = trio.current_time() + run.timeout
+                due = scope.deadline + self.stop_grace
+                run.deadline = self._deadlines.arm(due, run, _STUCK)
             try:
                 value = await run.call()
-            except Exception as exc:
-                outcome = (run, False, exc, traceback.format_exc(), time.time())
+            except (trio.Cancelled, KeyboardInterrupt):
+                raise
+            except BaseException as exc:  # SystemExit too: a task fails, the worker stays
+                outcome = (run, False, exc, traceback_text(exc), time.time())
             else:
                 outcome = (run, True, value, None, time.time())
-        if scope.cancelled_caught:
+        if outcome is None or (scope.cancel_called and not outcome[1]):
+            # Our scope was cancelled: by request, or at the time limit.
             if run.cancel_requested:
                 outcome = (run, False, _Cancelled(), None, time.time())
             else:
@@ -343,34 +430,49 @@ class Executor:
             self._drain()
 
     def _run_asyncio(self, run: _Run) -> None:
-        loop = self._ensure_asyncio_loop()
+        coro: Any = None
         try:
-            coro = run.call()
-        except Exception as exc:  # e.g. wrong arguments: raised before any await
-            self._finished((run, False, exc, traceback.format_exc(), time.time()))
+            loop = self._ensure_asyncio_loop()
+            coro = run.call()  # e.g. wrong arguments: raised before any await
+            future = asyncio.run_coroutine_threadsafe(self._on_asyncio(run, coro), loop)
+        except Exception as exc:
+            if asyncio.iscoroutine(coro):
+                coro.close()
+            self._finished((run, False, exc, traceback_text(exc), time.time()))
             return
-        timeout = run.timeout
-        if timeout is not None:
-            coro = asyncio.wait_for(coro, timeout)
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
         run.future = future
+        future.add_done_callback(functools.partial(self._asyncio_future_done, run))
+        if run.timeout is not None:
+            due = trio.current_time() + run.timeout
+            run.deadline = self._deadlines.arm(due, run, _PROBE)
 
-        def done(fut: concurrent.futures.Future[Any]) -> None:
-            now = time.time()
-            if fut.cancelled():
-                self._finished((run, False, _Cancelled(), None, now))
-                return
-            exc = fut.exception()
-            if exc is None:
-                self._finished((run, True, fut.result(), None, now))
-            elif isinstance(exc, TimeoutError) and timeout is not None:
-                limit = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
-                self._finished((run, False, limit, None, now))
+    async def _on_asyncio(self, run: _Run, coro: Coroutine[Any, Any, Any]) -> None:
+        """Runs on the asyncio loop: await the task and report its outcome, whatever it is."""
+        timeout = run.timeout
+        outcome: Outcome
+        try:
+            if timeout is None:
+                value = await coro
             else:
-                tb = "".join(traceback.format_exception(exc))
-                self._finished((run, False, exc, tb, now))
+                value = await asyncio.wait_for(coro, timeout)
+        except asyncio.CancelledError:
+            outcome = (run, False, _Cancelled(), None, time.time())
+        except TimeoutError as exc:
+            if timeout is not None:
+                limit = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
+                outcome = (run, False, limit, None, time.time())
+            else:
+                outcome = (run, False, exc, traceback_text(exc), time.time())
+        except BaseException as exc:  # SystemExit must not stop the loop for everyone
+            outcome = (run, False, exc, traceback_text(exc), time.time())
+        else:
+            outcome = (run, True, value, None, time.time())
+        self._finished(outcome)
 
-        future.add_done_callback(done)
+    def _asyncio_future_done(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
+        """A run cancelled before its coroutine started never reports: say CANCELLED here."""
+        if future.cancelled():
+            self._finished((run, False, _Cancelled(), None, time.time()))
 
     def _ensure_asyncio_loop(self) -> asyncio.AbstractEventLoop:
         if self._asyncio_loop is None:
@@ -389,54 +491,91 @@ class Executor:
         self._done.append(outcome)
         if not self._drain_scheduled:
             self._drain_scheduled = True
-            assert self._token is not None
+            token = self._token
+            if token is None:
+                return
             try:
-                self._token.run_sync_soon(self._drain)
+                token.run_sync_soon(self._drain)
             except trio.RunFinishedError:
                 pass  # shutting down: nobody is left to report to
 
     def _drain(self) -> None:
+        """Turn finished runs into records (a run_sync_soon callback: it must never raise)."""
         self._drain_scheduled = False
         done = self._done
-        held = self._held
         records: list[ResultRecord] = []
         while done:
             outcome = done.popleft()
-            run: _Run = outcome[0]
-            if run.definition.runner != "thread":
-                self._async_running -= 1
-            if run.abandoned or held.pop(run.envelope.task_id, None) is None:
-                continue  # reported already (deadline, cancel, release): late value dropped
-            if outcome[1] and not run.cancel_requested:
-                envelope = run.envelope
-                try:
-                    encoded = dumps(_FORMATS[envelope.format], outcome[2])
-                except TypeError:
-                    records.append(self._outcome_record(outcome))  # the slow path explains
-                    continue
-                if len(encoded) <= self.max_result_bytes:
-                    records.append(
-                        ResultRecord(
-                            envelope.task_id,
-                            "success",
-                            encoded,
-                            None,
-                            run.started,
-                            outcome[4],
-                            run.attempt,
-                            None,
-                            envelope.format,
-                            envelope.name,
-                            None,
-                        )
-                    )
-                    continue
-            records.append(self._outcome_record(outcome))
+            try:
+                record = self._settle(outcome)
+            except Exception as exc:
+                record = self._bookkeeping_failure(outcome[0], exc)
+            if record is not None:
+                records.append(record)
         self.completed += len(records)
-        self._start_coroutines()
+        try:
+            self._start_coroutines()
+        except Exception:
+            log.exception("worker: starting queued coroutines failed")
         self._check_idle()
         if records:
+            self._report_safely(records)
+
+    def _settle(self, outcome: Outcome) -> ResultRecord | None:
+        """The record for a finished run, or None when it was reported already."""
+        run: _Run = outcome[0]
+        if run.finished:
+            return None  # a second outcome (cancelled asyncio run), or a stuck run's late end
+        run.finished = True
+        if run.definition.runner != "thread":
+            self._async_running -= 1
+        self._deadlines.disarm(run.deadline)
+        run.deadline = None
+        if run.abandoned or self._held.pop(run.envelope.task_id, None) is None:
+            return None  # reported already (deadline, cancel, release): late value dropped
+        if outcome[1] and not run.cancel_requested:
+            envelope = run.envelope
+            try:
+                encoded = dumps(_FORMATS[envelope.format], outcome[2])
+            except Exception:
+                return self._outcome_record(outcome)  # the slow path explains
+            return ResultRecord(
+                envelope.task_id,
+                "success",
+                encoded,
+                None,
+                run.started,
+                outcome[4],
+                run.attempt,
+                None,
+                envelope.format,
+                envelope.name,
+                None,
+            )
+        return self._outcome_record(outcome)
+
+    def _bookkeeping_failure(self, run: _Run, exc: Exception) -> ResultRecord:
+        """A run whose outcome could not be turned into a record fails alone, saying why."""
+        log.error("task %s: its outcome could not be reported", run.task_id, exc_info=exc)
+        if self._held.get(run.task_id) is run:
+            del self._held[run.task_id]
+        return _record(
+            run,
+            TaskStatus.FAILURE,
+            error=f"the worker could not report this task's outcome: {error_text(exc)}",
+        )
+
+    def _record_safely(self, outcome: Outcome) -> ResultRecord:
+        try:
+            return self._outcome_record(outcome)
+        except Exception as exc:
+            return self._bookkeeping_failure(outcome[0], exc)
+
+    def _report_safely(self, records: list[ResultRecord]) -> None:
+        try:
             self._report(records)
+        except Exception:
+            log.exception("worker: reporting %d results failed", len(records))
 
     def _check_idle(self) -> None:
         if not self._held:
@@ -449,20 +588,16 @@ class Executor:
         if ok:
             try:
                 encoded = dumps(_FORMATS[run.envelope.format], value)
-                if len(encoded) > self.max_result_bytes:
-                    raise TypeError(
-                        f"it is {len(encoded)} bytes, more than a message may carry "
-                        f"({self.max_result_bytes} bytes)"
-                    )
-            except TypeError as exc:
+            except Exception as exc:  # TypeError, or anything a __reduce__ raises
+                why = message_text(exc) if type(exc) is TypeError else error_text(exc)
                 return _record(
                     run,
                     TaskStatus.FAILURE,
-                    error=f"result could not be encoded: {exc}",
+                    error=f"result could not be encoded: {why}",
                     completed=completed,
                 )
             return _record(run, TaskStatus.SUCCESS, result=encoded, completed=completed)
-        error = f"{type(value).__name__}: {value}"
+        error = error_text(value)
         retry_delay = _retry_delay(run)
         if retry_delay is not None:
             return _record(
@@ -476,6 +611,11 @@ class Executor:
         return _record(run, TaskStatus.FAILURE, error=error, traceback=tb, completed=completed)
 
 
+def _answer_probe(run: _Run) -> None:
+    """Runs on the asyncio loop: it still turns."""
+    run.loop_answered = True
+
+
 def _retry_delay(run: _Run) -> float | None:
     """Seconds until the next attempt, or None when retries are used up.
 
@@ -487,10 +627,40 @@ def _retry_delay(run: _Run) -> float | None:
     max_retries = opt("max_retries", definition.max_retries)
     if run.attempt > max_retries:
         return None
-    delay = float(opt("retry_delay", definition.retry_delay))
-    backoff = float(opt("retry_backoff", definition.retry_backoff))
-    cap = float(opt("retry_backoff_max", definition.retry_backoff_max))
-    return min(delay * backoff ** (run.attempt - 1), cap)
+    return backoff_delay(
+        opt("retry_delay", definition.retry_delay),
+        opt("retry_backoff", definition.retry_backoff),
+        opt("retry_backoff_max", definition.retry_backoff_max),
+        run.attempt,
+    )
+
+
+def backoff_delay(delay: float, backoff: float, cap: float, attempt: int) -> float:
+    """``min(delay * backoff ** (attempt - 1), cap)``, computed so that it cannot raise.
+
+    The options come from clients: each is a finite number in range, but a
+    combination (backoff 1e15, attempt 40) overflows a float long before the
+    cap applies.  The product is compared with the cap in log space and the
+    result is finite, at most ``cap`` and at most ``_MAX_RETRY_DELAY``.
+    """
+    try:
+        delay, backoff, cap = float(delay), float(backoff), float(cap)
+        ceiling = min(cap, _MAX_RETRY_DELAY) if cap >= 0 else 0.0  # NaN cap: the ceiling
+        exponent = max(0, attempt - 1)
+        if not delay > 0 or not ceiling > 0:
+            return 0.0
+        if exponent == 0 or backoff == 1:
+            value = delay
+        elif not backoff > 0:
+            return 0.0  # 0 ** n
+        else:
+            log_value = math.log(delay) + exponent * math.log(backoff)
+            if not log_value < math.log(ceiling):
+                return ceiling
+            value = math.exp(log_value)
+        return value if value <= ceiling else ceiling
+    except (OverflowError, ValueError, TypeError):
+        return _MAX_RETRY_DELAY
 
 
 def _failure(envelope: TaskEnvelope, error: str) -> ResultRecord:

@@ -12,13 +12,17 @@ with no wake-ups.  ``concurrency`` threads bound how many run at once.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ._errors import traceback_text
+
 __all__ = ["TaskThreads"]
+
+log = logging.getLogger("fastworker.worker")
 
 
 class ThreadRun(Protocol):
@@ -111,13 +115,18 @@ class TaskThreads:
             if run.abandoned:
                 continue  # cancelled or released while it waited: already reported
             run.started = time.time()
-            self._on_start(run)
+            outcome: Outcome
             try:
-                value = run.call()
-            except BaseException as exc:  # a task's SystemExit must not end this thread
-                self._on_done((run, False, exc, traceback.format_exc(), time.time()))
-            else:
-                self._on_done((run, True, value, None, time.time()))
+                self._on_start(run)
+                try:
+                    value = run.call()
+                except BaseException as exc:  # a task's SystemExit must not end this thread
+                    outcome = (run, False, exc, traceback_text(exc), time.time())
+                else:
+                    outcome = (run, True, value, None, time.time())
+                self._on_done(outcome)
+            except Exception:  # bookkeeping: never lose the thread to it
+                log.exception("worker: a task thread's bookkeeping failed")
 
     def stop(self, timeout: float = 1.0) -> None:
         """Ask threads to exit and wait briefly; a thread stuck in user code is left (daemon)."""

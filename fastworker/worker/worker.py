@@ -45,7 +45,11 @@ from ..wire import (
     WireError,
     decode,
     encode,
+    message_budget,
+    result_weight,
+    split_by_bytes,
 )
+from ._errors import type_name
 from ._executor import Executor
 
 __all__ = ["Worker", "WorkerConfig"]
@@ -56,11 +60,6 @@ _MAX_RESULTS_PER_MESSAGE = 2048
 _COALESCE_SECONDS = 0.002
 _MAX_PREFETCH = 4096
 _PREFETCH_TARGET_SECONDS = 0.05
-_MAX_DONE_BYTES = 4 * 1024 * 1024  # split Done messages well under the message size limit
-
-
-def _result_size(record: ResultRecord) -> int:
-    return len(record.result or b"") + len(record.traceback or "") + len(record.error or "") + 64
 
 
 def _new_worker_id() -> str:
@@ -79,6 +78,17 @@ class WorkerConfig:
     allow_pickle: bool = False
     transport: TransportConfig = TransportConfig()
     worker_id: str | None = None
+    # None: a run stuck in user code is replaced and the worker goes on (an
+    # embedded Cluster cannot replace its process).  A number (the node's
+    # --grace): the worker stops taking work, lets running tasks finish
+    # within that many seconds, hands the rest back and sets
+    # ``Worker.recycle`` so that its process can be replaced.
+    recycle_grace: float | None = attrs.field(default=None)
+
+    @recycle_grace.validator
+    def _check_recycle_grace(self, _attribute: Any, value: float | None) -> None:
+        if value is not None and not 0 <= value < float("inf"):
+            raise ValueError(f"recycle_grace must be a finite number >= 0 or None, got {value!r}")
 
 
 @attrs.frozen
@@ -94,6 +104,11 @@ class _Flush:
 @attrs.frozen
 class _Connected:
     sock: ZSocket
+
+
+@attrs.frozen
+class _RetireNow:
+    """The recycle grace is over: hand back what still runs."""
 
 
 class Worker(Actor):
@@ -114,7 +129,9 @@ class Worker(Actor):
         self._last_ack = 0.0
         self._connected = False
         self._draining = False
-        self._outbox: list[Any] = []
+        self._retiring = False
+        self.recycle = trio.Event()  # set once a stuck worker handed back all its work
+        self._outbox: list[ResultRecord] = []
         self._flush_armed = False
         self._starts = 0
         self._prefetch = cfg.prefetch if cfg.prefetch is not None else max(cfg.concurrency, 64)
@@ -143,16 +160,13 @@ class Worker(Actor):
         self._send_discovery(self._register_message())
 
     def _new_executor(self) -> Executor:
-        executor = Executor(
+        return Executor(
             self.registry,
             self.config.concurrency,
             self._on_results,
             allow_pickle=self.config.allow_pickle,
+            on_stuck=self._on_stuck,
         )
-        # Room for the envelope: 64 KiB, or half of a smaller message limit.
-        limit = self.config.transport.max_message_size
-        executor.max_result_bytes = limit - min(64 * 1024, limit // 2)
-        return executor
 
     def _restart(self) -> str | None:
         """After a crash, start over as a new worker; return the old id (None on first start).
@@ -167,6 +181,7 @@ class Worker(Actor):
         self.worker_id = _new_worker_id()
         self.instance_id = None
         self._outbox.clear()
+        self._retiring = False  # the new executor has nothing stuck
         self.executor = self._new_executor()
         log.warning("worker %s restarted as %s", previous, self.worker_id)
         return previous
@@ -188,6 +203,8 @@ class Worker(Actor):
         elif type(message) is _Flush:
             self._flush_armed = False
             self._flush()
+        elif type(message) is _RetireNow:
+            self._give_up_running()
         elif type(message) is _Connected:
             if message.sock is self._scheduler and self._connected:
                 self._announce()
@@ -227,7 +244,7 @@ class Worker(Actor):
                 envelopes.append(TaskEnvelope.from_wire(raw))
             except WireError as exc:
                 log.warning("worker %s ignored an invalid task: %s", self.worker_id, exc)
-        if self._draining:
+        if self._draining or self._retiring:
             self._send_scheduler(Release([e.task_id for e in envelopes]))
             return
         self.executor.submit(envelopes)
@@ -270,7 +287,7 @@ class Worker(Actor):
 
     def _announce(self) -> None:
         """Tell the scheduler our window (absolute, so repeating it is harmless) and flush."""
-        self._send_scheduler(Ready(0 if self._draining else self.window))
+        self._send_scheduler(Ready(0 if self._draining or self._retiring else self.window))
         self._flush()
 
     @property
@@ -339,10 +356,13 @@ class Worker(Actor):
             pass  # not connected yet: the next tick tries again
 
     def _send_scheduler(self, message: Any) -> bool:
+        return self._send_scheduler_frame(encode(message))
+
+    def _send_scheduler_frame(self, frame: bytes) -> bool:
         if self._scheduler is None:
             return False
         try:
-            self._scheduler.send_multipart_nowait([encode(message)])
+            self._scheduler.send_multipart_nowait([frame])
         except trio.WouldBlock:
             return False
         return True
@@ -353,35 +373,89 @@ class Worker(Actor):
         An idle worker reports at once (latency); a busy one holds results up
         to ``_COALESCE_SECONDS`` or ``_MAX_RESULTS_PER_MESSAGE`` so that one
         Done carries many — and so does the scheduler's next Dispatch, since
-        credits come back together.
+        credits come back together.  Called by the executor's bookkeeping,
+        so it must not raise.
         """
         self._outbox.extend(records)
-        self._adapt_prefetch(records)
-        if not self.executor.held or len(self._outbox) >= _MAX_RESULTS_PER_MESSAGE:
-            self._flush()
-        elif not self._flush_armed:
-            self._flush_armed = True
-            assert self._nursery is not None
-            self._nursery.start_soon(self._flush_soon)
+        try:
+            self._adapt_prefetch(records)
+            if not self.executor.held or len(self._outbox) >= _MAX_RESULTS_PER_MESSAGE:
+                self._flush()
+            elif not self._flush_armed and self._nursery is not None:
+                self._nursery.start_soon(self._flush_soon)
+                self._flush_armed = True
+        except Exception:
+            log.exception("worker %s: reporting results failed", self.worker_id)
 
     async def _flush_soon(self) -> None:
         await trio.sleep(_COALESCE_SECONDS)
         await tell_own_actor(self.ref, _Flush())
 
     def _flush(self) -> None:
-        """Send unreported results; what cannot go now waits for the next chance."""
-        outbox = self._outbox
-        max_bytes = min(_MAX_DONE_BYTES, self.config.transport.max_message_size // 2)
-        while outbox:
-            count = size = 0
-            while count < len(outbox) and count < _MAX_RESULTS_PER_MESSAGE:
-                size += _result_size(outbox[count])
-                if count and size > max_bytes:
-                    break
-                count += 1
-            if not self._send_scheduler(Done(outbox[:count])):
+        """Send unreported results in Done messages cut by bytes; what cannot go now waits.
+
+        A result too large for any message is not sent (ZeroMQ would drop the
+        connection): its task fails instead, saying so.
+        """
+        if not self._outbox:
+            return
+        budget = message_budget(self.config.transport.max_message_size)
+        replaced: list[ResultRecord] = []
+
+        def oversize(record: ResultRecord) -> None:
+            replaced.append(_shrink(record, budget))
+
+        chunks = split_by_bytes(self._outbox, result_weight, budget, oversize)
+        if replaced:
+            chunks += split_by_bytes(replaced, result_weight, budget, _impossible)
+        self._outbox = []
+        for index, chunk in enumerate(chunks):
+            if not self._send_scheduler_frame(_encode_done(chunk)):
+                self._outbox = [record for rest in chunks[index:] for record in rest]
                 return
-            del outbox[:count]
+
+    # -- recycling ----------------------------------------------------------
+
+    def _on_stuck(self) -> None:
+        """A run could not be stopped at its time limit (called by the executor).
+
+        With ``recycle_grace`` the worker retires: no new work (``Ready(0)``,
+        unstarted tasks handed back at once, later dispatches released), the
+        running tasks get ``recycle_grace`` seconds, then the rest is handed
+        back and ``recycle`` is set.  Under steady load there is always
+        something running, so waiting for an idle moment would never end.
+        """
+        grace = self.config.recycle_grace
+        if grace is None or self._retiring or self._draining or self._nursery is None:
+            return
+        self._retiring = True
+        log.warning(
+            "worker %s: a task is stuck in user code; taking no more work, recycling within %g s",
+            self.worker_id,
+            grace,
+        )
+        self._send_scheduler(Ready(0))
+        waiting = self.executor.release_waiting()
+        if waiting:
+            self._send_scheduler(Release(waiting))
+        self._nursery.start_soon(self._retire_after, max(0.0, grace))
+
+    async def _retire_after(self, grace: float) -> None:
+        with trio.move_on_after(grace):
+            await self.executor.wait_idle()
+        await tell_own_actor(self.ref, _RetireNow())
+
+    def _give_up_running(self) -> None:
+        self._flush()  # what finished within the grace period
+        given_up = self.executor.abandon_all()
+        if given_up:
+            self._send_scheduler(Release(given_up))
+        log.warning(
+            "worker %s: ready to be recycled (%d running tasks handed back)",
+            self.worker_id,
+            len(given_up),
+        )
+        self.recycle.set()
 
     # -- draining -----------------------------------------------------------
 
@@ -419,5 +493,63 @@ class Worker(Actor):
             "waiting": self.executor.waiting,
             "completed": self.executor.completed,
             "unreported": len(self._outbox),
-            "stuck_threads": self.executor.stuck_threads,
+            "stuck_runs": self.executor.stuck_runs,
+            "retiring": self._retiring,
         }
+
+
+def _shrink(record: ResultRecord, budget: int) -> ResultRecord:
+    """A record too large for any message, made to fit: it says what did not fit.
+
+    A value cannot be cut, so a result becomes a FAILURE; an error or a
+    traceback is cut short and the record keeps its status (a retry stays a
+    retry).
+    """
+    size = result_weight(record)
+    log.warning("task %s: result of %d bytes exceeds the %d-byte limit", record[0], size, budget)
+    if record.result is not None:
+        return record._replace(
+            status="failure",
+            result=None,
+            error=f"result too large: {size} bytes, limit {budget}",
+            traceback=None,
+            retry_delay=None,
+        )
+    keep = max(64, budget // 16)  # characters: at most 4 bytes each in UTF-8
+    return record._replace(error=_cut(record.error, keep), traceback=_cut(record.traceback, keep))
+
+
+def _cut(text: str | None, keep: int) -> str | None:
+    if text is None or len(text) <= keep:
+        return text
+    return f"{text[:keep]}… ({len(text) - keep} characters cut: too large for a message)"
+
+
+def _impossible(record: ResultRecord) -> None:
+    raise AssertionError(f"a shrunk result record is still too large: {record[0]}")
+
+
+def _encode_done(records: list[ResultRecord]) -> bytes:
+    """``Done(records)`` encoded; a record that cannot be encoded fails its task instead.
+
+    The executor cleans every text it makes, so this is the last line of
+    defence: a ``Done`` that cannot be encoded would otherwise escape into
+    the executor's bookkeeping and leave every task in it unreported.
+    """
+    try:
+        return encode(Done(records))
+    except Exception:
+        fixed = []
+        for record in records:
+            try:
+                encode(Done([record]))
+            except Exception as exc:
+                record = record._replace(
+                    status="failure",
+                    result=None,
+                    error=f"result could not be reported: {type_name(exc)}",
+                    traceback=None,
+                    retry_delay=None,
+                )
+            fixed.append(record)
+        return encode(Done(fixed))
