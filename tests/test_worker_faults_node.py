@@ -160,3 +160,47 @@ async def test_an_asyncio_task_blocking_its_loop_fails_in_time_and_its_process_i
         assert f"worker process {pid} recycled itself" in node.stderr_text()
         after = await client.submit_task("add_where", args=(2, 3), timeout=20)
         assert after.result[0] == 5
+
+
+async def test_a_stuck_thread_recycles_its_process_under_steady_load(tmp_path: Path) -> None:
+    """A thread stuck past its limit retires the worker even while quick tasks keep coming.
+
+    Before, the process recycled only once nothing else ran, which a steady
+    stream never allows: the stuck thread lived on and the stream ran beside it
+    for ever.
+    """
+    async with (
+        open_node(*ARGS) as node,
+        Client(discovery_address=node.discovery_address, timeout=20) as client,
+    ):
+        pid = await _only_worker_pid(client)
+        stuck = await client.apply_async("sleepy", (30.0, str(tmp_path), "stuck"), time_limit=0.3)
+        stream: list[str] = []
+
+        async def keep_busy() -> None:
+            # Always several tasks running beside the stuck one, started at staggered
+            # times: the worker is never idle, not even for a moment.
+            while True:
+                unfinished = [i for i in stream if client.get_result(i) is None]
+                if len(unfinished) < 6:
+                    stream.append(await client.delay("sleepy", 1.0, None, str(len(stream))))
+                await trio.sleep(0.1)
+
+        async def replaced() -> int | None:
+            current = await _only_worker_pid(client)
+            return current if current != pid else None
+
+        with trio.fail_after(40):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_busy)
+                new_pid = await poll(replaced, timeout=30, what="the process recycled")
+                nursery.cancel_scope.cancel()
+            await client.join()
+        result = client.get_result(stuck)
+        assert result is not None
+        assert result.status is TaskStatus.FAILURE
+        assert "time limit" in (result.error or "")
+        outcomes = [client.get_result(i) for i in stream]
+        assert all(r is not None and r.status is TaskStatus.SUCCESS for r in outcomes)
+        assert {r.result[1] for r in outcomes if r is not None} <= {pid, new_pid}
+        assert f"worker process {pid} recycled itself" in node.stderr_text()

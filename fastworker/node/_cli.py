@@ -271,6 +271,29 @@ async def _run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+# How long a worker process may take to end after its drain's grace is over.
+_EXIT_MARGIN = 15.0
+
+
+def _exit_if_stuck_after(seconds: float, worker_id: str) -> None:
+    """End the process from a thread if the trio run is still going after ``seconds``.
+
+    A task that swallows cancellation forever keeps its nursery, and so
+    ``trio.run``, from ever returning: it was reported and abandoned, but the
+    process could not exit.  The node replaces a process that exits with the
+    recycle code.
+    """
+
+    def force() -> None:
+        log.error("worker %s: shutdown stuck for %g s; exiting now", worker_id, seconds)
+        logging.shutdown()
+        os._exit(RECYCLE_EXIT_CODE)
+
+    timer = threading.Timer(seconds, force)
+    timer.daemon = True
+    timer.start()
+
+
 async def _run_worker_process(args: argparse.Namespace, registry: TaskRegistry) -> int:
     """One worker actor in this process; drains on SIGTERM, recycles itself when stuck."""
     parent = os.getppid()
@@ -283,6 +306,9 @@ async def _run_worker_process(args: argparse.Namespace, registry: TaskRegistry) 
             heartbeat_interval=args.heartbeat_interval,
             allow_pickle=args.allow_pickle,
             transport=TransportConfig(max_message_size=args.max_message_size),
+            # A stuck run retires the worker even under steady load: no new
+            # work, the running tasks get the grace, then the process recycles.
+            recycle_grace=args.grace,
         ),
     )
     leave = trio.Event()
@@ -308,6 +334,7 @@ async def _run_worker_process(args: argparse.Namespace, registry: TaskRegistry) 
             watchers.start_soon(watch)
             why = await _wait_for_signal(also_when=leave)
             watchers.cancel_scope.cancel()
+        _exit_if_stuck_after(args.grace + _EXIT_MARGIN, worker.worker_id)
         handed_back = await worker.drain(args.grace)
         if handed_back:
             log.info("worker %s handed back %d tasks", worker.worker_id, handed_back)
