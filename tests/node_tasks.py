@@ -76,3 +76,15 @@ async def blocks_its_loop(seconds: float) -> int:
     """A blocking call in async code: the worker's asyncio loop stops for ``seconds``."""
     time.sleep(seconds)  # noqa: ASYNC251 - the fault under test
     return os.getpid()
+
+
+@task(loop="trio")
+async def never_cancels() -> None:
+    """A trio task that swallows every cancellation: it can be abandoned, never stopped."""
+    import trio
+
+    while True:
+        try:
+            await trio.sleep(0.05)
+        except trio.Cancelled:  # the misbehaviour under test
+            pass

@@ -204,3 +204,27 @@ async def test_a_stuck_thread_recycles_its_process_under_steady_load(tmp_path: P
         assert all(r is not None and r.status is TaskStatus.SUCCESS for r in outcomes)
         assert {r.result[1] for r in outcomes if r is not None} <= {pid, new_pid}
         assert f"worker process {pid} recycled itself" in node.stderr_text()
+
+
+async def test_a_task_that_never_ends_cannot_keep_its_process_alive() -> None:
+    """It is reported at its limit; the process recycles even though its run cannot end."""
+    async with (
+        open_node(*ARGS) as node,
+        Client(discovery_address=node.discovery_address, timeout=20) as client,
+    ):
+        pid = await _only_worker_pid(client)
+        task_id = await client.apply_async("never_cancels", time_limit=0.3)
+        with trio.fail_after(10):
+            await client.join()
+        result = client.get_result(task_id)
+        assert result is not None
+        assert "did not stop when cancelled" in (result.error or "")
+
+        async def replaced() -> int | None:
+            current = await _only_worker_pid(client)
+            return current if current != pid else None
+
+        await poll(replaced, timeout=30, what="the process forced out and replaced")
+        assert "shutdown stuck" in node.stderr_text()
+        after = await client.submit_task("add_where", args=(2, 3), timeout=20)
+        assert after.result[0] == 5

@@ -272,7 +272,7 @@ async def _run_node(args: argparse.Namespace) -> int:
 
 
 # How long a worker process may take to end after its drain's grace is over.
-_EXIT_MARGIN = 15.0
+_EXIT_MARGIN = 10.0
 
 
 def _exit_if_stuck_after(seconds: float, worker_id: str) -> None:
