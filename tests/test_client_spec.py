@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -528,11 +529,24 @@ def test_callback_on_failure_carries_the_error(
     assert_iso_timestamp(payload["completed_at"])
 
 
-def test_callback_address_must_be_an_endpoint(discovery: str) -> None:
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("localhost:6000", "must look like 'tcp://HOST:PORT'"),
+        ("udp://127.0.0.1:6000", "must look like 'tcp://HOST:PORT'"),
+        ("tcp://127.0.0.1", "needs a port from 1 to 65535"),
+        ("tcp://*:6000", "is not a host name or IP address"),
+    ],
+)
+def test_callback_address_must_name_one_peer(discovery: str, address: str, message: str) -> None:
+    """The control plane's own rule (scheme, host, port), at the call, before anything is queued."""
+
     async def main() -> None:
         async with started() as client:
-            with pytest.raises(ValueError, match="callback_address must be a ZeroMQ endpoint"):
-                await client.delay_with_callback("process_data", "localhost:6000", {})
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await client.delay_with_callback("process_data", address, {})
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await client.apply_async("process_data", ({},), callback_address=address)
             assert client.pending_count == 0
 
     run(main)

@@ -12,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import math
 import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from .._callback_address import parse_callback_address
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
+from ..tasks.options import check_eta, check_seconds, check_task_options
 from ..tasks.serializer import SerializationFormat, dumps
 from ..transport import TransportConfig
-from ..wire import CancelReply, ResultRecord, StatsReply
+from ..wire import CancelReply, ResultRecord, StatsReply, message_budget, task_weight
 from ._core import ClientCore, Command, PendingTask
 from ._errors import (
     ClientNotStartedError,
@@ -112,9 +115,6 @@ class Client:
             if max_message_size
             else TransportConfig()
         )
-        # Room for the envelope around one task's payload: 64 KiB, or half of a smaller limit.
-        limit = transport.max_message_size
-        self._max_payload = limit - min(64 * 1024, limit // 2)
         self._core = ClientCore(
             client_id=self.client_id,
             discovery_address=self.discovery_address,
@@ -178,6 +178,11 @@ class Client:
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
 
+    @property
+    def _fast_payload_limit(self) -> int:
+        """A payload this short fits with any id and name the control plane accepts."""
+        return message_budget(self._core.max_message_size) - 4096
+
     def _prepare(
         self,
         task_name: str,
@@ -191,37 +196,30 @@ class Client:
         callback_data: Any = None,
         options: Mapping[str, Any] | None = None,
     ) -> tuple[str, list[Any]]:
-        """Encode one task in the caller's thread: every error surfaces here."""
+        """Check and encode one task in the caller's thread: every error surfaces here.
+
+        Raises ValueError or TypeError naming what is wrong, before anything is queued.
+        """
         if not isinstance(task_name, str) or not task_name:
             raise ValueError(f"task_name must be a non-empty string, got {task_name!r}")
+        if not isinstance(priority, str):  # TaskPriority is a StrEnum
+            raise TypeError(
+                f"priority must be a TaskPriority or its name, not {type(priority).__name__}"
+            )
         rank = TaskPriority.coerce(priority).rank
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
         fmt = self.serialization_format
         payload = dumps(fmt, [list(args), dict(kwargs or {})])
-        if len(payload) > self._max_payload:
-            raise ValueError(
-                f"the arguments of {task_name!r} encode to {len(payload)} bytes, more than a "
-                f"message may carry ({self._max_payload} bytes); pass a reference instead"
-            )
         opts: dict[str, Any] | None = None
-        if countdown is not None or eta is not None:
-            if countdown is not None and eta is not None:
-                raise ValueError("give countdown or eta, not both")
-            if eta is not None:
-                if eta.tzinfo is None:
-                    raise ValueError("eta must be timezone-aware (e.g. datetime.now(timezone.utc))")
-                when = eta.timestamp()
-            else:
-                assert countdown is not None
-                if countdown < 0:
-                    raise ValueError("countdown must be >= 0")
-                when = time.time() + countdown
-            opts = {"eta": when}
+        if countdown is not None and eta is not None:
+            raise ValueError("give countdown or eta, not both")
+        if eta is not None:
+            opts = {"eta": check_eta(eta)}
+        elif countdown is not None:
+            opts = {"eta": time.time() + check_seconds("countdown", countdown)}
         if callback_address is not None:
-            if not isinstance(callback_address, str) or "://" not in callback_address:
-                raise ValueError(
-                    f"callback_address must be a ZeroMQ endpoint like 'tcp://127.0.0.1:6000', "
-                    f"got {callback_address!r}"
-                )
+            parse_callback_address(callback_address)  # ValueError/TypeError saying why
             opts = opts or {}
             opts["cb"] = callback_address
             if callback_data is not None:
@@ -229,7 +227,25 @@ class Client:
         if options:
             opts = opts or {}
             opts.update(options)
-        return self._new_id(), [None, task_name, rank, self._format_code, payload, opts]
+        task_id = self._new_id()
+        wire = [task_id, task_name, rank, self._format_code, payload, opts]
+        self._check_size(wire)
+        return task_id, wire
+
+    def _check_size(self, wire: list[Any]) -> None:
+        """ValueError for a task no message to the control plane can carry.
+
+        The limit is the control plane's (from its LookupReply) once the
+        client has met it, and the client's own ``max_message_size`` before.
+        """
+        limit = self._core.max_message_size
+        weight = task_weight(wire)
+        if weight > message_budget(limit):
+            raise ValueError(
+                f"task {wire[1]!r} encodes to {weight} bytes with its options, more than one "
+                f"message to the control plane may carry ({message_budget(limit)} of its "
+                f"{limit}-byte limit); pass a reference to the data instead"
+            )
 
     def _enqueue(
         self, items: Iterable[tuple[str, list[Any]]], waiter: Waiter | None = None
@@ -324,10 +340,11 @@ class Client:
         if len(pending) >= self.max_pending or core.queue_full:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         payload = dumps(self.serialization_format, [args, kwargs])
-        if len(payload) > self._max_payload:
-            return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         task_id = f"{self._id_prefix}-{next(self._ids):x}"
-        pending[task_id] = PendingTask([task_id, task_name, rank, self._format_code, payload, None])
+        wire = [task_id, task_name, rank, self._format_code, payload, None]
+        if len(payload) > self._fast_payload_limit:
+            self._check_size(wire)
+        pending[task_id] = PendingTask(wire)
         inbox = core.inbox
         inbox.append(task_id)
         if not self._wake_pending or self._on_trio:
@@ -403,7 +420,10 @@ class Client:
         Each item is ``(task_name, args)``, ``(task_name, args, kwargs)`` or a
         mapping with ``task_name`` and optionally ``args``, ``kwargs``,
         ``priority``, ``countdown``, ``eta``, ``callback_address``,
-        ``callback_data``.
+        ``callback_data`` and ``apply_async``'s options (``time_limit``,
+        ``max_retries``, ``retry_delay``, ``retry_backoff``,
+        ``retry_backoff_max``).  Every item is checked and encoded before any
+        is queued: one bad item raises and submits none.
         """
         self._check_running()
         items: list[tuple[str, list[Any]]] = []
@@ -414,13 +434,17 @@ class Client:
             # encoding a small task, and tuples are the common shape.
             if type(spec) not in (tuple, list) and isinstance(spec, Mapping):
                 spec = dict(spec)
+                if "task_name" not in spec:
+                    raise TypeError(f"a submit_batch mapping needs a 'task_name', got {spec!r}")
                 name = spec.pop("task_name")
+                options = _call_options(*(spec.pop(key, None) for key in _OPTION_KEYS))
                 items.append(
                     self._prepare(
                         name,
                         spec.pop("args", ()),
                         spec.pop("kwargs", None),
                         spec.pop("priority", TaskPriority.NORMAL),
+                        options=options,
                         **spec,
                     )
                 )
@@ -429,11 +453,18 @@ class Client:
                 raise TypeError(
                     f"submit_batch items are (task_name, args[, kwargs]) or mappings, got {spec!r}"
                 )
-            name, args, kwargs = (*spec, (), None)[:3]
-            if type(name) is str and name and type(args) in (tuple, list):
+            name = spec[0]
+            args = spec[1] if len(spec) > 1 else ()
+            kwargs = spec[2] if len(spec) > 2 else None
+            if (
+                type(name) is str
+                and name
+                and type(args) in (tuple, list)
+                and type(kwargs) in (dict, type(None))
+            ):
                 # The common shape: encode directly (what _prepare does, minus options).
                 payload = dumps(fmt, [args, kwargs or {}])
-                if len(payload) <= self._max_payload:
+                if len(payload) <= self._fast_payload_limit:
                     items.append(("", [None, name, _NORMAL, code, payload, None]))
                     continue
             items.append(self._prepare(name, args, kwargs, TaskPriority.NORMAL))
@@ -461,6 +492,7 @@ class Client:
         plane and its result still arrives in the local cache later.
         """
         self._check_running()
+        wait = _wait_seconds(timeout, self.timeout)
         item = self._prepare(
             task_name,
             args,
@@ -475,7 +507,6 @@ class Client:
         waiter = new_waiter(self._on_trio)
         task_id = self._enqueue([item], waiter)[0]
         self._wake_now()  # the caller waits on this one: no reason to wait for the loop's turn
-        wait = timeout if timeout is not None else self.timeout
         done, record = await waiter.wait(wait)
         if not done:
             return TaskResult(
@@ -507,10 +538,12 @@ class Client:
 
     async def _command(self, kind: str, task_ids: list[str], timeout: float | None) -> Any:
         self._check_running()
+        wait = _wait_seconds(timeout, self.timeout)
         waiter = new_waiter(self._on_trio)
-        self._core.inbox.append(Command(kind, waiter, task_ids))
+        # The actor forgets the request at its deadline, whether or not an answer came.
+        deadline = time.monotonic() + wait
+        self._core.inbox.append(Command(kind, waiter, task_ids, deadline))
         self._wake_now()
-        wait = timeout if timeout is not None else self.timeout
         done, value = await waiter.wait(wait)
         if not done:
             raise ControlPlaneUnavailableError(
@@ -530,7 +563,14 @@ class Client:
         return None if record is None else self._decode(record)
 
     async def cancel_task(self, task_id: str, *, timeout: float | None = None) -> bool:
-        """Cancel a task; True when it took effect (a queued task then never runs)."""
+        """Cancel a task; True means it will not run (again), False that it finished or ran.
+
+        A task that never left this client is cancelled here.  Any other is
+        the control plane's to cancel: it is asked (and, until it answers, the
+        task is not re-sent), and its answer decides.  A running task is told
+        to stop, but what it already did stays done.  Raises
+        ControlPlaneUnavailableError when no answer comes within ``timeout``.
+        """
         reply: CancelReply = await self._command("cancel", [task_id], timeout)
         return reply.cancelled
 
@@ -545,8 +585,12 @@ class Client:
         Raises TimeoutError after ``timeout`` seconds (default: wait as long as it takes).
         """
         self._check_running()
+        deadline = math.inf
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout, positive=True)
+            deadline = time.monotonic() + timeout
         waiter = new_waiter(self._on_trio)
-        self._core.inbox.append(Command("join", waiter))
+        self._core.inbox.append(Command("join", waiter, [], deadline))
         self._wake()
         done, _ = await waiter.wait(timeout)
         if not done:
@@ -560,6 +604,9 @@ class Client:
         return len(self._core.pending)
 
 
+_OPTION_KEYS = ("time_limit", "max_retries", "retry_delay", "retry_backoff", "retry_backoff_max")
+
+
 def _call_options(
     time_limit: float | None,
     max_retries: int | None,
@@ -567,15 +614,20 @@ def _call_options(
     retry_backoff: float | None,
     retry_backoff_max: float | None,
 ) -> dict[str, Any] | None:
-    options = {
-        key: value
-        for key, value in (
-            ("timeout", time_limit),
-            ("max_retries", max_retries),
-            ("retry_delay", retry_delay),
-            ("retry_backoff", retry_backoff),
-            ("retry_backoff_max", retry_backoff_max),
-        )
-        if value is not None
-    }
+    """The per-call options given, checked by the same rule as ``@task`` (tasks/options.py)."""
+    options = check_task_options(
+        max_retries=max_retries,
+        retry_delay=retry_delay,
+        retry_backoff=retry_backoff,
+        retry_backoff_max=retry_backoff_max,
+        timeout=time_limit,
+        timeout_name="time_limit",
+    )
     return options or None
+
+
+def _wait_seconds(timeout: float | None, default: float) -> float:
+    """A caller's ``timeout=``: None means the client's default, else a finite number > 0."""
+    if timeout is None:
+        return default
+    return check_seconds("timeout", timeout, positive=True)
