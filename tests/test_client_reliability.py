@@ -145,7 +145,9 @@ async def test_bad_options_raise_at_the_call_and_queue_nothing(
 
 
 async def test_options_at_their_limits_are_accepted() -> None:
-    async with started(free_address()) as client:
+    client = Client(free_address())
+    await client.start()
+    try:
         await client.apply_async(
             "add",
             (1, 2),
@@ -157,6 +159,8 @@ async def test_options_at_their_limits_are_accepted() -> None:
             eta=LATER,
         )
         assert client.pending_count == 1
+    finally:
+        client.stop(timeout=0)  # nobody to hand it to
 
 
 # -- every message under the limit ------------------------------------------------

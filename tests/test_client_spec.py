@@ -11,8 +11,10 @@ reader (``arg1``, ``value``, ``data_arg`` …) are parameters.
 Departures from the text, each unavoidable:
 
 * ``delay_with_callback``: the guide passes ``callback_address=`` by keyword
-  and then a positional argument, which is a SyntaxError; we run the
-  positional form ``delay_with_callback("process_data", address, data_arg, ...)``.
+  and then a positional argument, which is a SyntaxError; we run both valid
+  spellings: the keyword after the task's arguments
+  (``delay_with_callback("process_data", data_arg, callback_address=address, ...)``)
+  and the address as second positional argument.
 * The FastAPI example is served by a real uvicorn in ``test_fastapi.py``.
 
 Nothing sleeps to wait for a result: tests wait with ``join``,
@@ -452,6 +454,17 @@ async def example_callback(client: Client, callback_address: str, data_arg: Any)
     return task_id
 
 
+async def example_callback_by_keyword(client: Client, callback_address: str, data_arg: Any) -> str:
+    # Submit with callback (the guide's call, made valid Python the obvious way)
+    task_id = await client.delay_with_callback(
+        "process_data",
+        data_arg,
+        callback_address=callback_address,
+        callback_data={"source": "my_app", "user_id": 123},
+    )
+    return task_id
+
+
 @pytest.fixture
 def pull_socket() -> Iterator[tuple[zmq.Socket[bytes], str]]:
     """A PULL socket bound on a random loopback port: where callbacks are delivered."""
@@ -479,14 +492,17 @@ def assert_iso_timestamp(text: Any) -> dt.datetime:
     return stamp
 
 
+@pytest.mark.parametrize("example", [example_callback, example_callback_by_keyword])
 def test_callback_example_delivers_the_documented_document(
-    discovery: str, pull_socket: tuple[zmq.Socket[bytes], str]
+    discovery: str,
+    pull_socket: tuple[zmq.Socket[bytes], str],
+    example: Callable[[Client, str, Any], Awaitable[str]],
 ) -> None:
     sock, address = pull_socket
 
     async def main() -> str:
         async with started() as client:
-            task_id = await example_callback(client, address, {"a": 1, "b": [2, 3]})
+            task_id = await example(client, address, {"a": 1, "b": [2, 3]})
             await client.join(timeout=10)
             return task_id
 
@@ -665,3 +681,19 @@ def test_result_cache_evicts_the_least_recently_accessed(monkeypatch: pytest.Mon
     assert seen["third"].result == 3
     assert stats["result-cache"]["max_size"] == 2
     assert stats["result-cache"]["evicted"] == 1
+
+
+def test_callback_call_without_an_address_says_where_it_goes(discovery: str) -> None:
+    """Without ``callback_address=``, the second positional argument must be the address."""
+
+    async def main() -> None:
+        async with started() as client:
+            with pytest.raises(TypeError, match="second positional argument"):
+                await client.delay_with_callback("process_data", {"a": 1})
+            with pytest.raises(ValueError, match="second positional argument"):
+                await client.delay_with_callback("process_data", "data", callback_data=1)
+            with pytest.raises(TypeError, match="needs a callback address"):
+                await client.delay_with_callback("process_data")
+            assert client.pending_count == 0
+
+    run(main)

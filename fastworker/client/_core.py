@@ -147,6 +147,11 @@ class _Tick:
     pass
 
 
+@attrs.frozen
+class _LookupNow:
+    """The discovery connection is up: ask at once, not a tick later."""
+
+
 class ClientCore(Actor):
     def __init__(
         self,
@@ -179,6 +184,8 @@ class ClientCore(Actor):
         self._requests: dict[int, _Request] = {}
         self._queries: dict[int, Command] = {}
         self._joiners: list[Command] = []
+        # flush() callers: the ids each still waits to see acknowledged
+        self._flushers: list[tuple[set[str], Command]] = []
         self._parked: list[Command] = []  # commands waiting for a connection
         # (acknowledged at, task ids), oldest first: candidates for the lost-push sweep
         self._watch: collections.deque[tuple[float, list[str]]] = collections.deque()
@@ -241,7 +248,13 @@ class ClientCore(Actor):
             self._gateway_endpoint = None
             self.connected = trio.Event()
             self._resubmit_all()
-        self._discovery = connect_dealer(nursery, self.ref, self.discovery_address, self.transport)
+        self._discovery = connect_dealer(
+            nursery,
+            self.ref,
+            self.discovery_address,
+            self.transport,
+            when_up=lambda _: _LookupNow(),
+        )
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._lookup()
 
@@ -249,8 +262,12 @@ class ClientCore(Actor):
         self.close_now(linger_ms=500)
 
     def close_now(self, linger_ms: int) -> int:
-        """Send what can be sent without waiting, close the sockets; returns what is left unsent."""
-        if self.inbox:
+        """Close the sockets; returns what is left unsent.
+
+        With a linger, what can be sent without waiting goes first; with none
+        (``stop()``, which hands over by waiting for acks instead) nothing does.
+        """
+        if self.inbox and linger_ms > 0:
             # Also without a gateway: ids still in the inbox count as unsent.
             self._drain_inbox()
             self._send_unsent()
@@ -261,11 +278,49 @@ class ClientCore(Actor):
         self._gateway = self._discovery = None
         return left
 
+    def outstanding(self) -> int:
+        """Tasks whose ids were returned and that no control plane has acknowledged yet."""
+        pending = TaskStatus.PENDING
+        return sum(1 for entry in list(self.pending.values()) if entry.status is pending)
+
+    def successor(self, client_id: str, *, hand_over: bool = False) -> ClientCore:
+        """A new actor for this client's tasks, under a new identity.
+
+        It shares ``pending`` and ``finished``: for a client started again it
+        re-submits everything unfinished when it meets the control plane (so
+        results come to its identity; the control plane deduplicates).  With
+        ``hand_over`` it sends only what was never acknowledged, for ``stop()``
+        to hand over from a thread of its own.
+        """
+        heir = ClientCore(
+            client_id=client_id,
+            discovery_address=self.discovery_address,
+            retries=self.retries,
+            ack_timeout=self.ack_timeout,
+            result_cache_size=self.result_cache_size,
+            transport=self.transport,
+        )
+        heir.pending = self.pending
+        heir.finished = self.finished
+        heir.max_message_size = self.max_message_size
+        if hand_over:
+            heir.instance_id = self.instance_id
+            pending = TaskStatus.PENDING
+            for task_id, entry in list(self.pending.items()):
+                if entry.status is pending:
+                    entry.sent = False
+                    heir._unsent.append(task_id)
+        return heir
+
     def fail_waiters(self, message: str) -> None:
         """The client stopped: every caller still waiting gets ClientStoppedError now."""
         # list(): callers in other threads may add to pending while we look.
         waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
         waiters += [command.waiter for command in self._joiners]
+        waiters += [command.waiter for _, command in self._flushers]
+        self._flushers = []
+        for entry in list(self.pending.values()):
+            entry.waiters = None  # released here; a result after a restart wakes nobody
         waiters += [command.waiter for command in self._parked]
         waiters += [command.waiter for command in self._queries.values()]
         waiters += [item.waiter for item in list(self.inbox) if isinstance(item, Command)]
@@ -286,6 +341,9 @@ class ClientCore(Actor):
             self._send_unsent()
         elif type(message) is _Tick:
             self._on_tick()
+        elif type(message) is _LookupNow:
+            if not self.connected.is_set():
+                self._lookup()
         else:
             raise TypeError(f"client got an unexpected message {message!r}")
         return None
@@ -305,6 +363,15 @@ class ClientCore(Actor):
         if command.kind == "join":
             if self.pending:
                 self._joiners.append(command)
+            else:
+                command.waiter.set(None)
+            return
+        if command.kind == "flush":
+            # Every id returned before flush() was called is in pending by now.
+            unacked = TaskStatus.PENDING
+            waiting = {t for t, entry in self.pending.items() if entry.status is unacked}
+            if waiting:
+                self._flushers.append((waiting, command))
             else:
                 command.waiter.set(None)
             return
@@ -380,6 +447,8 @@ class ClientCore(Actor):
                 self._abandon(command)
         if self._joiners:
             self._joiners = [c for c in self._joiners if c.deadline >= now]
+        if self._flushers:
+            self._flushers = [f for f in self._flushers if f[1].deadline >= now]
         if self._parked:
             live = []
             for command in self._parked:
@@ -654,6 +723,8 @@ class ClientCore(Actor):
                 f"rejected by the control plane ({reason}): {text}",
                 error_type=QueueFullError if reason == "queue_full" else None,
             )
+        if self._flushers:
+            self._settled(request.task_ids)
         pending = self.pending
         queued = TaskStatus.QUEUED
         watch = []
@@ -683,6 +754,17 @@ class ClientCore(Actor):
             )
         self._finish(records, error_type(error) if error_type is not None else None)
 
+    def _settled(self, task_ids: list[str]) -> None:
+        """These tasks were acknowledged or finished: release flushers left with nothing."""
+        waiting = []
+        for remaining, command in self._flushers:
+            remaining.difference_update(task_ids)
+            if remaining:
+                waiting.append((remaining, command))
+            else:
+                command.waiter.set(None)
+        self._flushers = waiting
+
     def _on_results(self, raw_results: list[Any]) -> None:
         records = [r for r in map(_safe_record, raw_results) if r is not None]
         self._finish(records, None)
@@ -700,6 +782,8 @@ class ClientCore(Actor):
                     waiter.set(raise_in_waiters if raise_in_waiters is not None else record)
         while len(finished) > self.result_cache_size:
             finished.popitem(last=False)
+        if self._flushers:
+            self._settled([record.task_id for record in records])
         if not pending and self._joiners:
             joiners, self._joiners = self._joiners, []
             for command in joiners:

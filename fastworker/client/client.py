@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import logging
 import math
 import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+import trio
 
 from .._callback_address import parse_callback_address
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
@@ -27,6 +30,7 @@ from ..transport import TransportConfig
 from ..wire import CancelReply, ResultRecord, StatsReply, message_budget, task_weight
 from ._core import ClientCore, Command, PendingTask
 from ._errors import (
+    ClientLoopError,
     ClientNotStartedError,
     ClientStoppedError,
     ControlPlaneUnavailableError,
@@ -37,6 +41,8 @@ from ._host import ThreadHost, TrioHost, current_library
 from ._waiters import Waiter, new_waiter
 
 __all__ = ["Client"]
+
+log = logging.getLogger("fastworker.client")
 
 # Priority ranks by enum member and by lowercase name (TaskPriority is a StrEnum,
 # so members hash like their values): the hot path's one dict lookup.
@@ -125,6 +131,8 @@ class Client:
         )
         self._host: TrioHost | ThreadHost | None = None
         self._on_trio = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self._stopped = False
         self._wake_pending = False
 
@@ -135,43 +143,134 @@ class Client:
     # -- life cycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the client's actor; returns promptly even with no control plane up yet."""
-        if self._stopped:
-            raise ClientStoppedError("this client was stopped; create a new Client")
+        """Start the client's actor; returns promptly even with no control plane up yet.
+
+        A stopped client can be started again, on this event loop or another
+        (a new ``asyncio.run``, a second FastAPI lifespan): it keeps its local
+        results, and tasks it still waits for are re-submitted to the control
+        plane under the new connection (deduplicated there by task id).
+        Starting a client that runs on another loop raises ClientLoopError.
+        """
         if self._host is not None:
+            self._check_loop()  # started here already: nothing to do; elsewhere: an error
             return
         library = current_library()
+        if self._stopped:
+            self.client_id = f"client-{secrets.token_hex(8)}"
+            self._core = self._core.successor(self.client_id)
         self._on_trio = library == "trio"
+        if self._on_trio:
+            self._loop = None
+            self._trio_token = trio.lowlevel.current_trio_token()
+        else:
+            self._loop = asyncio.get_running_loop()
+            self._trio_token = None
+        self._wake_pending = False
         host = TrioHost(self._core) if self._on_trio else ThreadHost(self._core)
         await host.start()
         self._host = host
+        self._stopped = False
 
-    def stop(self) -> None:
-        """Hand over what can be sent at once, close sockets, end the actor; never hangs.
+    def stop(self, timeout: float | None = None) -> None:
+        """Hand over every task whose id was returned, close the sockets, end the actor.
 
-        Callers still awaiting ``submit_task``, ``join`` or a query get
-        ClientStoppedError at once.
+        Synchronous: it returns once the control plane has acknowledged every
+        task this client returned an id for (at once when none is waiting for
+        an acknowledgement), or after ``timeout`` seconds (default: the
+        client's ``timeout``) when the control plane cannot be reached; then it
+        logs an error saying how many were not handed over.  Those stay with
+        the client and are sent if it is started again.  Callers still
+        awaiting ``submit_task``, ``join``, ``flush`` or a query get
+        ClientStoppedError.  Prefer ``await client.flush()`` (or ``async
+        with Client(...)``) first on a busy event loop: this call blocks it
+        while it waits.
         """
-        if self._stopped:
+        wait = _wait_seconds(timeout, self.timeout, allow_zero=True)
+        host, self._host = self._host, None
+        if host is None:
             return
         self._stopped = True
-        if self._host is not None:
-            self._host.stop()
+        heir_id = f"client-{secrets.token_hex(8)}"
+        left = host.stop(wait, heir_id) if isinstance(host, TrioHost) else host.stop(wait)
+        if left:
+            log.error(
+                "client stopped with %d tasks not handed over to the control plane at %s "
+                "within %g s: they did not run; start the client again to send them",
+                left,
+                self.discovery_address,
+                wait,
+            )
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until the control plane has acknowledged every task whose id was returned.
+
+        Returns at once when none is waiting for an acknowledgement.  Raises
+        ControlPlaneUnavailableError (a TimeoutError) after ``timeout``
+        seconds (default: wait as long as it takes).
+        """
+        self._check_running()
+        deadline = math.inf
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout, positive=True)
+            deadline = time.monotonic() + timeout
+        waiter = new_waiter(self._on_trio)
+        self._core.inbox.append(Command("flush", waiter, [], deadline))
+        self._wake_now()
+        done, _ = await waiter.wait(timeout)
+        if not done:
+            raise ControlPlaneUnavailableError(
+                f"{self._core.outstanding()} tasks not acknowledged by the control plane at "
+                f"{self.discovery_address} within {timeout:g} s"
+            )
 
     async def __aenter__(self) -> Client:
         await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.stop()
+        """Flush (up to the client's ``timeout``), then stop."""
+        try:
+            await self.flush(timeout=self.timeout)
+        except ControlPlaneUnavailableError:
+            self.stop(timeout=0)  # waited already; stop() logs what is left
+        except BaseException:
+            self.stop()  # cancelled or failed while flushing: stop() still hands over
+            raise
+        else:
+            self.stop()
 
     def _check_running(self) -> None:
-        if self._stopped:
-            raise ClientStoppedError("this client was stopped; create a new Client")
         if self._host is None:
+            if self._stopped:
+                raise ClientStoppedError(
+                    "this client was stopped; call `await client.start()` to use it again"
+                )
             raise ClientNotStartedError("call `await client.start()` before using the client")
+        self._check_loop()
         if self._core.failure is not None:
             raise self._core.failure
+
+    def _check_loop(self) -> None:
+        """ClientLoopError unless the caller runs on the loop that started the client."""
+        if self._on_trio:
+            try:
+                here: object = trio.lowlevel.current_trio_token()
+            except RuntimeError:
+                here = None
+            if here is self._trio_token:
+                return
+        else:
+            try:
+                here = asyncio.get_running_loop()
+            except RuntimeError:
+                here = None
+            if here is self._loop:
+                return
+        raise ClientLoopError(
+            f"this client was started on {'a trio run' if self._on_trio else 'an asyncio loop'} "
+            "and is used from another loop or thread; use it from the loop that started it, "
+            "stop() it and start() it again here, or give each loop its own Client"
+        )
 
     # -- submitting ---------------------------------------------------------
 
@@ -330,8 +429,9 @@ class Client:
         priority: TaskPriority | str,
     ) -> str:
         """``delay`` without options: the per-task hot path, kept to the checks that matter."""
-        if self._host is None or self._stopped or self._core.failure is not None:
+        if self._host is None or self._core.failure is not None:
             self._check_running()
+        self._check_loop()
         rank = _RANKS.get(priority) if isinstance(priority, str) else None
         if rank is None or type(task_name) is not str or not task_name:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
@@ -358,16 +458,39 @@ class Client:
     async def delay_with_callback(
         self,
         task_name: str,
-        callback_address: str,
         *args: Any,
+        callback_address: str | None = None,
         callback_data: Any = None,
         priority: TaskPriority | str = TaskPriority.NORMAL,
         countdown: float | None = None,
         eta: dt.datetime | None = None,
         **kwargs: Any,
     ) -> str:
-        """Like ``delay``; the finished task's callback document goes to ``callback_address``."""
+        """Like ``delay``; the finished task's callback document goes to the callback address.
+
+        Two spellings: the address as the second positional argument
+        (``delay_with_callback("name", "tcp://127.0.0.1:6000", arg, ...)``), or
+        as ``callback_address=`` with every positional argument going to the
+        task (``delay_with_callback("name", arg, callback_address="tcp://…")``).
+        The address must name one peer (``tcp://HOST:PORT``, ``ipc://PATH``;
+        ``ack+tcp://…`` for acknowledged delivery): anything else raises
+        ValueError (TypeError for a non-string) before anything is queued.
+        """
         self._check_running()
+        if callback_address is None:
+            if not args:
+                raise TypeError(
+                    "delay_with_callback() needs a callback address: the second positional "
+                    "argument or callback_address="
+                )
+            callback_address, args = args[0], args[1:]
+            try:
+                parse_callback_address(callback_address)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(
+                    f"{exc} (without callback_address=, the second positional argument of "
+                    "delay_with_callback is the callback address)"
+                ) from None
         item = self._prepare(
             task_name,
             args,
@@ -524,12 +647,20 @@ class Client:
     # -- results ------------------------------------------------------------
 
     def get_result(self, task_id: str) -> TaskResult | None:
-        """The final result of a task this client submitted, if it has arrived (no I/O)."""
+        """The final result of a task this client submitted, if it has arrived.
+
+        This client's own cache (its ``result_cache_size`` most recent
+        results), read without I/O and without asking the control plane.
+        """
         record = self._core.finished.get(task_id)
         return None if record is None else self._decode(record)
 
     def get_status(self, task_id: str) -> TaskStatus | None:
-        """The status of a task this client submitted as far as it knows (no I/O)."""
+        """The status of a task this client submitted as far as it knows, without I/O.
+
+        PENDING until the control plane acknowledged it, QUEUED after, then
+        the final status once its result arrived; None for an id it does not know.
+        """
         record = self._core.finished.get(task_id)
         if record is not None:
             return TaskStatus(record.status)
@@ -554,10 +685,15 @@ class Client:
     async def get_task_result(
         self, task_id: str, *, timeout: float | None = None
     ) -> TaskResult | None:
-        """The control plane's cached result; None when unknown, expired or not finished."""
-        local = self._core.finished.get(task_id)
-        if local is not None:
-            return self._decode(local)
+        """Ask the control plane's result cache, every time; None when it has no result.
+
+        None means not finished yet, unknown, or gone from the cache: its
+        ``--result-ttl`` expired or it was evicted as least recently used
+        (``--result-cache-size``), even when this client still holds a copy in
+        its own cache (``get_result``, which never does I/O).  Raises
+        ControlPlaneUnavailableError after ``timeout`` seconds (default: the
+        client's) without an answer.
+        """
         records = await self._command("query", [task_id], timeout)
         record = records[0] if records else None
         return None if record is None else self._decode(record)
@@ -626,8 +762,8 @@ def _call_options(
     return options or None
 
 
-def _wait_seconds(timeout: float | None, default: float) -> float:
+def _wait_seconds(timeout: float | None, default: float, *, allow_zero: bool = False) -> float:
     """A caller's ``timeout=``: None means the client's default, else a finite number > 0."""
     if timeout is None:
         return default
-    return check_seconds("timeout", timeout, positive=True)
+    return check_seconds("timeout", timeout, positive=not allow_zero)
