@@ -401,3 +401,25 @@ def test_calls_from_another_loop_raise_before_anything_is_queued(loop: str, othe
             await client.delay("add", 1, 1)
 
     run_on(loop, main)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stop_from_outside_after_the_starting_run_ended_still_hands_over(loop: str) -> None:
+    """A script that forgot stop() inside its run can still call it afterwards, from plain code."""
+    with control_plane("embedded") as late:
+        client = Client(late.address)
+
+        async def main() -> list[str]:
+            await client.start()
+            return [await client.delay("add", i, 3) for i in range(10)]
+
+        ids = run_on(loop, main)  # the run ends; the client was not stopped
+        late.start_soon()
+        stopper = threading.Thread(target=client.stop, kwargs={"timeout": 30})
+        stopper.start()  # from another thread than the one that started it
+        stopper.join(40)
+        results = read_results(late.address, ids)
+
+    assert not stopper.is_alive()
+    assert [results[i].result for i in ids] == [i + 3 for i in range(10)]
+    assert client_threads() == []

@@ -167,9 +167,13 @@ class Client:
             self._trio_token = None
         self._wake_pending = False
         host = TrioHost(self._core) if self._on_trio else ThreadHost(self._core)
-        await host.start()
-        self._host = host
+        self._host = host  # before awaiting: a concurrent start() finds it and returns
         self._stopped = False
+        try:
+            await host.start()
+        except BaseException:
+            self._host = None
+            raise
 
     def stop(self, timeout: float | None = None) -> None:
         """Hand over every task whose id was returned, close the sockets, end the actor.
@@ -191,7 +195,10 @@ class Client:
             return
         self._stopped = True
         heir_id = f"client-{secrets.token_hex(8)}"
-        left = host.stop(wait, heir_id) if isinstance(host, TrioHost) else host.stop(wait)
+        if isinstance(host, TrioHost):
+            left = self._stop_trio_host(host, wait, heir_id)
+        else:
+            left = host.stop(wait)
         if left:
             log.error(
                 "client stopped with %d tasks not handed over to the control plane at %s "
@@ -200,6 +207,29 @@ class Client:
                 self.discovery_address,
                 wait,
             )
+
+    def _stop_trio_host(self, host: TrioHost, wait: float, heir_id: str) -> int:
+        """The trio host's actor lives in the starting run: stop it from there.
+
+        From that run's thread directly; from any other thread through the
+        run's token; after the run ended (its system task is gone already),
+        directly again.
+        """
+        try:
+            here = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            here = None
+        if here is self._trio_token or self._trio_token is None:
+            return host.stop(wait, heir_id)
+        try:
+            return trio.from_thread.run_sync(host.stop, wait, heir_id, trio_token=self._trio_token)
+        except trio.RunFinishedError:
+            return host.stop(wait, heir_id)
+        except RuntimeError:  # called from inside another trio run
+            raise ClientLoopError(
+                "a client started under trio is stopped from its own run or from a plain "
+                "thread, not from another trio run"
+            ) from None
 
     async def flush(self, timeout: float | None = None) -> None:
         """Wait until the control plane has acknowledged every task whose id was returned.
