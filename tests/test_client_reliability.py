@@ -24,7 +24,7 @@ from multiprocess import poll
 
 from fastworker import Client, Cluster, ControlPlaneUnavailableError, TaskStatus
 from fastworker.client import _core
-from fastworker.wire import ResultReply, Results, Submit, decode, encode
+from fastworker.wire import ResultReply, Results, Submit, SubmitAck, decode, encode
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -300,3 +300,33 @@ async def test_a_lost_push_whose_result_left_the_cache_ends_in_a_failure(
     assert result is not None
     assert result.status is TaskStatus.FAILURE
     assert "no longer in the control plane's cache" in (result.error or "")
+
+
+async def test_an_acknowledged_task_the_control_plane_never_heard_of_is_submitted_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Submit is lost on the way, yet the client sees an ack for it (as after a lost
+    control-plane state): the sweep's "not found" makes it re-submit, and the task runs."""
+    monkeypatch.setattr(_core, "_SWEEP_AFTER", 0.3)
+    with trio.fail_after(20):
+        async with cluster_and_client([add]) as (_, client):
+            core = client._core
+            send = core._send_gateway
+            lost: list[Submit] = []
+
+            def lossy(message: Any) -> bool:
+                if isinstance(message, Submit) and not lost:
+                    lost.append(message)
+                    return True  # "sent", never arrives
+                return send(message)
+
+            core._send_gateway = lossy  # type: ignore[method-assign]
+            task_id = await client.delay("add", 20, 22)
+            await poll(lambda: lost, timeout=5, what="the Submit lost")
+            core._on_ack(SubmitAck(lost[0].request_id, []))  # acknowledged all the same
+            assert client.get_status(task_id) is TaskStatus.QUEUED
+            await client.join(timeout=10)  # hung forever before
+
+    result = client.get_result(task_id)
+    assert result is not None
+    assert result.result == 42
