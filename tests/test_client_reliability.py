@@ -24,7 +24,7 @@ from multiprocess import poll
 
 from fastworker import Client, Cluster, ControlPlaneUnavailableError, TaskStatus
 from fastworker.client import _core
-from fastworker.wire import ResultReply, Results, Submit, SubmitAck, decode, encode
+from fastworker.wire import ResultQuery, ResultReply, Results, Submit, SubmitAck, decode, encode
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -330,3 +330,28 @@ async def test_an_acknowledged_task_the_control_plane_never_heard_of_is_submitte
     result = client.get_result(task_id)
     assert result is not None
     assert result.result == 42
+
+
+async def test_sweep_queries_are_split_by_bytes_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3000 acknowledged tasks (no worker runs them) swept under a 16 KiB limit."""
+    monkeypatch.setattr(_core, "_SWEEP_AFTER", 0.2)
+    limit = 16 * 1024
+    sizes: list[int] = []
+    with trio.fail_after(20):
+        async with cluster_and_client([add], workers=0, max_message_size=limit) as (_, client):
+            await client.stats()  # the client knows the limit
+            core = client._core
+            send = core._send_gateway
+
+            def measured(message: Any) -> bool:
+                if isinstance(message, ResultQuery):
+                    sizes.append(len(encode(message)))
+                return send(message)
+
+            core._send_gateway = measured  # type: ignore[method-assign]
+            await client.submit_batch([("add", (i, 0)) for i in range(3000)])
+            await client.flush(timeout=10)
+            await poll(lambda: len(sizes) >= 2, timeout=10, what="the sweep's queries")
+            core._send_gateway = send  # type: ignore[method-assign]
+
+    assert max(sizes) <= limit

@@ -48,6 +48,7 @@ from ..wire import (
     message_budget,
     split_by_bytes,
     task_weight,
+    text_bytes,
 )
 from ._errors import ClientStoppedError, QueueFullError
 from ._waiters import Waiter
@@ -567,12 +568,14 @@ class ClientCore(Actor):
             if missing:
                 stale.extend(missing)
                 watch.append((now, missing))  # look again later if still missing
-        if stale:
+        deadline = time.monotonic() + _SWEEP_REPLY_WAIT
+        budget = message_budget(self.max_message_size)
+        for ids in split_by_bytes(stale, _id_weight, budget, _not_asked):
             request_id = self._new_request_id()
-            deadline = time.monotonic() + _SWEEP_REPLY_WAIT
-            self._queries[request_id] = Command("sweep", _SweepReply(self, stale), stale, deadline)
-            if not self._send_gateway(ResultQuery(request_id, stale)):
+            self._queries[request_id] = Command("sweep", _SweepReply(self, ids), ids, deadline)
+            if not self._send_gateway(ResultQuery(request_id, ids)):
                 del self._queries[request_id]
+                return
 
     def _on_sweep_reply(self, task_ids: list[str], records: list[ResultRecord | None]) -> None:
         """Final answers finish their tasks; a task the cache does not know is re-sent at times."""
@@ -788,6 +791,15 @@ class ClientCore(Actor):
             joiners, self._joiners = self._joiners, []
             for command in joiners:
                 command.waiter.set(None)
+
+
+def _not_asked(task_id: str) -> None:
+    """An id longer than a whole message (a limit below any sane size): it is not asked about."""
+
+
+def _id_weight(task_id: str) -> int:
+    """Upper bound of one task id's CBOR size in a ResultQuery."""
+    return 9 + text_bytes(task_id)
 
 
 def _safe_record(raw: Any) -> ResultRecord | None:
