@@ -355,3 +355,17 @@ async def test_sweep_queries_are_split_by_bytes_too(monkeypatch: pytest.MonkeyPa
             core._send_gateway = send  # type: ignore[method-assign]
 
     assert max(sizes) <= limit
+
+
+async def test_an_acknowledged_delivery_address_is_passed_through_as_given() -> None:
+    """``ack+tcp://`` asks the control plane for acknowledged delivery; the client just checks."""
+    client = Client(free_address())
+    await client.start()
+    try:
+        task_id = await client.delay_with_callback(
+            "add", 1, 2, callback_address="ack+tcp://127.0.0.1:6000", callback_data="d"
+        )
+        options = client._core.pending[task_id].wire[5]
+        assert options["cb"] == "ack+tcp://127.0.0.1:6000"
+    finally:
+        client.stop(timeout=0)  # nobody to hand it to
