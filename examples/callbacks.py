@@ -24,17 +24,16 @@ from fastworker.testing import cluster
 
 
 async def submit(discovery_address: str, callback_address: str) -> str:
-    client = Client(discovery_address=discovery_address)
-    await client.start()
-    task_id = await client.delay_with_callback(
-        "process_data",
-        callback_address,
-        {"order": 42, "items": ["apple", "pear"]},
-        callback_data={"source": "my_app", "user_id": 123},
-    )
-    print(f"Task ID: {task_id}")
-    await client.join(timeout=30)
-    client.stop()
+    # `async with` starts the client, and on the way out waits until the control
+    # plane holds every submitted task, then stops it.
+    async with Client(discovery_address=discovery_address) as client:
+        task_id = await client.delay_with_callback(
+            "process_data",
+            {"order": 42, "items": ["apple", "pear"]},  # the task's arguments, then:
+            callback_address=callback_address,
+            callback_data={"source": "my_app", "user_id": 123},
+        )
+        print(f"Task ID: {task_id}")
     return task_id
 
 

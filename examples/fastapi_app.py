@@ -14,6 +14,13 @@ finds the control plane at ``FASTWORKER_DISCOVERY_ADDRESS`` (default
 now marks deprecated).  ``lifespan_app`` is the same API with a lifespan
 handler, the form FastAPI recommends: serve it with
 ``uvicorn examples.fastapi_app:lifespan_app``.
+
+Both keep one module-level ``Client``, started when the app starts and
+stopped when it shuts down; a stopped client starts again, so the app can
+run several times in one process (tests with several ``TestClient`` blocks, a
+reload).  ``client.stop()`` returns once the control plane has acknowledged
+every task whose id an endpoint returned; the lifespan form's ``async with``
+waits for that without blocking the event loop, then stops.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from fastworker import Client
 
@@ -59,30 +66,28 @@ async def get_result(task_id: str) -> dict[str, Any]:
 # -- the same API with a lifespan handler ------------------------------------
 
 
+lifespan_client = Client()
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # A stopped Client cannot be started again, so each run of the app gets its own.
-    lifespan_client = Client()
-    await lifespan_client.start()
-    app.state.client = lifespan_client
-    try:
+    # start(); on the way out, flush (the loop keeps serving) and stop().
+    async with lifespan_client:
         yield
-    finally:
-        lifespan_client.stop()
 
 
 lifespan_app = FastAPI(lifespan=lifespan)
 
 
 @lifespan_app.post("/process/")
-async def lifespan_process_endpoint(data: dict[str, Any], request: Request) -> dict[str, Any]:
-    task_id = await request.app.state.client.delay("process_data", data)
+async def lifespan_process_endpoint(data: dict[str, Any]) -> dict[str, Any]:
+    task_id = await lifespan_client.delay("process_data", data)
     return {"task_id": task_id}
 
 
 @lifespan_app.get("/result/{task_id}")
-async def lifespan_get_result(task_id: str, request: Request) -> dict[str, Any]:
-    result = await request.app.state.client.get_task_result(task_id)
+async def lifespan_get_result(task_id: str) -> dict[str, Any]:
+    result = await lifespan_client.get_task_result(task_id)
     if result:
         return {"status": result.status.value, "result": result.result}
     return {"error": "Result not found"}

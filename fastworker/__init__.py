@@ -2,6 +2,7 @@
 
 from .client import Client as Client
 from .client import ClientError as ClientError
+from .client import ClientLoopError as ClientLoopError
 from .client import ClientNotStartedError as ClientNotStartedError
 from .client import ClientStoppedError as ClientStoppedError
 from .client import ControlPlaneUnavailableError as ControlPlaneUnavailableError
@@ -25,6 +26,7 @@ __all__ = [
     "CallbackInfo",
     "Client",
     "ClientError",
+    "ClientLoopError",
     "ClientNotStartedError",
     "ClientStoppedError",
     "Cluster",

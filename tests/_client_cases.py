@@ -47,13 +47,19 @@ UNENCODABLE_ARGUMENTS = [(object(), "object"), ({1, 2}, "set"), (b"\x00", "bytes
 
 @asynccontextmanager
 async def started(discovery_address: str, **options: Any) -> AsyncIterator[Client]:
-    """A started client that is stopped on the way out, whether the test passed or not."""
+    """A started client that is flushed and stopped on the way out, whether the test passed or not.
+
+    Flushed first (as ``async with Client(...)`` does): under trio the
+    control plane may run in the test's own run, which a blocking ``stop()``
+    would hold still; a test that failed does not wait long for it.
+    """
     client = Client(discovery_address, **options)
     await client.start()
     try:
         yield client
+        await client.flush(timeout=5)
     finally:
-        client.stop()
+        client.stop(timeout=0)
 
 
 def free_address() -> str:
@@ -158,17 +164,20 @@ async def submit_batch_all_complete(client: Client, tail: Sequence[tuple[Any, An
 # -- life cycle -----------------------------------------------------------------
 
 
-async def seconds_to_stop(address: str, *, connect: bool, in_flight: int) -> tuple[Client, float]:
-    """How long ``stop`` takes with tasks in flight; the actor's end is the loop's to check."""
+async def seconds_to_stop(
+    address: str, *, connect: bool, in_flight: int, timeout: float | None = None
+) -> tuple[Any, float]:
+    """How long ``stop`` takes with tasks in flight; its host, for the loop to check the actor."""
     client = Client(address)
     await client.start()
     if connect:
         await client.submit_task("add", (1, 1))  # connected
     for i in range(in_flight):
         await client.delay("add", i, i)  # and some in flight
+    host = client._host
     began = time.monotonic()
-    client.stop()
-    return client, time.monotonic() - began
+    client.stop(timeout=timeout)
+    return host, time.monotonic() - began
 
 
 async def pending_client(address: str) -> Client:
@@ -212,16 +221,20 @@ async def use_before_start_and_after_stop(address: str) -> None:
 
     await client.start()
     client.stop()
-    with pytest.raises(ClientStoppedError, match="this client was stopped; create a new"):
+    with pytest.raises(ClientStoppedError, match=r"call `await client.start\(\)` to use it again"):
         await client.delay("add", 1, 2)
     with pytest.raises(ClientStoppedError):
         await client.join()
     with pytest.raises(ClientStoppedError):
         await client.get_task_result("some-id")
     with pytest.raises(ClientStoppedError):
-        await client.start()
+        await client.flush()
     assert isinstance(ClientStoppedError("x"), RuntimeError)
     client.stop()  # idempotent
+    assert repr(client).endswith("stopped>")
+    await client.start()  # and it starts again
+    assert repr(client).endswith("started>")
+    client.stop()
 
 
 async def unencodable_argument_raises_type_error(

@@ -11,8 +11,10 @@ reader (``arg1``, ``value``, ``data_arg`` …) are parameters.
 Departures from the text, each unavoidable:
 
 * ``delay_with_callback``: the guide passes ``callback_address=`` by keyword
-  and then a positional argument, which is a SyntaxError; we run the
-  positional form ``delay_with_callback("process_data", address, data_arg, ...)``.
+  and then a positional argument, which is a SyntaxError; we run both valid
+  spellings: the keyword after the task's arguments
+  (``delay_with_callback("process_data", data_arg, callback_address=address, ...)``)
+  and the address as second positional argument.
 * The FastAPI example is served by a real uvicorn in ``test_fastapi.py``.
 
 Nothing sleeps to wait for a result: tests wait with ``join``,
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -451,6 +454,17 @@ async def example_callback(client: Client, callback_address: str, data_arg: Any)
     return task_id
 
 
+async def example_callback_by_keyword(client: Client, callback_address: str, data_arg: Any) -> str:
+    # Submit with callback (the guide's call, made valid Python the obvious way)
+    task_id = await client.delay_with_callback(
+        "process_data",
+        data_arg,
+        callback_address=callback_address,
+        callback_data={"source": "my_app", "user_id": 123},
+    )
+    return task_id
+
+
 @pytest.fixture
 def pull_socket() -> Iterator[tuple[zmq.Socket[bytes], str]]:
     """A PULL socket bound on a random loopback port: where callbacks are delivered."""
@@ -478,14 +492,17 @@ def assert_iso_timestamp(text: Any) -> dt.datetime:
     return stamp
 
 
+@pytest.mark.parametrize("example", [example_callback, example_callback_by_keyword])
 def test_callback_example_delivers_the_documented_document(
-    discovery: str, pull_socket: tuple[zmq.Socket[bytes], str]
+    discovery: str,
+    pull_socket: tuple[zmq.Socket[bytes], str],
+    example: Callable[[Client, str, Any], Awaitable[str]],
 ) -> None:
     sock, address = pull_socket
 
     async def main() -> str:
         async with started() as client:
-            task_id = await example_callback(client, address, {"a": 1, "b": [2, 3]})
+            task_id = await example(client, address, {"a": 1, "b": [2, 3]})
             await client.join(timeout=10)
             return task_id
 
@@ -528,11 +545,24 @@ def test_callback_on_failure_carries_the_error(
     assert_iso_timestamp(payload["completed_at"])
 
 
-def test_callback_address_must_be_an_endpoint(discovery: str) -> None:
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("localhost:6000", "must look like 'tcp://HOST:PORT'"),
+        ("udp://127.0.0.1:6000", "must look like 'tcp://HOST:PORT'"),
+        ("tcp://127.0.0.1", "needs a port from 1 to 65535"),
+        ("tcp://*:6000", "is not a host name or IP address"),
+    ],
+)
+def test_callback_address_must_name_one_peer(discovery: str, address: str, message: str) -> None:
+    """The control plane's own rule (scheme, host, port), at the call, before anything is queued."""
+
     async def main() -> None:
         async with started() as client:
-            with pytest.raises(ValueError, match="callback_address must be a ZeroMQ endpoint"):
-                await client.delay_with_callback("process_data", "localhost:6000", {})
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await client.delay_with_callback("process_data", address, {})
+            with pytest.raises(ValueError, match=re.escape(message)):
+                await client.apply_async("process_data", ({},), callback_address=address)
             assert client.pending_count == 0
 
     run(main)
@@ -651,3 +681,19 @@ def test_result_cache_evicts_the_least_recently_accessed(monkeypatch: pytest.Mon
     assert seen["third"].result == 3
     assert stats["result-cache"]["max_size"] == 2
     assert stats["result-cache"]["evicted"] == 1
+
+
+def test_callback_call_without_an_address_says_where_it_goes(discovery: str) -> None:
+    """Without ``callback_address=``, the second positional argument must be the address."""
+
+    async def main() -> None:
+        async with started() as client:
+            with pytest.raises(TypeError, match="second positional argument"):
+                await client.delay_with_callback("process_data", {"a": 1})
+            with pytest.raises(ValueError, match="second positional argument"):
+                await client.delay_with_callback("process_data", "data", callback_data=1)
+            with pytest.raises(TypeError, match="needs a callback address"):
+                await client.delay_with_callback("process_data")
+            assert client.pending_count == 0
+
+    run(main)

@@ -23,6 +23,7 @@ import pytest
 import trio
 import trio.testing
 from _client_cases import HeldGate, free_address, started
+from multiprocess import open_node
 
 from fastworker import Client, ClientStoppedError, Cluster, TaskStatus
 from fastworker.client._host import TrioHost
@@ -78,23 +79,37 @@ async def test_submit_batch_returns_ids_and_all_complete() -> None:
 # -- life cycle -------------------------------------------------------------------
 
 
-async def stops_promptly(address: str, *, connect: bool, in_flight: int) -> None:
+async def seconds_to_stop(address: str, **options: Any) -> float:
     """Under trio the actor is gone when its system task in this run has ended."""
-    client, elapsed = await cases.seconds_to_stop(address, connect=connect, in_flight=in_flight)
-    assert isinstance(client._host, TrioHost)
+    host, elapsed = await cases.seconds_to_stop(address, **options)
+    assert isinstance(host, TrioHost)
     with trio.fail_after(1):
-        await client._host._done.wait()  # the actor's system task has ended
+        await host.done.wait()  # the actor's system task has ended
+    assert not [t for t in threading.enumerate() if t.name == "fastworker-client"]
+    return elapsed
 
+
+@pytest.mark.multiprocess
+async def test_stop_inside_the_run_hands_over_promptly() -> None:
+    """A node process: a control plane in this run could not answer while stop() blocks it."""
+    async with open_node(
+        "--task-modules", "examples.tasks", "--discovery-address", "tcp://127.0.0.1:*"
+    ) as node:
+        elapsed = await seconds_to_stop(node.discovery_address, connect=True, in_flight=100)
+        async with started(node.discovery_address) as reader:
+            stats = await reader.stats()
+
+    assert stats["scheduler"]["accepted"] == 101
     assert elapsed < 1.0
 
 
-async def test_stop_inside_the_run_returns_promptly() -> None:
-    async with examples_cluster() as running:
-        await stops_promptly(running.discovery_address, connect=True, in_flight=100)
+async def test_stop_without_a_control_plane_waits_its_timeout_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    elapsed = await seconds_to_stop(free_address(), connect=False, in_flight=10, timeout=0.5)
 
-
-async def test_stop_without_a_control_plane_returns_promptly() -> None:
-    await stops_promptly(free_address(), connect=False, in_flight=10)
+    assert 0.5 <= elapsed < 1.5
+    assert "client stopped with 10 tasks not handed over" in caplog.text
 
 
 async def test_stop_releases_callers_still_waiting() -> None:
@@ -113,7 +128,7 @@ async def test_stop_releases_callers_still_waiting() -> None:
             for name, fn in cases.calls_that_wait(client).items():
                 nursery.start_soon(call, name, fn)
             await trio.testing.wait_all_tasks_blocked()
-            client.stop()
+            client.stop(timeout=0.3)  # its one task cannot be handed over: nobody listens
 
     assert sorted(outcomes) == ["join", "query", "stats", "submit_task"]
     assert all("stopped" in str(exc) for exc in outcomes.values())

@@ -163,17 +163,55 @@ def test_startup_starts_and_shutdown_stops_the_client(app_module: ModuleType) ->
     assert client_threads() == []
 
 
-def test_lifespan_app_gets_a_fresh_client_per_run(app_module: ModuleType) -> None:
-    app = app_module.lifespan_app
-    with serve(app) as http:
-        first_id = submit(http, {"run": 1})
-        assert wait_for_result(http, first_id)["status"] == "success"
-        first_client = app.state.client
-    with serve(app) as http:
-        second_id = submit(http, {"run": 2})
-        assert wait_for_result(http, second_id)["result"] == {"keys": 1, "data": {"run": 2}}
+@pytest.mark.parametrize(
+    ("app_name", "client_name"), [("app", "client"), ("lifespan_app", "lifespan_client")]
+)
+def test_two_sessions_in_one_process(
+    app_module: ModuleType, app_name: str, client_name: str
+) -> None:
+    """Two uvicorn runs of one app: its one Client stops with the first and starts again."""
+    app = getattr(app_module, app_name)
+    bodies = []
+    for run in (1, 2):
+        with serve(app) as http:
+            task_id = submit(http, {"run": run})
+            bodies.append(wait_for_result(http, task_id))
+        assert repr(getattr(app_module, client_name)).endswith("stopped>")
 
-    assert app.state.client is not first_client
+    assert bodies == [
+        {"status": "success", "result": {"keys": 1, "data": {"run": run}}} for run in (1, 2)
+    ]
+    assert client_threads() == []
+
+
+@pytest.mark.parametrize("app_name", ["app", "lifespan_app"])
+# Starlette's TestClient asks for an httpx fork this environment does not have; httpx works.
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_two_testclient_sessions_in_one_process(app_module: ModuleType, app_name: str) -> None:
+    """FastAPI's TestClient runs each session on a new event loop in a new thread."""
+    from fastapi.testclient import TestClient
+
+    app = getattr(app_module, app_name)
+    ids = []
+    for run in (1, 2):
+        with TestClient(app) as http:
+            response = http.post("/process/", json={"session": run})
+            assert response.status_code == 200
+            ids.append(response.json()["task_id"])
+        # Shut down: every returned id was handed over; the result is the control plane's.
+    with TestClient(app) as http:
+        deadline = time.monotonic() + 10
+        bodies = {}
+        while len(bodies) < 2 and time.monotonic() < deadline:
+            for task_id in ids:
+                body = http.get(f"/result/{task_id}").json()
+                if "status" in body:
+                    bodies[task_id] = body
+            time.sleep(0.02)
+
+    assert [bodies.get(task_id) for task_id in ids] == [
+        {"status": "success", "result": {"keys": 1, "data": {"session": run}}} for run in (1, 2)
+    ]
     assert client_threads() == []
 
 

@@ -274,3 +274,23 @@ async def test_a_reply_too_big_for_one_message_pushes_the_rest_just_before_it() 
     inline = {ResultRecord.from_wire(r).task_id for r in reply.results if isinstance(r, list)}
     assert inline | pushed == {r.task_id for r in big}
     assert [r is True for r in reply.results].count(True) == len(pushed)
+
+
+def blob(n: int) -> str:
+    return "x" * n
+
+
+async def test_a_client_query_whose_results_overflow_one_reply_gets_them_all() -> None:
+    """Entries that did not fit come as ``true``, their results pushed just before the reply."""
+    limit = 128 * 1024
+    with trio.fail_after(20):
+        async with (
+            Cluster(tasks=[blob], max_message_size=limit) as cluster,
+            Client(discovery_address=cluster.discovery_address, max_message_size=limit) as writer,
+            Client(discovery_address=cluster.discovery_address, max_message_size=limit) as reader,
+        ):
+            ids = [await writer.delay("blob", 40_000) for _ in range(6)]
+            await writer.join()
+            records = await reader._command("query", ids, 5)
+    assert [r.task_id for r in records] == ids
+    assert all(r.status == "success" for r in records)

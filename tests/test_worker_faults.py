@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+from _raw_submit import submit_raw
 
 from fastworker import Client, Cluster, TaskStatus
 from fastworker.transport import TransportConfig
@@ -338,13 +339,13 @@ async def test_a_retry_backoff_that_overflows_is_capped_and_the_task_retries() -
             Cluster(tasks=TASKS, workers=1) as cluster,
             Client(discovery_address=cluster.discovery_address) as client,
         ):
-            task_id = await client.apply_async(
-                "always_fails",
-                max_retries=40,
-                retry_delay=0.001,
-                retry_backoff=1e15,
-                retry_backoff_max=0.005,
-            )
+            options = {
+                "max_retries": 40,
+                "retry_delay": 0.001,
+                "retry_backoff": 1e15,  # refused by our client, legal on the wire
+                "retry_backoff_max": 0.005,
+            }
+            task_id = submit_raw(client, "always_fails", (), options)
             started = trio.current_time()
             await client.join()
             took = trio.current_time() - started

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import trio
+from _raw_submit import submit_raw
 from multiprocess import Node, open_node, poll
 
 from fastworker import Client, TaskStatus
@@ -113,14 +114,13 @@ async def test_a_retry_backoff_that_overflows_does_not_end_the_worker_process(
     ):
         pid = await _only_worker_pid(client)
         bystanders = await _bystanders(client, tmp_path)
-        task_id = await client.apply_async(
-            "always_fail",
-            (str(tmp_path),),
-            max_retries=40,
-            retry_delay=0.001,
-            retry_backoff=1e15,
-            retry_backoff_max=0.005,
-        )
+        options = {
+            "max_retries": 40,
+            "retry_delay": 0.001,
+            "retry_backoff": 1e15,  # refused by our client, legal on the wire
+            "retry_backoff_max": 0.005,
+        }
+        task_id = submit_raw(client, "always_fail", (str(tmp_path),), options)
         with trio.fail_after(30):
             await client.join()
         result = client.get_result(task_id)

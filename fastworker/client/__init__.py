@@ -1,6 +1,7 @@
 """The Client: the documented coroutine API over a trio actor."""
 
 from ._errors import ClientError as ClientError
+from ._errors import ClientLoopError as ClientLoopError
 from ._errors import ClientNotStartedError as ClientNotStartedError
 from ._errors import ClientStoppedError as ClientStoppedError
 from ._errors import ControlPlaneUnavailableError as ControlPlaneUnavailableError
@@ -11,6 +12,7 @@ from .client import Client as Client
 __all__ = [
     "Client",
     "ClientError",
+    "ClientLoopError",
     "ClientNotStartedError",
     "ClientStoppedError",
     "ControlPlaneUnavailableError",

@@ -45,6 +45,10 @@ from ..wire import (
     WireError,
     decode,
     encode,
+    message_budget,
+    split_by_bytes,
+    task_weight,
+    text_bytes,
 )
 from ._errors import ClientStoppedError, QueueFullError
 from ._waiters import Waiter
@@ -53,16 +57,21 @@ __all__ = ["ClientCore", "Command", "PendingTask"]
 
 log = logging.getLogger("fastworker.client")
 
+# Tasks per Submit; the bytes of each are bounded by split_by_bytes under the
+# control plane's message limit.
 _MAX_TASKS_PER_SUBMIT = 4096
-# Well under the 16 MiB message limit, so that a batch of large payloads is split
-# rather than refused by the control plane's MAXMSGSIZE (one payload alone is
-# bounded by the Client at the call site).
-_MAX_SUBMIT_BYTES = 4 * 1024 * 1024
 # A result push can be lost (the client was reconnecting, a queue overflowed).
 # Tasks acknowledged this long ago without a result are looked up in the
-# control plane's cache, so nothing waits forever on a lost push.
+# control plane's cache, so nothing waits forever on a lost push.  A task the
+# cache does not know is re-submitted after 1, 2, 4, 8 … such answers: the
+# control plane deduplicates it if it still holds it, pushes its result again
+# (or a FAILURE saying the result expired) if it finished, and runs it if it
+# never heard of it.
 _SWEEP_AFTER = 5.0
 _SWEEP_BATCH = 4096
+# A query or cancel whose caller left (timed out, cancelled) is forgotten at
+# its deadline; one the client asks itself (a sweep) after this long.
+_SWEEP_REPLY_WAIT = 30.0
 # After a queue_full rejection, submissions are refused at once (QueueFullError)
 # for this long; then the next one goes out and the control plane decides again.
 # Without the expiry nothing would ever be sent again to clear the flag.
@@ -72,14 +81,15 @@ _QUEUE_FULL_HOLD = 1.0
 class _SweepReply:
     """Receives the answer to a sweep query on the actor's own thread."""
 
-    __slots__ = ("_core",)
+    __slots__ = ("_core", "_task_ids")
 
-    def __init__(self, core: ClientCore) -> None:
+    def __init__(self, core: ClientCore, task_ids: list[str]) -> None:
         self._core = core
+        self._task_ids = task_ids
 
     def set(self, value: Any) -> None:
         if isinstance(value, list):
-            self._core._finish([r for r in value if r is not None], None)
+            self._core._on_sweep_reply(self._task_ids, value)
 
     async def wait(self, timeout: float | None) -> tuple[bool, Any]:
         raise NotImplementedError("sweep replies are never awaited")
@@ -88,13 +98,26 @@ class _SweepReply:
 class PendingTask:
     """A task this client submitted and has no final result for yet (slotted: one per task)."""
 
-    __slots__ = ("sent", "status", "waiters", "wire")
+    __slots__ = (
+        "cancelling",
+        "ever_sent",
+        "misses",
+        "sent",
+        "status",
+        "waiters",
+        "watched",
+        "wire",
+    )
 
     def __init__(self, wire: list[Any], waiters: list[Waiter] | None = None) -> None:
         self.wire = wire
         self.status = TaskStatus.PENDING
         self.waiters = waiters
         self.sent = False  # part of a request not yet acknowledged or acknowledged
+        self.ever_sent = False  # a control plane may hold it: only it can cancel it
+        self.cancelling = False  # a Cancel is on its way: not re-sent meanwhile
+        self.watched = False  # in the sweep's watch list
+        self.misses = 0  # sweep answers "not in the cache"
 
 
 @attrs.define(eq=False, slots=True)
@@ -104,6 +127,8 @@ class Command:
     kind: str
     waiter: Waiter
     task_ids: list[str] = attrs.Factory(list)
+    # time.monotonic() after which nobody waits for the answer: the entry goes.
+    deadline: float = float("inf")
 
 
 @attrs.define(eq=False, slots=True)
@@ -123,6 +148,11 @@ class _Tick:
     pass
 
 
+@attrs.frozen
+class _LookupNow:
+    """The discovery connection is up: ask at once, not a tick later."""
+
+
 class ClientCore(Actor):
     def __init__(
         self,
@@ -140,6 +170,8 @@ class ClientCore(Actor):
         self.retries = retries
         self.ack_timeout = ack_timeout
         self.transport = transport
+        # The control plane's limit once a LookupReply said it, our own until then.
+        self.max_message_size = transport.max_message_size
         # Shared with the caller side (plain dict/deque operations only).
         self.inbox: collections.deque[str | Command] = collections.deque()
         self.pending: dict[str, PendingTask] = {}
@@ -152,7 +184,9 @@ class ClientCore(Actor):
         self._unsent: collections.deque[str] = collections.deque()
         self._requests: dict[int, _Request] = {}
         self._queries: dict[int, Command] = {}
-        self._joiners: list[Waiter] = []
+        self._joiners: list[Command] = []
+        # flush() callers: the ids each still waits to see acknowledged
+        self._flushers: list[tuple[set[str], Command]] = []
         self._parked: list[Command] = []  # commands waiting for a connection
         # (acknowledged at, task ids), oldest first: candidates for the lost-push sweep
         self._watch: collections.deque[tuple[float, list[str]]] = collections.deque()
@@ -215,7 +249,13 @@ class ClientCore(Actor):
             self._gateway_endpoint = None
             self.connected = trio.Event()
             self._resubmit_all()
-        self._discovery = connect_dealer(nursery, self.ref, self.discovery_address, self.transport)
+        self._discovery = connect_dealer(
+            nursery,
+            self.ref,
+            self.discovery_address,
+            self.transport,
+            when_up=lambda _: _LookupNow(),
+        )
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._lookup()
 
@@ -223,8 +263,12 @@ class ClientCore(Actor):
         self.close_now(linger_ms=500)
 
     def close_now(self, linger_ms: int) -> int:
-        """Send what can be sent without waiting, close the sockets; returns what is left unsent."""
-        if self.inbox:
+        """Close the sockets; returns what is left unsent.
+
+        With a linger, what can be sent without waiting goes first; with none
+        (``stop()``, which hands over by waiting for acks instead) nothing does.
+        """
+        if self.inbox and linger_ms > 0:
             # Also without a gateway: ids still in the inbox count as unsent.
             self._drain_inbox()
             self._send_unsent()
@@ -235,11 +279,49 @@ class ClientCore(Actor):
         self._gateway = self._discovery = None
         return left
 
+    def outstanding(self) -> int:
+        """Tasks whose ids were returned and that no control plane has acknowledged yet."""
+        pending = TaskStatus.PENDING
+        return sum(1 for entry in list(self.pending.values()) if entry.status is pending)
+
+    def successor(self, client_id: str, *, hand_over: bool = False) -> ClientCore:
+        """A new actor for this client's tasks, under a new identity.
+
+        It shares ``pending`` and ``finished``: for a client started again it
+        re-submits everything unfinished when it meets the control plane (so
+        results come to its identity; the control plane deduplicates).  With
+        ``hand_over`` it sends only what was never acknowledged, for ``stop()``
+        to hand over from a thread of its own.
+        """
+        heir = ClientCore(
+            client_id=client_id,
+            discovery_address=self.discovery_address,
+            retries=self.retries,
+            ack_timeout=self.ack_timeout,
+            result_cache_size=self.result_cache_size,
+            transport=self.transport,
+        )
+        heir.pending = self.pending
+        heir.finished = self.finished
+        heir.max_message_size = self.max_message_size
+        if hand_over:
+            heir.instance_id = self.instance_id
+            pending = TaskStatus.PENDING
+            for task_id, entry in list(self.pending.items()):
+                if entry.status is pending:
+                    entry.sent = False
+                    heir._unsent.append(task_id)
+        return heir
+
     def fail_waiters(self, message: str) -> None:
         """The client stopped: every caller still waiting gets ClientStoppedError now."""
         # list(): callers in other threads may add to pending while we look.
         waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
-        waiters += self._joiners
+        waiters += [command.waiter for command in self._joiners]
+        waiters += [command.waiter for _, command in self._flushers]
+        self._flushers = []
+        for entry in list(self.pending.values()):
+            entry.waiters = None  # released here; a result after a restart wakes nobody
         waiters += [command.waiter for command in self._parked]
         waiters += [command.waiter for command in self._queries.values()]
         waiters += [item.waiter for item in list(self.inbox) if isinstance(item, Command)]
@@ -260,6 +342,9 @@ class ClientCore(Actor):
             self._send_unsent()
         elif type(message) is _Tick:
             self._on_tick()
+        elif type(message) is _LookupNow:
+            if not self.connected.is_set():
+                self._lookup()
         else:
             raise TypeError(f"client got an unexpected message {message!r}")
         return None
@@ -278,25 +363,31 @@ class ClientCore(Actor):
     def _on_command(self, command: Command) -> None:
         if command.kind == "join":
             if self.pending:
-                self._joiners.append(command.waiter)
+                self._joiners.append(command)
+            else:
+                command.waiter.set(None)
+            return
+        if command.kind == "flush":
+            # Every id returned before flush() was called is in pending by now.
+            unacked = TaskStatus.PENDING
+            waiting = {t for t, entry in self.pending.items() if entry.status is unacked}
+            if waiting:
+                self._flushers.append((waiting, command))
             else:
                 command.waiter.set(None)
             return
         if command.kind == "cancel":
             entry = self.pending.get(command.task_ids[0])
-            if entry is not None and not entry.sent:
+            if entry is not None and not entry.ever_sent:
                 # Never left this process: cancel here, it will never run.
-                wire = entry.wire
-                record = ResultRecord(
-                    wire[0],
-                    TaskStatus.CANCELLED.value,
-                    error="cancelled",
-                    format=wire[3],
-                    name=wire[1],
-                )
-                self._finish([record], None)
+                self._cancel_here(entry)
                 command.waiter.set(CancelReply(0, True, TaskStatus.CANCELLED.value))
                 return
+            if entry is not None:
+                # A control plane may hold it: only its answer says whether it
+                # will run.  Until then it is not re-sent, so that an answer of
+                # "unknown" means it never will be.
+                entry.cancelling = True
         if self._gateway is None or not self.connected.is_set():
             self._park_command(command)
             return
@@ -317,6 +408,56 @@ class ClientCore(Actor):
     def _park_command(self, command: Command) -> None:
         # Not connected: retried on the next tick; the caller's own timeout bounds it.
         self._parked.append(command)
+
+    def _cancel_here(self, entry: PendingTask) -> None:
+        wire = entry.wire
+        record = ResultRecord(
+            wire[0], TaskStatus.CANCELLED.value, error="cancelled", format=wire[3], name=wire[1]
+        )
+        self._finish([record], None)
+
+    def _on_cancel_reply(self, command: Command, reply: CancelReply) -> CancelReply:
+        """True only when the task will not run: cancelled there, or unknown there and held here."""
+        entry = self.pending.get(command.task_ids[0])
+        if entry is None or reply.cancelled:
+            return reply
+        entry.cancelling = False
+        if reply.status == "unknown":
+            # The control plane never got it (or lost it), and it was not re-sent
+            # since the Cancel went out: it will not run unless we send it.
+            self._cancel_here(entry)
+            return CancelReply(reply.request_id, True, TaskStatus.CANCELLED.value)
+        return reply
+
+    def _abandon(self, command: Command) -> None:
+        """Nobody waits for this answer any more; a held-back task may be sent again."""
+        if command.kind != "cancel":
+            return
+        entry = self.pending.get(command.task_ids[0])
+        if entry is not None and entry.cancelling:
+            entry.cancelling = False
+            if not entry.sent:
+                self._unsent.append(command.task_ids[0])
+
+    def _expire_commands(self) -> None:
+        """Forget queries whose callers stopped waiting (timeout, cancellation, lost reply)."""
+        now = time.monotonic()
+        for request_id, command in list(self._queries.items()):
+            if command.deadline < now:
+                del self._queries[request_id]
+                self._abandon(command)
+        if self._joiners:
+            self._joiners = [c for c in self._joiners if c.deadline >= now]
+        if self._flushers:
+            self._flushers = [f for f in self._flushers if f[1].deadline >= now]
+        if self._parked:
+            live = []
+            for command in self._parked:
+                if command.deadline < now:
+                    self._abandon(command)
+                else:
+                    live.append(command)
+            self._parked = live
 
     def _new_request_id(self) -> int:
         request_id = self._next_request
@@ -339,29 +480,48 @@ class ClientCore(Actor):
             return
         unsent = self._unsent
         pending = self.pending
-        now = trio.current_time()
-        max_bytes = min(_MAX_SUBMIT_BYTES, self.transport.max_message_size // 2)
         while unsent:
-            ids: list[str] = []
             wires: list[Any] = []
-            size = 0
-            while unsent and len(ids) < _MAX_TASKS_PER_SUBMIT and size < max_bytes:
+            while unsent and len(wires) < _MAX_TASKS_PER_SUBMIT:
                 task_id = unsent.popleft()
                 entry = pending.get(task_id)
-                if entry is None or entry.sent:
-                    continue  # cancelled locally, or finished meanwhile
-                ids.append(task_id)
+                if entry is None or entry.sent or entry.cancelling:
+                    continue  # finished or cancelled meanwhile, or a Cancel is out
                 wires.append(entry.wire)
-                size += len(entry.wire[4])
-            if not ids:
+            if not self._submit(wires, 1):
                 return
+
+    def _submit(self, wires: list[Any], tries: int) -> bool:
+        """Send tasks as Submits under the message limit; False (and requeued) when blocked."""
+        pending = self.pending
+        now = trio.current_time()
+        chunks = split_by_bytes(
+            wires, task_weight, message_budget(self.max_message_size), self._too_large
+        )
+        for n, chunk in enumerate(chunks):
             request_id = self._new_request_id()
-            if not self._send_gateway(Submit(request_id, wires)):
-                unsent.extendleft(reversed(ids))
-                return
-            for task_id in ids:
-                pending[task_id].sent = True
-            self._requests[request_id] = _Request(ids, now)
+            if not self._send_gateway(Submit(request_id, chunk)):
+                ids = [wire[0] for rest in chunks[n:] for wire in rest]
+                for task_id in ids:
+                    pending[task_id].sent = False
+                self._unsent.extendleft(reversed(ids))
+                return False
+            ids = []
+            for wire in chunk:
+                entry = pending[wire[0]]
+                entry.sent = entry.ever_sent = True
+                ids.append(wire[0])
+            self._requests[request_id] = _Request(ids, now, tries)
+        return True
+
+    def _too_large(self, wire: list[Any]) -> None:
+        """A task no message can carry (the limit was learned after it was accepted)."""
+        self._fail_locally(
+            [wire[0]],
+            f"the task encodes to {task_weight(wire)} bytes, more than one message to the "
+            f"control plane may carry ({message_budget(self.max_message_size)} of its "
+            f"{self.max_message_size}-byte limit); pass a reference to the data instead",
+        )
 
     def _lookup(self) -> None:
         if self._discovery is None:
@@ -383,6 +543,7 @@ class ClientCore(Actor):
         if self.inbox:
             self._drain_inbox()  # in case a wake was lost to a full mailbox
         self._retry_unacked(now)
+        self._expire_commands()
         self._sweep(now)
         if self._parked and self.connected.is_set():
             parked, self._parked = self._parked, []
@@ -399,15 +560,35 @@ class ClientCore(Actor):
         stale: list[str] = []
         while watch and now - watch[0][0] > _SWEEP_AFTER and len(stale) < _SWEEP_BATCH:
             _, task_ids = watch.popleft()
-            missing = [task_id for task_id in task_ids if task_id in pending]
+            missing = []
+            for task_id in task_ids:
+                entry = pending.get(task_id)
+                if entry is not None and entry.watched:
+                    missing.append(task_id)
             if missing:
                 stale.extend(missing)
                 watch.append((now, missing))  # look again later if still missing
-        if stale:
+        deadline = time.monotonic() + _SWEEP_REPLY_WAIT
+        budget = message_budget(self.max_message_size)
+        for ids in split_by_bytes(stale, _id_weight, budget, _not_asked):
             request_id = self._new_request_id()
-            self._queries[request_id] = Command("sweep", _SweepReply(self), stale)
-            if not self._send_gateway(ResultQuery(request_id, stale)):
+            self._queries[request_id] = Command("sweep", _SweepReply(self, ids), ids, deadline)
+            if not self._send_gateway(ResultQuery(request_id, ids)):
                 del self._queries[request_id]
+                return
+
+    def _on_sweep_reply(self, task_ids: list[str], records: list[ResultRecord | None]) -> None:
+        """Final answers finish their tasks; a task the cache does not know is re-sent at times."""
+        self._finish([r for r in records if r is not None], None)
+        pending = self.pending
+        for task_id, record in zip(task_ids, records, strict=False):
+            entry = pending.get(task_id)
+            if record is not None or entry is None or entry.cancelling:
+                continue
+            entry.misses += 1
+            if entry.misses & (entry.misses - 1) == 0 and entry.sent:  # 1, 2, 4, 8 …
+                entry.sent = False
+                self._unsent.append(task_id)
 
     def _retry_unacked(self, now: float) -> None:
         for request_id, request in list(self._requests.items()):
@@ -422,16 +603,15 @@ class ClientCore(Actor):
                     f"{request.tries} attempts",
                 )
                 continue
-            wires = [self.pending[t].wire for t in live]
-            if not wires:
-                continue
-            new_id = self._new_request_id()
-            if self._send_gateway(Submit(new_id, wires)):
-                self._requests[new_id] = _Request(live, now, request.tries + 1)
-            else:
-                for task_id in live:
-                    self.pending[task_id].sent = False
-                self._unsent.extendleft(reversed(live))
+            wires = []
+            for task_id in live:
+                entry = self.pending[task_id]
+                if entry.cancelling:
+                    entry.sent = False  # held back until the Cancel's answer
+                else:
+                    wires.append(entry.wire)
+            if wires:
+                self._submit(wires, request.tries + 1)
 
     # -- receiving ----------------------------------------------------------
 
@@ -457,9 +637,17 @@ class ClientCore(Actor):
         elif isinstance(message, ResultReply):
             command = self._queries.pop(message.request_id, None)
             if command is not None:
-                records = [None if raw is None else _safe_record(raw) for raw in message.results]
+                ids = command.task_ids
+                records = [
+                    self._reply_entry(raw, ids[i] if i < len(ids) else None)
+                    for i, raw in enumerate(message.results)
+                ]
                 command.waiter.set(records)
-        elif isinstance(message, (CancelReply, StatsReply)):
+        elif isinstance(message, CancelReply):
+            command = self._queries.pop(message.request_id, None)
+            if command is not None:
+                command.waiter.set(self._on_cancel_reply(command, message))
+        elif isinstance(message, StatsReply):
             command = self._queries.pop(message.request_id, None)
             if command is not None:
                 command.waiter.set(message)
@@ -472,6 +660,7 @@ class ClientCore(Actor):
                 log.error("%s", error)
 
     def _on_lookup(self, reply: LookupReply) -> None:
+        self.max_message_size = reply.max_message_size
         self._heartbeat = reply.heartbeat_interval
         self._interval = reply.heartbeat_interval
         endpoint = resolve_endpoint(reply.client_endpoint, self.discovery_address)
@@ -499,6 +688,7 @@ class ClientCore(Actor):
             if entry.sent:
                 self.resubmitted += 1
             entry.sent = False
+            entry.watched = False
             self._unsent.append(task_id)
         # Replies to questions asked of the old instance will never come.
         for command in self._queries.values():
@@ -540,13 +730,20 @@ class ClientCore(Actor):
                 f"rejected by the control plane ({reason}): {text}",
                 error_type=QueueFullError if reason == "queue_full" else None,
             )
-        self._watch.append((trio.current_time(), request.task_ids))
+        if self._flushers:
+            self._settled(request.task_ids)
         pending = self.pending
         queued = TaskStatus.QUEUED
+        watch = []
         for task_id in request.task_ids:
             entry = pending.get(task_id)
             if entry is not None:
                 entry.status = queued
+                if not entry.watched:
+                    entry.watched = True
+                    watch.append(task_id)
+        if watch:
+            self._watch.append((trio.current_time(), watch))
 
     def _fail_locally(
         self, task_ids: list[str], error: str, error_type: type[Exception] | None = None
@@ -563,6 +760,25 @@ class ClientCore(Actor):
                 )
             )
         self._finish(records, error_type(error) if error_type is not None else None)
+
+    def _settled(self, task_ids: list[str]) -> None:
+        """These tasks were acknowledged or finished: release flushers left with nothing."""
+        waiting = []
+        for remaining, command in self._flushers:
+            remaining.difference_update(task_ids)
+            if remaining:
+                waiting.append((remaining, command))
+            else:
+                command.waiter.set(None)
+        self._flushers = waiting
+
+    def _reply_entry(self, raw: Any, task_id: str | None) -> ResultRecord | None:
+        """One ResultReply entry: a result, null, or true — pushed in a Results just before."""
+        if raw is None:
+            return None
+        if raw is True:
+            return None if task_id is None else self.finished.get(task_id)
+        return _safe_record(raw)
 
     def _on_results(self, raw_results: list[Any]) -> None:
         records = [r for r in map(_safe_record, raw_results) if r is not None]
@@ -581,10 +797,21 @@ class ClientCore(Actor):
                     waiter.set(raise_in_waiters if raise_in_waiters is not None else record)
         while len(finished) > self.result_cache_size:
             finished.popitem(last=False)
+        if self._flushers:
+            self._settled([record.task_id for record in records])
         if not pending and self._joiners:
             joiners, self._joiners = self._joiners, []
-            for waiter in joiners:
-                waiter.set(None)
+            for command in joiners:
+                command.waiter.set(None)
+
+
+def _not_asked(task_id: str) -> None:
+    """An id longer than a whole message (a limit below any sane size): it is not asked about."""
+
+
+def _id_weight(task_id: str) -> int:
+    """Upper bound of one task id's CBOR size in a ResultQuery."""
+    return 9 + text_bytes(task_id)
 
 
 def _safe_record(raw: Any) -> ResultRecord | None:

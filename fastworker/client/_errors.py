@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "ClientError",
+    "ClientLoopError",
     "ClientNotStartedError",
     "ClientStoppedError",
     "ControlPlaneUnavailableError",
@@ -21,7 +22,15 @@ class ClientNotStartedError(ClientError, RuntimeError):
 
 
 class ClientStoppedError(ClientError, RuntimeError):
-    """The client was stopped; create a new one to submit more."""
+    """The client was stopped; ``await client.start()`` starts it again."""
+
+
+class ClientLoopError(ClientError, RuntimeError):
+    """The client was used from an event loop (or thread) other than the one that started it.
+
+    Raised before anything is queued, so retrying the call elsewhere cannot
+    submit a task twice.
+    """
 
 
 class PendingLimitError(ClientError):

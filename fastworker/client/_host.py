@@ -1,9 +1,18 @@
 """Where the client's actor runs: a trio thread for asyncio callers, or the caller's trio run.
 
 * Under asyncio (``asyncio.run``, FastAPI) the actor gets a thread with its
-  own ``trio.run``; ``stop()`` asks it to finish and joins the thread.
+  own ``trio.run``; ``stop()`` asks it to hand over what is unacknowledged,
+  then to finish, and joins the thread.
 * Under trio it runs as a system task of the caller's run: no extra thread,
-  and it ends with that run at the latest.
+  and it ends with that run at the latest.  ``stop()`` is synchronous and the
+  actor shares the caller's thread, so it cannot wait for acks there: when
+  something is unacknowledged it hands those tasks to a successor actor in a
+  thread of its own and joins that.
+
+Either way ``stop()`` blocks its caller only while the hand-over needs it:
+not at all beyond closing sockets when nothing is outstanding, and at most
+``timeout`` (plus the thread's wind-down) when the control plane cannot be
+reached.
 """
 
 from __future__ import annotations
@@ -11,19 +20,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+from collections.abc import Callable
 
 import trio
 
 from ..runtime import Supervisor
-from ._core import ClientCore
+from ._core import ClientCore, Command
 from ._errors import ClientError
+from ._waiters import TrioWaiter
 
 __all__ = ["ThreadHost", "TrioHost", "current_library"]
 
 log = logging.getLogger("fastworker.client")
 
-_STOP_GRACE = 2.0  # seconds stop() may spend handing over what is still queued
+# Beyond the hand-over's own timeout: what stop() allows the actor's thread to
+# close its sockets and end its trio run before giving up on joining it.
+_WIND_DOWN = 2.0
+_STOPPED = "the client was stopped before the reply or result arrived"
 
 
 def current_library() -> str:
@@ -38,12 +51,14 @@ def current_library() -> str:
     return "asyncio"
 
 
-def _shut_down(core: ClientCore) -> None:
-    """Close the sockets (handing over what can go at once), then release every waiting caller."""
-    left = core.close_now(linger_ms=500)
-    if left:
-        log.warning("client stopped with %d tasks that could not be sent", left)
-    core.fail_waiters("the client was stopped before the reply or result arrived")
+async def _hand_over(core: ClientCore, timeout: float) -> int:
+    """Wait (at most ``timeout`` s) until no returned id is unacknowledged; how many still are."""
+    if timeout > 0 and core.failure is None and core.outstanding():
+        waiter = TrioWaiter()
+        core.inbox.append(Command("flush", waiter))
+        core.wake_here()
+        await waiter.wait(timeout)
+    return core.outstanding()
 
 
 def _failed(core: ClientCore, exc: BaseException) -> None:
@@ -62,7 +77,7 @@ class TrioHost:
     def __init__(self, core: ClientCore) -> None:
         self.core = core
         self._scope: trio.CancelScope | None = None
-        self._done = trio.Event()
+        self.done = trio.Event()  # the actor's system task has ended
 
     async def start(self) -> None:
         started = trio.Event()
@@ -81,19 +96,27 @@ class TrioHost:
                     _failed(self.core, exc)
                 finally:
                     started.set()
-                    self._done.set()
+                    self.done.set()
 
         trio.lowlevel.spawn_system_task(main)
         await started.wait()
         if self.core.failure is not None:
             raise self.core.failure
 
-    def stop(self) -> None:
-        # Same thread as the actor, which is not running right now: flush and
-        # close synchronously, then cancel it.
-        _shut_down(self.core)
+    def stop(self, timeout: float, heir_id: str) -> int:
+        """Hand over, close, end the actor; how many tasks were not handed over."""
+        core = self.core
+        core.fail_waiters(_STOPPED)
+        core.close_now(linger_ms=0)  # before the successor takes over what is unacknowledged
+        left = core.outstanding()
+        heir = core.successor(heir_id, hand_over=True) if left and timeout > 0 else None
         if self._scope is not None:
             self._scope.cancel()
+        if heir is not None:
+            # This thread is the caller's trio thread: the successor waits for
+            # its acks in a thread of its own, and this one blocks until then.
+            left = ThreadHost(heir).hand_over(timeout)
+        return left
 
 
 class ThreadHost:
@@ -102,9 +125,10 @@ class ThreadHost:
     def __init__(self, core: ClientCore) -> None:
         self.core = core
         self._thread: threading.Thread | None = None
-        self._scope: trio.CancelScope | None = None
         self._token: trio.lowlevel.TrioToken | None = None
-        self._error: BaseException | None = None
+        self._stop: trio.Event | None = None
+        self._timeout = 0.0
+        self._left: int | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -123,41 +147,63 @@ class ThreadHost:
             except RuntimeError:
                 pass
 
-        self._thread = threading.Thread(
-            target=self._main, args=(signal,), name="fastworker-client", daemon=True
-        )
-        self._thread.start()
+        self._start_thread(signal)
         await ready
 
-    def _main(self, signal: Any) -> None:
+    def hand_over(self, timeout: float) -> int:
+        """Run the actor only to hand over its unacknowledged tasks (blocking); what is left."""
+        self._timeout = timeout
+        self._start_thread(lambda error: None, stop_at_once=True)
+        return self._join(timeout)
+
+    def _start_thread(
+        self, signal: Callable[[BaseException | None], None], *, stop_at_once: bool = False
+    ) -> None:
+        self._thread = threading.Thread(
+            target=self._main, args=(signal, stop_at_once), name="fastworker-client", daemon=True
+        )
+        self._thread.start()
+
+    def _main(self, signal: Callable[[BaseException | None], None], stop_at_once: bool) -> None:
         async def main() -> None:
             self._token = trio.lowlevel.current_trio_token()
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                supervisor = Supervisor("client", [self.core], max_restarts=5, within=10.0)
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(supervisor.run)
-                    signal(None)
+            self._stop = trio.Event()
+            if stop_at_once:
+                self._stop.set()
+            supervisor = Supervisor("client", [self.core], max_restarts=5, within=10.0)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(supervisor.run)
+                signal(None)
+                await self._stop.wait()
+                self.core.fail_waiters(_STOPPED)
+                self._left = await _hand_over(self.core, self._timeout)
+                self.core.close_now(linger_ms=0)
+                nursery.cancel_scope.cancel()
 
         try:
             trio.run(main)
         except BaseException as exc:
-            self._error = exc
             _failed(self.core, exc)
             signal(exc)
 
-    def _shutdown_in_trio(self) -> None:
-        _shut_down(self.core)
-        if self._scope is not None:
-            self._scope.cancel()
-
-    def stop(self) -> None:
-        if self._token is not None:
+    def stop(self, timeout: float) -> int:
+        """Hand over (blocking at most ``timeout`` s), close, end the thread; what is left."""
+        self._timeout = timeout
+        if self._token is not None and self._stop is not None:
             try:
-                self._token.run_sync_soon(self._shutdown_in_trio)
+                self._token.run_sync_soon(self._stop.set)
             except trio.RunFinishedError:
                 pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(_STOP_GRACE)
-            if self._thread.is_alive():
-                log.warning("client thread did not finish within %.1f s", _STOP_GRACE)
+        return self._join(timeout)
+
+    def _join(self, timeout: float) -> int:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout + _WIND_DOWN)
+            if thread.is_alive():
+                log.warning(
+                    "client thread did not finish within %.1f s of its hand-over", _WIND_DOWN
+                )
+        if self._left is None:  # the actor failed, or did not get that far
+            return self.core.outstanding()
+        return self._left

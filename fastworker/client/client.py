@@ -12,18 +12,25 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
+import logging
+import math
 import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import trio
+
+from .._callback_address import parse_callback_address
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
+from ..tasks.options import check_eta, check_seconds, check_task_options
 from ..tasks.serializer import SerializationFormat, dumps
 from ..transport import TransportConfig
-from ..wire import CancelReply, ResultRecord, StatsReply
+from ..wire import CancelReply, ResultRecord, StatsReply, message_budget, task_weight
 from ._core import ClientCore, Command, PendingTask
 from ._errors import (
+    ClientLoopError,
     ClientNotStartedError,
     ClientStoppedError,
     ControlPlaneUnavailableError,
@@ -34,6 +41,8 @@ from ._host import ThreadHost, TrioHost, current_library
 from ._waiters import Waiter, new_waiter
 
 __all__ = ["Client"]
+
+log = logging.getLogger("fastworker.client")
 
 # Priority ranks by enum member and by lowercase name (TaskPriority is a StrEnum,
 # so members hash like their values): the hot path's one dict lookup.
@@ -112,9 +121,6 @@ class Client:
             if max_message_size
             else TransportConfig()
         )
-        # Room for the envelope around one task's payload: 64 KiB, or half of a smaller limit.
-        limit = transport.max_message_size
-        self._max_payload = limit - min(64 * 1024, limit // 2)
         self._core = ClientCore(
             client_id=self.client_id,
             discovery_address=self.discovery_address,
@@ -125,6 +131,8 @@ class Client:
         )
         self._host: TrioHost | ThreadHost | None = None
         self._on_trio = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._trio_token: trio.lowlevel.TrioToken | None = None
         self._stopped = False
         self._wake_pending = False
 
@@ -135,48 +143,174 @@ class Client:
     # -- life cycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the client's actor; returns promptly even with no control plane up yet."""
-        if self._stopped:
-            raise ClientStoppedError("this client was stopped; create a new Client")
+        """Start the client's actor; returns promptly even with no control plane up yet.
+
+        A stopped client can be started again, on this event loop or another
+        (a new ``asyncio.run``, a second FastAPI lifespan): it keeps its local
+        results, and tasks it still waits for are re-submitted to the control
+        plane under the new connection (deduplicated there by task id).
+        Starting a client that runs on another loop raises ClientLoopError.
+        """
         if self._host is not None:
+            self._check_loop()  # started here already: nothing to do; elsewhere: an error
             return
         library = current_library()
-        self._on_trio = library == "trio"
-        host = TrioHost(self._core) if self._on_trio else ThreadHost(self._core)
-        await host.start()
-        self._host = host
-
-    def stop(self) -> None:
-        """Hand over what can be sent at once, close sockets, end the actor; never hangs.
-
-        Callers still awaiting ``submit_task``, ``join`` or a query get
-        ClientStoppedError at once.
-        """
         if self._stopped:
+            self.client_id = f"client-{secrets.token_hex(8)}"
+            self._core = self._core.successor(self.client_id)
+        self._on_trio = library == "trio"
+        if self._on_trio:
+            self._loop = None
+            self._trio_token = trio.lowlevel.current_trio_token()
+        else:
+            self._loop = asyncio.get_running_loop()
+            self._trio_token = None
+        self._wake_pending = False
+        host = TrioHost(self._core) if self._on_trio else ThreadHost(self._core)
+        self._host = host  # before awaiting: a concurrent start() finds it and returns
+        self._stopped = False
+        try:
+            await host.start()
+        except BaseException:
+            self._host = None
+            raise
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Hand over every task whose id was returned, close the sockets, end the actor.
+
+        Synchronous: it returns once the control plane has acknowledged every
+        task this client returned an id for (at once when none is waiting for
+        an acknowledgement), or after ``timeout`` seconds (default: the
+        client's ``timeout``) when the control plane cannot be reached; then it
+        logs an error saying how many were not handed over.  Those stay with
+        the client and are sent if it is started again.  Callers still
+        awaiting ``submit_task``, ``join``, ``flush`` or a query get
+        ClientStoppedError.  Prefer ``await client.flush()`` (or ``async
+        with Client(...)``) first on a busy event loop: this call blocks it
+        while it waits.
+        """
+        wait = _wait_seconds(timeout, self.timeout, allow_zero=True)
+        host, self._host = self._host, None
+        if host is None:
             return
         self._stopped = True
-        if self._host is not None:
-            self._host.stop()
+        heir_id = f"client-{secrets.token_hex(8)}"
+        if isinstance(host, TrioHost):
+            left = self._stop_trio_host(host, wait, heir_id)
+        else:
+            left = host.stop(wait)
+        if left:
+            log.error(
+                "client stopped with %d tasks not handed over to the control plane at %s "
+                "within %g s: they did not run; start the client again to send them",
+                left,
+                self.discovery_address,
+                wait,
+            )
+
+    def _stop_trio_host(self, host: TrioHost, wait: float, heir_id: str) -> int:
+        """The trio host's actor lives in the starting run: stop it from there.
+
+        From that run's thread directly; from any other thread through the
+        run's token; after the run ended (its system task is gone already),
+        directly again.
+        """
+        try:
+            here = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            here = None
+        if here is self._trio_token or self._trio_token is None:
+            return host.stop(wait, heir_id)
+        try:
+            return trio.from_thread.run_sync(host.stop, wait, heir_id, trio_token=self._trio_token)
+        except trio.RunFinishedError:
+            return host.stop(wait, heir_id)
+        except RuntimeError:  # called from inside another trio run
+            raise ClientLoopError(
+                "a client started under trio is stopped from its own run or from a plain "
+                "thread, not from another trio run"
+            ) from None
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until the control plane has acknowledged every task whose id was returned.
+
+        Returns at once when none is waiting for an acknowledgement.  Raises
+        ControlPlaneUnavailableError (a TimeoutError) after ``timeout``
+        seconds (default: wait as long as it takes).
+        """
+        self._check_running()
+        deadline = math.inf
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout, positive=True)
+            deadline = time.monotonic() + timeout
+        waiter = new_waiter(self._on_trio)
+        self._core.inbox.append(Command("flush", waiter, [], deadline))
+        self._wake_now()
+        done, _ = await waiter.wait(timeout)
+        if not done:
+            raise ControlPlaneUnavailableError(
+                f"{self._core.outstanding()} tasks not acknowledged by the control plane at "
+                f"{self.discovery_address} within {timeout:g} s"
+            )
 
     async def __aenter__(self) -> Client:
         await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.stop()
+        """Flush (up to the client's ``timeout``), then stop."""
+        try:
+            await self.flush(timeout=self.timeout)
+        except ControlPlaneUnavailableError:
+            self.stop(timeout=0)  # waited already; stop() logs what is left
+        except BaseException:
+            self.stop()  # cancelled or failed while flushing: stop() still hands over
+            raise
+        else:
+            self.stop()
 
     def _check_running(self) -> None:
-        if self._stopped:
-            raise ClientStoppedError("this client was stopped; create a new Client")
         if self._host is None:
+            if self._stopped:
+                raise ClientStoppedError(
+                    "this client was stopped; call `await client.start()` to use it again"
+                )
             raise ClientNotStartedError("call `await client.start()` before using the client")
+        self._check_loop()
         if self._core.failure is not None:
             raise self._core.failure
+
+    def _check_loop(self) -> None:
+        """ClientLoopError unless the caller runs on the loop that started the client."""
+        if self._on_trio:
+            try:
+                here: object = trio.lowlevel.current_trio_token()
+            except RuntimeError:
+                here = None
+            if here is self._trio_token:
+                return
+        else:
+            try:
+                here = asyncio.get_running_loop()
+            except RuntimeError:
+                here = None
+            if here is self._loop:
+                return
+        raise ClientLoopError(
+            f"this client was started on {'a trio run' if self._on_trio else 'an asyncio loop'} "
+            "and is used from another loop or thread; use it from the loop that started it, "
+            "stop() it and start() it again here, or give each loop its own Client"
+        )
 
     # -- submitting ---------------------------------------------------------
 
     def _new_id(self) -> str:
         return f"{self._id_prefix}-{next(self._ids):x}"
+
+    @property
+    def _fast_payload_limit(self) -> int:
+        """A payload this short fits with any id and name the control plane accepts."""
+        return message_budget(self._core.max_message_size) - 4096
 
     def _prepare(
         self,
@@ -191,37 +325,30 @@ class Client:
         callback_data: Any = None,
         options: Mapping[str, Any] | None = None,
     ) -> tuple[str, list[Any]]:
-        """Encode one task in the caller's thread: every error surfaces here."""
+        """Check and encode one task in the caller's thread: every error surfaces here.
+
+        Raises ValueError or TypeError naming what is wrong, before anything is queued.
+        """
         if not isinstance(task_name, str) or not task_name:
             raise ValueError(f"task_name must be a non-empty string, got {task_name!r}")
+        if not isinstance(priority, str):  # TaskPriority is a StrEnum
+            raise TypeError(
+                f"priority must be a TaskPriority or its name, not {type(priority).__name__}"
+            )
         rank = TaskPriority.coerce(priority).rank
+        if kwargs is not None and not isinstance(kwargs, Mapping):
+            raise TypeError(f"kwargs must be a mapping, not {type(kwargs).__name__}")
         fmt = self.serialization_format
         payload = dumps(fmt, [list(args), dict(kwargs or {})])
-        if len(payload) > self._max_payload:
-            raise ValueError(
-                f"the arguments of {task_name!r} encode to {len(payload)} bytes, more than a "
-                f"message may carry ({self._max_payload} bytes); pass a reference instead"
-            )
         opts: dict[str, Any] | None = None
-        if countdown is not None or eta is not None:
-            if countdown is not None and eta is not None:
-                raise ValueError("give countdown or eta, not both")
-            if eta is not None:
-                if eta.tzinfo is None:
-                    raise ValueError("eta must be timezone-aware (e.g. datetime.now(timezone.utc))")
-                when = eta.timestamp()
-            else:
-                assert countdown is not None
-                if countdown < 0:
-                    raise ValueError("countdown must be >= 0")
-                when = time.time() + countdown
-            opts = {"eta": when}
+        if countdown is not None and eta is not None:
+            raise ValueError("give countdown or eta, not both")
+        if eta is not None:
+            opts = {"eta": check_eta(eta)}
+        elif countdown is not None:
+            opts = {"eta": time.time() + check_seconds("countdown", countdown)}
         if callback_address is not None:
-            if not isinstance(callback_address, str) or "://" not in callback_address:
-                raise ValueError(
-                    f"callback_address must be a ZeroMQ endpoint like 'tcp://127.0.0.1:6000', "
-                    f"got {callback_address!r}"
-                )
+            parse_callback_address(callback_address)  # ValueError/TypeError saying why
             opts = opts or {}
             opts["cb"] = callback_address
             if callback_data is not None:
@@ -229,7 +356,25 @@ class Client:
         if options:
             opts = opts or {}
             opts.update(options)
-        return self._new_id(), [None, task_name, rank, self._format_code, payload, opts]
+        task_id = self._new_id()
+        wire = [task_id, task_name, rank, self._format_code, payload, opts]
+        self._check_size(wire)
+        return task_id, wire
+
+    def _check_size(self, wire: list[Any]) -> None:
+        """ValueError for a task no message to the control plane can carry.
+
+        The limit is the control plane's (from its LookupReply) once the
+        client has met it, and the client's own ``max_message_size`` before.
+        """
+        limit = self._core.max_message_size
+        weight = task_weight(wire)
+        if weight > message_budget(limit):
+            raise ValueError(
+                f"task {wire[1]!r} encodes to {weight} bytes with its options, more than one "
+                f"message to the control plane may carry ({message_budget(limit)} of its "
+                f"{limit}-byte limit); pass a reference to the data instead"
+            )
 
     def _enqueue(
         self, items: Iterable[tuple[str, list[Any]]], waiter: Waiter | None = None
@@ -314,8 +459,9 @@ class Client:
         priority: TaskPriority | str,
     ) -> str:
         """``delay`` without options: the per-task hot path, kept to the checks that matter."""
-        if self._host is None or self._stopped or self._core.failure is not None:
+        if self._host is None or self._core.failure is not None:
             self._check_running()
+        self._check_loop()
         rank = _RANKS.get(priority) if isinstance(priority, str) else None
         if rank is None or type(task_name) is not str or not task_name:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
@@ -324,10 +470,11 @@ class Client:
         if len(pending) >= self.max_pending or core.queue_full:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         payload = dumps(self.serialization_format, [args, kwargs])
-        if len(payload) > self._max_payload:
-            return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         task_id = f"{self._id_prefix}-{next(self._ids):x}"
-        pending[task_id] = PendingTask([task_id, task_name, rank, self._format_code, payload, None])
+        wire = [task_id, task_name, rank, self._format_code, payload, None]
+        if len(payload) > self._fast_payload_limit:
+            self._check_size(wire)
+        pending[task_id] = PendingTask(wire)
         inbox = core.inbox
         inbox.append(task_id)
         if not self._wake_pending or self._on_trio:
@@ -341,16 +488,39 @@ class Client:
     async def delay_with_callback(
         self,
         task_name: str,
-        callback_address: str,
         *args: Any,
+        callback_address: str | None = None,
         callback_data: Any = None,
         priority: TaskPriority | str = TaskPriority.NORMAL,
         countdown: float | None = None,
         eta: dt.datetime | None = None,
         **kwargs: Any,
     ) -> str:
-        """Like ``delay``; the finished task's callback document goes to ``callback_address``."""
+        """Like ``delay``; the finished task's callback document goes to the callback address.
+
+        Two spellings: the address as the second positional argument
+        (``delay_with_callback("name", "tcp://127.0.0.1:6000", arg, ...)``), or
+        as ``callback_address=`` with every positional argument going to the
+        task (``delay_with_callback("name", arg, callback_address="tcp://…")``).
+        The address must name one peer (``tcp://HOST:PORT``, ``ipc://PATH``;
+        ``ack+tcp://…`` for acknowledged delivery): anything else raises
+        ValueError (TypeError for a non-string) before anything is queued.
+        """
         self._check_running()
+        if callback_address is None:
+            if not args:
+                raise TypeError(
+                    "delay_with_callback() needs a callback address: the second positional "
+                    "argument or callback_address="
+                )
+            callback_address, args = args[0], args[1:]
+            try:
+                parse_callback_address(callback_address)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(
+                    f"{exc} (without callback_address=, the second positional argument of "
+                    "delay_with_callback is the callback address)"
+                ) from None
         item = self._prepare(
             task_name,
             args,
@@ -403,7 +573,10 @@ class Client:
         Each item is ``(task_name, args)``, ``(task_name, args, kwargs)`` or a
         mapping with ``task_name`` and optionally ``args``, ``kwargs``,
         ``priority``, ``countdown``, ``eta``, ``callback_address``,
-        ``callback_data``.
+        ``callback_data`` and ``apply_async``'s options (``time_limit``,
+        ``max_retries``, ``retry_delay``, ``retry_backoff``,
+        ``retry_backoff_max``).  Every item is checked and encoded before any
+        is queued: one bad item raises and submits none.
         """
         self._check_running()
         items: list[tuple[str, list[Any]]] = []
@@ -414,13 +587,17 @@ class Client:
             # encoding a small task, and tuples are the common shape.
             if type(spec) not in (tuple, list) and isinstance(spec, Mapping):
                 spec = dict(spec)
+                if "task_name" not in spec:
+                    raise TypeError(f"a submit_batch mapping needs a 'task_name', got {spec!r}")
                 name = spec.pop("task_name")
+                options = _call_options(*(spec.pop(key, None) for key in _OPTION_KEYS))
                 items.append(
                     self._prepare(
                         name,
                         spec.pop("args", ()),
                         spec.pop("kwargs", None),
                         spec.pop("priority", TaskPriority.NORMAL),
+                        options=options,
                         **spec,
                     )
                 )
@@ -429,11 +606,18 @@ class Client:
                 raise TypeError(
                     f"submit_batch items are (task_name, args[, kwargs]) or mappings, got {spec!r}"
                 )
-            name, args, kwargs = (*spec, (), None)[:3]
-            if type(name) is str and name and type(args) in (tuple, list):
+            name = spec[0]
+            args = spec[1] if len(spec) > 1 else ()
+            kwargs = spec[2] if len(spec) > 2 else None
+            if (
+                type(name) is str
+                and name
+                and type(args) in (tuple, list)
+                and type(kwargs) in (dict, type(None))
+            ):
                 # The common shape: encode directly (what _prepare does, minus options).
                 payload = dumps(fmt, [args, kwargs or {}])
-                if len(payload) <= self._max_payload:
+                if len(payload) <= self._fast_payload_limit:
                     items.append(("", [None, name, _NORMAL, code, payload, None]))
                     continue
             items.append(self._prepare(name, args, kwargs, TaskPriority.NORMAL))
@@ -461,6 +645,7 @@ class Client:
         plane and its result still arrives in the local cache later.
         """
         self._check_running()
+        wait = _wait_seconds(timeout, self.timeout)
         item = self._prepare(
             task_name,
             args,
@@ -475,7 +660,6 @@ class Client:
         waiter = new_waiter(self._on_trio)
         task_id = self._enqueue([item], waiter)[0]
         self._wake_now()  # the caller waits on this one: no reason to wait for the loop's turn
-        wait = timeout if timeout is not None else self.timeout
         done, record = await waiter.wait(wait)
         if not done:
             return TaskResult(
@@ -493,12 +677,20 @@ class Client:
     # -- results ------------------------------------------------------------
 
     def get_result(self, task_id: str) -> TaskResult | None:
-        """The final result of a task this client submitted, if it has arrived (no I/O)."""
+        """The final result of a task this client submitted, if it has arrived.
+
+        This client's own cache (its ``result_cache_size`` most recent
+        results), read without I/O and without asking the control plane.
+        """
         record = self._core.finished.get(task_id)
         return None if record is None else self._decode(record)
 
     def get_status(self, task_id: str) -> TaskStatus | None:
-        """The status of a task this client submitted as far as it knows (no I/O)."""
+        """The status of a task this client submitted as far as it knows, without I/O.
+
+        PENDING until the control plane acknowledged it, QUEUED after, then
+        the final status once its result arrived; None for an id it does not know.
+        """
         record = self._core.finished.get(task_id)
         if record is not None:
             return TaskStatus(record.status)
@@ -507,10 +699,12 @@ class Client:
 
     async def _command(self, kind: str, task_ids: list[str], timeout: float | None) -> Any:
         self._check_running()
+        wait = _wait_seconds(timeout, self.timeout)
         waiter = new_waiter(self._on_trio)
-        self._core.inbox.append(Command(kind, waiter, task_ids))
+        # The actor forgets the request at its deadline, whether or not an answer came.
+        deadline = time.monotonic() + wait
+        self._core.inbox.append(Command(kind, waiter, task_ids, deadline))
         self._wake_now()
-        wait = timeout if timeout is not None else self.timeout
         done, value = await waiter.wait(wait)
         if not done:
             raise ControlPlaneUnavailableError(
@@ -521,17 +715,29 @@ class Client:
     async def get_task_result(
         self, task_id: str, *, timeout: float | None = None
     ) -> TaskResult | None:
-        """The control plane's cached result; None when unknown, expired or not finished."""
-        local = self._core.finished.get(task_id)
-        if local is not None:
-            return self._decode(local)
+        """Ask the control plane's result cache, every time; None when it has no result.
+
+        None means not finished yet, unknown, or gone from the cache: its
+        ``--result-ttl`` expired or it was evicted as least recently used
+        (``--result-cache-size``), even when this client still holds a copy in
+        its own cache (``get_result``, which never does I/O).  Raises
+        ControlPlaneUnavailableError after ``timeout`` seconds (default: the
+        client's) without an answer.
+        """
         records = await self._command("query", [task_id], timeout)
         record = records[0] if records else None
         # An expired or evicted result is "not found" to the caller, as documented.
         return None if record is None or record.is_expired else self._decode(record)
 
     async def cancel_task(self, task_id: str, *, timeout: float | None = None) -> bool:
-        """Cancel a task; True when it took effect (a queued task then never runs)."""
+        """Cancel a task; True means it will not run (again), False that it finished or ran.
+
+        A task that never left this client is cancelled here.  Any other is
+        the control plane's to cancel: it is asked (and, until it answers, the
+        task is not re-sent), and its answer decides.  A running task is told
+        to stop, but what it already did stays done.  Raises
+        ControlPlaneUnavailableError when no answer comes within ``timeout``.
+        """
         reply: CancelReply = await self._command("cancel", [task_id], timeout)
         return reply.cancelled
 
@@ -546,8 +752,12 @@ class Client:
         Raises TimeoutError after ``timeout`` seconds (default: wait as long as it takes).
         """
         self._check_running()
+        deadline = math.inf
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout, positive=True)
+            deadline = time.monotonic() + timeout
         waiter = new_waiter(self._on_trio)
-        self._core.inbox.append(Command("join", waiter))
+        self._core.inbox.append(Command("join", waiter, [], deadline))
         self._wake()
         done, _ = await waiter.wait(timeout)
         if not done:
@@ -561,6 +771,9 @@ class Client:
         return len(self._core.pending)
 
 
+_OPTION_KEYS = ("time_limit", "max_retries", "retry_delay", "retry_backoff", "retry_backoff_max")
+
+
 def _call_options(
     time_limit: float | None,
     max_retries: int | None,
@@ -568,15 +781,20 @@ def _call_options(
     retry_backoff: float | None,
     retry_backoff_max: float | None,
 ) -> dict[str, Any] | None:
-    options = {
-        key: value
-        for key, value in (
-            ("timeout", time_limit),
-            ("max_retries", max_retries),
-            ("retry_delay", retry_delay),
-            ("retry_backoff", retry_backoff),
-            ("retry_backoff_max", retry_backoff_max),
-        )
-        if value is not None
-    }
+    """The per-call options given, checked by the same rule as ``@task`` (tasks/options.py)."""
+    options = check_task_options(
+        max_retries=max_retries,
+        retry_delay=retry_delay,
+        retry_backoff=retry_backoff,
+        retry_backoff_max=retry_backoff_max,
+        timeout=time_limit,
+        timeout_name="time_limit",
+    )
     return options or None
+
+
+def _wait_seconds(timeout: float | None, default: float, *, allow_zero: bool = False) -> float:
+    """A caller's ``timeout=``: None means the client's default, else a finite number > 0."""
+    if timeout is None:
+        return default
+    return check_seconds("timeout", timeout, positive=not allow_zero)

@@ -222,7 +222,12 @@ class Discovery(Actor):
             )
         self._tell_scheduler(WorkerJoined(message.worker_id, member.names, message.concurrency))
         _, worker_endpoint = self._endpoints()
-        reply = Registered(self.instance_id, worker_endpoint, self.config.heartbeat_interval)
+        reply = Registered(
+            self.instance_id,
+            worker_endpoint,
+            self.config.heartbeat_interval,
+            self.config.transport.max_message_size,
+        )
         self._reply(identity, encode(reply))
 
     def _reap(self) -> None:

@@ -15,6 +15,8 @@ from typing import Any, Literal, TypeVar, overload
 
 import attrs
 
+from .options import check_task_options
+
 __all__ = [
     "DuplicateTaskError",
     "TaskDefinition",
@@ -161,10 +163,20 @@ def task(
 
     ``max_retries``/``retry_delay``/``retry_backoff``/``retry_backoff_max``:
     a failed run is retried after ``retry_delay * retry_backoff ** (n - 1)``
-    seconds (capped at ``retry_backoff_max``).  ``timeout``: seconds a run may
+    seconds (capped at ``retry_backoff_max``); the limits are in
+    ``fastworker.tasks.options`` and a value outside them raises ValueError
+    (TypeError for a non-number) here.  ``timeout``: seconds a run may
     take.  ``loop``: "trio" or "asyncio" for ``async def`` tasks (see
     ``_choose_runner`` for the default).
     """
+
+    check_task_options(
+        max_retries=max_retries,
+        retry_delay=retry_delay,
+        retry_backoff=retry_backoff,
+        retry_backoff_max=retry_backoff_max,
+        timeout=timeout,
+    )
 
     def register(func: F) -> F:
         definition = TaskDefinition(

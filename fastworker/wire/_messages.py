@@ -122,14 +122,19 @@ class Register(Message):
     hostname: str
 
 
-@_register(11, _S, _S, _F)
+@_register(11, _S, _S, _F, _I)
 @attrs.frozen
 class Registered(Message):
-    """Discovery → worker: accepted; where to fetch work, how often to heartbeat."""
+    """Discovery → worker: accepted; where to fetch work, how often to heartbeat.
+
+    ``max_message_size`` is the largest message the control plane accepts:
+    the worker cuts its Done messages under it (and its own limit).
+    """
 
     instance_id: str
     worker_endpoint: str
     heartbeat_interval: float
+    max_message_size: int
 
 
 @_register(12, _S)

@@ -126,6 +126,7 @@ class Worker(Actor):
         self._scheduler_endpoint: str | None = None
         self._nursery: trio.Nursery | None = None
         self._interval = cfg.heartbeat_interval
+        self._message_limit = cfg.transport.max_message_size  # and the control plane's, once known
         self._last_ack = 0.0
         self._connected = False
         self._draining = False
@@ -259,6 +260,10 @@ class Worker(Actor):
     def _on_registered(self, message: Registered) -> None:
         self._last_ack = trio.current_time()
         self._interval = message.heartbeat_interval
+        # A Done over the control plane's limit would cost our connection.
+        self._message_limit = max(
+            1, min(self.config.transport.max_message_size, message.max_message_size)
+        )
         if message.instance_id != self.instance_id:
             log.info("worker %s joined control plane %s", self.worker_id, message.instance_id)
         self.instance_id = message.instance_id
@@ -399,7 +404,7 @@ class Worker(Actor):
         """
         if not self._outbox:
             return
-        budget = message_budget(self.config.transport.max_message_size)
+        budget = message_budget(self._message_limit)
         replaced: list[ResultRecord] = []
 
         def oversize(record: ResultRecord) -> None:

@@ -99,8 +99,11 @@ def verdict(endpoint: str, frames: list[bytes]) -> Counter[str]:
         return Counter(unexpected=1)
     invalid = 0
     if isinstance(message, Register):
-        names_ok = all(type(n) is str for n in message.task_names)
+        names = message.task_names
+        names_ok = len(names) <= 10_000 and all(type(n) is str and 0 < len(n) <= 512 for n in names)
         invalid = int(not names_ok or message.concurrency < 1)
+    elif isinstance(message, Unregister):
+        invalid = int(message.reason not in ("left", "crashed"))
     elif isinstance(message, Submit):
         invalid = sum(1 for raw in message.tasks if not _valid(TaskEnvelope.from_wire, raw))
     elif isinstance(message, ResultQuery):
@@ -147,7 +150,7 @@ class Fuzz:
             Done([result]),
             Results([result]),
             LookupReply(1, "x", "tcp://127.0.0.1:1", 1.0, 1 << 20),
-            Registered("x", "tcp://127.0.0.1:1", 1.0),
+            Registered("x", "tcp://127.0.0.1:1", 1.0, 1 << 20),
         ]
 
     def random_bytes(self) -> list[bytes]:

@@ -61,7 +61,7 @@ async def test_a_retry_reported_after_the_worker_was_declared_dead_is_stale(
         finally:
             os.kill(worker, signal.SIGCONT)  # its run ends and reports "retrying", late
         with trio.fail_after(30):
-            result = await client.submit_task("slow_fail", str(log_dir), 0.0)
+            result = await client.submit_task("slow_fail", args=(str(log_dir), 0.0))
             await client.join(timeout=25)
         first = client.get_result(task_id)
         assert first is not None
