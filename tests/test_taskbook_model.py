@@ -277,6 +277,7 @@ test_task_book_model = TaskBookMachine.TestCase
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(3600)
 def test_task_book_model_soak() -> None:
     """The same machine, far longer: ``pytest -m soak tests/test_taskbook_model.py``."""
 
