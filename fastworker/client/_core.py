@@ -517,6 +517,7 @@ class ClientCore(Actor):
             self.transport,
             identity=self.client_id.encode(),
             when_up=lambda _: _Wake(),  # send what waited for the connection
+            keep_unread=True,  # results pushed just before the control plane exits
         )
         self._gateway_endpoint = endpoint
 
