@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import trio
@@ -15,11 +15,39 @@ from .transport import TransportConfig, ZSocket, open_socket
 __all__ = ["DeadlineTimer", "Inbound", "connect_dealer", "pump_socket", "tell_own_actor", "tick"]
 
 
+class _Frames(list[list[bytes]]):
+    """The frames of one Inbound; iterating them records how far the handler got."""
+
+    __slots__ = ("handled",)
+
+    def __init__(self, frames: Iterable[list[bytes]] = ()) -> None:
+        super().__init__(frames)
+        self.handled: int | None = None  # None: never iterated
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        self.handled = 0
+        for count, parts in enumerate(super().__iter__(), 1):
+            self.handled = count
+            yield parts
+
+
 @attrs.frozen
 class Inbound:
-    """Frames a socket reader took in one wake-up, for its own actor's loop."""
+    """Frames a socket reader took in one wake-up, for its own actor's loop.
 
-    frames: list[list[bytes]]
+    Iterate ``frames`` once, in order: if the handler raises on one frame,
+    :meth:`leftover` holds the frames after it, and the actor runtime hands
+    them to the restarted actor first (a bad frame fails alone).
+    """
+
+    frames: _Frames = attrs.field(converter=_Frames)
+
+    def leftover(self) -> Inbound | None:
+        """The frames after the last one handed out, or None."""
+        handled = self.frames.handled
+        if handled is None or handled >= len(self.frames):
+            return None
+        return Inbound(self.frames[handled:])
 
 
 # On a stop, a reader hands over at most this many messages its socket still
@@ -73,6 +101,9 @@ async def _hand_over(feed: Feed, message: Inbound) -> bool:
             await feed.send(message)  # full: wait (backpressure)
         except ActorStopped:
             return False
+        except trio.Cancelled:
+            feed.keep(message)  # the actor crashed: its next run gets these frames
+            raise
     except ActorStopped:
         return False
     return True

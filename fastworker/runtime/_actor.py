@@ -190,6 +190,14 @@ class Feed:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise self._ref._stopped_error() from None
 
+    def keep(self, message: object) -> None:
+        """Hand ``message`` to the actor's next run, after what its mailbox holds now.
+
+        For a helper cancelled (its actor crashed) while waiting for room:
+        what it took in is not lost with it.
+        """
+        self._ref._tail.append(message)
+
     def close(self) -> None:
         """Done handing over: once every feed is closed, a stopped actor's run ends."""
         self._ref._feeds.discard(self)
@@ -209,7 +217,7 @@ class ActorRef:
     Refs are created by :class:`Actor`; do not construct them yourself.
     """
 
-    __slots__ = ("_capacity", "_feeds", "_send", "_stopped", "name")
+    __slots__ = ("_capacity", "_feeds", "_send", "_stopped", "_tail", "name")
 
     def __init__(self, name: str, send: trio.MemorySendChannel[object], capacity: int) -> None:
         self.name = name
@@ -217,6 +225,9 @@ class ActorRef:
         self._capacity = capacity
         self._stopped = False
         self._feeds: set[Feed] = set()
+        # Messages helpers could not queue before a crash (Feed.keep): the next
+        # run handles them once its mailbox is empty.
+        self._tail: list[object] = []
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "open"
@@ -337,6 +348,7 @@ class Actor:
         send, inbox = trio.open_memory_channel[object](mailbox_size)
         self.ref = ActorRef(name, send, mailbox_size)
         self.__inbox = inbox
+        self.__head: object = None  # see __keep_leftover
         self.__mailbox_size = mailbox_size
         self.__processed = 0
         self.__runs = 0
@@ -429,11 +441,23 @@ class Actor:
         receive_nowait = inbox.receive_nowait
         handle = self.receive
         clock = time.perf_counter
+        tail = self.ref._tail
         while True:
-            try:
-                message = await inbox.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
+            if self.__head is not None:
+                # What a crashed run left of its last message comes first.
+                message, self.__head = self.__head, None
+            elif tail:
+                # A helper's message that found no room before the last crash:
+                # once the mailbox queued before it is handled.
+                try:
+                    message = receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    message = tail.pop(0)
+            else:
+                try:
+                    message = await inbox.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
             deadline = clock() + _DRAIN_BUDGET
             while True:
                 if type(message) is _Ask:
@@ -447,7 +471,11 @@ class Actor:
                     else:
                         message.resolve(reply)
                 else:
-                    handle(message)
+                    try:
+                        handle(message)
+                    except Exception:
+                        self.__keep_leftover(message)
+                        raise
                 self.__processed += 1
                 if clock() > deadline:
                     break  # yield: the next receive() is a checkpoint
@@ -456,7 +484,20 @@ class Actor:
                 except trio.WouldBlock:
                     break
                 except (trio.EndOfChannel, trio.ClosedResourceError):
+                    if tail:
+                        break
                     return
+
+    def __keep_leftover(self, message: object) -> None:
+        """A told batch whose handler raised: keep what it had not reached for the next run.
+
+        A message with a ``leftover()`` method (an ``Inbound`` batch of frames)
+        says what is left after the item that failed; the failing item alone
+        is lost (the crash is logged, the supervisor restarts the actor).
+        """
+        leftover = getattr(message, "leftover", None)
+        if callable(leftover):
+            self.__head = leftover()
 
     def close_mailbox(self) -> int:
         """Close the mailbox for good and return how many messages were dropped.
@@ -468,7 +509,9 @@ class Actor:
         """
         self.ref.stop()
         inbox = self.__inbox
-        dropped = 0
+        dropped = len(self.ref._tail) + (self.__head is not None)
+        self.ref._tail.clear()
+        self.__head = None
         while True:
             try:
                 message = inbox.receive_nowait()
