@@ -300,6 +300,7 @@ class ClientCore(Actor):
         if self._gateway is None or not self.connected.is_set():
             self._park_command(command)
             return
+        self._send_unsent()  # a request never overtakes a task submitted before it
         request_id = self._new_request_id()
         if command.kind == "query":
             message: Any = ResultQuery(request_id, command.task_ids)
