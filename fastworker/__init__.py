@@ -1,5 +1,6 @@
 """fastworker: a brokerless distributed task queue on trio and ZeroMQ."""
 
+from .callback_receiver import CallbackReceiver as CallbackReceiver
 from .client import Client as Client
 from .client import ClientError as ClientError
 from .client import ClientLoopError as ClientLoopError
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CallbackInfo",
+    "CallbackReceiver",
     "Client",
     "ClientError",
     "ClientLoopError",

@@ -3,23 +3,56 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import trio
 import zmq
 
-from .runtime import ActorRef, ActorStopped, MailboxFull
+from .runtime import ActorRef, ActorStopped, Feed, MailboxFull
 from .transport import TransportConfig, ZSocket, open_socket
 
 __all__ = ["DeadlineTimer", "Inbound", "connect_dealer", "pump_socket", "tell_own_actor", "tick"]
 
 
+class _Frames(list[list[bytes]]):
+    """The frames of one Inbound; iterating them records how far the handler got."""
+
+    __slots__ = ("handled",)
+
+    def __init__(self, frames: Iterable[list[bytes]] = ()) -> None:
+        super().__init__(frames)
+        self.handled: int | None = None  # None: never iterated
+
+    def __iter__(self) -> Iterator[list[bytes]]:
+        self.handled = 0
+        for count, parts in enumerate(super().__iter__(), 1):
+            self.handled = count
+            yield parts
+
+
 @attrs.frozen
 class Inbound:
-    """Frames a socket reader took in one wake-up, for its own actor's loop."""
+    """Frames a socket reader took in one wake-up, for its own actor's loop.
 
-    frames: list[list[bytes]]
+    Iterate ``frames`` once, in order: if the handler raises on one frame,
+    :meth:`leftover` holds the frames after it, and the actor runtime hands
+    them to the restarted actor first (a bad frame fails alone).
+    """
+
+    frames: _Frames = attrs.field(converter=_Frames)
+
+    def leftover(self) -> Inbound | None:
+        """The frames after the last one handed out, or None."""
+        handled = self.frames.handled
+        if handled is None or handled >= len(self.frames):
+            return None
+        return Inbound(self.frames[handled:])
+
+
+# On a stop, a reader hands over at most this many messages its socket still
+# holds (the default receive high-water mark): a bound on the final drain.
+_FINAL_DRAIN_MESSAGES = 100_000
 
 
 async def pump_socket(sock: ZSocket, owner: ActorRef, max_batch: int = 1024) -> None:
@@ -27,22 +60,53 @@ async def pump_socket(sock: ZSocket, owner: ActorRef, max_batch: int = 1024) -> 
 
     ``send`` waits when the owner's mailbox is full: we stop reading, ZeroMQ's
     queues fill, and TCP pushes back on the peers.  That is the backpressure
-    path; nothing is dropped here.  Returns when the owner closes the socket
-    or stops.
+    path; nothing is dropped here.  Returns when the owner closes the socket.
+
+    When ``owner`` is asked to stop, the pending read is cancelled (a message
+    is never lost to that: ``recv_batch`` returns what it took) and what the
+    socket already holds — sent by peers before the stop — is handed over
+    before the reader lets the actor's run end (:class:`~fastworker.runtime.Feed`).
     """
-    while True:
-        try:
-            frames = await sock.recv_batch(max_batch)
-        except trio.ClosedResourceError:
-            return
-        message = Inbound(frames)
-        try:
-            owner.tell(message)  # room in the mailbox: no extra turn of the run loop
-        except MailboxFull:
-            if not await tell_own_actor(owner, message):  # full: wait (backpressure)
+    try:
+        feed = owner.open_feed()
+    except ActorStopped:
+        return
+    with feed:
+        while not feed.stopping:
+            frames: list[list[bytes]] = []
+            with feed.reading():
+                try:
+                    frames = await sock.recv_batch(max_batch)
+                except trio.ClosedResourceError:
+                    return
+            if frames and not await _hand_over(feed, Inbound(frames)):
                 return
+        left = _FINAL_DRAIN_MESSAGES
+        while left > 0:
+            try:
+                frames = sock.recv_batch_nowait(min(max_batch, left))
+            except trio.ClosedResourceError:
+                return
+            if not frames or not await _hand_over(feed, Inbound(frames)):
+                return
+            left -= len(frames)
+
+
+async def _hand_over(feed: Feed, message: Inbound) -> bool:
+    """Queue ``message`` for the reader's actor; False once the actor is gone."""
+    try:
+        feed.tell(message)  # room in the mailbox: no extra turn of the run loop
+    except MailboxFull:
+        try:
+            await feed.send(message)  # full: wait (backpressure)
         except ActorStopped:
-            return
+            return False
+        except trio.Cancelled:
+            feed.keep(message)  # the actor crashed: its next run gets these frames
+            raise
+    except ActorStopped:
+        return False
+    return True
 
 
 async def tell_own_actor(owner: ActorRef, message: object) -> bool:
@@ -80,14 +144,20 @@ def connect_dealer(
     *,
     identity: bytes | None = None,
     when_up: Callable[[ZSocket], object] | None = None,
+    keep_unread: bool = False,
 ) -> ZSocket:
     """A DEALER connected to ``endpoint``, read into ``owner``'s mailbox.
 
     ``when_up(sock)`` is told to ``owner`` once the connection is up: with
     IMMEDIATE set, a send right after ``connect`` usually finds no peer yet,
     and what waited should go at once rather than a heartbeat tick later.
+
+    ``keep_unread=True`` turns IMMEDIATE off, so that what the peer sent
+    before its connection dropped can still be read (see ``open_socket``);
+    sends then queue in ZeroMQ until the connection is up, and ``when_up`` is
+    told at once.
     """
-    sock = open_socket(zmq.DEALER, transport, identity=identity)
+    sock = open_socket(zmq.DEALER, transport, identity=identity, immediate=not keep_unread)
     sock.connect(endpoint)
     nursery.start_soon(pump_socket, sock, owner)
     if when_up is not None:

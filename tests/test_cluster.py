@@ -152,7 +152,7 @@ async def test_stats_show_workers_queues_outcomes_cache_callbacks_and_rejections
             assert before["scheduler"]["succeeded"] == 0
             assert before["scheduler"]["failed"] == 0
             assert before["result-cache"]["size"] == 0
-            assert before["callbacks"]["sent"] == 0
+            assert before["callbacks"]["handed_to_zmq"] == 0
             assert before["callbacks"]["dropped"] == 0
             assert before["rejected"] == {}
 

@@ -62,9 +62,16 @@ class Sockets:
         self._inproc = 0
 
     def __call__(
-        self, kind: int, config: TransportConfig | None = None, *, identity: bytes | None = None
+        self,
+        kind: int,
+        config: TransportConfig | None = None,
+        *,
+        identity: bytes | None = None,
+        **options: bool,
     ) -> ZSocket:
-        return self.adopt(open_socket(kind, config, identity=identity, context=self.context))
+        return self.adopt(
+            open_socket(kind, config, identity=identity, context=self.context, **options)
+        )
 
     def adopt(self, sock: ZSocket | zmq.Socket[bytes]) -> ZSocket:
         zsock = sock if isinstance(sock, ZSocket) else ZSocket(sock)
@@ -156,6 +163,70 @@ def test_open_socket_applies_the_transport_config(sockets: Sockets) -> None:
     router = sockets(zmq.ROUTER).zmq_socket
     assert router.getsockopt(zmq.MAXMSGSIZE) == DEFAULT_MAX_MESSAGE_SIZE
     assert router.getsockopt(zmq.IMMEDIATE) == 0
+    assert sockets(zmq.DEALER, immediate=False).zmq_socket.getsockopt(zmq.IMMEDIATE) == 0
+
+
+def _disconnected(monitor: zmq.Socket[bytes], timeout_ms: int = 5000) -> None:
+    """Block until ``monitor`` (a socket monitor) reports EVENT_DISCONNECTED."""
+    while True:
+        assert monitor.poll(timeout_ms), f"no disconnection within {timeout_ms} ms"
+        if parse_monitor_message(monitor.recv_multipart())["event"] == zmq.EVENT_DISCONNECTED:
+            return
+
+
+@pytest.mark.parametrize("immediate", [False, True], ids=["immediate-off", "immediate-on"])
+def test_what_a_dealer_had_not_read_survives_its_peer_leaving_only_without_immediate(
+    sockets: Sockets, immediate: bool
+) -> None:
+    """The control plane pushes its last results and exits: the connection drops
+    before the client's reader had its turn.  With IMMEDIATE, libzmq throws away
+    every unread message of a dropped connection; without it they stay readable
+    (why the client's gateway DEALER turns IMMEDIATE off)."""
+    dealer = sockets(zmq.DEALER, identity=b"client", immediate=immediate)
+    monitor = dealer.zmq_socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    peer_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        router = peer_context.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.bind(LOOPBACK)
+        dealer.connect(router.getsockopt_string(zmq.LAST_ENDPOINT))
+        dealer.zmq_socket.send(b"hello")  # the router learns our routing id from it
+        assert router.poll(5000)
+        assert router.recv_multipart() == [b"client", b"hello"]
+        for i in range(5):
+            router.send_multipart([b"client", _num(i)])
+        router.close(linger=5000)  # delivered to the kernel before term() returns
+    finally:
+        peer_context.term()
+    try:
+        _disconnected(monitor)  # everything the router sent came in before that
+    finally:
+        dealer.zmq_socket.disable_monitor()
+        monitor.close(linger=0)
+    unread = dealer.recv_batch_nowait(100)
+    assert unread == ([] if immediate else [[_num(i)] for i in range(5)])
+
+
+async def test_router_handover_lets_a_reconnecting_peer_take_over_its_routing_id(
+    sockets: Sockets,
+) -> None:
+    """A worker reconnecting with its id while its old connection is half-open
+    (the old DEALER is silent, its TCP connection not yet given up) is served
+    at once: with ROUTER_HANDOVER the new connection takes the id over."""
+    router = sockets(zmq.ROUTER, router_handover=True)
+    endpoint = router.bind(LOOPBACK)
+    old = sockets(zmq.DEALER, identity=b"worker-1")
+    old.connect(endpoint)
+    with trio.fail_after(5):
+        await old.send_multipart([b"from the old connection"])
+        assert await router.recv_multipart() == [b"worker-1", b"from the old connection"]
+        new = sockets(zmq.DEALER, identity=b"worker-1")  # old stays open and silent
+        new.connect(endpoint)
+        await new.send_multipart([b"from the new connection"])
+        assert await router.recv_multipart() == [b"worker-1", b"from the new connection"]
+        await router.send_multipart([b"worker-1", b"reply"])
+        assert await new.recv_multipart() == [b"reply"]
+    assert old.recv_batch_nowait() == []
 
 
 async def test_open_socket_closes_the_socket_when_an_option_is_rejected() -> None:

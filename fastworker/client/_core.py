@@ -391,6 +391,7 @@ class ClientCore(Actor):
         if self._gateway is None or not self.connected.is_set():
             self._park_command(command)
             return
+        self._send_unsent()  # a request never overtakes a task submitted before it
         request_id = self._new_request_id()
         if command.kind == "query":
             message: Any = ResultQuery(request_id, command.task_ids)
@@ -707,6 +708,7 @@ class ClientCore(Actor):
             self.transport,
             identity=self.client_id.encode(),
             when_up=lambda _: _Wake(),  # send what waited for the connection
+            keep_unread=True,  # results pushed just before the control plane exits
         )
         self._gateway_endpoint = endpoint
 

@@ -1,18 +1,27 @@
 """The Callback dispatcher actor: delivers completion documents to callback addresses.
 
-Protocol (fixed, so receivers can be written in any language): we connect a
-ZeroMQ PUSH socket to the task's ``callback_address`` and send one frame, the
-document encoded in the task's format; the receiver binds a PULL socket.
+Two modes, chosen by the address (design/protocol.md §6 has the frames):
+
+* ``tcp://`` / ``ipc://`` (plain): we connect a PUSH socket and send one
+  frame, the document; the receiver binds a PULL socket.  At most once:
+  "handed to ZeroMQ" is all we can know, and ZeroMQ discards what it still
+  queues for a connection that drops.
+* ``ack+tcp://`` / ``ack+ipc://`` (acknowledged): we connect a DEALER and
+  send ``[delivery id, document]``; the receiver binds a ROUTER and answers
+  ``[delivery id]``.  We re-send every ``resend_interval`` until it does or
+  ``delivery_timeout`` runs out (then counted as dropped): at least once, and
+  :class:`fastworker.CallbackReceiver` removes the duplicates.
 
 A slow, absent or broken receiver must never slow the scheduler, so each
-address gets its own bounded queue and its own sender task; a document that
-cannot be handed to a connected receiver within ``delivery_timeout`` (ZeroMQ
-keeps reconnecting meanwhile) is dropped, counted and logged.
+address gets its own bounded queue and its own sender task; what cannot be
+delivered within ``delivery_timeout`` is dropped, counted and logged.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -20,15 +29,14 @@ import attrs
 import trio
 import zmq
 
+from .._callback_address import CallbackAddress, parse_callback_address
 from ..runtime import Actor
-from ..transport import TransportConfig, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ._internal import CallbackJobs
 
 __all__ = ["CallbackConfig", "CallbackDispatcher"]
 
 log = logging.getLogger("fastworker.callbacks")
-
-_SCHEMES = ("tcp://", "ipc://")
 
 
 @attrs.frozen
@@ -37,6 +45,8 @@ class CallbackConfig:
     max_pending_per_address: int = 10_000
     max_addresses: int = 1024  # addresses with a live sender at once
     idle_close: float = 30.0  # close an address's socket after this long unused
+    resend_interval: float = 1.0  # ack mode: re-send an unacknowledged document this often
+    ack_window: int = 256  # ack mode: documents sent and not yet acknowledged, per address
     transport: TransportConfig = TransportConfig()
 
 
@@ -47,6 +57,9 @@ class CallbackDispatcher(Actor):
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._counts: Counter[str] = Counter()
+        # Delivery ids: unique per control-plane process, never reused.
+        self._id_prefix = uuid.uuid4().hex[:16].encode()
+        self._ids = itertools.count(1)
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -59,7 +72,9 @@ class CallbackDispatcher(Actor):
             return None
         if message == "stats":
             return {
-                "sent": self._counts["sent"],
+                "handed_to_zmq": self._counts["handed_to_zmq"],
+                "acknowledged": self._counts["acknowledged"],
+                "resent": self._counts["resent"],
                 "dropped": sum(v for k, v in self._counts.items() if k.startswith("dropped")),
                 "dropped_by_reason": {
                     k[8:]: v for k, v in self._counts.items() if k.startswith("dropped_")
@@ -69,13 +84,16 @@ class CallbackDispatcher(Actor):
         raise TypeError(f"callback dispatcher got an unexpected message {message!r}")
 
     def _drop(self, reason: str, address: str, count: int = 1) -> None:
-        self._counts[f"dropped_{reason}"] += count
-        log.warning("%d callback document(s) to %s dropped (%s)", count, address, reason)
+        if count:
+            self._counts[f"dropped_{reason}"] += count
+            log.warning("%d callback document(s) to %s dropped (%s)", count, address, reason)
 
     def _enqueue(self, address: str, payload: bytes) -> None:
         sender = self._senders.get(address)
         if sender is None:
-            if not address.startswith(_SCHEMES):
+            try:
+                parsed = parse_callback_address(address)
+            except (TypeError, ValueError):
                 self._drop("bad_address", address)
                 return
             if len(self._senders) >= self.config.max_addresses or self._nursery is None:
@@ -83,18 +101,20 @@ class CallbackDispatcher(Actor):
                 return
             sender, receiver = trio.open_memory_channel[bytes](self.config.max_pending_per_address)
             self._senders[address] = sender
-            self._nursery.start_soon(self._deliver, address, receiver)
+            self._nursery.start_soon(self._deliver, address, parsed, receiver)
         try:
             sender.send_nowait(payload)
         except trio.WouldBlock:
             self._drop("queue_full", address)
 
-    async def _deliver(self, address: str, inbox: trio.MemoryReceiveChannel[bytes]) -> None:
-        """Own one PUSH socket to ``address`` and drain its queue in order."""
-        sock = open_socket(zmq.PUSH, self.config.transport)
+    async def _deliver(
+        self, address: str, parsed: CallbackAddress, inbox: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        """Own one socket to ``address`` and drain its queue in order."""
+        sock = open_socket(zmq.DEALER if parsed.ack else zmq.PUSH, self.config.transport)
         try:
             try:
-                sock.connect(address)
+                sock.connect(parsed.endpoint)
             except zmq.ZMQError as exc:
                 log.warning("bad callback address %s: %s", address, exc)
                 self._senders.pop(address, None)
@@ -103,28 +123,148 @@ class CallbackDispatcher(Actor):
                 self._drop("bad_address", address, _discard_queued(inbox))
                 inbox.close()
                 return
-            while True:
-                payload = None
-                with trio.move_on_after(self.config.idle_close):
-                    payload = await inbox.receive()
-                if payload is None:
-                    # Idle: retire this address, unless a document raced in.
-                    if inbox.statistics().current_buffer_used == 0:
-                        self._senders.pop(address, None)
-                        inbox.close()
-                        return
-                    continue
-                with trio.move_on_after(self.config.delivery_timeout) as scope:
-                    await sock.send_multipart([payload])
-                if scope.cancelled_caught:
-                    # Nobody took it within the timeout: what waits behind it would
-                    # only wait as long again, one by one.  Drop the queue now
-                    # (counted), and give later documents a fresh chance.
-                    self._drop("unreachable", address, 1 + _discard_queued(inbox))
-                else:
-                    self._counts["sent"] += 1
+            if parsed.ack:
+                await _AckedDelivery(self, address, sock, inbox).run()
+            else:
+                await self._deliver_plain(address, sock, inbox)
         finally:
             sock.close(linger_ms=0)
+
+    def _retire(self, address: str, inbox: trio.MemoryReceiveChannel[bytes]) -> bool:
+        """An idle address gives up its sender, unless a document raced in."""
+        if inbox.statistics().current_buffer_used:
+            return False
+        self._senders.pop(address, None)
+        inbox.close()
+        return True
+
+    async def _deliver_plain(
+        self, address: str, sock: ZSocket, inbox: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        while True:
+            payload = None
+            with trio.move_on_after(self.config.idle_close):
+                payload = await inbox.receive()
+            if payload is None:
+                if self._retire(address, inbox):
+                    return
+                continue
+            with trio.move_on_after(self.config.delivery_timeout) as scope:
+                await sock.send_multipart([payload])
+            if scope.cancelled_caught:
+                # Nobody took it within the timeout: what waits behind it would
+                # only wait as long again, one by one.  Drop the queue now
+                # (counted), and give later documents a fresh chance.
+                self._drop("unreachable", address, 1 + _discard_queued(inbox))
+            else:
+                self._counts["handed_to_zmq"] += 1
+
+    def _new_delivery_id(self) -> bytes:
+        return b"%s-%x" % (self._id_prefix, next(self._ids))
+
+
+class _AckedDelivery:
+    """Ack mode for one address: a window of documents re-sent until acknowledged.
+
+    Two tasks share this object: ``run`` (takes documents, sends, re-sends,
+    expires) and ``_read_acks``; an ack wakes ``run`` by cancelling its wait.
+    """
+
+    def __init__(
+        self,
+        dispatcher: CallbackDispatcher,
+        address: str,
+        sock: ZSocket,
+        inbox: trio.MemoryReceiveChannel[bytes],
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._config = dispatcher.config
+        self._counts = dispatcher._counts
+        self._address = address
+        self._sock = sock
+        self._inbox = inbox
+        # delivery id -> [document, deadline, next re-send]; oldest first.
+        self._outstanding: dict[bytes, list[Any]] = {}
+        self._wait: trio.CancelScope | None = None
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_acks)
+            await self._send_loop()
+            nursery.cancel_scope.cancel()
+
+    async def _send_loop(self) -> None:
+        config = self._config
+        outstanding = self._outstanding
+        idle_since = trio.current_time()
+        while True:
+            now = trio.current_time()
+            if outstanding and next(iter(outstanding.values()))[1] <= now:
+                # The oldest was not acknowledged in time: as in plain mode, what
+                # waits behind it would only wait as long again.  Drop it all.
+                dropped = len(outstanding) + _discard_queued(self._inbox)
+                outstanding.clear()
+                self._dispatcher._drop("unacknowledged", self._address, dropped)
+            for delivery_id, entry in outstanding.items():
+                if entry[2] <= now:
+                    entry[2] = now + config.resend_interval
+                    if self._send(delivery_id, entry[0]):
+                        self._counts["resent"] += 1
+            while len(outstanding) < config.ack_window:
+                try:
+                    payload = self._inbox.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                self._take(payload, now)
+            if outstanding:
+                idle_since = now
+                oldest = next(iter(outstanding.values()))[1]
+                wake_at = min(oldest, *(entry[2] for entry in outstanding.values()))
+            else:
+                wake_at = idle_since + config.idle_close
+            taken: bytes | None = None
+            with trio.CancelScope(deadline=wake_at) as scope:
+                self._wait = scope
+                if len(outstanding) < config.ack_window:
+                    taken = await self._inbox.receive()
+                else:
+                    await trio.sleep_forever()
+            self._wait = None
+            if taken is not None:
+                self._take(taken, trio.current_time())
+            elif (
+                not outstanding
+                and trio.current_time() >= wake_at
+                and self._dispatcher._retire(self._address, self._inbox)
+            ):
+                return
+
+    def _take(self, payload: bytes, now: float) -> None:
+        delivery_id = self._dispatcher._new_delivery_id()
+        deadline = now + self._config.delivery_timeout
+        self._outstanding[delivery_id] = [payload, deadline, now + self._config.resend_interval]
+        self._send(delivery_id, payload)
+
+    def _send(self, delivery_id: bytes, payload: bytes) -> bool:
+        try:
+            self._sock.send_multipart_nowait([delivery_id, payload])
+        except trio.WouldBlock:
+            return False  # not connected (IMMEDIATE) or full: the re-send timer retries
+        return True
+
+    async def _read_acks(self) -> None:
+        while True:
+            frames = await self._sock.recv_batch()
+            acked = 0
+            for parts in frames:
+                if len(parts) == 1 and self._outstanding.pop(parts[0], None) is not None:
+                    acked += 1
+            if acked:
+                self._counts["acknowledged"] += acked
+                if self._wait is not None:
+                    self._wait.cancel()  # room in the window: take more
 
 
 def _discard_queued(inbox: trio.MemoryReceiveChannel[bytes]) -> int:

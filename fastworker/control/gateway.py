@@ -86,7 +86,7 @@ class Gateway(Actor):
         self._ack_timer = DeadlineTimer(self.ref, _SendHeldAcks())
 
     async def on_start(self, nursery: trio.Nursery) -> None:
-        sock = open_socket(zmq.ROUTER, self.transport)
+        sock = open_socket(zmq.ROUTER, self.transport, router_handover=True)
         self.endpoint = sock.bind(self.endpoint or self.client_address)
         self._sock = sock
         self._nursery = nursery

@@ -125,7 +125,7 @@ class Scheduler(Actor):
     # -- life cycle ---------------------------------------------------------
 
     async def on_start(self, nursery: trio.Nursery) -> None:
-        sock = open_socket(zmq.ROUTER, self.config.transport)
+        sock = open_socket(zmq.ROUTER, self.config.transport, router_handover=True)
         # Rebind the same port after a restart, so workers reconnect by themselves.
         self.endpoint = sock.bind(self.endpoint or self.config.worker_address)
         self._sock = sock

@@ -6,6 +6,7 @@ from ._actor import ActorRef as ActorRef
 from ._actor import ActorStatistics as ActorStatistics
 from ._actor import ActorStopped as ActorStopped
 from ._actor import AskTimeout as AskTimeout
+from ._actor import Feed as Feed
 from ._actor import MailboxFull as MailboxFull
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics
@@ -17,6 +18,7 @@ __all__ = [
     "ActorStatistics",
     "ActorStopped",
     "AskTimeout",
+    "Feed",
     "MailboxFull",
     "Supervisor",
     "SupervisorStatistics",

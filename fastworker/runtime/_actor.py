@@ -18,6 +18,14 @@ end of the channel. We chose closing over a sentinel message because it needs
 no room in the mailbox: a stop on a full mailbox takes effect at once, lands
 exactly behind the messages already queued, and costs the loop no per-message
 check.
+
+**Feeds.** A socket reader is a helper whose input was sent *before* a stop
+but may still sit in its socket. It takes a :class:`Feed` (``ref.open_feed()``),
+its own clone of the mailbox's sending side: a stop cancels the feed's pending
+read, the reader hands over what its socket already holds and closes the feed,
+and the run ends only once every feed is closed (trio ends a channel when its
+last sending clone closes). So a graceful stop handles what peers sent before
+it instead of closing the socket on it.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ __all__ = [
     "ActorStatistics",
     "ActorStopped",
     "AskTimeout",
+    "Feed",
     "MailboxFull",
 ]
 
@@ -134,6 +143,73 @@ class _Ask:
         return self._value
 
 
+class Feed:
+    """A helper's own way into its actor's mailbox, open through a graceful stop.
+
+    Made by :meth:`ActorRef.open_feed`. Use it as a context manager: the
+    actor's run does not end after a stop until the feed is closed. Between
+    :meth:`ActorRef.stop` and :meth:`close` the feed still delivers, so the
+    helper can hand over what it already took in; :attr:`stopping` tells it
+    to finish, and a read inside :meth:`reading` is cancelled by the stop.
+    """
+
+    __slots__ = ("_ref", "_scope", "_send", "stopping")
+
+    def __init__(self, ref: ActorRef, send: trio.MemorySendChannel[object]) -> None:
+        self._ref = ref
+        self._send = send
+        self._scope: trio.CancelScope | None = None
+        self.stopping = False
+
+    def reading(self) -> trio.CancelScope:
+        """A cancel scope for one wait for input; the actor's stop cancels it."""
+        scope = trio.CancelScope()
+        if self.stopping:
+            scope.cancel()
+        self._scope = scope
+        return scope
+
+    def _stop(self) -> None:
+        self.stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def tell(self, message: object) -> None:
+        """As :meth:`ActorRef.tell`, also after the actor was asked to stop."""
+        try:
+            self._send.send_nowait(message)
+        except trio.WouldBlock:
+            raise MailboxFull(f"mailbox of actor {self._ref.name!r} is full") from None
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self._ref._stopped_error() from None
+
+    async def send(self, message: object) -> None:
+        """As :meth:`ActorRef.send`, also after the actor was asked to stop."""
+        try:
+            await self._send.send(message)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise self._ref._stopped_error() from None
+
+    def keep(self, message: object) -> None:
+        """Hand ``message`` to the actor's next run, after what its mailbox holds now.
+
+        For a helper cancelled (its actor crashed) while waiting for room:
+        what it took in is not lost with it.
+        """
+        self._ref._tail.append(message)
+
+    def close(self) -> None:
+        """Done handing over: once every feed is closed, a stopped actor's run ends."""
+        self._ref._feeds.discard(self)
+        self._send.close()
+
+    def __enter__(self) -> Feed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class ActorRef:
     """Handle others use to talk to an actor.
 
@@ -141,13 +217,17 @@ class ActorRef:
     Refs are created by :class:`Actor`; do not construct them yourself.
     """
 
-    __slots__ = ("_capacity", "_send", "_stopped", "name")
+    __slots__ = ("_capacity", "_feeds", "_send", "_stopped", "_tail", "name")
 
     def __init__(self, name: str, send: trio.MemorySendChannel[object], capacity: int) -> None:
         self.name = name
         self._send = send
         self._capacity = capacity
         self._stopped = False
+        self._feeds: set[Feed] = set()
+        # Messages helpers could not queue before a crash (Feed.keep): the next
+        # run handles them once its mailbox is empty.
+        self._tail: list[object] = []
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "open"
@@ -211,14 +291,30 @@ class ActorRef:
                 ) from None
         return envelope.result()
 
+    def open_feed(self) -> Feed:
+        """A :class:`Feed` into this mailbox for a helper task (a socket reader).
+
+        Raises :class:`ActorStopped` if the actor is already stopped.
+        """
+        try:
+            send = self._send.clone()
+        except trio.ClosedResourceError:
+            raise self._stopped_error() from None
+        feed = Feed(self, send)
+        self._feeds.add(feed)
+        return feed
+
     def stop(self) -> None:
         """Ask the actor to stop once it has handled what is already queued.
 
         Closes the sending side of the mailbox (see the module docstring), so
-        it works even on a full mailbox. Idempotent.
+        it works even on a full mailbox, and tells every open :class:`Feed` to
+        finish: the run ends once they are closed. Idempotent.
         """
         self._stopped = True
         self._send.close()
+        for feed in list(self._feeds):
+            feed._stop()
 
     @property
     def stopped(self) -> bool:
@@ -252,6 +348,7 @@ class Actor:
         send, inbox = trio.open_memory_channel[object](mailbox_size)
         self.ref = ActorRef(name, send, mailbox_size)
         self.__inbox = inbox
+        self.__head: object = None  # see __keep_leftover
         self.__mailbox_size = mailbox_size
         self.__processed = 0
         self.__runs = 0
@@ -344,11 +441,23 @@ class Actor:
         receive_nowait = inbox.receive_nowait
         handle = self.receive
         clock = time.perf_counter
+        tail = self.ref._tail
         while True:
-            try:
-                message = await inbox.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                return
+            if self.__head is not None:
+                # What a crashed run left of its last message comes first.
+                message, self.__head = self.__head, None
+            elif tail:
+                # A helper's message that found no room before the last crash:
+                # once the mailbox queued before it is handled.
+                try:
+                    message = receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    message = tail.pop(0)
+            else:
+                try:
+                    message = await inbox.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
             deadline = clock() + _DRAIN_BUDGET
             while True:
                 if type(message) is _Ask:
@@ -362,7 +471,11 @@ class Actor:
                     else:
                         message.resolve(reply)
                 else:
-                    handle(message)
+                    try:
+                        handle(message)
+                    except Exception:
+                        self.__keep_leftover(message)
+                        raise
                 self.__processed += 1
                 if clock() > deadline:
                     break  # yield: the next receive() is a checkpoint
@@ -371,7 +484,20 @@ class Actor:
                 except trio.WouldBlock:
                     break
                 except (trio.EndOfChannel, trio.ClosedResourceError):
+                    if tail:
+                        break
                     return
+
+    def __keep_leftover(self, message: object) -> None:
+        """A told batch whose handler raised: keep what it had not reached for the next run.
+
+        A message with a ``leftover()`` method (an ``Inbound`` batch of frames)
+        says what is left after the item that failed; the failing item alone
+        is lost (the crash is logged, the supervisor restarts the actor).
+        """
+        leftover = getattr(message, "leftover", None)
+        if callable(leftover):
+            self.__head = leftover()
 
     def close_mailbox(self) -> int:
         """Close the mailbox for good and return how many messages were dropped.
@@ -383,7 +509,9 @@ class Actor:
         """
         self.ref.stop()
         inbox = self.__inbox
-        dropped = 0
+        dropped = len(self.ref._tail) + (self.__head is not None)
+        self.ref._tail.clear()
+        self.__head = None
         while True:
             try:
                 message = inbox.receive_nowait()

@@ -39,9 +39,25 @@ def open_socket(
     config: TransportConfig | None = None,
     *,
     identity: bytes | None = None,
+    immediate: bool = True,
+    router_handover: bool = False,
     context: zmq.Context[zmq.Socket[bytes]] | None = None,
 ) -> ZSocket:
-    """Create a configured, non-blocking socket of ``kind`` (``zmq.ROUTER``, ``zmq.DEALER``…)."""
+    """Create a configured, non-blocking socket of ``kind`` (``zmq.ROUTER``, ``zmq.DEALER``…).
+
+    ``immediate`` (DEALER and PUSH): queue only to a connected peer, so a send
+    before the connection is up raises ``trio.WouldBlock`` instead of waiting
+    in ZeroMQ.  Its price: when the connection drops, libzmq discards every
+    message received on it that the application has not read yet.  A socket
+    whose peer pushes unasked results it must not lose (the client's gateway
+    DEALER: the control plane exits right after pushing the last results of a
+    graceful stop) passes ``immediate=False``.
+
+    ``router_handover`` (ROUTER): a peer connecting with a routing id that is
+    already connected takes it over, instead of being refused until TCP gives
+    up on the old, half-open connection.  For ROUTERs whose peers keep their
+    id across reconnections (workers, clients).
+    """
     cfg = config or TransportConfig()
     ctx = context or zmq.Context.instance()
     sock: zmq.Socket[bytes] = ctx.socket(kind)
@@ -56,9 +72,11 @@ def open_socket(
         if kind == zmq.ROUTER:
             # Unroutable messages raise EHOSTUNREACH instead of vanishing.
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            if router_handover:
+                sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if identity is not None:
             sock.setsockopt(zmq.ROUTING_ID, identity)
-        if kind in (zmq.DEALER, zmq.PUSH):
+        if immediate and kind in (zmq.DEALER, zmq.PUSH):
             # Queue only to connected peers, so a dead address cannot swallow messages.
             sock.setsockopt(zmq.IMMEDIATE, 1)
     except BaseException:

@@ -245,6 +245,23 @@ class ZSocket:
             await trio.lowlevel.cancel_shielded_checkpoint()
             return frames
 
+    def recv_batch_nowait(self, max_messages: int = 1024) -> list[list[bytes]]:
+        """Every message already queued, up to ``max_messages``; empty if none."""
+        if max_messages < 1:
+            raise ValueError(f"max_messages must be at least 1, not {max_messages}")
+        self._check_open()
+        sock = self._sock
+        batch: list[list[bytes]] = []
+        if self._events() & _POLLIN:
+            while len(batch) < max_messages:
+                try:
+                    batch.append(sock.recv_multipart(_NOBLOCK))
+                except zmq.Again:
+                    break
+        self._after_io()
+        self._received += len(batch)
+        return batch
+
     async def recv_batch(self, max_messages: int = 1024) -> list[list[bytes]]:
         """Wait for at least one message, then take every message already queued.
 

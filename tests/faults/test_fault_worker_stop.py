@@ -140,7 +140,7 @@ async def run_sigstop(tmp_path: Path, *, heartbeat: float, stopped_for: float) -
                 assert sorted(d["callback_data"] for d in documents) == list(range(len(ids)))
                 assert scheduler["succeeded"] == len(ids)  # not recorded twice
                 assert scheduler["stale_results"] == len(held)
-                assert callbacks["sent"] == len(ids)
+                assert callbacks["handed_to_zmq"] == len(ids)
                 runs = read_runs(log_dir)
                 assert runs.duplicated().keys() == held  # the stopped runs, and only those
                 # It is still alive and rejoins the pool after its pause.

@@ -1,0 +1,151 @@
+"""The receiving side of a callback address, for plain and acknowledged (``ack+``) addresses.
+
+A plain address (``tcp://``, ``ipc://``) is a PULL socket: each frame is a
+document, delivered at most once.  An ``ack+`` address is a ROUTER: each
+message is ``[routing id, delivery id, document]``; the receiver answers
+``[routing id, delivery id]`` when it hands the document to the application,
+and hands each delivery id over only once among the last ``dedupe_window``
+ids (the control plane re-sends until acknowledged: at least once on the
+wire, once here).  The frames are in design/protocol.md §6, for receivers in
+other languages.
+
+``recv()`` blocks (plain code, threads); ``await receive()`` works under trio
+and asyncio.  Use one of them at a time on one receiver.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from types import TracebackType
+
+import trio
+import zmq
+import zmq.asyncio
+
+from .transport import ZSocket
+
+__all__ = ["CallbackReceiver"]
+
+
+class CallbackReceiver:
+    """Bind ``address`` (``tcp://127.0.0.1:*`` picks a port) and receive callback documents.
+
+    ``address`` is what the receiver binds, with ``ack+`` for acknowledged
+    delivery; :attr:`address` then is what to pass to ``delay_with_callback``.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        dedupe_window: int = 100_000,
+        linger_ms: int = 1000,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+    ) -> None:
+        if dedupe_window < 1:
+            raise ValueError(f"dedupe_window must be at least 1, not {dedupe_window}")
+        self.ack = address.startswith("ack+")
+        endpoint = address[4:] if self.ack else address
+        self._sock: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(
+            zmq.ROUTER if self.ack else zmq.PULL
+        )
+        try:
+            self._sock.setsockopt(zmq.LINGER, linger_ms)  # acks still go out after close
+            self._sock.bind(endpoint)
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
+        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.address = ("ack+" if self.ack else "") + self.endpoint
+        self._linger_ms = linger_ms
+        self._window = dedupe_window
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._trio: ZSocket | None = None
+        self._asyncio: zmq.asyncio.Socket | None = None
+        self.duplicates = 0  # re-sent documents acknowledged again, not handed over
+        self.malformed = 0  # messages that are not [routing id, delivery id, document]
+
+    def _accept(self, frames: list[bytes]) -> bytes | None:
+        """The document in ``frames``, or None for a duplicate or malformed message."""
+        if not self.ack:
+            if len(frames) != 1:
+                self.malformed += 1
+                return None
+            return frames[0]
+        if len(frames) != 3 or not frames[1]:
+            self.malformed += 1
+            return None
+        peer, delivery_id, document = frames
+        try:
+            self._sock.send_multipart([peer, delivery_id], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the sender left or is full: it re-sends, and we acknowledge again
+        if delivery_id in self._seen:
+            self.duplicates += 1
+            return None
+        self._seen[delivery_id] = None
+        if len(self._seen) > self._window:
+            self._seen.popitem(last=False)
+        return document
+
+    def recv(self, timeout: float | None = None) -> bytes:
+        """Block until the next document; ``TimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            poll_ms = None if left is None else int(left * 1000)
+            if not self._sock.poll(poll_ms, zmq.POLLIN):
+                raise TimeoutError(f"no callback document within {timeout} s")
+            document = self._accept(self._sock.recv_multipart())
+            if document is not None:
+                return document
+
+    async def receive(self) -> bytes:
+        """Wait for the next document, under trio or asyncio.
+
+        Under trio a cancelled wait loses no message.  Under asyncio a
+        cancellation can lose one that pyzmq had just received: in ack mode it
+        is not acknowledged, so the control plane sends it again.
+        """
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return await self._receive_asyncio()
+        if self._trio is None:
+            self._trio = ZSocket(self._sock)
+        while True:
+            document = self._accept(await self._trio.recv_multipart())
+            if document is not None:
+                return document
+
+    async def _receive_asyncio(self) -> bytes:
+        if self._asyncio is None:
+            self._asyncio = zmq.asyncio.Socket.shadow(self._sock.underlying)
+        while True:
+            document = self._accept(await self._asyncio.recv_multipart())
+            if document is not None:
+                return document
+
+    def close(self) -> None:
+        """Close the socket; acknowledgements already sent still go out (``linger_ms``)."""
+        if self._trio is not None:
+            self._trio.close(linger_ms=self._linger_ms)
+        else:
+            self._sock.close()
+
+    def __enter__(self) -> CallbackReceiver:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> CallbackReceiver:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

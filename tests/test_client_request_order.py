@@ -1,0 +1,61 @@
+"""The order a client's requests leave it in, seen by a fake control plane.
+
+A request must not overtake a task submitted before it: ``delay(...)`` then
+``stats()`` must reach the Gateway as Submit, then StatsQuery.  When they
+reached it in two reads, the StatsQuery was answered before the Submit was
+queued, and the queue looked one task short (how
+``test_a_critical_task_overtakes_a_backlog_of_low_ones`` failed on a busy
+machine).  Here the fake Gateway reads the raw frames, so the order is exact.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import zmq
+
+from fastworker import Client
+from fastworker.transport import open_socket
+from fastworker.wire import Lookup, LookupReply, StatsQuery, Submit, decode, encode
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def test_a_request_does_not_overtake_a_task_submitted_before_it() -> None:
+    discovery = open_socket(zmq.ROUTER)
+    gateway = open_socket(zmq.ROUTER)
+    try:
+        discovery_address = discovery.bind("tcp://127.0.0.1:*")
+        gateway_address = gateway.bind("tcp://127.0.0.1:*")
+        with trio.fail_after(5):
+            async with (
+                trio.open_nursery() as nursery,
+                Client(discovery_address=discovery_address, timeout=5) as client,
+            ):
+
+                async def answer_lookups() -> None:
+                    while True:
+                        peer, body = await discovery.recv_multipart()
+                        lookup = decode(body)
+                        assert isinstance(lookup, Lookup)
+                        reply = LookupReply(lookup.request_id, "i", gateway_address, 1.0, 1 << 24)
+                        await discovery.send_multipart([peer, encode(reply)])
+
+                nursery.start_soon(answer_lookups)
+                await client.delay("add", 0, 0)
+                _, body = await gateway.recv_multipart()  # connected: the first Submit came
+                assert isinstance(decode(body), Submit)
+                seen = []
+                for i in range(20):
+                    # The query starts in the same turn (trio runs the two tasks
+                    # in either order): often both wait in the client together.
+                    await client.delay("add", i, i)
+                    nursery.start_soon(client.stats)
+                    for _ in range(2):
+                        _, body = await gateway.recv_multipart()
+                        seen.append(type(decode(body)))
+                nursery.cancel_scope.cancel()
+        assert seen == [Submit, StatsQuery] * 20
+    finally:
+        discovery.close()
+        gateway.close()

@@ -1,0 +1,147 @@
+"""Tests for ``fastworker._io.pump_socket``: a socket reader feeding its actor.
+
+Peers here use ``inproc://`` on the process-wide context (the one
+``open_socket`` uses): an inproc send lands in the reader's queue before the
+call returns, so "sent before the stop" is exact, without threads or sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import count
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+import zmq
+
+from fastworker._io import Inbound, _hand_over, pump_socket
+from fastworker.runtime import Actor, Supervisor
+from fastworker.transport import ZSocket, open_socket
+
+pytestmark = pytest.mark.timeout(10)
+
+_endpoints = count()
+
+
+class Reader(Actor):
+    """Owns a bound ROUTER read by ``pump_socket``; records every frame it handles."""
+
+    def __init__(self) -> None:
+        super().__init__("reader", mailbox_size=4)
+        self.endpoint = f"inproc://pump-{next(_endpoints)}"
+        self.frames: list[list[bytes]] = []
+        self.sock: ZSocket | None = None
+
+    async def on_start(self, nursery: trio.Nursery) -> None:
+        self.sock = open_socket(zmq.ROUTER)
+        self.sock.bind(self.endpoint)
+        nursery.start_soon(pump_socket, self.sock, self.ref)
+
+    async def on_stop(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+
+    def receive(self, message: Any) -> None:
+        assert type(message) is Inbound
+        self.frames.extend(message.frames)
+
+
+@pytest.fixture
+def peer() -> Iterator[zmq.Socket[bytes]]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.ROUTING_ID, b"peer")
+    try:
+        yield sock
+    finally:
+        sock.close(linger=0)
+
+
+async def test_a_graceful_stop_handles_what_peers_sent_before_it(
+    peer: zmq.Socket[bytes],
+) -> None:
+    """The node stops its control plane right after its workers exited: their
+    last results may still sit in the scheduler's socket, unread.  The stop
+    must hand them to the actor, not close the socket on them."""
+    actor = Reader()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            peer.connect(actor.endpoint)
+            await trio.testing.wait_all_tasks_blocked()  # the reader waits for input
+            # No checkpoint from here to stop(): the reader cannot run in between.
+            for i in range(50):
+                peer.send(b"%d" % i)
+            actor.ref.stop()
+    assert actor.frames == [[b"peer", b"%d" % i] for i in range(50)]
+
+
+async def test_a_stopped_reader_does_not_wait_for_more_input(peer: zmq.Socket[bytes]) -> None:
+    """A stop with nothing queued ends the run at once: the reader hands over
+    what is there and lets go, it does not wait for peers."""
+    actor = Reader()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(actor.run)
+            peer.connect(actor.endpoint)
+            peer.send(b"early")
+            await trio.testing.wait_all_tasks_blocked()
+            actor.ref.stop()
+    assert actor.frames == [[b"peer", b"early"]]
+    assert actor.ref.stopped
+
+
+class Picky(Reader):
+    """Handles frames one by one and raises on the frame ``bad``."""
+
+    def receive(self, message: Any) -> None:
+        for parts in message.frames:
+            if parts[-1] == b"bad":
+                raise ValueError("a frame this actor cannot handle")
+            self.frames.append(parts)
+
+
+async def test_a_frame_that_crashes_its_handler_fails_alone(peer: zmq.Socket[bytes]) -> None:
+    """The frames after the bad one in the same batch reach the restarted actor, in order."""
+    actor = Picky()
+    supervisor = Supervisor("sup", [actor])
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            peer.connect(actor.endpoint)
+            await trio.testing.wait_all_tasks_blocked()
+            for body in (b"1", b"bad", b"2", b"3"):  # one batch: no checkpoint in between
+                peer.send(body)
+            while len(actor.frames) < 3:
+                await trio.testing.wait_all_tasks_blocked()
+            supervisor.stop()
+    assert actor.frames == [[b"peer", b"1"], [b"peer", b"2"], [b"peer", b"3"]]
+    assert supervisor.statistics().restarts == {"reader": 1}
+
+
+async def test_frames_a_reader_holds_when_its_actor_crashes_go_to_the_next_run() -> None:
+    """A reader waiting for room (mailbox full) is cancelled by its actor's crash:
+    the frames it holds are handled by the next run, after the mailbox."""
+    actor = Reader()
+    for i in range(4):
+        actor.ref.tell(Inbound([[b"queued", b"%d" % i]]))  # the mailbox is full
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            with actor.ref.open_feed() as feed:
+                holding = trio.CancelScope()
+
+                async def reader() -> None:
+                    with holding:
+                        await _hand_over(feed, Inbound([[b"held", b"a"], [b"held", b"b"]]))
+
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for room
+                holding.cancel()  # what the crash of its actor does to it
+    actor.ref.stop()
+    with trio.fail_after(5):
+        await actor.run()  # the next run
+    assert actor.frames == [[b"queued", b"%d" % i] for i in range(4)] + [
+        [b"held", b"a"],
+        [b"held", b"b"],
+    ]
