@@ -369,3 +369,27 @@ async def test_an_acknowledged_delivery_address_is_passed_through_as_given() -> 
         assert options["cb"] == "ack+tcp://127.0.0.1:6000"
     finally:
         client.stop(timeout=0)  # nobody to hand it to
+
+
+def big(n: int) -> str:
+    return "x" * n
+
+
+async def test_a_result_larger_than_the_clients_own_limit_still_reaches_it() -> None:
+    """The client reads up to the control plane's limit: its own governs what it sends.
+
+    Before, a 2 MB result pushed to a client with ``max_message_size=100_000``
+    made ZeroMQ drop the connection, and the same push (or the sweep's reply)
+    dropped it again every time: that client never got another result.
+    """
+
+    with trio.fail_after(30):
+        async with (
+            Cluster(tasks=[big, add]) as cluster,
+            Client(discovery_address=cluster.discovery_address, max_message_size=100_000) as client,
+        ):
+            large = await client.submit_task("big", args=(2_000_000,), timeout=20)
+            small = await client.submit_task("add", args=(5, 5), timeout=20)
+    assert large.status.value == "success"
+    assert len(large.result) == 2_000_000
+    assert small.result == 10

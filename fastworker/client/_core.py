@@ -194,6 +194,7 @@ class ClientCore(Actor):
         self._discovery: ZSocket | None = None
         self._gateway: ZSocket | None = None
         self._gateway_endpoint: str | None = None
+        self._gateway_limit = 0  # the MAXMSGSIZE of the gateway socket
         self._nursery: trio.Nursery | None = None
         self.instance_id: str | None = None
         self._interval = 0.1
@@ -675,7 +676,7 @@ class ClientCore(Actor):
                 )
             self.instance_id = reply.instance_id
             self._resubmit_all()
-        if endpoint != self._gateway_endpoint:
+        if endpoint != self._gateway_endpoint or self._gateway_limit < reply.max_message_size:
             self._open_gateway(endpoint)
         if not self.connected.is_set():
             self.connected.set()
@@ -701,11 +702,14 @@ class ClientCore(Actor):
         assert self._nursery is not None
         if self._gateway is not None:
             self._gateway.close()
+        # Whatever the control plane sends is cut under its own limit: accept up to
+        # that, or one large result would cost the connection every time it is sent.
+        self._gateway_limit = max(self.transport.max_message_size, self.max_message_size)
         self._gateway = connect_dealer(
             self._nursery,
             self.ref,
             endpoint,
-            self.transport,
+            attrs.evolve(self.transport, max_message_size=self._gateway_limit),
             identity=self.client_id.encode(),
             when_up=lambda _: _Wake(),  # send what waited for the connection
             keep_unread=True,  # results pushed just before the control plane exits
