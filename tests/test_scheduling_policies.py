@@ -292,3 +292,29 @@ async def test_a_large_batch_is_dispatched_in_messages_under_the_size_limit() ->
     assert len(wire.to(b"w")) == 200
     assert len(sizes) > 1
     assert max(sizes) <= 4 * 1024 * 1024
+
+
+async def test_a_dispatch_that_never_reached_its_worker_is_queued_again(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A Dispatch into a broken connection is lost without a trace; the worker's list says so.
+
+    Before, its tasks stayed RUNNING at that worker, their credits used, for as
+    long as the worker lived: the fault campaign lost 400 tasks this way.
+    """
+    scheduler, wire = _scheduler()
+    _join(scheduler, "a", 1)
+    _submit(scheduler, "lost")
+    assert wire.to(b"a") == ["lost"]  # ...and the bytes went nowhere
+
+    def holding(ids: list[str]) -> None:
+        scheduler.receive(Inbound([[b"a", encode(Ready(1, ids))]]))
+
+    holding([])  # too recent to tell from one still on its way
+    assert wire.to(b"a") == ["lost"]
+    await trio.sleep(scheduler.book.config.lost_dispatch_seconds)
+    holding(["something-else"])
+    assert wire.to(b"a") == ["lost", "lost"]  # queued again, and sent again
+    assert scheduler.statistics_dict()["lost_dispatches"] == 1
+    holding(["lost"])  # now it has it: nothing more happens
+    assert wire.to(b"a") == ["lost", "lost"]

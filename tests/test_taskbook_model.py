@@ -216,6 +216,19 @@ class TaskBookMachine(RuleBasedStateMachine):
             self.book.report(slot.identity, record)
         self._step()
 
+    @rule(
+        worker=st.sampled_from([*WORKERS, b"stranger"]),
+        data=st.data(),
+        extra=st.lists(st.sampled_from(TASK_IDS), max_size=3),
+    )
+    def holding(self, worker: bytes, data: st.DataObject, extra: list[str]) -> None:
+        """A worker lists what it holds: some of what it was sent (others were lost), and strays."""
+        slot = self.book._workers.get(worker)
+        sent = sorted(slot.inflight) if slot is not None else []
+        kept = data.draw(st.lists(st.sampled_from(sent), unique=True)) if sent else []
+        self.book.holding(worker, kept + extra)
+        self._step()
+
     @rule(worker=st.sampled_from(WORKERS), task_ids=st.lists(st.sampled_from(TASK_IDS)))
     def release(self, worker: bytes, task_ids: list[str]) -> None:
         self.book.release(worker, task_ids)

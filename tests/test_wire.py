@@ -44,6 +44,7 @@ SAMPLES: dict[tuple[type, ...], Any] = {
     (list,): [["t1", "add", 2, 0, b"[[1,2],{}]", None], "x"],
     (dict,): {"queued": 3, "nested": {"k": [1.5]}},
     (bool,): True,
+    (list, type(None)): ["t1", "t2"],
 }
 
 # A value of a wrong type for each accepted-type tuple: bool where int is expected included.
@@ -54,6 +55,7 @@ WRONG: dict[tuple[type, ...], list[Any]] = {
     (list,): [{"a": 1}, "abc", b"", None],
     (dict,): [[("a", 1)], None, "d"],
     (bool,): [1, 0, "true", None],
+    (list, type(None)): [{"a": 1}, "abc", b"", 0],
 }
 
 

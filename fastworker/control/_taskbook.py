@@ -80,6 +80,8 @@ class TaskBookConfig:
     orphan_seconds: float = 60.0
     unknown_peers: int = 1024  # Ready windows kept for peers not registered (yet)
     unknown_peer_seconds: float = 30.0
+    # A task dispatched this long ago that its worker says it does not hold was lost.
+    lost_dispatch_seconds: float = 5.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
 
@@ -95,6 +97,7 @@ class Job:
         "key",
         "name",
         "priority",
+        "sent_at",
         "seq",
         "status",
         "timer",
@@ -115,6 +118,7 @@ class Job:
         self.worker: bytes | None = None
         self.deaths = 0
         self.due = 0.0
+        self.sent_at = 0.0  # when it was last dispatched
         self.timer = 0  # token of its live entry in the due-time heap; 0 when none
 
 
@@ -402,6 +406,30 @@ class TaskBook:
         while len(peers) > self.config.unknown_peers:
             peers.popitem(last=False)
 
+    def holding(self, worker: bytes, task_ids: list[str]) -> None:
+        """A worker lists every task it holds: queue again what never reached it.
+
+        A Dispatch sent into a connection that broke (half-open, cut) is lost
+        without a trace, and its tasks would stay RUNNING here for as long as
+        the worker lives, their credits used.  A task dispatched at least
+        ``lost_dispatch_seconds`` ago that the worker does not list is queued
+        again, in front; one still on its way is younger than that.  (A Dispatch
+        held up longer than that on a slow link runs twice: at-least-once.)
+        """
+        slot = self._workers.get(worker)
+        if slot is None:
+            return
+        held = set(task_ids)
+        cutoff = self._now() - self.config.lost_dispatch_seconds
+        lost = [
+            job for key, job in slot.inflight.items() if key not in held and job.sent_at <= cutoff
+        ]
+        for job in lost:
+            self._leave_worker(slot, job)
+            job.status = _QUEUED
+        self._queues.push_front(lost)
+        self.stats["lost_dispatches"] += len(lost)
+
     def release(self, worker: bytes, task_ids: list[str]) -> None:
         """A worker hands back tasks it will not start (draining): queue them again, in front."""
         slot = self._workers.get(worker)
@@ -568,6 +596,7 @@ class TaskBook:
             batch: list[TaskEnvelope] = []
             back: list[Job] = []
             inflight = slot.inflight
+            now = self._now()
             for job in queues.pop_many(slot.names, free):
                 if job.deaths:
                     if not self._may_take(slot, job):
@@ -577,6 +606,7 @@ class TaskBook:
                         slot.suspect = job.key
                 job.status = _RUNNING
                 job.worker = slot.identity
+                job.sent_at = now
                 inflight[job.key] = job
                 envelope = job.envelope
                 if job.attempt > 1:
@@ -668,6 +698,7 @@ class TaskBook:
             "stale_results": self.stats["stale_results"],
             "recovered_results": self.stats["recovered_results"],
             "ready_from_unknown": self.stats["ready_from_unknown"],
+            "lost_dispatches": self.stats["lost_dispatches"],
         }
 
     def audit(self) -> list[str]:

@@ -300,6 +300,8 @@ class Scheduler(Actor):
                     book.report(identity, record)
             elif isinstance(message, Ready):
                 book.ready(identity, message.window)
+                if message.held is not None:
+                    book.holding(identity, [i for i in message.held if type(i) is str])
             elif isinstance(message, Release):
                 book.release(identity, [i for i in message.task_ids if type(i) is str])
             else:

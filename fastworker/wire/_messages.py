@@ -261,12 +261,19 @@ class ErrorReply(Message):
 # --- worker <-> scheduler ---------------------------------------------------
 
 
-@_register(30, _I)
+@_register(30, _I, (list, _NONE))
 @attrs.frozen
 class Ready(Message):
-    """Worker → scheduler: how many tasks it may hold at once (0 = send no more)."""
+    """Worker → scheduler: how many tasks it may hold at once (0 = send no more).
+
+    ``held`` (now and then; null otherwise) lists every task the worker holds:
+    a task the control plane dispatched to it long enough ago and that is not
+    listed was lost on the way (a Dispatch into a broken connection) and is
+    queued again.
+    """
 
     window: int
+    held: list[Any] | None = None
 
 
 @_register(31, _L)

@@ -207,6 +207,10 @@ class Executor:
         """Tasks accepted and not yet reported (running or waiting)."""
         return len(self._held)
 
+    def held_ids(self) -> list[str]:
+        """The ids of the tasks accepted and not yet reported."""
+        return list(self._held)
+
     @property
     def waiting(self) -> int:
         return self._threads.waiting() + sum(len(q) for q in self._async_waiting)

@@ -48,6 +48,7 @@ from ..wire import (
     message_budget,
     result_weight,
     split_by_bytes,
+    text_bytes,
 )
 from ._errors import type_name
 from ._executor import Executor
@@ -55,6 +56,9 @@ from ._executor import Executor
 __all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger("fastworker.worker")
+
+# Every this many heartbeat ticks, Ready lists the tasks the worker holds.
+_HELD_EVERY_TICKS = 5
 
 _MAX_RESULTS_PER_MESSAGE = 2048
 _COALESCE_SECONDS = 0.002
@@ -127,6 +131,7 @@ class Worker(Actor):
         self._nursery: trio.Nursery | None = None
         self._interval = cfg.heartbeat_interval
         self._message_limit = cfg.transport.max_message_size  # and the control plane's, once known
+        self._ticks = 0
         self._last_ack = 0.0
         self._connected = False
         self._draining = False
@@ -290,10 +295,20 @@ class Worker(Actor):
         )
         self._scheduler_endpoint = endpoint
 
-    def _announce(self) -> None:
-        """Tell the scheduler our window (absolute, so repeating it is harmless) and flush."""
-        self._send_scheduler(Ready(0 if self._draining or self._retiring else self.window))
+    def _announce(self, with_held: bool = False) -> None:
+        """Flush, then tell the scheduler our window (absolute, so repeating it is harmless).
+
+        ``with_held`` also lists every task we hold (the executor's and the
+        results not sent yet), so the scheduler can requeue a Dispatch that
+        never reached us; left out when the list would not fit a message.
+        """
         self._flush()
+        held: list[str] | None = None
+        if with_held:
+            held = [*self.executor.held_ids(), *(record.task_id for record in self._outbox)]
+            if sum(text_bytes(i) + 9 for i in held) > message_budget(self._message_limit) // 2:
+                held = None
+        self._send_scheduler(Ready(0 if self._draining or self._retiring else self.window, held))
 
     @property
     def window(self) -> int:
@@ -337,7 +352,10 @@ class Worker(Actor):
             self._connected = False
         if self._connected:
             self._send_discovery(Heartbeat(self.worker_id))
-            self._announce()  # repeats the window: a lost Ready must not idle us forever
+            self._ticks += 1
+            # Repeats the window (a lost Ready must not idle us forever) and, every
+            # few ticks, what we hold (a lost Dispatch must not hold tasks forever).
+            self._announce(with_held=self._ticks % _HELD_EVERY_TICKS == 0)
         else:
             self._send_discovery(self._register_message())
 
