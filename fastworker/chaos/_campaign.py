@@ -295,12 +295,15 @@ class Campaign:
 
     async def _break_link(self, p: Planned) -> None:
         link = self.links[p.target]
+        # A slow or stalled Scheduler link loses nothing and ends no worker's membership:
+        # it cannot make a run repeat.  Everything else on a worker's link may.
         worker_side = p.target.startswith("w")
+        requeues = worker_side and not (p.target == "wsched" and p.mode in ("slow", "stall"))
         node = None  # wsched reaches every worker; wdisc<j> the workers of node j
         if p.target.startswith("wdisc"):
             node = self.worker_nodes[int(p.target.removeprefix("wdisc"))]
         pids = node.children() if node is not None else []
-        fault = self._fault(f"net-{p.mode}", p.target, time.time(), worker_side, pids)
+        fault = self._fault(f"net-{p.mode}", p.target, time.time(), requeues, pids)
         mode: Mode = p.mode  # type: ignore[assignment]  # the schedule only picks MODES
         link.set(mode, p.delay)
         try:

@@ -47,9 +47,10 @@ VIOLATION_KINDS = ("lost", "duplicated", "unexpected", "hung", "health")
 TIMEOUT_SLACK = 2.0
 # Calls that must return without waiting for the network (delay, stop, ...).
 INSTANT_BOUND = 3.0
-# A client that stops this soon after a control-plane restart may not have
-# re-submitted its tasks to the new instance yet: they are lost with it.
-RESUBMIT_WINDOW = 3.0
+# A client that stops this soon after a control-plane restart may not have had
+# its re-submission acknowledged by the new instance yet (it re-sends after
+# 1, 2, 4 and 8 s before it gives up): its tasks may be lost with it.
+RESUBMIT_WINDOW = 15.0
 # Slack around a task's window when counting the events that could requeue it
 # (the poller sees a final up to a tick late; log lines have millisecond times).
 WINDOW_SLACK = 1.0

@@ -61,6 +61,7 @@ def figures_line(figures: dict[str, Any]) -> str:
         f"runs={figures['runs']} outcomes={counts(figures['outcomes'])} "
         f"faults={counts(figures['faults'])} events={counts(figures['events'])} "
         f"violations={counts(figures['violations'])} "
+        f"superseded={figures['superseded']} drain_seconds={figures['drain_seconds']} "
         f"cp_rss_max_mib={figures['cp_rss_max_mib']} verdict={figures['verdict']}"
     )
 

@@ -118,7 +118,7 @@ class ClientSlot:
         finally:
             with trio.CancelScope(shield=True):
                 await self._final_pass()
-            self._stop_client()
+            self._stop_client(last=True)
 
     def restart(self, downtime: float) -> bool:
         """Stop this slot's client and start a new one after ``downtime`` seconds."""
@@ -152,7 +152,9 @@ class ClientSlot:
         self._end(op, "ok")
         self.client = client
 
-    def _stop_client(self) -> None:
+    def _stop_client(self, last: bool = False) -> None:
+        """Stop the current client; unless it is the ``last`` (the campaign is over), its
+        unfinished tasks pass to the next client in the slot, which can only query them."""
         client, self.client = self.client, None
         if client is None:
             return
@@ -160,6 +162,8 @@ class ClientSlot:
         op = self._op("stop", None)
         client.stop()
         self._end(op, "ok")
+        if last:
+            return
         now = time.time()
         for rec in self._waiting:
             rec.untracked = True  # its id never came back: nobody can ask about it
