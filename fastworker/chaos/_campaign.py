@@ -82,6 +82,7 @@ class Campaign:
         self.slots: list[ClientSlot] = []
         self.cp_rss_max_kib = 0
         self._cp_count = 0
+        self._cp_lock = trio.Lock()  # one restart of the control plane at a time
         self.workdir = Path(tempfile.mkdtemp(prefix="fastworker-chaos-"))
         self.runlog = self.workdir / "runs.log"
         self.plan: list[Planned] = []
@@ -216,7 +217,7 @@ class Campaign:
         if s.verbose:
             for p in self.plan:
                 print(f"chaos plan: {p.describe()}", flush=True)
-        nursery.start_soon(self._sample_rss)
+        nursery.start_soon(self._watch_cp)
         t0 = trio.current_time()
         with trio.CancelScope() as faults:
             async with trio.open_nursery() as injectors:
@@ -235,13 +236,28 @@ class Campaign:
         self.history.ended = time.time()
         self.drain_seconds = self.history.ended - drain_start
 
-    async def _sample_rss(self) -> None:
+    async def _watch_cp(self) -> None:
+        """Sample the control plane's RSS; replace it if it died by itself (a violation)."""
         while True:
-            if self.cp is not None and not self.cp.exited():
-                rss = rss_kib(self.cp.pid)
-                if rss is not None:
-                    self.cp_rss_max_kib = max(self.cp_rss_max_kib, rss)
-            await trio.sleep(1.0)
+            cp = self.cp
+            if cp is not None and not self._cp_lock.locked():
+                if cp.exited():
+                    self.history.health.append(
+                        f"control plane {cp.name} exited by itself (code {cp.exit_code}) at "
+                        f"{time.time() - self.history.started:.1f} s; started another"
+                    )
+                    fault = self._fault("cp-died", cp.name, time.time(), True)
+                    async with self._cp_lock:
+                        try:
+                            await trio.to_thread.run_sync(cp.close, 0.0)
+                            await self._start_cp()
+                        finally:
+                            fault.end = time.time()
+                else:
+                    rss = rss_kib(cp.pid)
+                    if rss is not None:
+                        self.cp_rss_max_kib = max(self.cp_rss_max_kib, rss)
+            await trio.sleep(0.5)
 
     # -- faults --------------------------------------------------------------------
 
@@ -315,18 +331,19 @@ class Campaign:
                 fault.pids = sorted(set(fault.pids) | set(node.children()))
 
     async def _restart_cp(self, p: Planned) -> None:
-        old = self.cp
-        assert old is not None
-        fault = self._fault(f"cp-{p.mode}", old.name, time.time(), True)
-        try:
-            old.signal(signal.SIGKILL if p.mode == "kill" else signal.SIGTERM)
-            await trio.to_thread.run_sync(old.close, 10.0)
-            await trio.sleep(p.duration)
-        finally:
-            with trio.CancelScope(shield=True):
-                if self.cp is old:
-                    await self._start_cp()
-                fault.end = time.time()
+        async with self._cp_lock:  # the watcher may be replacing one that died by itself
+            old = self.cp
+            assert old is not None
+            fault = self._fault(f"cp-{p.mode}", old.name, time.time(), True)
+            try:
+                old.signal(signal.SIGKILL if p.mode == "kill" else signal.SIGTERM)
+                await trio.to_thread.run_sync(old.close, 10.0)
+                await trio.sleep(p.duration)
+            finally:
+                with trio.CancelScope(shield=True):
+                    if self.cp is old:
+                        await self._start_cp()
+                    fault.end = time.time()
 
     # -- the end ----------------------------------------------------------------------
 

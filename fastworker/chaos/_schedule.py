@@ -80,7 +80,8 @@ def plan(
             elif kind == "net":
                 link = rng.choice(links)
                 mode = rng.choice(NET_MODES)
-                length = rng.uniform(0.5, 4.0)
+                # Mostly short; one in five outlasts the client's ack retries (1+2+4+8 s).
+                length = rng.uniform(0.5, 4.0) if rng.random() < 0.8 else rng.uniform(4.0, 16.0)
                 delay = rng.uniform(0.02, 0.3) if mode == "slow" else 0.0
                 at = place(link, length)
                 if at is not None:
