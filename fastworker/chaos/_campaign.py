@@ -46,6 +46,8 @@ _LIVENESS = 3  # heartbeats a worker may miss (the control plane's default)
 _DEAD_PID = re.compile(r"\(pid (\d+)\)")
 _LOGGER_PID = re.compile(r"\[worker (\d+)\]")
 _CRASHED = re.compile(r"actor \S+ crashed")
+# Events the campaign did not inject but saw (run log, node logs, a control plane's death).
+_OBSERVED = frozenset({"crash-run", "declared-dead", "recycle", "worker-actor-restart", "cp-died"})
 
 
 @attrs.define
@@ -418,16 +420,8 @@ class Campaign:
 
     def figures(self) -> dict[str, Any]:
         assert self.verdict is not None
-        injected = Counter(
-            f.kind
-            for f in self.history.faults
-            if f.kind not in ("crash-run", "declared-dead", "recycle", "worker-actor-restart")
-        )
-        observed = Counter(
-            f.kind
-            for f in self.history.faults
-            if f.kind in ("crash-run", "declared-dead", "recycle", "worker-actor-restart")
-        )
+        injected = Counter(f.kind for f in self.history.faults if f.kind not in _OBSERVED)
+        observed = Counter(f.kind for f in self.history.faults if f.kind in _OBSERVED)
         return {
             "seed": self.s.seed,
             "duration": self.s.duration,
