@@ -347,6 +347,12 @@ def test_unexpected_runs_of_unknown_keys_and_answers_about_unknown_ids() -> None
     assert _kinds(history) == {"unexpected": 2}
 
 
+def test_unexpected_a_result_pushed_to_a_client_that_never_submitted_it() -> None:
+    history = _history()
+    history.strays.append(("c1#2", "somebody-elses-id"))
+    assert _kinds(history) == {"unexpected": 1}
+
+
 def test_hung_callers() -> None:
     history = _history()
     quick = Op("c0#1", "query", T0, T0 + 5.0, timeout=5.0, outcome="timeout")

@@ -144,6 +144,10 @@ def check(history: History) -> Verdict:
             out.append(
                 Violation("unexpected", task_id, f"a query for an unknown id answered {answer!r}")
             )
+    for client, task_id in history.strays:
+        out.append(
+            Violation("unexpected", task_id, f"{client} got a result for an id it never submitted")
+        )
     for problem in history.health:
         out.append(Violation("health", "processes", problem))
     return verdict

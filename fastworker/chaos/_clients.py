@@ -83,6 +83,7 @@ class ClientSlot:
         self.inherited: dict[str, TaskRecord] = {}  # ids of stopped clients, not final yet
         self.recent: deque[TaskRecord] = deque(maxlen=200)  # finished, to query again
         self._waiting: set[TaskRecord] = set()  # in submit_task: no id known yet
+        self._ids: set[str] = set()  # every id the current client gave back
         self._counter = itertools.count(1)
         self.submitting = True
         self._restart: float | None = None
@@ -141,6 +142,7 @@ class ClientSlot:
 
     async def _start_client(self) -> None:
         self.generation += 1
+        self._ids = set()
         client = Client(
             self.discovery_address,
             timeout=_CLIENT_TIMEOUT,
@@ -159,6 +161,7 @@ class ClientSlot:
         if client is None:
             return
         self._collect(client)
+        self._find_strays(client)
         op = self._op("stop", None)
         client.stop()
         self._end(op, "ok")
@@ -172,6 +175,21 @@ class ClientSlot:
             rec.owner_gone_at = now
             self.inherited[task_id] = rec
         self.live.clear()
+
+    def _find_strays(self, client: Client) -> None:
+        """Results in the client's local cache for ids it never submitted (pushed to it wrongly).
+
+        The only look inside the client (its cache and id prefix): there is no public listing.
+        """
+        finished = getattr(getattr(client, "_core", None), "finished", None)
+        prefix = getattr(client, "_id_prefix", None)
+        if not isinstance(finished, dict) or not isinstance(prefix, str):
+            return
+        # Every id a client makes starts with its prefix; ids it never gave back (submit_task
+        # raised) are its own all the same.
+        for task_id in finished:
+            if task_id not in self._ids and not task_id.startswith(f"{prefix}-"):
+                self.history.strays.append((self.name, task_id))
 
     # -- recording ---------------------------------------------------------------
 
@@ -233,6 +251,7 @@ class ClientSlot:
         for rec, task_id in zip(recs, ids, strict=True):
             rec.task_id = task_id
             self.live[task_id] = rec
+            self._ids.add(task_id)
 
     def _observe(self, rec: TaskRecord, result: TaskResult, via: str) -> None:
         value = result.result
@@ -493,6 +512,7 @@ class ClientSlot:
                 rec.untracked = True  # it raised: the task may exist, its id is unknown
                 return
             rec.task_id = result.task_id
+            self._ids.add(result.task_id)
             if "still with the control plane" in (result.error or ""):
                 op.outcome = "timeout"
                 self.live[result.task_id] = rec

@@ -88,6 +88,8 @@ class History:
     faults: list[Fault] = attrs.Factory(list)
     runs: dict[str, list[tuple[float, int]]] = attrs.Factory(dict)  # key → (start, pid) per run
     probes: list[tuple[str, Any]] = attrs.Factory(list)  # (unknown id, what a query returned)
+    strays: list[tuple[str, str]] = attrs.Factory(list)  # (client, id it got a result for
+    #                                                       but never submitted)
     health: list[str] = attrs.Factory(list)  # problems found by the health checks
     figures: dict[str, Any] = attrs.Factory(dict)  # measured numbers (RSS, ...)
 
