@@ -392,7 +392,8 @@ def test_the_schedule_is_a_function_of_the_seed() -> None:
 FIGURES = re.compile(
     r"^chaos seed=(?P<seed>\d+) duration=\S+ seconds=\S+ ops=(?P<ops>\d+) tasks=(?P<tasks>\d+) "
     r"runs=\d+ outcomes=\S+ faults=(?P<faults>\S+) events=\S+ violations=(?P<violations>\S+) "
-    r"superseded=\d+ drain_seconds=\S+ cp_rss_max_mib=\d+ verdict=(?P<verdict>PASS|FAIL)$"
+    r"superseded=\d+ drain_seconds=\S+ cp_rss_max_mib=\d+ loop_lag_max=\S+ "
+    r"verdict=(?P<verdict>PASS|FAIL)$"
 )
 
 

@@ -47,7 +47,11 @@ _DEAD_PID = re.compile(r"\(pid (\d+)\)")
 _LOGGER_PID = re.compile(r"\[worker (\d+)\]")
 _CRASHED = re.compile(r"actor \S+ crashed")
 # Events the campaign did not inject but saw (run log, node logs, a control plane's death).
-_OBSERVED = frozenset({"crash-run", "declared-dead", "recycle", "worker-actor-restart", "cp-died"})
+_OBSERVED = frozenset(
+    {"crash-run", "declared-dead", "recycle", "worker-actor-restart", "cp-died", "campaign-stall"}
+)
+# A wake-up this late stalls every proxied link past a share of the workers' liveness.
+_LAG_FAULT = 0.3
 
 
 @attrs.define
@@ -83,6 +87,7 @@ class Campaign:
         self.worker_nodes: list[NodeProcess] = []
         self.slots: list[ClientSlot] = []
         self.cp_rss_max_kib = 0
+        self.lag_max = 0.0  # seconds: how late this process's loop woke up, at worst
         self._cp_count = 0
         self._cp_lock = trio.Lock()  # one restart of the control plane at a time
         self.workdir = Path(tempfile.mkdtemp(prefix="fastworker-chaos-"))
@@ -220,6 +225,7 @@ class Campaign:
             for p in self.plan:
                 print(f"chaos plan: {p.describe()}", flush=True)
         nursery.start_soon(self._watch_cp)
+        nursery.start_soon(self._watch_lag)
         t0 = trio.current_time()
         with trio.CancelScope() as faults:
             async with trio.open_nursery() as injectors:
@@ -260,6 +266,23 @@ class Campaign:
                     if rss is not None:
                         self.cp_rss_max_kib = max(self.cp_rss_max_kib, rss)
             await trio.sleep(0.5)
+
+    async def _watch_lag(self) -> None:
+        """Measure how late this process's own loop wakes up.
+
+        The proxies live in this loop: while it is stalled, every link is stalled too, which
+        is a fault on every worker (recorded as one, so what it causes is not blamed on the
+        system) and a figure to watch.
+        """
+        tick = 0.1
+        while True:
+            before = time.time()
+            await trio.sleep(tick)
+            lag = time.time() - before - tick
+            self.lag_max = max(self.lag_max, lag)
+            if lag > _LAG_FAULT:
+                fault = self._fault("campaign-stall", "every link", before, True)
+                fault.end = time.time() + self.s.heartbeat * _LIVENESS + 1.0
 
     # -- faults --------------------------------------------------------------------
 
@@ -437,6 +460,7 @@ class Campaign:
             "events": dict(observed),
             "violations": self.verdict.by_kind(),
             "cp_rss_max_mib": self.history.figures.get("cp_rss_max_mib", 0),
+            "loop_lag_max": round(self.lag_max, 2),
             "verdict": "FAIL" if self.verdict.violations else "PASS",
         }
 

@@ -62,7 +62,8 @@ def figures_line(figures: dict[str, Any]) -> str:
         f"faults={counts(figures['faults'])} events={counts(figures['events'])} "
         f"violations={counts(figures['violations'])} "
         f"superseded={figures['superseded']} drain_seconds={figures['drain_seconds']} "
-        f"cp_rss_max_mib={figures['cp_rss_max_mib']} verdict={figures['verdict']}"
+        f"cp_rss_max_mib={figures['cp_rss_max_mib']} loop_lag_max={figures['loop_lag_max']} "
+        f"verdict={figures['verdict']}"
     )
 
 
