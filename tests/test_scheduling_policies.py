@@ -318,3 +318,21 @@ async def test_a_dispatch_that_never_reached_its_worker_is_queued_again(
     assert scheduler.statistics_dict()["lost_dispatches"] == 1
     holding(["lost"])  # now it has it: nothing more happens
     assert wire.to(b"a") == ["lost", "lost"]
+
+
+async def test_a_result_from_a_peer_that_never_registered_changes_nothing() -> None:
+    """A spoofed Done must not end a task its real worker is running (the first release took it)."""
+    from fastworker.wire import ResultRecord
+
+    scheduler, _ = _scheduler()
+    _join(scheduler, "w", 10)
+    _submit(scheduler, "t1")
+    spoof = ResultRecord("t1", "success", b'"SPOOFED"', None, 1.0, 2.0, 1, None, 0, "t", None)
+    _report(scheduler, "stranger", spoof)
+    stats = scheduler.statistics_dict()
+    assert stats["running"] == 1
+    assert stats["succeeded"] == 0
+    assert stats["rejected"]["unregistered"] == 1
+    real = ResultRecord("t1", "success", b"42", None, 1.0, 2.0, 1, None, 0, "t", None)
+    _report(scheduler, "w", real)
+    assert scheduler.statistics_dict()["succeeded"] == 1

@@ -462,6 +462,8 @@ class TaskBook:
           cancelled itself): final, as from that worker's run.
         * Anything for a task the book does not hold is stale; a final result
           for an id never seen is kept a while as an orphan (see _keep_orphan).
+        * A report from a peer that is not a registered worker changes no task
+          the book holds.
         """
         if record.status not in _REPORTABLE:
             self.rejected["invalid"] += 1  # a worker reports outcomes, nothing else
@@ -474,13 +476,18 @@ class TaskBook:
             if task_id not in self._finished and record.status in _FINAL_REPORTS:
                 self._keep_orphan(record)
             return
+        if slot is None:
+            # Only a registered worker may end a task (a peer that never registered,
+            # or one declared dead and not back yet): the task runs as planned.
+            self.stats["stale_results"] += 1
+            self.rejected["unregistered"] += 1
+            return
         here = job.status is _RUNNING and job.worker == worker
         status = record.status
         if status not in _FINAL_REPORTS:
             if not here:
                 self.stats["stale_results"] += 1
                 return
-            assert slot is not None
             self._leave_worker(slot, job)
             if status == "retrying":
                 job.attempt += 1
