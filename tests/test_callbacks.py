@@ -185,3 +185,37 @@ async def test_every_document_for_an_address_that_cannot_connect_is_counted() ->
 
     assert stats["dropped_by_reason"] == {"bad_address": 3}
     assert stats["handed_to_zmq"] == 0
+
+
+async def test_more_addresses_than_sockets_allow_are_all_counted_and_the_dispatcher_lives(
+    receiver: ZSocket, poll_until: Callable[..., Awaitable[Any]]
+) -> None:
+    """1,100 distinct unreachable addresses: every document is counted, none vanishes.
+
+    Before, the dispatcher ran out of ZeroMQ sockets at about 1,020 addresses
+    ("Too many open files"), crashed, and the documents it held were neither
+    sent nor counted; a live receiver then got nothing either.
+    """
+    addresses = [f"tcp://127.0.0.1:{port}" for port in range(40000, 41100)]
+    live = receiver.endpoint
+    assert live is not None
+    with trio.fail_after(40):
+        async with (
+            Cluster(tasks=[add], callback_timeout=0.3) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            for i, address in enumerate(addresses):
+                await client.delay_with_callback("add", address, i, i)
+            await client.join()
+            stats = await poll_until(
+                client.stats,
+                lambda s: s["callbacks"]["dropped"] == len(addresses),
+                timeout=20,
+            )
+            await client.delay_with_callback("add", live, 4, 4)
+            with trio.fail_after(10):
+                [frame] = await receiver.recv_multipart()
+            assert json.loads(frame)["result"] == 8
+            restarts = cluster.control_plane.supervisor.statistics().restarts
+    assert stats["callbacks"]["dropped_by_reason"]["too_many_addresses"] > 0
+    assert restarts.get("callbacks", 0) == 0

@@ -43,7 +43,9 @@ log = logging.getLogger("fastworker.callbacks")
 class CallbackConfig:
     delivery_timeout: float = 10.0  # per document, while ZeroMQ retries the connection
     max_pending_per_address: int = 10_000
-    max_addresses: int = 1024  # addresses with a live sender at once
+    # Addresses with a live sender (one ZeroMQ socket each) at once: well under
+    # libzmq's 1023 sockets per context, which every other socket shares.
+    max_addresses: int = 256
     idle_close: float = 30.0  # close an address's socket after this long unused
     resend_interval: float = 1.0  # ack mode: re-send an unacknowledged document this often
     ack_window: int = 256  # ack mode: documents sent and not yet acknowledged, per address
@@ -111,7 +113,16 @@ class CallbackDispatcher(Actor):
         self, address: str, parsed: CallbackAddress, inbox: trio.MemoryReceiveChannel[bytes]
     ) -> None:
         """Own one socket to ``address`` and drain its queue in order."""
-        sock = open_socket(zmq.DEALER if parsed.ack else zmq.PUSH, self.config.transport)
+        try:
+            sock = open_socket(zmq.DEALER if parsed.ack else zmq.PUSH, self.config.transport)
+        except zmq.ZMQError as exc:
+            # Out of sockets or file descriptors: these documents cannot go now,
+            # and the dispatcher must live on (counted, never silent).
+            log.warning("no socket for callback address %s: %s", address, exc)
+            self._senders.pop(address, None)
+            self._drop("no_socket", address, _discard_queued(inbox))
+            inbox.close()
+            return
         try:
             try:
                 sock.connect(parsed.endpoint)
@@ -156,6 +167,8 @@ class CallbackDispatcher(Actor):
                 # only wait as long again, one by one.  Drop the queue now
                 # (counted), and give later documents a fresh chance.
                 self._drop("unreachable", address, 1 + _discard_queued(inbox))
+                if self._retire(address, inbox):
+                    return  # its socket goes back at once: dead addresses must not starve live ones
             else:
                 self._counts["handed_to_zmq"] += 1
 
