@@ -438,7 +438,9 @@ def _assert_passed(done: subprocess.CompletedProcess[str], seed: int) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.timeout(150)
 def test_a_60_second_campaign_finds_no_violation() -> None:
-    _assert_passed(_campaign(seed=7, duration=60, timeout=140), seed=7)
+    """Seed 462 half-opens the Scheduler link mid-campaign: before lost dispatches were
+    reconciled, three acknowledged tasks never ran (lost:3)."""
+    _assert_passed(_campaign(seed=462, duration=60, timeout=140), seed=462)
 
 
 @pytest.mark.multiprocess

@@ -393,3 +393,31 @@ async def test_a_result_larger_than_the_clients_own_limit_still_reaches_it() -> 
     assert large.status.value == "success"
     assert len(large.result) == 2_000_000
     assert small.result == 10
+
+
+async def test_values_the_wire_would_refuse_later_are_refused_at_the_call() -> None:
+    """Found by a hostile review: each returned an id and failed later, or hung."""
+    import datetime as dt
+    import math
+
+    with pytest.raises(ValueError, match="timeout"):
+        Client(timeout=math.nan)
+    with pytest.raises(ValueError, match="discovery_address"):
+        Client(discovery_address="garbage")
+    with trio.fail_after(10):
+        async with (
+            Cluster(tasks=[add]) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            with pytest.raises(ValueError, match="countdown"):
+                await client.apply_async("add", (1, 2), countdown=1e300)
+            far = dt.datetime(9999, 12, 31, 23, 59, tzinfo=dt.UTC)
+            with pytest.raises(ValueError, match="eta"):
+                await client.apply_async("add", (1, 2), eta=far)
+            with pytest.raises(ValueError, match="task_name"):
+                await client.delay("x" * 600)
+            with pytest.raises(TypeError, match="task_id"):
+                await client.cancel_task(None)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="task_id"):
+                await client.get_task_result(None)  # type: ignore[arg-type]
+            assert client.pending_count == 0

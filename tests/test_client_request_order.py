@@ -10,15 +10,17 @@ machine).  Here the fake Gateway reads the raw frames, so the order is exact.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
 import zmq
 
-from fastworker import Client
+from fastworker import Client, ClientStoppedError
 from fastworker.transport import open_socket
 from fastworker.wire import Lookup, LookupReply, StatsQuery, Submit, SubmitAck, decode, encode
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = pytest.mark.timeout(30)
 
 
 async def test_a_request_does_not_overtake_a_task_submitted_before_it() -> None:
@@ -27,11 +29,9 @@ async def test_a_request_does_not_overtake_a_task_submitted_before_it() -> None:
     try:
         discovery_address = discovery.bind("tcp://127.0.0.1:*")
         gateway_address = gateway.bind("tcp://127.0.0.1:*")
-        with trio.fail_after(5):
-            async with (
-                trio.open_nursery() as nursery,
-                Client(discovery_address=discovery_address, timeout=5) as client,
-            ):
+        client = Client(discovery_address=discovery_address, timeout=30, ack_timeout=20)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
 
                 async def answer_lookups() -> None:
                     while True:
@@ -50,7 +50,12 @@ async def test_a_request_does_not_overtake_a_task_submitted_before_it() -> None:
                         await gateway.send_multipart([peer, encode(ack)])
                     return type(message)
 
+                async def stats_left_unanswered() -> None:
+                    with contextlib.suppress(ClientStoppedError):  # the fake never answers
+                        await client.stats()
+
                 nursery.start_soon(answer_lookups)
+                await client.start()
                 await client.delay("add", 0, 0)
                 assert await receive() is Submit  # connected: the first Submit came
                 seen = []
@@ -58,9 +63,11 @@ async def test_a_request_does_not_overtake_a_task_submitted_before_it() -> None:
                     # The query starts in the same turn (trio runs the two tasks
                     # in either order): often both wait in the client together.
                     await client.delay("add", i, i)
-                    nursery.start_soon(client.stats)
+                    nursery.start_soon(stats_left_unanswered)
                     for _ in range(2):
                         seen.append(await receive())
+                await client.flush(timeout=10)  # every Submit was acknowledged
+                client.stop()
                 nursery.cancel_scope.cancel()
         assert seen == [Submit, StatsQuery] * 20
     finally:

@@ -34,6 +34,8 @@ __all__ = ["Budget", "ClientSlot"]
 _QUERY_TIMEOUT = 5.0
 _SUBMIT_TIMEOUT = 8.0
 _CLIENT_TIMEOUT = 8.0
+# What a stop may still wait after a flush that timed out (those tasks stay unsent).
+_STOP_AFTER_FLUSH = 0.2
 _GUARD = 10.0  # past timeout + this, a call is abandoned (and counted hung)
 _MAX_WAITING = 6  # awaited calls in flight per client
 _POLL = 0.2
@@ -113,13 +115,13 @@ class ClientSlot:
                 if self._finish or self._restart is None:
                     break
                 downtime, self._restart = self._restart, None
-                self._stop_client()
+                await self._stop_client()
                 await trio.sleep(downtime)
                 await self._start_client()
         finally:
             with trio.CancelScope(shield=True):
                 await self._final_pass()
-            self._stop_client(last=True)
+                await self._stop_client(last=True)
 
     def restart(self, downtime: float) -> bool:
         """Stop this slot's client and start a new one after ``downtime`` seconds."""
@@ -154,16 +156,24 @@ class ClientSlot:
         self._end(op, "ok")
         self.client = client
 
-    def _stop_client(self, last: bool = False) -> None:
-        """Stop the current client; unless it is the ``last`` (the campaign is over), its
-        unfinished tasks pass to the next client in the slot, which can only query them."""
+    async def _stop_client(self, last: bool = False) -> None:
+        """Flush, then stop the current client, as the README advises under trio (a bare
+        ``stop()`` with tasks not yet acknowledged waits for them, blocking the loop);
+        unless it is the ``last`` (the campaign is over), its unfinished tasks pass to the
+        next client in the slot, which can only query them."""
         client, self.client = self.client, None
         if client is None:
             return
         self._collect(client)
         self._find_strays(client)
+        op = self._op("flush", _CLIENT_TIMEOUT)
+        try:
+            await client.flush(timeout=_CLIENT_TIMEOUT)
+            self._end(op, "ok")
+        except ControlPlaneUnavailableError as exc:
+            self._end(op, "timeout", str(exc))
         op = self._op("stop", None)
-        client.stop()
+        client.stop(timeout=_STOP_AFTER_FLUSH)
         self._end(op, "ok")
         if last:
             return

@@ -29,6 +29,7 @@ from ..runtime import Actor
 from ..tasks.models import TaskStatus
 from ..transport import TransportConfig, ZSocket, resolve_endpoint
 from ..wire import (
+    MAX_QUERY_IDS,
     Cancel,
     CancelReply,
     ErrorReply,
@@ -572,7 +573,10 @@ class ClientCore(Actor):
                 watch.append((now, missing))  # look again later if still missing
         deadline = time.monotonic() + _SWEEP_REPLY_WAIT
         budget = message_budget(self.max_message_size)
-        for ids in split_by_bytes(stale, _id_weight, budget, _not_asked):
+        chunks = split_by_bytes(stale, _id_weight, budget, _not_asked)
+        for ids in (
+            c[i : i + MAX_QUERY_IDS] for c in chunks for i in range(0, len(c), MAX_QUERY_IDS)
+        ):
             request_id = self._new_request_id()
             self._queries[request_id] = Command("sweep", _SweepReply(self, ids), ids, deadline)
             if not self._send_gateway(ResultQuery(request_id, ids)):

@@ -24,6 +24,7 @@ import trio
 
 from .._callback_address import parse_callback_address
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
+from ..tasks.options import MAX_WAIT as _MAX_WAIT
 from ..tasks.options import check_eta, check_seconds, check_task_options
 from ..tasks.serializer import SerializationFormat, dumps
 from ..transport import TransportConfig
@@ -42,6 +43,7 @@ from ._waiters import Waiter, new_waiter
 
 __all__ = ["Client"]
 
+_MAX_NAME_LENGTH = 512  # the protocol's limit on a task name
 log = logging.getLogger("fastworker.client")
 
 # Priority ranks by enum member and by lowercase name (TaskPriority is a StrEnum,
@@ -108,8 +110,15 @@ class Client:
         self.retries: int = (
             retries if retries is not None else (env_retries if env_retries is not None else 3)
         )
-        if self.timeout <= 0 or self.retries < 0 or max_pending < 1:
-            raise ValueError("timeout must be > 0, retries >= 0 and max_pending >= 1")
+        if not 0 < self.timeout < math.inf or self.retries < 0 or max_pending < 1:
+            raise ValueError(
+                "timeout must be a finite number > 0, retries >= 0 and max_pending >= 1"
+            )
+        if not self.discovery_address.startswith(("tcp://", "ipc://")):
+            raise ValueError(
+                f"discovery_address must look like 'tcp://HOST:PORT' or 'ipc://PATH', "
+                f"got {self.discovery_address!r}"
+            )
         self.max_pending = max_pending
         self.allow_pickle = allow_pickle
         self.client_id = f"client-{secrets.token_hex(8)}"
@@ -329,8 +338,11 @@ class Client:
 
         Raises ValueError or TypeError naming what is wrong, before anything is queued.
         """
-        if not isinstance(task_name, str) or not task_name:
-            raise ValueError(f"task_name must be a non-empty string, got {task_name!r}")
+        if not isinstance(task_name, str) or not 0 < len(task_name) <= _MAX_NAME_LENGTH:
+            raise ValueError(
+                f"task_name must be a string of 1 to {_MAX_NAME_LENGTH} characters, "
+                f"got {task_name[:40] + '…' if isinstance(task_name, str) else task_name!r}"
+            )
         if not isinstance(priority, str):  # TaskPriority is a StrEnum
             raise TypeError(
                 f"priority must be a TaskPriority or its name, not {type(priority).__name__}"
@@ -346,7 +358,7 @@ class Client:
         if eta is not None:
             opts = {"eta": check_eta(eta)}
         elif countdown is not None:
-            opts = {"eta": time.time() + check_seconds("countdown", countdown)}
+            opts = {"eta": time.time() + check_seconds("countdown", countdown, at_most=_MAX_WAIT)}
         if callback_address is not None:
             parse_callback_address(callback_address)  # ValueError/TypeError saying why
             opts = opts or {}
@@ -463,7 +475,7 @@ class Client:
             self._check_running()
         self._check_loop()
         rank = _RANKS.get(priority) if isinstance(priority, str) else None
-        if rank is None or type(task_name) is not str or not task_name:
+        if rank is None or type(task_name) is not str or not 0 < len(task_name) <= _MAX_NAME_LENGTH:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         core = self._core
         pending = core.pending
@@ -724,6 +736,7 @@ class Client:
         ControlPlaneUnavailableError after ``timeout`` seconds (default: the
         client's) without an answer.
         """
+        _check_task_id(task_id)
         records = await self._command("query", [task_id], timeout)
         record = records[0] if records else None
         # An expired or evicted result is "not found" to the caller, as documented.
@@ -738,6 +751,7 @@ class Client:
         to stop, but what it already did stays done.  Raises
         ControlPlaneUnavailableError when no answer comes within ``timeout``.
         """
+        _check_task_id(task_id)
         reply: CancelReply = await self._command("cancel", [task_id], timeout)
         return reply.cancelled
 
@@ -798,3 +812,8 @@ def _wait_seconds(timeout: float | None, default: float, *, allow_zero: bool = F
     if timeout is None:
         return default
     return check_seconds("timeout", timeout, positive=not allow_zero)
+
+
+def _check_task_id(task_id: object) -> None:
+    if not isinstance(task_id, str) or not 0 < len(task_id) <= 256:
+        raise TypeError(f"task_id must be a string of 1 to 256 characters, got {task_id!r:.60}")

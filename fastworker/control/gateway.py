@@ -29,6 +29,7 @@ from .._io import DeadlineTimer, Inbound, pump_socket
 from ..runtime import Actor, ActorError, ActorRef
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
+    MAX_QUERY_IDS,
     Cancel,
     ErrorReply,
     ResultQuery,
@@ -38,6 +39,7 @@ from ..wire import (
     WireError,
     decode,
     encode,
+    message_budget,
 )
 from ._internal import CancelTask, ClientSubmits, HeldAcks, Outgoing, QueryResults
 
@@ -186,11 +188,11 @@ class Gateway(Actor):
                     submits, batched = [], 0
             elif isinstance(message, ResultQuery):
                 ids = message.task_ids
-                if not all(type(i) is str for i in ids):
+                if len(ids) > MAX_QUERY_IDS or not all(type(i) is str for i in ids):
                     self._error(
                         identity,
                         message.request_id,
-                        WireError("invalid", "task ids must be strings"),
+                        WireError("invalid", f"a query takes at most {MAX_QUERY_IDS} text ids"),
                     )
                     continue
                 self._forward(self.results, QueryResults(identity, message.request_id, ids))
@@ -240,9 +242,26 @@ class Gateway(Actor):
         stats["rejected"] = dict(rejected)
         stats["gateway"] = {"dropped_replies": self._dropped}
         try:
-            self.ref.tell(Outgoing([[identity, encode(StatsReply(request_id, stats))]]))
+            self.ref.tell(Outgoing([[identity, self._stats_reply(request_id, stats)]]))
         except ActorError:
             self._dropped += 1  # stopping or overloaded: the client's query times out
+
+    def _stats_reply(self, request_id: int, stats: dict[str, Any]) -> bytes:
+        """The StatsReply, made to fit a message: the workers' task lists shrink to counts,
+        then the per-worker table to a count (workers' names are theirs to choose)."""
+        budget = message_budget(self.transport.max_message_size)
+        body = encode(StatsReply(request_id, stats))
+        workers = (stats.get("discovery") or {}).get("workers")
+        if len(body) <= budget or not isinstance(workers, dict):
+            return body
+        for worker in workers.values():
+            if isinstance(worker, dict) and isinstance(worker.get("tasks"), list):
+                worker["tasks"] = len(worker["tasks"])
+        body = encode(StatsReply(request_id, stats))
+        if len(body) > budget:
+            stats["discovery"]["workers"] = {"omitted": f"{len(workers)} workers: too large"}
+            body = encode(StatsReply(request_id, stats))
+        return body
 
 
 async def gather_stats(sources: list[ActorRef], timeout: float = 2.0) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from typing import Any
 
 __all__ = [
@@ -33,6 +34,9 @@ MAX_RETRIES = 100
 
 MAX_RETRY_BACKOFF = 100.0
 """Largest ``retry_backoff`` factor; the smallest is 1 (a delay that never shrinks)."""
+
+MAX_WAIT = 10 * 365 * 86_400.0
+"""Furthest ahead an ``eta`` or ``countdown`` may be, in seconds (ten years)."""
 
 MAX_DELAY = 86_400.0
 """Largest ``retry_delay`` and ``retry_backoff_max``, in seconds (one day)."""
@@ -84,7 +88,10 @@ def check_eta(eta: object) -> float:
         )
     if eta.tzinfo is None or eta.tzinfo.utcoffset(eta) is None:
         raise ValueError("eta must be timezone-aware (e.g. datetime.now(timezone.utc))")
-    return eta.timestamp()
+    stamp = eta.timestamp()
+    if stamp > time.time() + MAX_WAIT:
+        raise ValueError(f"eta must be at most {MAX_WAIT / 86_400 / 365:g} years ahead, got {eta}")
+    return stamp
 
 
 def check_task_options(

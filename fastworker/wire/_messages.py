@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import attrs
 
 __all__ = [
+    "MAX_QUERY_IDS",
     "MESSAGE_TYPES",
     "Cancel",
     "CancelReply",
@@ -197,6 +198,11 @@ class Results(Message):
     """Control plane → client (push) and worker → control plane: ResultWire arrays."""
 
     results: list[Any]
+
+
+# Task ids one ResultQuery may carry (more is rejected "invalid"): a decoded
+# query waits in the control plane's mailboxes, so this bounds what a flood holds.
+MAX_QUERY_IDS = 4096
 
 
 @_register(23, _I, _L)
