@@ -12,7 +12,15 @@ import zmq
 from .runtime import ActorRef, ActorStopped, Feed, MailboxFull
 from .transport import TransportConfig, ZSocket, open_socket
 
-__all__ = ["DeadlineTimer", "Inbound", "connect_dealer", "pump_socket", "tell_own_actor", "tick"]
+__all__ = [
+    "DeadlineTimer",
+    "Inbound",
+    "bind_again",
+    "connect_dealer",
+    "pump_socket",
+    "tell_own_actor",
+    "tick",
+]
 
 
 class _Frames(list[list[bytes]]):
@@ -206,3 +214,22 @@ class DeadlineTimer:
             self.due = math.inf
             if not await tell_own_actor(self._owner, self._message):
                 return
+
+
+async def bind_again(sock: ZSocket, address: str, attempts: int = 40, pause: float = 0.05) -> str:
+    """Bind ``address``; while its port is still held by our previous run, retry a while.
+
+    An actor restarted by its supervisor binds the endpoint it had (so peers
+    reconnect by themselves), but ZeroMQ releases the old listener in its own
+    thread, after the close: binding at once fails now and then with
+    "Address already in use", and a few such failures used up the
+    supervisor's restart budget.  Retries for up to ``attempts * pause`` s.
+    """
+    for attempt in range(attempts):
+        try:
+            return sock.bind(address)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or attempt == attempts - 1:
+                raise
+        await trio.sleep(pause)
+    raise AssertionError("unreachable")

@@ -98,3 +98,20 @@ async def test_stats_queries_beyond_the_bound_are_refused_at_once() -> None:
             assert all(isinstance(m, ErrorReply) and m.reason == "overloaded" for m in refused)
             assert gateway._stats_queries == MAX_STATS_QUERIES
     assert gateway._stats_queries == 0  # every answered query gave its place back
+
+
+async def test_a_stats_reply_always_fits_a_message() -> None:
+    """Workers choose their task names: 4 of 10,000 long names must not make stats() unreadable."""
+    limit = 1 << 20
+    gateway = Gateway("tcp://127.0.0.1:*", TransportConfig(max_message_size=limit), results=None)  # type: ignore[arg-type]
+    names = ["n" * 500 + str(i) for i in range(2000)]
+    workers = {f"w{i}": {"tasks": list(names), "pid": i} for i in range(4)}
+    stats = {"discovery": {"workers": workers, "workers_alive": 4}, "scheduler": {"held": 0}}
+    body = gateway._stats_reply(7, stats)
+    assert len(body) <= limit
+    reply = decode(body)
+    assert reply.stats["discovery"]["workers"]["w0"]["tasks"] == 2000  # type: ignore[attr-defined]
+    huge = {f"w{i}": {"tasks": ["x"], "pid": i, "hostname": "h" * 1000} for i in range(2000)}
+    body = gateway._stats_reply(8, {"discovery": {"workers": huge}})
+    assert len(body) <= limit
+    assert "omitted" in decode(body).stats["discovery"]["workers"]  # type: ignore[attr-defined]

@@ -145,3 +145,25 @@ async def test_frames_a_reader_holds_when_its_actor_crashes_go_to_the_next_run()
         [b"held", b"a"],
         [b"held", b"b"],
     ]
+
+
+async def test_bind_again_waits_for_a_port_its_previous_run_still_holds() -> None:
+    """A restarted actor rebinding its endpoint must not fail while ZeroMQ releases the old one."""
+    from fastworker._io import bind_again
+    from fastworker.transport import open_socket
+
+    first = open_socket(zmq.ROUTER)
+    endpoint = first.bind("tcp://127.0.0.1:*")
+    second = open_socket(zmq.ROUTER)
+    try:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+
+                async def release_later() -> None:
+                    await trio.sleep(0.2)
+                    first.close(linger_ms=0)
+
+                nursery.start_soon(release_later)
+                assert await bind_again(second, endpoint) == endpoint
+    finally:
+        second.close(linger_ms=0)

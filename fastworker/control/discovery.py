@@ -18,7 +18,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import Inbound, pump_socket, tick
+from .._io import Inbound, bind_again, pump_socket, tick
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -94,7 +94,7 @@ class Discovery(Actor):
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.config.transport)
-        self.endpoint = sock.bind(self.endpoint or self.config.address)
+        self.endpoint = await bind_again(sock, self.endpoint or self.config.address)
         self._sock = sock
         nursery.start_soon(pump_socket, sock, self.ref)
         nursery.start_soon(tick, self.ref, lambda: self.config.heartbeat_interval / 2, _Reap())

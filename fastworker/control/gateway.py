@@ -25,7 +25,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import DeadlineTimer, Inbound, pump_socket
+from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
 from ..runtime import Actor, ActorError, ActorRef
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -89,7 +89,7 @@ class Gateway(Actor):
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.transport, router_handover=True)
-        self.endpoint = sock.bind(self.endpoint or self.client_address)
+        self.endpoint = await bind_again(sock, self.endpoint or self.client_address)
         self._sock = sock
         self._nursery = nursery
         nursery.start_soon(pump_socket, sock, self.ref)

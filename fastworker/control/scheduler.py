@@ -30,7 +30,7 @@ import attrs
 import trio
 import zmq
 
-from .._io import DeadlineTimer, Inbound, pump_socket
+from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -127,7 +127,7 @@ class Scheduler(Actor):
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.config.transport, router_handover=True)
         # Rebind the same port after a restart, so workers reconnect by themselves.
-        self.endpoint = sock.bind(self.endpoint or self.config.worker_address)
+        self.endpoint = await bind_again(sock, self.endpoint or self.config.worker_address)
         self._sock = sock
         nursery.start_soon(pump_socket, sock, self.ref)
         nursery.start_soon(self._timer.run)
