@@ -111,9 +111,7 @@ class Client:
             retries if retries is not None else (env_retries if env_retries is not None else 3)
         )
         if not 0 < self.timeout < math.inf or self.retries < 0 or max_pending < 1:
-            raise ValueError(
-                "timeout must be a finite number > 0, retries >= 0 and max_pending >= 1"
-            )
+            raise ValueError("timeout must be > 0 (and finite), retries >= 0 and max_pending >= 1")
         if not self.discovery_address.startswith(("tcp://", "ipc://")):
             raise ValueError(
                 f"discovery_address must look like 'tcp://HOST:PORT' or 'ipc://PATH', "
