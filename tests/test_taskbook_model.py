@@ -88,7 +88,8 @@ class TaskBookMachine(RuleBasedStateMachine):
             assert all(i in self.final for i in task_ids)
         dispatched: set[str] = set()
         self.last_dispatch = []
-        for worker, batch in out.dispatches:
+        for worker, batch, weight in out.dispatches:
+            assert weight >= sum(len(e.payload) for e in batch)
             slot = book._workers.get(worker)
             assert slot is not None, "dispatch to a worker that is not registered"
             assert len(slot.inflight) <= slot.window, "a worker got more than its window"

@@ -143,8 +143,9 @@ class Effects:
     pushes: dict[bytes, list[ResultRecord]] = attrs.Factory(dict)
     # (callback address, final result, encoded callback data) per task asking for one.
     callbacks: list[tuple[str, ResultRecord, bytes | None]] = attrs.Factory(list)
-    # Tasks to send to each worker, in dispatch order.
-    dispatches: list[tuple[bytes, list[TaskEnvelope]]] = attrs.Factory(list)
+    # Tasks to send to each worker, in dispatch order, with their total weight
+    # (an upper bound of their encoded size: the binding splits only what needs it).
+    dispatches: list[tuple[bytes, list[TaskEnvelope], int]] = attrs.Factory(list)
     # Task ids each worker should stop running.
     cancels: dict[bytes, list[str]] = attrs.Factory(dict)
     # Finished task ids re-submitted by a client: push their stored result again.
@@ -604,6 +605,7 @@ class TaskBook:
             back: list[Job] = []
             inflight = slot.inflight
             now = self._now()
+            weight = 0
             for job in queues.pop_many(slot.names, free):
                 if job.deaths:
                     if not self._may_take(slot, job):
@@ -614,6 +616,7 @@ class TaskBook:
                 job.status = _RUNNING
                 job.worker = slot.identity
                 job.sent_at = now
+                weight += job.weight
                 inflight[job.key] = job
                 envelope = job.envelope
                 if job.attempt > 1:
@@ -624,7 +627,7 @@ class TaskBook:
             if back:
                 queues.push_front(back)
             if batch:
-                self.out.dispatches.append((slot.identity, batch))
+                self.out.dispatches.append((slot.identity, batch, weight))
                 self.stats["dispatched"] += len(batch)
             if not len(queues):
                 return

@@ -184,7 +184,11 @@ class Scheduler(Actor):
 
     def _send_dispatches(self, out: Effects) -> None:
         book = self.book
-        for worker, batch in out.dispatches:
+        for worker, batch, weight in out.dispatches:
+            if weight <= self._budget:  # the common case: one message, nothing to weigh
+                if not self._send_worker(worker, Dispatch(batch)):
+                    self._unreachable(worker, [e.task_id for e in batch])
+                continue
 
             def cannot_fit(envelope: TaskEnvelope) -> None:
                 book.fail(
@@ -195,12 +199,14 @@ class Scheduler(Actor):
             chunks = split_by_bytes(batch, task_weight, self._budget, cannot_fit)
             for i, chunk in enumerate(chunks):
                 if not self._send_worker(worker, Dispatch(chunk)):
-                    # The worker vanished between its last message and now: its
-                    # tasks go back to the queue until it announces itself again.
-                    unsent = [e.task_id for rest in chunks[i:] for e in rest]
-                    log.info("worker %r unreachable; %d tasks requeued", worker, len(unsent))
-                    book.unsent(worker, unsent)
+                    self._unreachable(worker, [e.task_id for rest in chunks[i:] for e in rest])
                     break
+
+    def _unreachable(self, worker: bytes, task_ids: list[str]) -> None:
+        """The worker vanished between its last message and now: its tasks go back to
+        the queue until it announces itself again."""
+        log.info("worker %r unreachable; %d tasks requeued", worker, len(task_ids))
+        self.book.unsent(worker, task_ids)
 
     def _send_cancels(self, out: Effects) -> None:
         for worker, task_ids in out.cancels.items():
