@@ -238,12 +238,10 @@ class Client:
                 "thread, not from another trio run"
             ) from None
 
-    async def flush(self, timeout: float | None = None) -> None:
-        """Wait until the control plane has acknowledged every task whose id was returned.
+    async def _wait_for(self, kind: str, timeout: float | None) -> bool:
+        """Wait for the actor to answer a ``flush`` or ``join``; False when ``timeout`` passed.
 
-        Returns at once when none is waiting for an acknowledgement.  Raises
-        ControlPlaneUnavailableError (a TimeoutError) after ``timeout``
-        seconds (default: wait as long as it takes).
+        The command carries its deadline, so the actor forgets it then either way.
         """
         self._check_running()
         deadline = math.inf
@@ -251,9 +249,19 @@ class Client:
             timeout = check_seconds("timeout", timeout, positive=True)
             deadline = time.monotonic() + timeout
         waiter = new_waiter(self._on_trio)
-        self._core.inbox.append(Command("flush", waiter, [], deadline))
+        self._core.inbox.append(Command(kind, waiter, [], deadline))
         self._wake_now()
         done, _ = await waiter.wait(timeout)
+        return bool(done)
+
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until the control plane has acknowledged every task whose id was returned.
+
+        Returns at once when none is waiting for an acknowledgement.  Raises
+        ControlPlaneUnavailableError (a TimeoutError) after ``timeout``
+        seconds (default: wait as long as it takes).
+        """
+        done = await self._wait_for("flush", timeout)
         if not done:
             raise ControlPlaneUnavailableError(
                 f"{self._core.outstanding()} tasks not acknowledged by the control plane at "
@@ -763,15 +771,7 @@ class Client:
 
         Raises TimeoutError after ``timeout`` seconds (default: wait as long as it takes).
         """
-        self._check_running()
-        deadline = math.inf
-        if timeout is not None:
-            timeout = check_seconds("timeout", timeout, positive=True)
-            deadline = time.monotonic() + timeout
-        waiter = new_waiter(self._on_trio)
-        self._core.inbox.append(Command("join", waiter, [], deadline))
-        self._wake()
-        done, _ = await waiter.wait(timeout)
+        done = await self._wait_for("join", timeout)
         if not done:
             raise TimeoutError(
                 f"{len(self._core.pending)} tasks still unfinished after {timeout:g} s"

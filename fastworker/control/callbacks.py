@@ -119,20 +119,14 @@ class CallbackDispatcher(Actor):
             # Out of sockets or file descriptors: these documents cannot go now,
             # and the dispatcher must live on (counted, never silent).
             log.warning("no socket for callback address %s: %s", address, exc)
-            self._senders.pop(address, None)
-            self._drop("no_socket", address, _discard_queued(inbox))
-            inbox.close()
+            self._give_up(address, inbox, "no_socket")
             return
         try:
             try:
                 sock.connect(parsed.endpoint)
             except zmq.ZMQError as exc:
                 log.warning("bad callback address %s: %s", address, exc)
-                self._senders.pop(address, None)
-                # Nothing was taken yet: every queued document is dropped (count
-                # them before closing, which would hide them).
-                self._drop("bad_address", address, _discard_queued(inbox))
-                inbox.close()
+                self._give_up(address, inbox, "bad_address")
                 return
             if parsed.ack:
                 await _AckedDelivery(self, address, sock, inbox).run()
@@ -140,6 +134,13 @@ class CallbackDispatcher(Actor):
                 await self._deliver_plain(address, sock, inbox)
         finally:
             sock.close(linger_ms=0)
+
+    def _give_up(self, address: str, inbox: trio.MemoryReceiveChannel[bytes], reason: str) -> None:
+        """Drop every queued document of ``address`` (counted before closing, which
+        would hide them) and retire its sender."""
+        self._senders.pop(address, None)
+        self._drop(reason, address, _discard_queued(inbox))
+        inbox.close()
 
     def _retire(self, address: str, inbox: trio.MemoryReceiveChannel[bytes]) -> bool:
         """An idle address gives up its sender, unless a document raced in."""
