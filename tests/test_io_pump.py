@@ -16,7 +16,7 @@ import trio
 import trio.testing
 import zmq
 
-from fastworker._io import Inbound, _hand_over, pump_socket
+from fastworker._io import Inbound, _hand_over, bind_again, pump_socket
 from fastworker.runtime import Actor, Supervisor
 from fastworker.transport import ZSocket, open_socket
 
@@ -36,7 +36,8 @@ class Reader(Actor):
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         self.sock = open_socket(zmq.ROUTER)
-        self.sock.bind(self.endpoint)
+        # A restarted run rebinds the endpoint its previous run may still hold.
+        await bind_again(self.sock, self.endpoint)
         nursery.start_soon(pump_socket, self.sock, self.ref)
 
     async def on_stop(self) -> None:
