@@ -303,16 +303,21 @@ class ClientSlot:
             if client is None:
                 continue
             for task_id in list(self.inherited)[:_INHERITED_BATCH]:
-                rec = self.inherited[task_id]
-                done, result, _ = await self._call(
-                    "query-inherited",
-                    _QUERY_TIMEOUT,
-                    functools.partial(client.get_task_result, task_id, timeout=_QUERY_TIMEOUT),
-                    [rec.key],
-                )
-                if done and result is not None and TaskStatus(result.status).is_final:
-                    self._observe(rec, result, "query")
+                if await self._ask_final(client, task_id, self.inherited[task_id], "inherited"):
                     self.inherited.pop(task_id, None)
+
+    async def _ask_final(self, client: Client, task_id: str, rec: TaskRecord, why: str) -> bool:
+        """Query the control plane for one task (recorded as ``query-<why>``); True if final."""
+        done, result, _ = await self._call(
+            f"query-{why}",
+            _QUERY_TIMEOUT,
+            functools.partial(client.get_task_result, task_id, timeout=_QUERY_TIMEOUT),
+            [rec.key],
+        )
+        if done and result is not None and TaskStatus(result.status).is_final:
+            self._observe(rec, result, "query")
+            return True
+        return False
 
     async def _final_pass(self) -> None:
         """At the end: one more local look and one query per task still open."""
@@ -323,14 +328,7 @@ class ClientSlot:
         with trio.move_on_after(_QUERY_TIMEOUT * 2):
             for task_id in list(self.live) + list(self.inherited):
                 rec = self.live.get(task_id) or self.inherited[task_id]
-                done, result, _ = await self._call(
-                    "query-final",
-                    _QUERY_TIMEOUT,
-                    functools.partial(client.get_task_result, task_id, timeout=_QUERY_TIMEOUT),
-                    [rec.key],
-                )
-                if done and result is not None and TaskStatus(result.status).is_final:
-                    self._observe(rec, result, "query")
+                if await self._ask_final(client, task_id, rec, "final"):
                     self.live.pop(task_id, None)
                     self.inherited.pop(task_id, None)
 
