@@ -48,6 +48,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -
         (["--heartbeat-interval", "nan"], "--heartbeat-interval: must be positive, got nan"),
         (["--grace", "nan"], "--grace: must be >= 0, got nan"),
         (["--prefetch", "-1"], "--prefetch: must be >= 0, got -1"),
+        (["--max-message-size", "10"], "--max-message-size: must be at least 65536 bytes"),
+        (["--max-queued-bytes", "0"], "--max-queued-bytes: must be at least 1, got 0"),
+        (
+            ["--role", "worker", "--workers", "0"],
+            "--role worker with --workers 0 would run nothing",
+        ),
     ],
 )
 def test_a_bad_argument_is_a_one_line_usage_error(argv: list[str], mentions: str) -> None:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -55,6 +55,24 @@ def _node_env() -> dict[str, str]:
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = _package_root() + (os.pathsep + path if path else "")
     return env
+
+
+def wait_exit(exited: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``exited`` (a node process's own check) for up to ``timeout`` s; its last answer."""
+    deadline = time.monotonic() + timeout
+    while not exited():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group a node leads (the node and its worker processes)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class NoFirstLine(Exception):
@@ -172,18 +190,10 @@ class LocalNode:
         return True
 
     def _wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self._exited():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        return wait_exit(self._exited, timeout)
 
     def _kill_group(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_group(self.pid)
 
     def stop(self, grace: float = _GRACE + 10.0) -> None:
         """SIGTERM, up to ``grace`` seconds to drain, then SIGKILL of the group; idempotent.

@@ -22,7 +22,7 @@ from typing import IO
 
 import trio
 
-from ..bench._nodes import NoFirstLine, read_first_line, spawn_logged
+from ..bench._nodes import NoFirstLine, kill_group, read_first_line, spawn_logged, wait_exit
 
 __all__ = ["NodeProcess", "NodeStartError", "children_of", "log_events", "rss_kib"]
 
@@ -104,18 +104,10 @@ class NodeProcess:
                 pass
 
     def _kill_group(self) -> None:
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_group(self.pid)
 
     def _wait_exit(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.exited():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        return wait_exit(self.exited, timeout)
 
     def close(self, grace: float = 5.0) -> None:
         """SIGTERM, ``grace`` seconds, then SIGKILL of the whole group; reaps; idempotent."""
