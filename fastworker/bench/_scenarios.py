@@ -149,21 +149,34 @@ async def _until_queued(client: Client, n: int, level: list[int], stall_timeout:
             await asyncio.sleep(0.1)
 
 
-async def _first_worker(client: Client, timeout: float = 30.0) -> tuple[float, int, list[int]]:
-    """(clock, tasks still unfinished, local pids) as soon as Discovery lists a worker.
+async def _first_result(client: Client, timeout: float = 30.0) -> tuple[float, int]:
+    """(clock, tasks still unfinished) as soon as the first result of the drain arrives.
 
-    The drain clock starts here, not when the worker node was spawned, so
-    Python's start-up is not counted; tasks finished before this poll
-    noticed the worker are not counted either.
+    The client counts results on its own thread, so a 1 ms poll of its
+    pending count sees the drain begin; the clock starts there, so neither
+    Python's start-up nor registration is counted.  Waiting for Discovery
+    to list the worker instead took a statistics round trip, and on a busy
+    machine the whole queue had drained before it came back.
     """
+    before = client.pending_count
     deadline = time.monotonic() + timeout
-    while True:
-        workers: dict[str, Any] = (await stats(client))["discovery"]["workers"]
-        if workers:
-            return time.perf_counter(), client.pending_count, local_worker_pids(workers)
+    while (now := client.pending_count) == before:
         if time.monotonic() >= deadline:
-            raise BenchError(f"the worker node did not register within {timeout:g} s")
+            raise BenchError(f"no task of the backlog finished within {timeout:g} s")
+        await asyncio.sleep(0.001)
+    return time.perf_counter(), now
+
+
+async def _watch_worker_pids(ctx: Context, client: Client, rss: RssSampler) -> None:
+    """Hand the drain's worker processes to the RSS sampler once Discovery lists them."""
+    while True:
+        workers = (await stats(client))["discovery"]["workers"]
+        if workers:
+            break
         await asyncio.sleep(0.02)
+    pids = local_worker_pids(workers)
+    ctx.pids.update(pids)
+    rss.watch_workers(pids)
 
 
 async def _fill(
@@ -198,11 +211,14 @@ async def _drain(
         RssSampler(cp_pid) as rss,
         ctx.progress.track(ctx.label("backlog: drain"), n, tally.done),
     ):
-        started, remaining, pids = await _first_worker(client)
-        ctx.pids.update(pids)
-        rss.watch_workers(pids)
-        await join_all(client, ctx.options.stall_timeout)
-        seconds = time.perf_counter() - started
+        watcher = asyncio.ensure_future(_watch_worker_pids(ctx, client, rss))
+        try:
+            started, remaining = await _first_result(client)
+            await join_all(client, ctx.options.stall_timeout)
+            seconds = time.perf_counter() - started
+            await asyncio.wait_for(watcher, 30)  # the worker is still registered
+        finally:
+            watcher.cancel()
     return remaining, seconds, rss.peaks().worker_bytes
 
 
@@ -234,7 +250,8 @@ async def backlog(ctx: Context) -> Figures:
         "queue_tasks_per_s": n / queue_seconds,
         "drain_tasks": drained,
         "drain_seconds": drain_seconds,
-        "drain_tasks_per_s": drained / drain_seconds,
+        # None: the whole queue drained between two polls, too fast to time.
+        "drain_tasks_per_s": drained / drain_seconds if drained else None,
         "worker_rss_mb": to_mib(worker_peak),
         "failed": failed,
     }
