@@ -1,0 +1,140 @@
+"""CURVE certificates on disk, in ZeroMQ's own file format (``zmq.auth``).
+
+The files are what ``zmq.auth.create_certificates`` writes and
+``zmq.auth.load_certificate`` reads, so keys made here work with any other
+ZeroMQ tool.  We write them ourselves only to create the secret file with
+mode 0600 from the first byte: ``zmq.auth`` writes it world-readable under
+the usual umask and leaves the chmod to the caller.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+import attrs
+import zmq
+import zmq.auth
+
+__all__ = [
+    "CertificateError",
+    "CurveKeys",
+    "generate_certificate",
+    "load_public_key",
+    "load_public_keys",
+    "load_secret_key",
+]
+
+_BANNER = """#   ****  Generated on {when} by fastworker  ****
+#   ZeroMQ CURVE {kind} Certificate
+#   {advice}
+
+"""
+
+
+class CertificateError(ValueError):
+    """A certificate file is missing, unreadable or holds no usable key."""
+
+
+@attrs.frozen(repr=False)
+class CurveKeys:
+    """One CURVE key pair (Z85 text as bytes, as libzmq's socket options take them)."""
+
+    public: bytes
+    secret: bytes
+
+    def __repr__(self) -> str:  # never print a secret key into a log
+        return f"CurveKeys(public={self.public.decode()!r})"
+
+    @classmethod
+    def generate(cls) -> CurveKeys:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+
+def _write(path: Path, text: str, mode: int, force: bool) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    fd = os.open(path, flags, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), mode)  # O_CREAT's mode is masked by the umask
+        f.write(text)
+
+
+def _certificate(keys: CurveKeys, *, secret: bool) -> str:
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    if secret:
+        banner = _BANNER.format(
+            when=when,
+            kind="**Secret**",
+            advice="DO NOT PROVIDE THIS FILE TO OTHER USERS nor change its permissions.",
+        )
+    else:
+        banner = _BANNER.format(
+            when=when, kind="Public", advice="Copy it to the peers that must trust this key."
+        )
+    lines = [banner, "metadata\n", "curve\n", f'    public-key = "{keys.public.decode()}"\n']
+    if secret:
+        lines.append(f'    secret-key = "{keys.secret.decode()}"\n')
+    return "".join(lines)
+
+
+def generate_certificate(
+    name: str, directory: str | os.PathLike[str], *, force: bool = False
+) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public, 0644) and ``NAME.key_secret`` (0600); their paths.
+
+    Refuses to overwrite existing files unless ``force``: replacing a key
+    silently locks out every peer that trusts the old one.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise CertificateError(f"a key name must be a plain file name, not {name!r}")
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = CurveKeys.generate()
+    public_path = folder / f"{name}.key"
+    secret_path = folder / f"{name}.key_secret"
+    try:
+        _write(secret_path, _certificate(keys, secret=True), 0o600, force)
+        _write(public_path, _certificate(keys, secret=False), 0o644, force)
+    except FileExistsError as exc:
+        raise CertificateError(f"{exc.filename} exists; pass force to replace it") from None
+    return public_path, secret_path
+
+
+def _load(path: str | os.PathLike[str]) -> tuple[bytes, bytes | None]:
+    try:
+        public, secret = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as exc:
+        raise CertificateError(f"cannot read a CURVE certificate from {path}: {exc}") from None
+    if len(public) != 40 or (secret is not None and len(secret) != 40):
+        raise CertificateError(f"{path} does not hold 40-character Z85 CURVE keys")
+    return public, secret
+
+
+def load_secret_key(path: str | os.PathLike[str]) -> CurveKeys:
+    """The key pair in a secret certificate (``NAME.key_secret``)."""
+    public, secret = _load(path)
+    if secret is None:
+        raise CertificateError(
+            f"{path} holds no secret key: give the NAME.key_secret file, not NAME.key"
+        )
+    return CurveKeys(public, secret)
+
+
+def load_public_key(path: str | os.PathLike[str]) -> bytes:
+    """The public key in a certificate (either file of a pair)."""
+    return _load(path)[0]
+
+
+def load_public_keys(directory: str | os.PathLike[str]) -> frozenset[bytes]:
+    """Every public key in the ``*.key`` files of ``directory``.
+
+    A missing directory is an error (a typo must not mean "nobody"); an
+    unreadable file in it is an error too, so a bad deploy is noticed at
+    start or at reload rather than as refused peers.
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise CertificateError(f"{folder} is not a directory of public certificates")
+    return frozenset(load_public_key(path) for path in sorted(folder.glob("*.key")))
