@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 import attrs
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .runtime import ActorRef, ActorStopped, Feed, MailboxFull
 from .transport import TransportConfig, ZSocket, open_socket
@@ -153,6 +154,7 @@ def connect_dealer(
     identity: bytes | None = None,
     when_up: Callable[[ZSocket], object] | None = None,
     keep_unread: bool = False,
+    on_handshake: Callable[[ZSocket, str | None], object] | None = None,
 ) -> ZSocket:
     """A DEALER connected to ``endpoint``, read into ``owner``'s mailbox.
 
@@ -164,13 +166,74 @@ def connect_dealer(
     before its connection dropped can still be read (see ``open_socket``);
     sends then queue in ZeroMQ until the connection is up, and ``when_up`` is
     told at once.
+
+    ``on_handshake(sock, problem)`` (CURVE only) is told after each CURVE
+    handshake: ``problem`` None when it succeeded, else why the server
+    refused it, so that a wrong key is an error at once, not a silent wait.
     """
     sock = open_socket(zmq.DEALER, transport, identity=identity, immediate=not keep_unread)
+    if on_handshake is not None and transport.curve is not None:
+        # Before connect: the first handshake's events must not be missed.
+        monitor = sock.zmq_socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+        nursery.start_soon(_watch_handshakes, sock, ZSocket(monitor), owner, on_handshake)
     sock.connect(endpoint)
     nursery.start_soon(pump_socket, sock, owner)
     if when_up is not None:
         nursery.start_soon(_tell_when_writable, sock, owner, when_up)
     return sock
+
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_MONITOR_STOPPED  # the socket closed: the watcher ends
+)
+_MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+
+
+def describe_handshake(event: int, value: int) -> str | None:
+    """None for a handshake that succeeded, else what a user should check."""
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return None
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"the server refused our CURVE key (ZAP status {value}): its public certificate "
+            "is not in the control plane's --client-keys/--worker-keys directory, or was removed"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        return (
+            "security mismatch: one side uses CURVE keys and the other does not "
+            "(give both curve_secret_key and curve_server_key, or neither)"
+        )
+    return (
+        "the CURVE handshake failed: the server dropped it, most likely because "
+        "curve_server_key is not the control plane's public key"
+    )
+
+
+async def _watch_handshakes(
+    sock: ZSocket,
+    monitor: ZSocket,
+    owner: ActorRef,
+    on_handshake: Callable[[ZSocket, str | None], object],
+) -> None:
+    """Tell ``owner`` how each CURVE handshake of ``sock`` went; ends when ``sock`` closes."""
+    try:
+        while True:
+            try:
+                frames = await monitor.recv_multipart()
+            except trio.ClosedResourceError:
+                return
+            event = parse_monitor_message(frames)
+            if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                return
+            problem = describe_handshake(int(event["event"]), int(event["value"]))
+            if not await tell_own_actor(owner, on_handshake(sock, problem)):
+                return
+    finally:
+        monitor.close()
 
 
 async def _tell_when_writable(

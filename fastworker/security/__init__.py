@@ -8,10 +8,18 @@ from ._certs import (
     load_public_keys,
     load_secret_key,
 )
+from ._keyring import CLIENT, DISCOVERY, WORKER, KeyRing
+from ._zap import ReloadKeys, ZapHandler
 
 __all__ = [
+    "CLIENT",
+    "DISCOVERY",
+    "WORKER",
     "CertificateError",
     "CurveKeys",
+    "KeyRing",
+    "ReloadKeys",
+    "ZapHandler",
     "generate_certificate",
     "load_public_key",
     "load_public_keys",
