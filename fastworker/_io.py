@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 
@@ -167,15 +168,22 @@ def connect_dealer(
     sends then queue in ZeroMQ until the connection is up, and ``when_up`` is
     told at once.
 
-    ``on_handshake(sock, problem)`` (CURVE only) is told after each CURVE
-    handshake: ``problem`` None when it succeeded, else why the server
-    refused it, so that a wrong key is an error at once, not a silent wait.
+    ``on_handshake(sock, problem)`` is told after each handshake: ``problem``
+    None when it succeeded, else why the server refused it (a key it does not
+    allow, a wrong server key, CURVE on one side only), so that a wrong key is
+    an error at once, not a silent wait until a timeout.
     """
     sock = open_socket(zmq.DEALER, transport, identity=identity, immediate=not keep_unread)
-    if on_handshake is not None and transport.curve is not None:
+    if on_handshake is not None:
         # Before connect: the first handshake's events must not be missed.
         monitor = sock.zmq_socket.get_monitor_socket(_HANDSHAKE_EVENTS)
-        nursery.start_soon(_watch_handshakes, sock, ZSocket(monitor), owner, on_handshake)
+        nursery.start_soon(
+            _watch_handshakes,
+            ZSocket(monitor),
+            owner,
+            functools.partial(on_handshake, sock),
+            transport.curve is not None,
+        )
     sock.connect(endpoint)
     nursery.start_soon(pump_socket, sock, owner)
     if when_up is not None:
@@ -193,10 +201,15 @@ _HANDSHAKE_EVENTS = (
 _MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
-def describe_handshake(event: int, value: int) -> str | None:
+def describe_handshake(event: int, value: int, *, curve: bool) -> str | None:
     """None for a handshake that succeeded, else what a user should check."""
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
         return None
+    if not curve:
+        return (
+            "the handshake failed: the control plane requires CURVE keys "
+            "(curve_secret_key and curve_server_key; design/security.md)"
+        )
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"the server refused our CURVE key (ZAP status {value}): its public certificate "
@@ -214,12 +227,12 @@ def describe_handshake(event: int, value: int) -> str | None:
 
 
 async def _watch_handshakes(
-    sock: ZSocket,
     monitor: ZSocket,
     owner: ActorRef,
-    on_handshake: Callable[[ZSocket, str | None], object],
+    on_handshake: Callable[[str | None], object],
+    curve: bool,
 ) -> None:
-    """Tell ``owner`` how each CURVE handshake of ``sock`` went; ends when ``sock`` closes."""
+    """Tell ``owner`` how each handshake of a socket went; ends when that socket closes."""
     try:
         while True:
             try:
@@ -229,8 +242,8 @@ async def _watch_handshakes(
             event = parse_monitor_message(frames)
             if event["event"] == zmq.EVENT_MONITOR_STOPPED:
                 return
-            problem = describe_handshake(int(event["event"]), int(event["value"]))
-            if not await tell_own_actor(owner, on_handshake(sock, problem)):
+            problem = describe_handshake(int(event["event"]), int(event["value"]), curve=curve)
+            if not await tell_own_actor(owner, on_handshake(problem)):
                 return
     finally:
         monitor.close()

@@ -17,6 +17,7 @@ endpoint it hands out is bound.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -177,10 +178,14 @@ class ControlPlane:
         try:
             await self.supervisor.run(task_status=task_status)
         finally:
-            if self._context is not None:
-                # Every actor closed its sockets; the context's threads go with it.
-                self._context.destroy(linger=0)
-                self._context = None
+            context, self._context = self._context, None
+            if context is not None:
+                # Every actor closed its sockets; term() lets what they still hold
+                # (results pushed at shutdown) go out, bounded in case one was not.
+                ender = threading.Thread(target=context.term, name="zmq-term", daemon=True)
+                ender.start()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(ender.join, 2.0)
 
     async def reload_keys(self) -> bool:
         """Read the certificate directories again (SIGHUP); False if they could not be read

@@ -1,5 +1,6 @@
 """CURVE keys and the ZAP authenticator (see design/security.md)."""
 
+from ._bind import is_loopback_endpoint
 from ._certs import (
     CertificateError,
     CurveKeys,
@@ -21,6 +22,7 @@ __all__ = [
     "ReloadKeys",
     "ZapHandler",
     "generate_certificate",
+    "is_loopback_endpoint",
     "load_public_key",
     "load_public_keys",
     "load_secret_key",
