@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
@@ -59,6 +62,8 @@ class Inbound:
             return None
         return Inbound(self.frames[handled:])
 
+
+log = logging.getLogger("fastworker.io")
 
 # On a stop, a reader hands over at most this many messages its socket still
 # holds (the default receive high-water mark): a bound on the final drain.
@@ -174,12 +179,11 @@ def connect_dealer(
     an error at once, not a silent wait until a timeout.
     """
     sock = open_socket(zmq.DEALER, transport, identity=identity, immediate=not keep_unread)
-    if on_handshake is not None:
-        # Before connect: the first handshake's events must not be missed.
-        monitor = sock.zmq_socket.get_monitor_socket(_HANDSHAKE_EVENTS)
+    monitor = _monitor(sock) if on_handshake is not None else None
+    if monitor is not None and on_handshake is not None:
         nursery.start_soon(
             _watch_handshakes,
-            ZSocket(monitor),
+            monitor,
             owner,
             functools.partial(on_handshake, sock),
             transport.curve is not None,
@@ -199,6 +203,30 @@ _HANDSHAKE_EVENTS = (
     | zmq.EVENT_MONITOR_STOPPED  # the socket closed: the watcher ends
 )
 _MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+
+
+_monitor_ids = itertools.count(1)
+
+
+def _monitor(sock: ZSocket) -> ZSocket | None:
+    """A PAIR socket receiving ``sock``'s handshake events; None if libzmq refused one.
+
+    Set up before ``connect``, so the first handshake's events are not
+    missed.  pyzmq's ``get_monitor_socket`` names the endpoint after the fd,
+    which the next socket reuses while our watcher has not closed the old
+    one yet: each monitor gets a name of its own here.
+    """
+    address = f"inproc://fastworker-monitor-{os.getpid()}-{next(_monitor_ids)}"
+    raw = sock.zmq_socket
+    try:
+        raw.monitor(address, _HANDSHAKE_EVENTS)
+        pair: zmq.Socket[bytes] = raw.context.socket(zmq.PAIR)
+    except zmq.ZMQError as exc:
+        log.warning("no handshake monitor for a socket (%s): refusals surface as timeouts", exc)
+        return None
+    pair.setsockopt(zmq.LINGER, 0)
+    pair.connect(address)
+    return ZSocket(pair)
 
 
 def describe_handshake(event: int, value: int, *, curve: bool) -> str | None:
