@@ -117,7 +117,7 @@ def spec_cluster(
     if request.param == "curve":
         keys = tmp_path_factory.mktemp("keys")
         generate_certificate("server", keys / "server")
-        public, _ = generate_certificate("client", keys / "clients")
+        generate_certificate("client", keys / "clients")
         options = {
             "curve": load_secret_key(keys / "server" / "server.key_secret"),
             "client_keys_dir": keys / "clients",

@@ -395,9 +395,12 @@ class ClientCore(Actor):
                 log.info("client: the control plane accepts our CURVE key again")
                 self.refused = None
             return
+        self._on_refused(message.problem)
+
+    def _on_refused(self, problem: str) -> None:
         if self.refused is None:
-            log.error("client: %s", message.problem)
-        self.refused = message.problem
+            log.error("client: %s", problem)
+        self.refused = problem
         self._refused_at = trio.current_time()
         # Everybody waiting learns it now, not at their timeout.  The tasks
         # stay: they go out if the key is accepted later (see _on_tick).
@@ -727,6 +730,10 @@ class ClientCore(Actor):
             if command is not None:
                 command.waiter.set(message)
         elif isinstance(message, ErrorReply):
+            if message.reason == "unauthorized":
+                # Our key was removed while connected: as a refused handshake.
+                self._on_refused(message.message)
+                return
             command = self._queries.pop(message.request_id, None)
             error = RuntimeError(f"control plane rejected a request: {message.message}")
             if command is not None:

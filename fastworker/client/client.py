@@ -32,6 +32,7 @@ from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
 from ..wire import CancelReply, ResultRecord, StatsReply, message_budget, task_weight
 from ._core import ClientCore, Command, PendingTask
 from ._errors import (
+    AuthenticationError,
     ClientLoopError,
     ClientNotStartedError,
     ClientStoppedError,
@@ -308,8 +309,9 @@ class Client:
         """Flush (up to the client's ``timeout``), then stop."""
         try:
             await self.flush(timeout=self.timeout)
-        except ControlPlaneUnavailableError:
-            self.stop(timeout=0)  # waited already; stop() logs what is left
+        except (ControlPlaneUnavailableError, AuthenticationError):
+            # Waited already, or refused (already logged): stop() logs what is left.
+            self.stop(timeout=0)
         except BaseException:
             self.stop()  # cancelled or failed while flushing: stop() still hands over
             raise

@@ -35,8 +35,8 @@ from fastworker import Client  # noqa: E402
 
 __all__ = [
     "ANY_PORT",
-    "CurveFiles",
     "TASKS",
+    "CurveFiles",
     "Node",
     "Runs",
     "client_for",

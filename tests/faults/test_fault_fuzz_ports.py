@@ -37,9 +37,9 @@ import pytest
 import trio
 import zmq
 from _nodes import (
-    CurveFiles,
     ANY_PORT,
     TASKS,
+    CurveFiles,
     client_for,
     fault_node,
     poll,
