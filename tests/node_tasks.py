@@ -88,3 +88,9 @@ async def never_cancels() -> None:
             await trio.sleep(0.05)
         except trio.Cancelled:  # the misbehaviour under test
             pass
+
+
+@task
+def text_of(size: int) -> str:
+    """A string of ``size`` bytes: a result too large for the node's message limit."""
+    return "x" * size

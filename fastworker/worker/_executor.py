@@ -372,7 +372,13 @@ class Executor:
                 limit += " and its asyncio event loop is blocked (a blocking call in async code?)"
             else:
                 limit += " and did not stop when cancelled"
-        log.warning("task %s (%s): %s; abandoned", run.task_id, run.definition.name, limit)
+        log.warning(
+            "task %s (%s): %s; abandoned",
+            run.task_id,
+            run.definition.name,
+            limit,
+            extra={"task_id": run.task_id},
+        )
         run.abandoned = True
         self.stuck_runs += 1
         del self._held[run.task_id]
@@ -560,7 +566,12 @@ class Executor:
 
     def _bookkeeping_failure(self, run: _Run, exc: Exception) -> ResultRecord:
         """A run whose outcome could not be turned into a record fails alone, saying why."""
-        log.error("task %s: its outcome could not be reported", run.task_id, exc_info=exc)
+        log.error(
+            "task %s: its outcome could not be reported",
+            run.task_id,
+            exc_info=exc,
+            extra={"task_id": run.task_id},
+        )
         if self._held.get(run.task_id) is run:
             del self._held[run.task_id]
         return _record(
