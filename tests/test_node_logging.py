@@ -69,15 +69,31 @@ def test_a_json_node_and_its_workers_log_json_lines() -> None:
         "--log-format",
         "json",
     ) as node:
-        done = subprocess.run(
-            [sys.executable, "-m", "fastworker.cli", "submit", "text_of", "100000", "--wait"],
-            cwd=REPO_ROOT,
-            env=node_env(FASTWORKER_DISCOVERY_ADDRESS=node.discovery_address),
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert done.returncode == 1, done.stderr  # the result did not fit: a failure
+        env = node_env(FASTWORKER_DISCOVERY_ADDRESS=node.discovery_address)
+        commands = {
+            name: ["submit", name, f"hello from {name}", "--wait", "--json"]
+            for name in ("logs", "logs_asyncio", "logs_trio")
+        }
+        commands["text_of"] = ["submit", "text_of", "100000", "--wait", "--json"]
+        running = {
+            name: subprocess.Popen(
+                [sys.executable, "-m", "fastworker.cli", *argv],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for name, argv in commands.items()
+        }
+        task_ids = {}
+        for name, process in running.items():
+            with process:
+                stdout, stderr = process.communicate(timeout=30)
+            record = json.loads(stdout)
+            task_ids[name] = record["task_id"]
+            # text_of's result did not fit the message limit: a failure
+            assert record["status"] == ("failure" if name == "text_of" else "success"), stderr
         assert node.terminate() == 0
         lines = node.stderr_text().splitlines()
     docs = [json.loads(line) for line in lines]  # every line is JSON
@@ -87,5 +103,10 @@ def test_a_json_node_and_its_workers_log_json_lines() -> None:
     assert (joined["process"], joined["actor"], joined["pid"]) == ("node", "discovery", node.pid)
     too_large = next(doc for event, doc in by_event.items() if "exceeds the" in event)
     assert too_large["process"] == "worker"
-    assert too_large["task_id"] in done.stderr
+    assert too_large["task_id"] == task_ids["text_of"]
+    for name in ("logs", "logs_asyncio", "logs_trio"):  # users' own log calls in tasks
+        doc = by_event[f"hello from {name}"]
+        assert (doc["actor"], doc["level"]) == ("tests.node_tasks", "WARNING")
+        assert doc["task_id"] == task_ids[name]
+    assert "task_id" not in joined
     assert any(doc["event"].startswith("SIGTERM received") for doc in docs)

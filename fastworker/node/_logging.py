@@ -5,7 +5,9 @@ becomes one object with ``time`` (ISO 8601, UTC), ``level``, ``process``
 (``node`` or ``worker``), ``pid``, ``actor``, ``logger``, ``event`` (the
 message) and, when the record names one, ``task_id``; an exception adds
 ``exception`` (its traceback text).  A record tells its actor and task with
-``extra={"actor": ..., "task_id": ...}``; without ``actor`` it is the
+``extra={"actor": ..., "task_id": ...}``; a record logged while a task runs
+(a user's own ``logging`` call in task code) gets that task's id from
+``fastworker._task_context``.  Without ``actor`` it is the
 fastworker logger's last name (``fastworker.scheduler`` → ``scheduler``), or
 the logger's whole name for loggers outside fastworker (users' task code).
 """
@@ -15,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+
+from .._task_context import CURRENT_TASK_ID
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
 
@@ -41,6 +45,8 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         task_id = getattr(record, "task_id", None)
+        if task_id is None:
+            task_id = CURRENT_TASK_ID.get()  # logged from inside a task's run
         if task_id is not None:
             doc["task_id"] = task_id
         if record.exc_info:

@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from .._task_context import CURRENT_TASK_ID
 from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
 from ..tasks.serializer import SerializationFormat, dumps, loads
@@ -417,6 +418,7 @@ class Executor:
                 scope.deadline = trio.current_time() + run.timeout
                 due = scope.deadline + self.stop_grace
                 run.deadline = self._deadlines.arm(due, run, _STUCK)
+            CURRENT_TASK_ID.set(run.task_id)  # this trio task's own context
             try:
                 value = await run.call()
             except (trio.Cancelled, KeyboardInterrupt):
@@ -460,6 +462,7 @@ class Executor:
         """Runs on the asyncio loop: await the task and report its outcome, whatever it is."""
         timeout = run.timeout
         outcome: Outcome
+        CURRENT_TASK_ID.set(run.task_id)  # this asyncio task's own context, and wait_for's
         try:
             if timeout is None:
                 value = await coro
