@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import trio
 
+from .. import __version__
 from .. import keys as _keys
 from .._argtypes import _address, _non_negative_float, _positive_float
 from ._commands import cancel, result, status, submit, workers
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _client_options()
 
@@ -187,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Manage fastworker's CURVE keys.",
     )
     _keys.build_parser(keys)
-    keys.set_defaults(run=None)
     return parser
 
 
@@ -209,6 +210,7 @@ def _quiet_library(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Imported on use: the client commands need not load the control plane and worker.
     if argv and argv[0] == "node":
         from ..node import main as node_main
 
