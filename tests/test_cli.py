@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from multiprocess import REPO_ROOT, Node, free_tcp_port, node_env, run_node, start_node
+from multiprocess import (
+    REPO_ROOT,
+    CurveFiles,
+    Node,
+    free_tcp_port,
+    node_env,
+    run_node,
+    start_node,
+)
 
 from fastworker.cli import main as cli_main
 from fastworker.cli._values import parse_task_arg
@@ -281,3 +289,35 @@ def test_version_and_help_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     listing = capsys.readouterr().out
     for command in ("node", "submit", "result", "cancel", "status", "workers", "bench", "keys"):
         assert f"    {command} " in listing
+
+
+def test_curve_keys_from_the_environment_reach_the_client(tmp_path: Path) -> None:
+    """The Client's FASTWORKER_CURVE_* variables work here too; a refused key exits 3."""
+    curve = CurveFiles(tmp_path)
+    with start_node(
+        "--discovery-address",
+        "tcp://127.0.0.1:*",
+        "--workers",
+        "0",
+        *curve.node_args(),
+    ) as node:
+
+        def as_(name: str) -> subprocess.CompletedProcess[str]:
+            return fastworker(
+                "workers",
+                "--json",
+                "--timeout",
+                "3",
+                FASTWORKER_DISCOVERY_ADDRESS=node.discovery_address,
+                FASTWORKER_CURVE_SECRET_KEY=str(curve.secret(name)),
+                FASTWORKER_CURVE_SERVER_KEY=str(curve.public("server")),
+            )
+
+        allowed = as_("client")
+        assert allowed.returncode == 0, allowed.stderr
+        assert json.loads(allowed.stdout) == {"workers": []}
+        refused = as_("rogue")
+    assert refused.returncode == 3
+    assert refused.stdout == ""
+    assert "refused this client" in refused.stderr
+    assert "Traceback" not in refused.stderr

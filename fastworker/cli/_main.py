@@ -21,8 +21,9 @@ import trio
 from .. import __version__
 from .. import keys as _keys
 from .._argtypes import _address, _non_negative_float, _positive_float
+from ..client import AuthenticationError
 from ._commands import cancel, result, status, submit, workers
-from ._exits import CliFailure
+from ._exits import EXIT_UNREACHABLE, CliFailure
 from ._values import parse_kwargs, priority_name
 
 __all__ = ["build_parser", "main"]
@@ -34,15 +35,17 @@ _DESCRIPTION = """\
 Run a fastworker node, submit tasks and follow them, look at a running cluster.
 
 exit codes: 0 done; 1 the task failed (or was cancelled); 2 bad arguments;
-3 no control plane answered within --timeout; 4 no result (yet), not
-cancelled, or --wait-timeout passed.  With --json every client command
-prints one JSON document on stdout; errors go to stderr as one line.
+3 no control plane answered within --timeout (or it refused this client's
+CURVE key); 4 no result (yet), not cancelled, or --wait-timeout passed.
+With --json every client command prints one JSON document on stdout;
+errors go to stderr as one line.
 """
 
 _CLIENT_EPILOG = """\
 The control plane is found at --discovery-address, else
 $FASTWORKER_DISCOVERY_ADDRESS, else tcp://127.0.0.1:5550.  The Client also
-reads $FASTWORKER_SERIALIZATION_FORMAT and $FASTWORKER_RETRIES, and
+reads $FASTWORKER_SERIALIZATION_FORMAT, $FASTWORKER_RETRIES,
+$FASTWORKER_CURVE_SECRET_KEY and $FASTWORKER_CURVE_SERVER_KEY, and
 $FASTWORKER_TIMEOUT when --timeout is not given.
 """
 
@@ -230,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliFailure as failure:
         print(f"{prog}: error: {failure}", file=sys.stderr)
         return failure.code
+    except AuthenticationError as exc:  # CURVE keys from FASTWORKER_CURVE_* refused
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
