@@ -48,6 +48,7 @@ from ..security import CertificateError
 from ..tasks.registry import TaskRegistry, registry_from
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
 from ..worker import Worker, WorkerConfig
+from ._logging import LOG_FORMATS, configure_logging
 from ._processes import RECYCLE_EXIT_CODE, WorkerProcesses, parent_alive
 from ._security import NodeSecurity, SecurityError, add_security_arguments, node_security
 
@@ -155,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
         type=str.upper,
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default): readable lines; json: one JSON object per line with time, "
+        "level, process, pid, actor, logger, event and task_id where there is one",
+    )
     add_security_arguments(parser)
     # Internal: the command line of one worker process, started by a node.
     parser.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
@@ -189,6 +197,8 @@ def _worker_argv(args: argparse.Namespace, discovery_address: str) -> list[str]:
         str(args.grace),
         "--log-level",
         args.log_level,
+        "--log-format",
+        args.log_format,
     ]
     if args.prefetch is not None:
         argv += ["--prefetch", str(args.prefetch)]
@@ -410,10 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         security = node_security(args)
     except SecurityError as exc:
         parser.error(str(exc))
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s %(levelname)s [{'worker' if args.worker_process else 'node'} "
-        f"%(process)d] %(name)s: %(message)s",
+    configure_logging(
+        args.log_level, args.log_format, process="worker" if args.worker_process else "node"
     )
     try:
         if args.worker_process:

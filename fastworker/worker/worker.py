@@ -578,7 +578,13 @@ def _shrink(record: ResultRecord, budget: int) -> ResultRecord:
     retry).
     """
     size = result_weight(record)
-    log.warning("task %s: result of %d bytes exceeds the %d-byte limit", record[0], size, budget)
+    log.warning(
+        "task %s: result of %d bytes exceeds the %d-byte limit",
+        record[0],
+        size,
+        budget,
+        extra={"task_id": record[0]},
+    )
     if record.result is not None:
         return record._replace(
             status="failure",
