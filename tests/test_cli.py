@@ -316,6 +316,17 @@ def test_curve_keys_from_the_environment_reach_the_client(tmp_path: Path) -> Non
         allowed = as_("client")
         assert allowed.returncode == 0, allowed.stderr
         assert json.loads(allowed.stdout) == {"workers": []}
+        flags = fastworker(
+            "workers",
+            "--json",
+            "--discovery-address",
+            node.discovery_address,
+            "--curve-secret-key",
+            str(curve.secret("client")),
+            "--curve-server-key",
+            str(curve.public("server")),
+        )
+        assert flags.returncode == 0, flags.stderr
         refused = as_("rogue")
     assert refused.returncode == 3
     assert refused.stdout == ""

@@ -27,8 +27,13 @@ __all__ = ["cancel", "result", "status", "submit", "workers"]
 @contextlib.asynccontextmanager
 async def _client(args: argparse.Namespace, timeout: float | None) -> AsyncIterator[Client]:
     try:
-        client = Client(discovery_address=args.discovery_address, timeout=timeout)
-    except ValueError as exc:  # a bad FASTWORKER_* value
+        client = Client(
+            discovery_address=args.discovery_address,
+            timeout=timeout,
+            curve_secret_key=args.curve_secret_key,
+            curve_server_key=args.curve_server_key,
+        )
+    except ValueError as exc:  # a bad FASTWORKER_* value, a missing or unreadable key file
         raise CliFailure(str(exc), EXIT_USAGE) from None
     await client.start()
     try:

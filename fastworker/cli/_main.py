@@ -68,6 +68,18 @@ def _client_options() -> argparse.ArgumentParser:
         help=f"how long to wait for the control plane to answer before exit code 3 "
         f"(default: $FASTWORKER_TIMEOUT or {DEFAULT_TIMEOUT:g})",
     )
+    common.add_argument(
+        "--curve-secret-key",
+        metavar="FILE",
+        help="this client's secret certificate (NAME.key_secret) for a CURVE control plane "
+        "(default: $FASTWORKER_CURVE_SECRET_KEY)",
+    )
+    common.add_argument(
+        "--curve-server-key",
+        metavar="FILE",
+        help="the control plane's public certificate (its NAME.key) "
+        "(default: $FASTWORKER_CURVE_SERVER_KEY)",
+    )
     common.add_argument("--json", action="store_true", help="print one JSON document")
     common.add_argument(
         "-v",
