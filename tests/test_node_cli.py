@@ -62,6 +62,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -
         (["--curve-secret-key", "/nonexistent.key_secret"], "needs --client-keys"),
         (
             ["--curve-secret-key", "/nonexistent.key_secret", "--client-keys", "."],
+            "needs --worker-keys",
+        ),
+        (
+            [
+                *("--curve-secret-key", "/nonexistent.key_secret"),
+                *("--client-keys", ".", "--worker-keys", "."),
+            ],
             "cannot read a CURVE certificate",
         ),
         (
