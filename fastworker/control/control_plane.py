@@ -3,6 +3,7 @@
 Supervision tree (one-for-one; see design/architecture.md)::
 
     control-plane
+    ├── journal        (the SQLite file, with --journal; writes in a thread)
     ├── result-cache   (no socket)
     ├── callbacks      (one PUSH socket per callback address)
     ├── gateway        (client ROUTER)
@@ -10,29 +11,35 @@ Supervision tree (one-for-one; see design/architecture.md)::
     └── discovery      (discovery ROUTER, the address everybody knows)
 
 Discovery starts last: by the time anybody can find the control plane, every
-endpoint it hands out is bound.
+endpoint it hands out is bound.  The journal starts first and stops last, and
+it is read (replayed into the Scheduler and the ResultCache) before anything
+starts (design/durability.md).
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 import attrs
 import trio
 
-from ..runtime import Supervisor
+from ..runtime import Actor, Supervisor
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
 from .gateway import Gateway, gather_stats
+from .journal import Journal, JournalConfig
 from .result_cache import ResultCache, ResultCacheConfig
 from .scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
 
 DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
+
+log = logging.getLogger("fastworker.control")
 
 
 def sibling_address(address: str) -> str:
@@ -66,6 +73,8 @@ class ControlPlaneConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     callback_timeout: float = 10.0
     allow_pickle: bool = False
+    journal: str | None = None  # path of the SQLite journal; None: state in memory only
+    journal_sync: str = "normal"  # "full": an fsync per commit, for power-loss safety
 
 
 class ControlPlane:
@@ -75,6 +84,8 @@ class ControlPlane:
         cfg = config or ControlPlaneConfig()
         self.config = cfg
         self.instance_id = uuid.uuid4().hex
+        # Documents other state keepers wrote with JournalQueue.put_state, as replayed.
+        self.recovered_state: dict[str, Any] = {}
         transport = TransportConfig(max_message_size=cfg.max_message_size)
         self.results = ResultCache(
             ResultCacheConfig(
@@ -89,6 +100,17 @@ class ControlPlane:
             transport,
             results=self.results.ref,
         )
+        self.journal: Journal | None = None
+        if cfg.journal is not None:
+            self.journal = Journal(
+                JournalConfig(
+                    cfg.journal,
+                    sync=cfg.journal_sync,
+                    max_results=cfg.result_cache_size,
+                    result_ttl=cfg.result_ttl,
+                ),
+                gateway=self.gateway.ref,
+            )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 worker_address=cfg.worker_address or sibling_address(cfg.discovery_address),
@@ -102,6 +124,7 @@ class ControlPlane:
             gateway=self.gateway.ref,
             results=self.results.ref,
             callbacks=self.callbacks.ref,
+            journal=None if self.journal is None else self.journal.queue,
         )
         # The gateway and the scheduler talk both ways: wire the second direction.
         self.gateway.scheduler = self.scheduler.ref
@@ -123,10 +146,17 @@ class ControlPlane:
             self.callbacks.ref,
             self.discovery.ref,
         ]
-        self.supervisor = Supervisor(
-            "control-plane",
-            [self.results, self.callbacks, self.gateway, self.scheduler, self.discovery],
-        )
+        actors: list[Actor] = [
+            self.results,
+            self.callbacks,
+            self.gateway,
+            self.scheduler,
+            self.discovery,
+        ]
+        if self.journal is not None:
+            self.gateway.stats_sources.append(self.journal.ref)
+            actors.insert(0, self.journal)
+        self.supervisor = Supervisor("control-plane", actors)
 
     def _endpoints(self) -> tuple[str, str]:
         assert self.gateway.endpoint is not None
@@ -145,18 +175,34 @@ class ControlPlane:
         return self.discovery.endpoint
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.supervisor.run(task_status=task_status)
+        """Replay the journal (if any), then run the actors until stopped.
+
+        JournalError when the journal cannot be used: raised before anything
+        is bound, so nobody meets a control plane without its state.
+        """
+        journal = self.journal
+        if journal is None:
+            await self.supervisor.run(task_status=task_status)
+            return
+        try:
+            recovered = await journal.open()
+            self.scheduler.restore(recovered)
+            self.results.restore(recovered.results)
+            self.recovered_state = recovered.state
+            if recovered.tasks or recovered.results:
+                log.info(
+                    "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
+                    journal.config.path,
+                    len(recovered.tasks),
+                    len(recovered.results),
+                    recovered.seconds,
+                )
+            await self.supervisor.run(task_status=task_status)
+        finally:
+            journal.close()
 
     def stop(self) -> None:
         self.supervisor.stop()
 
     async def stats(self) -> dict[str, Any]:
-        return await gather_stats(
-            [
-                self.scheduler.ref,
-                self.results.ref,
-                self.callbacks.ref,
-                self.discovery.ref,
-                self.gateway.ref,
-            ]
-        )
+        return await gather_stats([*self.gateway.stats_sources, self.gateway.ref])

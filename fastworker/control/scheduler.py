@@ -65,6 +65,7 @@ from ._internal import (
     WorkerLost,
 )
 from ._taskbook import Effects, TaskBook, TaskBookConfig, default_max_queued_bytes
+from .journal import JournalError, JournalQueue, Recovered
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -108,12 +109,16 @@ class Scheduler(Actor):
         gateway: ActorRef,
         results: ActorRef,
         callbacks: ActorRef,
+        journal: JournalQueue | None = None,
     ) -> None:
         super().__init__("scheduler", mailbox_size=4096)
         self.config = config
         self._gateway = gateway
         self._results = results
         self._callbacks = callbacks
+        # With a journal, accepted tasks and final results are queued for its
+        # next commit, and acks go out only after it (design/durability.md).
+        self._journal = journal
         self.book = TaskBook(config.book_config(), clock=trio.current_time, wall_clock=time.time)
         self._budget = message_budget(config.transport.max_message_size)
         self._timer = DeadlineTimer(self.ref, _Due())  # eta, retries, the unserved check
@@ -123,6 +128,25 @@ class Scheduler(Actor):
         self._internal_errors = 0
 
     # -- life cycle ---------------------------------------------------------
+
+    def restore(self, recovered: Recovered) -> None:
+        """Take back what the journal held, before the actor starts: unfinished tasks go to
+        their queues (or due-time heap), finished ids are remembered for deduplication.
+
+        A task the book refuses now (the limits were lowered since it was
+        accepted) is a JournalError: the node says so at start rather than
+        dropping an acknowledged task.
+        """
+        book = self.book
+        for client, envelope in recovered.tasks:
+            verdict = book.submit(client, envelope)
+            if verdict is not None:
+                raise JournalError(
+                    f"cannot take back journaled task {envelope.task_id}: {verdict[1]}; "
+                    "start with the limits it was accepted under"
+                )
+        book.remember_finished([record.task_id for record, _ in recovered.results])
+        book.take()  # nothing to send: no worker and no client is connected yet
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.config.transport, router_handover=True)
@@ -223,6 +247,8 @@ class Scheduler(Actor):
         return True
 
     def _send_results(self, out: Effects) -> None:
+        if out.records and self._journal is not None:
+            self._journal.add_results(out.records)
         if out.records:
             self._tell(self._results, StoreResults(out.records), "results")
         if out.pushes:
@@ -254,9 +280,25 @@ class Scheduler(Actor):
     # -- input --------------------------------------------------------------
 
     def _on_submits(self, message: ClientSubmits) -> None:
-        book = self.book
         replies: list[list[bytes]] = []
         plain_acks: list[list[bytes]] = []
+        journaled: list[tuple[bytes, TaskEnvelope]] = []
+        try:
+            self._accept(message, replies, plain_acks, journaled)
+        finally:
+            # Even after an internal error: what the book took is journaled.
+            self._acknowledge(replies, plain_acks, journaled)
+
+    def _accept(
+        self,
+        message: ClientSubmits,
+        replies: list[list[bytes]],
+        plain_acks: list[list[bytes]],
+        journaled: list[tuple[bytes, TaskEnvelope]],
+    ) -> None:
+        book = self.book
+        journal = self._journal
+        refusal = None if journal is None else journal.refusal()
         for identity, request_id, raw_tasks in message.submits:
             rejected: list[list[str]] = []
             room = self._budget // 2  # for rejection texts; ids and reasons always fit
@@ -272,13 +314,36 @@ class Scheduler(Actor):
                     room -= len(text)
                     rejected.append([task_id, "invalid", text if room > 0 else ""])
                     continue
-                verdict = book.submit(identity, envelope)
+                new = journal is not None and (
+                    book.status_of(envelope.task_id) is None
+                    and not book.is_finished(envelope.task_id)
+                )
+                if new and refusal is not None:
+                    book.rejected["queue_full"] += 1
+                    verdict: tuple[str, str] | None = ("queue_full", refusal)
+                else:
+                    verdict = book.submit(identity, envelope)
+                    if new and verdict is None:
+                        journaled.append((identity, envelope))
                 if verdict is not None:
                     room -= len(verdict[1])
                     reason, text = verdict
                     rejected.append([envelope.task_id, reason, text if room > 0 else ""])
             ack = [identity, encode(SubmitAck(request_id, rejected))]
             (replies if rejected else plain_acks).append(ack)
+
+    def _acknowledge(
+        self,
+        replies: list[list[bytes]],
+        plain_acks: list[list[bytes]],
+        journaled: list[tuple[bytes, TaskEnvelope]],
+    ) -> None:
+        journal = self._journal
+        if journal is not None:
+            # Acknowledged only once these tasks are committed (with all before them).
+            journal.add_tasks(journaled)
+            journal.add_acks(plain_acks, replies)
+            return
         if replies:
             self._tell(self._gateway, Outgoing(replies), "acks")
         if plain_acks:
