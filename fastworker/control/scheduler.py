@@ -330,6 +330,11 @@ class Scheduler(Actor):
                     reason, text = verdict
                     rejected.append([envelope.task_id, reason, text if room > 0 else ""])
             ack = [identity, encode(SubmitAck(request_id, rejected))]
+            if journal is not None and len(rejected) == len(raw_tasks):
+                # Nothing in it to make durable: the refusal goes out at once,
+                # even while the journal cannot write.
+                self._tell(self._gateway, Outgoing([ack]), "acks")
+                continue
             (replies if rejected else plain_acks).append(ack)
 
     def _acknowledge(
