@@ -75,9 +75,9 @@ class Context:
         return node
 
 
-def start_local(ctx: Context, workers: int) -> Cluster:
+def start_local(ctx: Context, workers: int, extra: Sequence[str] = ()) -> Cluster:
     """A fresh ``--role all`` node with ``workers`` worker processes."""
-    node = ctx.start_node("all", workers=workers)
+    node = ctx.start_node("all", workers=workers, extra=extra)
     return Cluster(node.discovery_address, node.pid, workers, node)
 
 

@@ -40,6 +40,9 @@ class Options:
     worker_counts: tuple[int, ...] = (1, 2, 4)
     progress: bool = False
     stall_timeout: float = 60.0
+    # Also run throughput, batch and latency on a node with --journal, and time
+    # a journal's recovery (design/durability.md).
+    journal: bool = False
 
     @property
     def local(self) -> bool:

@@ -123,11 +123,34 @@ def _floor_row(label: str, f: Figures, prefix: str) -> list[str]:
 def _rows(name: str, f: Figures) -> list[list[str]]:
     if "skipped" in f:
         return [[name, "", "", "", "", "", f"skipped: {f['skipped']}"]]
-    if name in ("throughput", "batch"):
+    kind = name.removesuffix(" journal")  # the same scenario on a node with --journal
+    if kind in ("throughput", "batch"):
         return [_stream_row(name, f)]
-    if name == "latency":
+    if kind == "latency":
         rate = {**f, "tasks_per_s": f["tasks"] / f["seconds"]}
         return [_stream_row(name, rate, _spread_note(f))]
+    if name == "journal recovery":
+        n = f["tasks"]
+        return [
+            [
+                "journal queue",
+                _num(n),
+                _num(f["queue_seconds"], 3),
+                _num(f["queue_tasks_per_s"]),
+                "",
+                "-",
+                f"{_num(f['journal_per_task_bytes'])} B/task on disk ({_mb(f['journal_mb'])})",
+            ],
+            [
+                "journal recovery",
+                _num(f["recovered_tasks"]),
+                _num(f["recovery_seconds"], 3),
+                _num(f["recovered_tasks"] / f["recovery_seconds"]),
+                _num(f["cp_rss_mb"], 1),
+                "-",
+                f"kill -9, then start to ready; the file read in {f['read_seconds']:.3f} s",
+            ],
+        ]
     if name == "floor":
         return [_floor_row("floor", f, ""), _floor_row("floor thread", f, "thread_")]
     if name == "backlog":

@@ -13,6 +13,7 @@ import asyncio
 import os
 import platform
 import sys
+import tempfile
 from typing import Any
 
 from .. import __version__
@@ -23,7 +24,7 @@ from ._nodes import stop_all
 from ._options import LOCAL_ONLY, SCENARIOS, Options
 from ._progress import Progress
 from ._report import combine_runs
-from ._scenarios import RUNNERS
+from ._scenarios import RUNNERS, journal_recovery
 from ._signals import stop_on_signals
 
 __all__ = ["run"]
@@ -74,6 +75,8 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
             await _run_each(ctx, shared, results)
         finally:
             ctx.shared.stop()
+    if options.journal:
+        await _journaled(ctx, shared, results)
     for name in wanted:
         if name in LOCAL_ONLY and not options.local:
             reason = "needs worker processes of its own; not run against an existing cluster"
@@ -82,6 +85,33 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
     # Then what starts processes of its own: ``floor`` measures this host
     # (on loopback) whichever cluster is measured.
     await _run_each(ctx, [name for name in wanted if name not in results], results)
+
+
+async def _journaled(ctx: Context, shared: list[str], results: dict[str, Any]) -> None:
+    """The shared scenarios again on a node with ``--journal``, then the journal's recovery.
+
+    Results go under ``"<scenario> journal"``, beside the in-memory ones of
+    the same invocation (same machine, same moment).
+    """
+    if not ctx.options.local:
+        reason = "needs a node of its own; not run against an existing cluster"
+        results["journal recovery"] = {"skipped": reason}
+        ctx.progress.note(f"journal: skipped ({reason})")
+        return
+    with tempfile.TemporaryDirectory(prefix="fastworker-bench-journal-") as directory:
+        if shared:
+            path = os.path.join(directory, "shared.db")
+            ctx.shared = start_local(ctx, ctx.options.workers, extra=("--journal", path))
+            try:
+                for name in shared:
+                    ctx.run_note = " (journal)"
+                    results[f"{name} journal"] = combine_runs(
+                        [await RUNNERS[name](ctx) for _ in range(ctx.options.runs)]
+                    )
+            finally:
+                ctx.run_note = ""
+                ctx.shared.stop()
+        results["journal recovery"] = await journal_recovery(ctx, directory)
 
 
 async def run(options: Options, progress: Progress) -> dict[str, Any]:
