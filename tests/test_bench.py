@@ -170,6 +170,34 @@ def test_throughput_batch_and_latency_report_the_documented_keys(marker: str) ->
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_journal_runs_beside_the_in_memory_figures_and_times_a_recovery(marker: str) -> None:
+    result = run_bench(
+        marker,
+        *("--journal", "--tasks", "500", "--scenarios", "throughput", "latency"),
+        *("--latency-count", "20", "--backlog-tasks", "1000", "--json"),
+        timeout=75,
+    )
+    report = json_report(result)
+    assert set(report) == {
+        "meta",
+        "idle",
+        "throughput",
+        "latency",
+        "throughput journal",
+        "latency journal",
+        "journal recovery",
+    }
+    assert_stream(report["throughput journal"], 500)
+    assert report["latency journal"]["tasks"] == 20
+    recovery = report["journal recovery"]
+    assert recovery["recovered_tasks"] == recovery["tasks"] == 1000
+    assert recovery["journal_per_task_bytes"] > 0
+    assert 0 < recovery["read_seconds"] < recovery["recovery_seconds"]
+    assert_all_gone(marker, report)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_backlog_weighs_the_queue_then_drains_it(marker: str) -> None:
     report = json_report(

@@ -36,6 +36,9 @@ Figures = dict[str, Any]
 Submit = Callable[[Client, Tally], Awaitable[None]]
 
 _NODE_MAX_QUEUED = 1_000_000  # the node's default --max-queued
+# Unacknowledged tasks at most while filling a journaled control plane: below the
+# journal's own bound (100 000 entries waiting), so none is refused.
+_WINDOW = 50_000
 
 
 def _shared(ctx: Context) -> Cluster:
@@ -181,7 +184,7 @@ async def _watch_worker_pids(ctx: Context, client: Client, rss: RssSampler) -> N
 
 
 async def _fill(
-    ctx: Context, client: Client, cp_pid: int, tally: Tally
+    ctx: Context, client: Client, cp_pid: int, tally: Tally, *, window: int | None = None
 ) -> tuple[float, int | None]:
     """Queue ``--backlog-tasks`` with no worker attached; (seconds, control-plane peak RSS)."""
     n, options, level = ctx.options.backlog_tasks, ctx.options, [0]
@@ -193,7 +196,9 @@ async def _fill(
         # Polled while submitting, so the progress line moves from the start.
         queued = asyncio.ensure_future(_until_queued(client, n, level, options.stall_timeout))
         try:
-            await submit_in_batches(client, ctx.workload, n, options.batch_size, tally)
+            await submit_in_batches(
+                client, ctx.workload, n, options.batch_size, tally, window=window
+            )
             await queued
         finally:
             queued.cancel()
@@ -294,7 +299,7 @@ async def journal_recovery(ctx: Context, directory: str) -> Figures:
     try:
         cluster = Cluster(cp.discovery_address, cp.pid)
         async with connected(ctx, cluster, capacity=n, ready=False) as (client, _):
-            queue_seconds, _ = await _fill(ctx, client, cp.pid, Tally(client))
+            queue_seconds, _ = await _fill(ctx, client, cp.pid, Tally(client), window=_WINDOW)
             await client.flush()  # every task acknowledged: committed
         size = _file_bytes(path)
         cp.kill()

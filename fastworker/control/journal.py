@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections import deque
 from typing import Any
 
 import attrs
@@ -54,6 +55,9 @@ log = logging.getLogger("fastworker.journal")
 
 _RETRY_FIRST = 1.0
 _RETRY_MAX = 30.0
+# A commit takes whole messages' worth until it holds this many entries: under a
+# sustained burst acks flow every ~half second instead of after one huge commit.
+_COMMIT_ENTRIES = 20_000
 _OVERHEAD = 64  # bytes counted per entry beyond its payload and texts
 
 
@@ -61,7 +65,9 @@ _OVERHEAD = 64  # bytes counted per entry beyond its payload and texts
 class JournalConfig:
     path: str
     sync: str = "normal"  # "normal" (WAL, no fsync per commit) or "full" (fsync per commit)
-    max_pending_entries: int = 200_000
+    # About two seconds of writing on a small machine: past it, acks would come
+    # so late that clients re-send (their first ack timeout is 1 s).
+    max_pending_entries: int = 100_000
     max_pending_bytes: int = 64 << 20
     max_results: int = 10_000  # the result cache's size
     result_ttl: float = 3600.0
@@ -82,6 +88,13 @@ class _Pending:
     def __bool__(self) -> bool:
         return bool(self.batch.ops or self.held_acks or self.acks)
 
+    def extend(self, later: _Pending) -> None:
+        self.batch.ops.extend(later.batch.ops)
+        self.held_acks.extend(later.held_acks)
+        self.acks.extend(later.acks)
+        self.entries += later.entries
+        self.bytes += later.bytes
+
 
 class JournalQueue:
     """What waits for the next commit: written by the Scheduler, taken by the journal's writer.
@@ -93,6 +106,9 @@ class JournalQueue:
 
     def __init__(self, config: JournalConfig) -> None:
         self.config = config
+        # One entry per Scheduler message that acknowledged something (its
+        # changes, then its acks), oldest first; then what is still open.
+        self._closed: deque[_Pending] = deque()
         self._next = _Pending()
         self._entries = 0  # queued or being written
         self._bytes = 0
@@ -132,8 +148,12 @@ class JournalQueue:
 
     def add_acks(self, held: list[list[bytes]], now: list[list[bytes]]) -> None:
         """SubmitAcks to hand to the Gateway once everything queued before them is committed."""
-        self._next.held_acks.extend(held)
-        self._next.acks.extend(now)
+        pending = self._next
+        pending.held_acks.extend(held)
+        pending.acks.extend(now)
+        if pending:
+            self._closed.append(pending)
+            self._next = _Pending()
         self._wake.set()
 
     def refusal(self) -> str | None:
@@ -161,23 +181,24 @@ class JournalQueue:
 
     async def wait(self) -> None:
         """Until something is queued."""
-        if not self._next:
+        if not self._closed and not self._next:
             self._wake = trio.Event()
             await self._wake.wait()
 
-    def take(self) -> _Pending:
-        pending, self._next = self._next, _Pending()
-        return pending
+    def take(self, limit: int = _COMMIT_ENTRIES) -> _Pending:
+        """The oldest queued changes, whole messages at a time, until ``limit`` entries."""
+        taken = _Pending()
+        closed = self._closed
+        while closed and (not taken or taken.entries < limit):
+            taken.extend(closed.popleft())
+        if not closed and self._next and taken.entries < limit:
+            taken.extend(self._next)
+            self._next = _Pending()
+        return taken
 
     def put_back(self, pending: _Pending) -> None:
         """A commit failed: its content goes first in the next one."""
-        later = self._next
-        pending.batch.ops.extend(later.batch.ops)
-        pending.held_acks.extend(later.held_acks)
-        pending.acks.extend(later.acks)
-        pending.entries += later.entries
-        pending.bytes += later.bytes
-        self._next = pending
+        self._closed.appendleft(pending)
 
     def committed(self, pending: _Pending) -> None:
         self._entries -= pending.entries
@@ -235,7 +256,7 @@ class Journal(Actor):
     async def on_stop(self) -> None:
         # What the Scheduler queued before it stopped is still written: the
         # supervisor stops the journal last.
-        pending = self.queue.take()
+        pending = self.queue.take(limit=1 << 62)
         if pending and self._store is not None:
             try:
                 await self._commit(pending)
