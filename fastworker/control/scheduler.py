@@ -14,6 +14,12 @@ the book never has more than that many of its tasks outstanding; every
 result returns a credit.  So a busy worker is never flooded and an idle one
 is refilled as soon as it reports.
 
+With a journal (``--journal``, design/durability.md), the tasks a message
+accepted and the results it decided are added to the ``JournalQueue``, and
+that message's acks go out only after the journal's next commit; while the
+journal is behind or cannot write, new tasks are refused (``queue_full``).
+Nothing else here waits for the disk.
+
 An exception while handling one message is logged and counted
 (``internal_errors``) and the actor keeps serving: bookkeeping must never
 take the control plane down with it.

@@ -244,3 +244,6 @@ def test_a_journal_of_another_version_stops_the_node_with_a_clear_error_once(
     assert done.returncode == 78, done.stderr
     assert "cannot read the journal" in done.stderr
     assert (tmp_path / "notes.txt").read_text().startswith("my notes")
+    done = run_node("--role", "worker", "--journal", str(path))
+    assert done.returncode == 2
+    assert "--journal belongs to the control plane" in done.stderr
