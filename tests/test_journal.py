@@ -222,6 +222,45 @@ async def test_a_restarted_control_plane_runs_what_it_held_and_answers_what_it_f
         assert stats["scheduler"]["succeeded"] == 50
 
 
+async def test_a_cancel_confirmed_by_a_journaled_control_plane_holds_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = str(tmp_path / "j.db")
+    async with Cluster(tasks=[triple], journal=path, workers=0) as cluster:
+        client = Client(discovery_address=cluster.discovery_address, timeout=20)
+        await client.start()
+        kept, dropped = await client.submit_batch([("triple", (1,)), ("triple", (2,))])
+        await client.flush()
+        journal = cluster.control_plane.journal
+        assert journal is not None
+        held = threading.Event()
+        healthy = JournalStore.write
+
+        def write(self: JournalStore, batches: Any) -> int:
+            held.wait(20)
+            return healthy(self, batches)
+
+        monkeypatch.setattr(JournalStore, "write", write)
+        async with trio.open_nursery() as nursery:
+            answer: list[bool] = []
+
+            async def cancel() -> None:
+                answer.append(await client.cancel_task(dropped))
+
+            nursery.start_soon(cancel)
+            try:
+                # The CANCELLED result is decided and on its way to the disk.
+                await _wait_for(lambda: journal.queue.statistics()["pending_entries"] == 1)
+                assert answer == []  # not confirmed while its commit is on the way
+            finally:
+                held.set()
+        assert answer == [True]
+        client.stop()
+    recovered = _open(Path(path))[1]
+    assert [env.task_id for _, env in recovered.tasks] == [kept]
+    assert [(r.task_id, r.status) for r, _ in recovered.results] == [(dropped, "cancelled")]
+
+
 async def _submit(cluster: Cluster, submit: Any) -> Any:
     """What ``submit(client)`` returns, from a client that has handed its tasks over."""
     async with Client(discovery_address=cluster.discovery_address) as client:

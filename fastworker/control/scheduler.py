@@ -394,8 +394,13 @@ class Scheduler(Actor):
         # The CANCELLED result goes to the submitter ahead of the reply, so a
         # client that sees cancel_task() return True already knows the status.
         self._send_effects()
-        reply = encode(CancelReply(message.request_id, cancelled, status))
-        self._tell(self._gateway, Outgoing([[message.identity, reply]]), "cancel replies")
+        reply = [message.identity, encode(CancelReply(message.request_id, cancelled, status))]
+        if cancelled and self._journal is not None:
+            # "Will not run" must survive a crash: the reply waits for the commit
+            # of the CANCELLED result (or the restarted control plane runs it).
+            self._journal.add_acks([], [reply])
+            return
+        self._tell(self._gateway, Outgoing([reply]), "cancel replies")
 
     # -- introspection ------------------------------------------------------
 
