@@ -153,6 +153,37 @@ async def test_tasks_running_at_the_kill_run_again_and_results_from_before_it_ar
         assert runs.counts["100"] == 1  # finished before the kill: not run again
 
 
+@pytest.mark.timeout(60)
+async def test_a_client_alive_across_the_kill_gets_every_result_it_waits_for(
+    tmp_path: Path,
+) -> None:
+    journal, log_dir = tmp_path / "journal.db", tmp_path / "runs"
+    log_dir.mkdir()
+    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    async with contextlib.AsyncExitStack() as nodes:
+        control = await nodes.enter_async_context(
+            fault_node(*_control_plane(address, journal), *FAST)
+        )
+        await nodes.enter_async_context(fault_node(*_workers(address)))
+        client = await nodes.enter_async_context(client_for(address))
+        await wait_for_workers(client, 1)
+        ids = await client.submit_batch([("work", [n, 0.01, str(log_dir)]) for n in range(400)])
+        await poll(lambda: client.pending_count <= 300, timeout=20, interval=0.01, what="100 done")
+        await _kill_9(control)
+        await nodes.enter_async_context(fault_node(*_control_plane(address, journal), *FAST))
+        with trio.fail_after(40):
+            await client.join()
+        results = [client.get_result(task_id) for task_id in ids]
+        wrong = [
+            n
+            for n, r in enumerate(results)
+            if r is None or r.status is not TaskStatus.SUCCESS or r.result[0] != 2 * n
+        ]
+        assert wrong == []
+        final = await stats(client)
+        assert final["journal"]["recovered"]["tasks"] > 0
+
+
 def _burst(endpoint: str, log_dir: Path, killed: threading.Event, kill: Any) -> set[str]:
     """Pipeline Submits of 100 tasks on a raw DEALER; kill the control plane after 10 acks;
     the ids of every task acknowledged before it died."""
