@@ -3,6 +3,7 @@
 Supervision tree (one-for-one; see design/architecture.md)::
 
     control-plane
+    ├── zap            (the ZAP handler's inproc ROUTER; only with CURVE)
     ├── journal        (the SQLite file, with --journal; writes in a thread)
     ├── result-cache   (no socket)
     ├── callbacks      (one PUSH socket per callback address)
@@ -19,14 +20,18 @@ starts (design/durability.md).
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import uuid
 from typing import Any
 
 import attrs
 import trio
+import zmq
 
 from ..runtime import Actor, Supervisor
-from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
+from ..security import KeyRing, ReloadKeys, ZapHandler
+from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
@@ -73,6 +78,12 @@ class ControlPlaneConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     callback_timeout: float = 10.0
     allow_pickle: bool = False
+    # CURVE: the control plane's own key pair turns it on for every socket it
+    # binds; the directories hold the public certificates allowed per role.
+    curve: CurveKeys | None = None
+    client_keys_dir: str | os.PathLike[str] | None = None
+    worker_keys_dir: str | os.PathLike[str] | None = None
+    own_worker_keys: frozenset[bytes] = frozenset()  # the node's own worker processes
     journal: str | None = None  # path of the SQLite journal; None: state in memory only
     journal_sync: str = "normal"  # "full": an fsync per commit, for power-loss safety
 
@@ -86,7 +97,19 @@ class ControlPlane:
         self.instance_id = uuid.uuid4().hex
         # Documents other state keepers wrote with JournalQueue.put_state, as replayed.
         self.recovered_state: dict[str, Any] = {}
-        transport = TransportConfig(max_message_size=cfg.max_message_size)
+        self.keys: KeyRing | None = None
+        self.zap: ZapHandler | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        if cfg.curve is not None:
+            # Raises CertificateError for a missing or unreadable directory: at start.
+            self.keys = KeyRing(
+                cfg.client_keys_dir, cfg.worker_keys_dir, own_workers=cfg.own_worker_keys
+            )
+            self._context = zmq.Context()
+            self.zap = ZapHandler(self.keys, self._context)
+        transport = TransportConfig(
+            max_message_size=cfg.max_message_size, curve=cfg.curve, context=self._context
+        )
         self.results = ResultCache(
             ResultCacheConfig(
                 cfg.result_ttl, cfg.result_cache_size, max_message_size=cfg.max_message_size
@@ -99,6 +122,7 @@ class ControlPlane:
             cfg.client_address or sibling_address(cfg.discovery_address),
             transport,
             results=self.results.ref,
+            keys=self.keys,
         )
         self.journal: Journal | None = None
         if cfg.journal is not None:
@@ -124,6 +148,7 @@ class ControlPlane:
             gateway=self.gateway.ref,
             results=self.results.ref,
             callbacks=self.callbacks.ref,
+            keys=self.keys,
             journal=None if self.journal is None else self.journal.queue,
         )
         # The gateway and the scheduler talk both ways: wire the second direction.
@@ -139,6 +164,7 @@ class ControlPlane:
             instance_id=self.instance_id,
             scheduler=self.scheduler.ref,
             endpoints=self._endpoints,
+            keys=self.keys,
         )
         self.gateway.stats_sources = [
             self.scheduler.ref,
@@ -146,6 +172,8 @@ class ControlPlane:
             self.callbacks.ref,
             self.discovery.ref,
         ]
+        if self.zap is not None:
+            self.gateway.stats_sources.append(self.zap.ref)
         actors: list[Actor] = [
             self.results,
             self.callbacks,
@@ -154,8 +182,14 @@ class ControlPlane:
             self.discovery,
         ]
         if self.journal is not None:
+            # First to start, last but the ZAP handler to stop: it commits what
+            # the Scheduler queued before it stopped.
             self.gateway.stats_sources.append(self.journal.ref)
             actors.insert(0, self.journal)
+        if self.zap is not None:
+            # The ZAP handler starts first and stops last: no CURVE socket is ever
+            # bound without it (and one that were would refuse every handshake).
+            actors.insert(0, self.zap)
         self.supervisor = Supervisor("control-plane", actors)
 
     def _endpoints(self) -> tuple[str, str]:
@@ -181,28 +215,54 @@ class ControlPlane:
         is bound, so nobody meets a control plane without its state.
         """
         journal = self.journal
-        if journal is None:
-            await self.supervisor.run(task_status=task_status)
-            return
         try:
-            recovered = await journal.open()
-            self.scheduler.restore(recovered)
-            self.results.restore(recovered.results)
-            self.recovered_state = recovered.state
-            if recovered.tasks or recovered.results:
-                log.info(
-                    "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
-                    journal.config.path,
-                    len(recovered.tasks),
-                    len(recovered.results),
-                    recovered.seconds,
-                )
+            if journal is not None:
+                await self._replay(journal)
             await self.supervisor.run(task_status=task_status)
         finally:
-            journal.close()
+            if journal is not None:
+                journal.close()
+            context, self._context = self._context, None
+            if context is not None:
+                # Every actor closed its sockets; term() lets what they still hold
+                # (results pushed at shutdown) go out, bounded in case one was not.
+                ender = threading.Thread(target=context.term, name="zmq-term", daemon=True)
+                ender.start()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(ender.join, 2.0)
+
+    async def _replay(self, journal: Journal) -> None:
+        recovered = await journal.open()
+        self.scheduler.restore(recovered)
+        self.results.restore(recovered.results)
+        self.recovered_state = recovered.state
+        if recovered.tasks or recovered.results:
+            log.info(
+                "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
+                journal.config.path,
+                len(recovered.tasks),
+                len(recovered.results),
+                recovered.seconds,
+            )
+
+    async def reload_keys(self) -> bool:
+        """Read the certificate directories again (SIGHUP); False if they could not be read
+        (the old keys stay in force) or CURVE is off."""
+        if self.zap is None:
+            return False
+        return bool(await self.zap.ref.ask(ReloadKeys()))
 
     def stop(self) -> None:
         self.supervisor.stop()
 
     async def stats(self) -> dict[str, Any]:
-        return await gather_stats([*self.gateway.stats_sources, self.gateway.ref])
+        sources = [
+            self.scheduler.ref,
+            self.results.ref,
+            self.callbacks.ref,
+            self.discovery.ref,
+            self.gateway.ref,
+        ]
+        if self.journal is not None:
+            sources.append(self.journal.ref)
+        return await gather_stats(sources)
