@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 import trio
 
@@ -49,8 +50,9 @@ def _tasks(ns: range) -> tuple[str, Any]:
 def test_tasks_results_and_state_come_back_in_order(tmp_path: Path) -> None:
     store, recovered = _open(tmp_path / "j.db")
     assert (recovered.tasks, recovered.results, recovered.state) == ([], [], {})
-    store.write([WriteBatch([_tasks(range(10)), ("state", ("cron", {"every": [1, 2]}))])])
-    store.write([WriteBatch([("results", [_result(3), _result(7)]), ("state", ("gone", 1))])])
+    cron = cbor2.dumps({"every": [1, 2]})
+    store.write([WriteBatch([_tasks(range(10)), ("state", ("cron", cron))])])
+    store.write([WriteBatch([("results", [_result(3), _result(7)]), ("state", ("gone", b"\x01"))])])
     store.write([WriteBatch([("state", ("gone", None))])])
     store.close()
 
@@ -121,6 +123,24 @@ def test_an_incompatible_or_foreign_file_is_a_clear_error_and_is_left_alone(
     with pytest.raises(JournalError, match="cannot read the journal"):
         _open(tmp_path / "text")
     assert (tmp_path / "text").read_text().startswith("not a database")
+
+
+async def test_state_documents_go_in_the_next_commit_and_come_back_at_replay(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "j.db")
+    async with Cluster(tasks=[triple], journal=path, workers=0) as cluster:
+        journal = cluster.control_plane.journal
+        assert journal is not None
+        with pytest.raises(TypeError, match="journal state 'bad' is not CBOR-able"):
+            journal.queue.put_state("bad", object())  # refused at the call, nothing queued
+        journal.queue.put_state("schedules", {"every-minute": {"cron": "* * * * *"}})
+        journal.queue.put_state("dead-letters", [1, 2])
+        journal.queue.put_state("dead-letters", None)
+    async with Cluster(tasks=[triple], journal=path, workers=0) as cluster:
+        assert cluster.control_plane.recovered_state == {
+            "schedules": {"every-minute": {"cron": "* * * * *"}}
+        }
 
 
 def test_the_queue_refuses_new_tasks_past_its_bounds() -> None:

@@ -77,8 +77,8 @@ class Recovered:
 class WriteBatch:
     """Everything one group commit writes, in the order it happened."""
 
-    # ("task", (task_id, client, TaskWire)) | ("results", [ResultRecord, ...]) |
-    # ("state", (key, value or None to delete))
+    # ("tasks", [(task_id, client, TaskWire), ...]) | ("results", [ResultRecord, ...]) |
+    # ("state", (key, CBOR-encoded document or None to delete))
     ops: list[tuple[str, Any]] = attrs.Factory(list)
 
 
@@ -218,14 +218,11 @@ class JournalStore:
                 [(r.task_id, now, cbor2.dumps(tuple(r))) for r in value],
             )
         elif kind == "state":
-            key, document = value
-            if document is None:
+            key, blob = value  # the document, CBOR-encoded by its writer
+            if blob is None:
                 db.execute("DELETE FROM state WHERE key = ?", (key,))
             else:
-                db.execute(
-                    "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
-                    (key, cbor2.dumps(document)),
-                )
+                db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, blob))
             return 1
         else:
             raise ValueError(f"unknown journal operation {kind!r}")

@@ -42,6 +42,7 @@ from collections import deque
 from typing import Any
 
 import attrs
+import cbor2
 import trio
 
 from ..runtime import Actor, ActorError, ActorRef
@@ -144,7 +145,12 @@ class JournalQueue:
         """
         if not isinstance(key, str) or not key:
             raise ValueError("a journal state key must be non-empty text")
-        self._add(("state", (key, document)), 1, len(key) + _OVERHEAD)
+        # Encoded here, so a document CBOR cannot hold fails its caller, not the writer.
+        try:
+            blob = None if document is None else cbor2.dumps(document)
+        except cbor2.CBOREncodeError as exc:
+            raise TypeError(f"journal state {key!r} is not CBOR-able: {exc}") from None
+        self._add(("state", (key, blob)), 1, len(key) + len(blob or b"") + _OVERHEAD)
 
     def add_acks(self, held: list[list[bytes]], now: list[list[bytes]]) -> None:
         """SubmitAcks to hand to the Gateway once everything queued before them is committed."""
