@@ -262,15 +262,20 @@ class Journal(Actor):
     async def on_stop(self) -> None:
         # What the Scheduler queued before it stopped is still written: the
         # supervisor stops the journal last.
+        if self._store is None:
+            return
         pending = self.queue.take(limit=1 << 62)
-        if pending and self._store is not None:
-            try:
-                await self._commit(pending)
-            except (sqlite3.Error, OSError) as exc:
-                self.queue.put_back(pending)
-                log.error(
-                    "journal: the last commit failed (%s); its tasks stay unacknowledged", exc
-                )
+        if not pending:
+            return
+        try:
+            await self._commit(pending)
+        except BaseException as exc:
+            # Kept for the next run (after a crash) or for nobody (the end): never
+            # acknowledged without being written.
+            self.queue.put_back(pending)
+            if not isinstance(exc, sqlite3.Error | OSError):
+                raise
+            log.error("journal: the last commit failed (%s); its tasks stay unacknowledged", exc)
 
     def receive(self, message: Any) -> Any:
         if message == "stats":
