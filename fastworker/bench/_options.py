@@ -40,8 +40,9 @@ class Options:
     worker_counts: tuple[int, ...] = (1, 2, 4)
     progress: bool = False
     stall_timeout: float = 60.0
-    # Also run throughput, batch and latency on a node with --journal, and time
-    # a journal's recovery (design/durability.md).
+    curve: bool = False  # the shared scenarios again with CURVE on
+    # The shared scenarios again on a node with --journal, and a journal's
+    # recovery timed (design/durability.md).
     journal: bool = False
 
     @property

@@ -134,13 +134,13 @@ def node_security(
         raise SecurityError(
             "--curve-secret-key needs --client-keys DIR: without it no client could connect"
         )
-    if args.role == "control-plane" and args.worker_keys is None:
+    own = args.role == "all" and args.workers > 0
+    if args.worker_keys is None and not own:
         raise SecurityError(
-            "--role control-plane with --curve-secret-key needs --worker-keys DIR: without "
-            "it no worker could join"
+            "--curve-secret-key without worker processes of its own needs --worker-keys DIR: "
+            "without it no worker could join"
         )
     server = _secret(args.curve_secret_key, "--curve-secret-key")
-    own = args.role == "all" and args.workers > 0
     return NodeSecurity(
         server=server,
         client_keys_dir=_directory(args.client_keys, "--client-keys"),
