@@ -192,6 +192,30 @@ def test_curve_runs_the_shared_scenarios_again_on_a_curve_node_and_times_both_ha
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_journal_runs_the_shared_scenarios_again_on_a_journaled_node_and_times_a_recovery(
+    marker: str,
+) -> None:
+    result = run_bench(
+        marker,
+        *("--journal", "--tasks", "500", "--scenarios", "throughput", "latency"),
+        *("--latency-count", "20", "--backlog-tasks", "1000", "--json"),
+        timeout=75,
+    )
+    report = json_report(result)
+    assert set(report) == {"meta", "idle", "throughput", "latency", "journal", "journal recovery"}
+    journal = report["journal"]
+    assert set(journal) == {"idle", "throughput", "latency"}
+    assert_stream(journal["throughput"], 500)
+    assert journal["latency"]["tasks"] == 20
+    recovery = report["journal recovery"]
+    assert recovery["recovered_tasks"] == recovery["tasks"] == 1000
+    assert recovery["journal_per_task_bytes"] > 0
+    assert 0 < recovery["read_seconds"] < recovery["recovery_seconds"]
+    assert_all_gone(marker, report)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_backlog_weighs_the_queue_then_drains_it(marker: str) -> None:
     report = json_report(

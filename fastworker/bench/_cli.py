@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes per run of the workers scenario (default 1 2 4)",
     )
     add(
+        "--journal",
+        action="store_true",
+        help="run throughput, batch and latency again on a node with --journal (a file in a "
+        "temporary directory), beside the in-memory figures; then queue --backlog-tasks tasks "
+        "on a journaled control plane, weigh the file, kill -9 it and time its recovery",
+    )
+    add(
         "--stall-timeout",
         type=_seconds,
         default=defaults.stall_timeout,
@@ -200,6 +207,7 @@ def options_from(args: argparse.Namespace) -> Options:
         progress=progress,
         stall_timeout=args.stall_timeout,
         curve=args.curve,
+        journal=args.journal,
     )
 
 

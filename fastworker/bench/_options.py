@@ -41,6 +41,9 @@ class Options:
     progress: bool = False
     stall_timeout: float = 60.0
     curve: bool = False  # the shared scenarios again with CURVE on
+    # The shared scenarios again on a node with --journal, and a journal's
+    # recovery timed (design/durability.md).
+    journal: bool = False
 
     @property
     def local(self) -> bool:

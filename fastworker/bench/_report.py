@@ -128,6 +128,28 @@ def _rows(name: str, f: Figures) -> list[list[str]]:
     if name == "latency":
         rate = {**f, "tasks_per_s": f["tasks"] / f["seconds"]}
         return [_stream_row(name, rate, _spread_note(f))]
+    if name == "journal recovery":
+        n = f["tasks"]
+        return [
+            [
+                "journal queue",
+                _num(n),
+                _num(f["queue_seconds"], 3),
+                _num(f["queue_tasks_per_s"]),
+                "",
+                "-",
+                f"{_num(f['journal_per_task_bytes'])} B/task on disk ({_mb(f['journal_mb'])})",
+            ],
+            [
+                "journal recovery",
+                _num(f["recovered_tasks"]),
+                _num(f["recovery_seconds"], 3),
+                _num(f["recovered_tasks"] / f["recovery_seconds"]),
+                _num(f["cp_rss_mb"], 1),
+                "-",
+                f"kill -9, then start to ready; the file read in {f['read_seconds']:.3f} s",
+            ],
+        ]
     if name == "floor":
         return [_floor_row("floor", f, ""), _floor_row("floor thread", f, "thread_")]
     if name == "backlog":
@@ -190,14 +212,17 @@ def _header(options: Options, results: Figures) -> list[str]:
     return lines
 
 
+_VARIANTS = {"curve": "CURVE", "journal": "journal"}
+
+
 def render_table(options: Options, results: Figures) -> str:
     """The human-readable report: a header, then one row per measured phase."""
     rows = [list(_COLUMNS)]
     for name, figures in results.items():
-        if name == "curve":  # the same scenarios with CURVE: labelled rows
+        if name in _VARIANTS:  # the same scenarios on another node: labelled rows
             for inner, inner_figures in figures.items():
                 for row in _rows(inner, inner_figures):
-                    rows.append([f"{row[0]} (CURVE)", *row[1:]])
+                    rows.append([f"{row[0]} ({_VARIANTS[name]})", *row[1:]])
         elif name not in ("meta", "idle", "handshake"):
             rows.extend(_rows(name, figures))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]

@@ -13,6 +13,8 @@ import asyncio
 import os
 import platform
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -23,9 +25,9 @@ from ._nodes import stop_all
 from ._options import LOCAL_ONLY, SCENARIOS, Options
 from ._progress import Progress
 from ._report import combine_runs
-from ._scenarios import RUNNERS
+from ._scenarios import RUNNERS, journal_recovery
 from ._signals import stop_on_signals
-from ._variants import Variant, curve_variant, handshake_ms
+from ._variants import Variant, curve_variant, handshake_ms, journal_variant
 
 __all__ = ["run"]
 
@@ -94,6 +96,13 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
         if options.curve and options.local:
             results["curve"] = {}
             await _shared_scenarios(ctx, shared, results["curve"], curve_variant())
+        if options.journal and options.local:
+            with tempfile.TemporaryDirectory(prefix="fastworker-bench-journal-") as directory:
+                results["journal"] = {}
+                variant = journal_variant(Path(directory))
+                await _shared_scenarios(ctx, shared, results["journal"], variant)
+    if options.journal:
+        results["journal recovery"] = await _journal_recovery(ctx)
     for name in wanted:
         if name in LOCAL_ONLY and not options.local:
             reason = "needs worker processes of its own; not run against an existing cluster"
@@ -102,6 +111,15 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
     # Then what starts processes of its own: ``floor`` measures this host
     # (on loopback) whichever cluster is measured.
     await _run_each(ctx, [name for name in wanted if name not in results], results)
+
+
+async def _journal_recovery(ctx: Context) -> dict[str, Any]:
+    if not ctx.options.local:
+        reason = "needs a node of its own; not run against an existing cluster"
+        ctx.progress.note(f"journal recovery: skipped ({reason})")
+        return {"skipped": reason}
+    with tempfile.TemporaryDirectory(prefix="fastworker-bench-journal-") as directory:
+        return await journal_recovery(ctx, directory)
 
 
 async def run(options: Options, progress: Progress) -> dict[str, Any]:

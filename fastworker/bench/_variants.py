@@ -3,6 +3,8 @@
 ``--curve`` runs throughput, batch and latency a second time on a node with
 CURVE on every socket (keys made for the run, in a temporary directory), so
 the cost of encryption is read off one invocation on one machine state.
+``--journal`` does the same on a node with ``--journal`` (the file in a
+temporary directory): the cost of durability (design/durability.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import zmq
 
 from ..security import generate_certificate, load_secret_key
 
-__all__ = ["Variant", "curve_variant", "handshake_ms"]
+__all__ = ["Variant", "curve_variant", "handshake_ms", "journal_variant"]
 
 
 @attrs.frozen
@@ -50,6 +52,11 @@ def curve_variant(directory: Path | None = None) -> Variant:
         server_public=load_secret_key(root / "server.key_secret").public,
         client_keys_file=root / "clients" / "bench.key_secret",
     )
+
+
+def journal_variant(directory: Path) -> Variant:
+    """A journal file in ``directory`` (the caller removes it)."""
+    return Variant("journal", node_args=("--journal", str(directory / "journal.db")))
 
 
 def handshake_ms(address: str, variant: Variant | None, count: int = 50) -> dict[str, float]:

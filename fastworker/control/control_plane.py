@@ -4,6 +4,7 @@ Supervision tree (one-for-one; see design/architecture.md)::
 
     control-plane
     ├── zap            (the ZAP handler's inproc ROUTER; only with CURVE)
+    ├── journal        (the SQLite file, with --journal; writes in a thread)
     ├── result-cache   (no socket)
     ├── callbacks      (one PUSH socket per callback address)
     ├── gateway        (client ROUTER)
@@ -11,11 +12,14 @@ Supervision tree (one-for-one; see design/architecture.md)::
     └── discovery      (discovery ROUTER, the address everybody knows)
 
 Discovery starts last: by the time anybody can find the control plane, every
-endpoint it hands out is bound.
+endpoint it hands out is bound.  The journal starts first and stops last, and
+it is read (replayed into the Scheduler and the ResultCache) before anything
+starts (design/durability.md).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -25,19 +29,22 @@ import attrs
 import trio
 import zmq
 
-from ..runtime import Supervisor
+from ..runtime import Actor, Supervisor
 from ..security import KeyRing, ReloadKeys, ZapHandler
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
 from .gateway import Gateway, gather_stats
+from .journal import Journal, JournalConfig
 from .result_cache import ResultCache, ResultCacheConfig
 from .scheduler import Scheduler, SchedulerConfig
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
 
 DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
+
+log = logging.getLogger("fastworker.control")
 
 
 def sibling_address(address: str) -> str:
@@ -77,6 +84,8 @@ class ControlPlaneConfig:
     client_keys_dir: str | os.PathLike[str] | None = None
     worker_keys_dir: str | os.PathLike[str] | None = None
     own_worker_keys: frozenset[bytes] = frozenset()  # the node's own worker processes
+    journal: str | None = None  # path of the SQLite journal; None: state in memory only
+    journal_sync: str = "normal"  # "full": an fsync per commit, for power-loss safety
 
 
 class ControlPlane:
@@ -86,6 +95,8 @@ class ControlPlane:
         cfg = config or ControlPlaneConfig()
         self.config = cfg
         self.instance_id = uuid.uuid4().hex
+        # Documents other state keepers wrote with JournalQueue.put_state, as replayed.
+        self.recovered_state: dict[str, Any] = {}
         self.keys: KeyRing | None = None
         self.zap: ZapHandler | None = None
         self._context: zmq.Context[zmq.Socket[bytes]] | None = None
@@ -113,6 +124,17 @@ class ControlPlane:
             results=self.results.ref,
             keys=self.keys,
         )
+        self.journal: Journal | None = None
+        if cfg.journal is not None:
+            self.journal = Journal(
+                JournalConfig(
+                    cfg.journal,
+                    sync=cfg.journal_sync,
+                    max_results=cfg.result_cache_size,
+                    result_ttl=cfg.result_ttl,
+                ),
+                gateway=self.gateway.ref,
+            )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 worker_address=cfg.worker_address or sibling_address(cfg.discovery_address),
@@ -127,6 +149,7 @@ class ControlPlane:
             results=self.results.ref,
             callbacks=self.callbacks.ref,
             keys=self.keys,
+            journal=None if self.journal is None else self.journal.queue,
         )
         # The gateway and the scheduler talk both ways: wire the second direction.
         self.gateway.scheduler = self.scheduler.ref
@@ -151,12 +174,23 @@ class ControlPlane:
         ]
         if self.zap is not None:
             self.gateway.stats_sources.append(self.zap.ref)
-        # The ZAP handler starts first and stops last: no CURVE socket is ever
-        # bound without it (and one that were would refuse every handshake).
-        actors = [self.results, self.callbacks, self.gateway, self.scheduler, self.discovery]
-        self.supervisor = Supervisor(
-            "control-plane", [self.zap, *actors] if self.zap is not None else actors
-        )
+        actors: list[Actor] = [
+            self.results,
+            self.callbacks,
+            self.gateway,
+            self.scheduler,
+            self.discovery,
+        ]
+        if self.journal is not None:
+            # First to start, last but the ZAP handler to stop: it commits what
+            # the Scheduler queued before it stopped.
+            self.gateway.stats_sources.append(self.journal.ref)
+            actors.insert(0, self.journal)
+        if self.zap is not None:
+            # The ZAP handler starts first and stops last: no CURVE socket is ever
+            # bound without it (and one that were would refuse every handshake).
+            actors.insert(0, self.zap)
+        self.supervisor = Supervisor("control-plane", actors)
 
     def _endpoints(self) -> tuple[str, str]:
         assert self.gateway.endpoint is not None
@@ -175,9 +209,19 @@ class ControlPlane:
         return self.discovery.endpoint
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Replay the journal (if any), then run the actors until stopped.
+
+        JournalError when the journal cannot be used: raised before anything
+        is bound, so nobody meets a control plane without its state.
+        """
+        journal = self.journal
         try:
+            if journal is not None:
+                await self._replay(journal)
             await self.supervisor.run(task_status=task_status)
         finally:
+            if journal is not None:
+                journal.close()
             context, self._context = self._context, None
             if context is not None:
                 # Every actor closed its sockets; term() lets what they still hold
@@ -186,6 +230,20 @@ class ControlPlane:
                 ender.start()
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(ender.join, 2.0)
+
+    async def _replay(self, journal: Journal) -> None:
+        recovered = await journal.open()
+        self.scheduler.restore(recovered)
+        self.results.restore(recovered.results)
+        self.recovered_state = recovered.state
+        if recovered.tasks or recovered.results:
+            log.info(
+                "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
+                journal.config.path,
+                len(recovered.tasks),
+                len(recovered.results),
+                recovered.seconds,
+            )
 
     async def reload_keys(self) -> bool:
         """Read the certificate directories again (SIGHUP); False if they could not be read
@@ -198,12 +256,13 @@ class ControlPlane:
         self.supervisor.stop()
 
     async def stats(self) -> dict[str, Any]:
-        return await gather_stats(
-            [
-                self.scheduler.ref,
-                self.results.ref,
-                self.callbacks.ref,
-                self.discovery.ref,
-                self.gateway.ref,
-            ]
-        )
+        sources = [
+            self.scheduler.ref,
+            self.results.ref,
+            self.callbacks.ref,
+            self.discovery.ref,
+            self.gateway.ref,
+        ]
+        if self.journal is not None:
+            sources.append(self.journal.ref)
+        return await gather_stats(sources)

@@ -14,6 +14,12 @@ the book never has more than that many of its tasks outstanding; every
 result returns a credit.  So a busy worker is never flooded and an idle one
 is refilled as soon as it reports.
 
+With a journal (``--journal``, design/durability.md), the tasks a message
+accepted and the results it decided are added to the ``JournalQueue``, and
+that message's acks go out only after the journal's next commit; while the
+journal is behind or cannot write, new tasks are refused (``queue_full``).
+Nothing else here waits for the disk.
+
 An exception while handling one message is logged and counted
 (``internal_errors``) and the actor keeps serving: bookkeeping must never
 take the control plane down with it.
@@ -66,6 +72,7 @@ from ._internal import (
     WorkerLost,
 )
 from ._taskbook import Effects, TaskBook, TaskBookConfig, default_max_queued_bytes
+from .journal import JournalError, JournalQueue, Recovered
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -110,6 +117,7 @@ class Scheduler(Actor):
         results: ActorRef,
         callbacks: ActorRef,
         keys: KeyRing | None = None,
+        journal: JournalQueue | None = None,
     ) -> None:
         """``keys``: with CURVE, the key ring every message's sender is checked against."""
         super().__init__("scheduler", mailbox_size=4096)
@@ -121,6 +129,9 @@ class Scheduler(Actor):
         self._gateway = gateway
         self._results = results
         self._callbacks = callbacks
+        # With a journal, accepted tasks and final results are queued for its
+        # next commit, and acks go out only after it (design/durability.md).
+        self._journal = journal
         self.book = TaskBook(config.book_config(), clock=trio.current_time, wall_clock=time.time)
         self._budget = message_budget(config.transport.max_message_size)
         self._timer = DeadlineTimer(self.ref, _Due())  # eta, retries, the unserved check
@@ -130,6 +141,25 @@ class Scheduler(Actor):
         self._internal_errors = 0
 
     # -- life cycle ---------------------------------------------------------
+
+    def restore(self, recovered: Recovered) -> None:
+        """Take back what the journal held, before the actor starts: unfinished tasks go to
+        their queues (or due-time heap), finished ids are remembered for deduplication.
+
+        A task the book refuses now (the limits were lowered since it was
+        accepted) is a JournalError: the node says so at start rather than
+        dropping an acknowledged task.
+        """
+        book = self.book
+        for client, envelope in recovered.tasks:
+            verdict = book.submit(client, envelope)
+            if verdict is not None:
+                raise JournalError(
+                    f"cannot take back journaled task {envelope.task_id}: {verdict[1]}; "
+                    "start with the limits it was accepted under"
+                )
+        book.remember_finished([record.task_id for record, _ in recovered.results])
+        book.take()  # nothing to send: no worker and no client is connected yet
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(
@@ -235,6 +265,8 @@ class Scheduler(Actor):
         return True
 
     def _send_results(self, out: Effects) -> None:
+        if out.records and self._journal is not None:
+            self._journal.add_results(out.records)
         if out.records:
             self._tell(self._results, StoreResults(out.records), "results")
         if out.pushes:
@@ -266,9 +298,25 @@ class Scheduler(Actor):
     # -- input --------------------------------------------------------------
 
     def _on_submits(self, message: ClientSubmits) -> None:
-        book = self.book
         replies: list[list[bytes]] = []
         plain_acks: list[list[bytes]] = []
+        journaled: list[tuple[bytes, TaskEnvelope]] = []
+        try:
+            self._accept(message, replies, plain_acks, journaled)
+        finally:
+            # Even after an internal error: what the book took is journaled.
+            self._acknowledge(replies, plain_acks, journaled)
+
+    def _accept(
+        self,
+        message: ClientSubmits,
+        replies: list[list[bytes]],
+        plain_acks: list[list[bytes]],
+        journaled: list[tuple[bytes, TaskEnvelope]],
+    ) -> None:
+        book = self.book
+        journal = self._journal
+        refusal = None if journal is None else journal.refusal()
         for identity, request_id, raw_tasks in message.submits:
             rejected: list[list[str]] = []
             room = self._budget // 2  # for rejection texts; ids and reasons always fit
@@ -284,13 +332,41 @@ class Scheduler(Actor):
                     room -= len(text)
                     rejected.append([task_id, "invalid", text if room > 0 else ""])
                     continue
-                verdict = book.submit(identity, envelope)
+                new = journal is not None and (
+                    book.status_of(envelope.task_id) is None
+                    and not book.is_finished(envelope.task_id)
+                )
+                if new and refusal is not None:
+                    book.rejected["queue_full"] += 1
+                    verdict: tuple[str, str] | None = ("queue_full", refusal)
+                else:
+                    verdict = book.submit(identity, envelope)
+                    if new and verdict is None:
+                        journaled.append((identity, envelope))
                 if verdict is not None:
                     room -= len(verdict[1])
                     reason, text = verdict
                     rejected.append([envelope.task_id, reason, text if room > 0 else ""])
             ack = [identity, encode(SubmitAck(request_id, rejected))]
+            if journal is not None and len(rejected) == len(raw_tasks):
+                # Nothing in it to make durable: the refusal goes out at once,
+                # even while the journal cannot write.
+                self._tell(self._gateway, Outgoing([ack]), "acks")
+                continue
             (replies if rejected else plain_acks).append(ack)
+
+    def _acknowledge(
+        self,
+        replies: list[list[bytes]],
+        plain_acks: list[list[bytes]],
+        journaled: list[tuple[bytes, TaskEnvelope]],
+    ) -> None:
+        journal = self._journal
+        if journal is not None:
+            # Acknowledged only once these tasks are committed (with all before them).
+            journal.add_tasks(journaled)
+            journal.add_acks(plain_acks, replies)
+            return
         if replies:
             self._tell(self._gateway, Outgoing(replies), "acks")
         if plain_acks:
@@ -340,8 +416,13 @@ class Scheduler(Actor):
         # The CANCELLED result goes to the submitter ahead of the reply, so a
         # client that sees cancel_task() return True already knows the status.
         self._send_effects()
-        reply = encode(CancelReply(message.request_id, cancelled, status))
-        self._tell(self._gateway, Outgoing([[message.identity, reply]]), "cancel replies")
+        reply = [message.identity, encode(CancelReply(message.request_id, cancelled, status))]
+        if cancelled and self._journal is not None:
+            # "Will not run" must survive a crash: the reply waits for the commit
+            # of the CANCELLED result (or the restarted control plane runs it).
+            self._journal.add_acks([], [reply])
+            return
+        self._tell(self._gateway, Outgoing([reply]), "cancel replies")
 
     # -- introspection ------------------------------------------------------
 

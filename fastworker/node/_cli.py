@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 import zmq
@@ -43,6 +43,7 @@ from .._argtypes import (
 )
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
+from ..control.journal import JournalError
 from ..runtime import Supervisor
 from ..security import CertificateError
 from ..tasks.registry import TaskRegistry, registry_from
@@ -57,6 +58,10 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("fastworker.node")
 
 PROG = "python -m fastworker.node"
+# EX_CONFIG: the journal cannot be used; restarting on the same file would fail again.
+JOURNAL_EXIT_CODE = 78
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class CliError(Exception):
@@ -149,6 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         help="accept PICKLE payloads (unpickling runs arbitrary code)",
+    )
+    parser.add_argument(
+        "--journal",
+        metavar="PATH",
+        help="keep the control plane's tasks and results in this SQLite file (WAL mode) and "
+        "take them back when it starts again: a crash loses no acknowledged task "
+        "(default: memory only)",
+    )
+    parser.add_argument(
+        "--journal-sync",
+        choices=("normal", "full"),
+        default="normal",
+        help="normal: safe from a process crash; full: an fsync per commit, safe from power "
+        "loss, slower (default normal)",
     )
     parser.add_argument(
         "--log-level",
@@ -266,6 +285,8 @@ def _control_plane(args: argparse.Namespace, security: NodeSecurity) -> ControlP
                 client_keys_dir=security.client_keys_dir,
                 worker_keys_dir=security.worker_keys_dir,
                 own_worker_keys=own or frozenset(),
+                journal=args.journal,
+                journal_sync=args.journal_sync,
             )
         )
     except CertificateError as exc:
@@ -416,6 +437,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.workers == 0 and args.role == "worker":
         parser.error("--role worker with --workers 0 would run nothing")
+    if args.journal is not None and (args.role == "worker" or args.worker_process):
+        parser.error("--journal belongs to the control plane; --role worker keeps no journal")
     try:
         security = node_security(args)
     except SecurityError as exc:
@@ -439,6 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:
+        journal_error = _find(exc, JournalError)
+        if journal_error is not None:
+            # Not worth restarting: the same file gives the same error
+            # (systemd: RestartPreventExitStatus=78).
+            print(f"{PROG}: error: {journal_error}", file=sys.stderr)
+            return JOURNAL_EXIT_CODE
         message = _describe_startup_error(exc, args)
         if message is None:
             raise
@@ -470,7 +499,7 @@ def _describe_startup_error(exc: BaseException, args: Any) -> str | None:
     return f"cannot bind or connect: {found.strerror}"
 
 
-def _find(exc: BaseException, kind: type[zmq.ZMQError]) -> zmq.ZMQError | None:
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
     if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
