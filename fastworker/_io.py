@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -183,6 +184,7 @@ def connect_dealer(
     if monitor is not None and on_handshake is not None:
         nursery.start_soon(
             _watch_handshakes,
+            sock,
             monitor,
             owner,
             functools.partial(on_handshake, sock),
@@ -200,8 +202,12 @@ _HANDSHAKE_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_MONITOR_STOPPED  # the socket closed: the watcher ends
 )
+# Not EVENT_MONITOR_STOPPED: libzmq sends it, blocking, when the watched socket
+# closes, and if our end is already gone (the watcher was cancelled first) the
+# sending thread hangs: sockets were never reaped and their fds leaked.  The
+# watcher instead notices the close by itself (_WATCH_POLL).
+_WATCH_POLL = 1.0
 _MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 
 
@@ -255,25 +261,29 @@ def describe_handshake(event: int, value: int, *, curve: bool) -> str | None:
 
 
 async def _watch_handshakes(
+    sock: ZSocket,
     monitor: ZSocket,
     owner: ActorRef,
     on_handshake: Callable[[str | None], object],
     curve: bool,
 ) -> None:
-    """Tell ``owner`` how each handshake of a socket went; ends when that socket closes."""
+    """Tell ``owner`` how each handshake of ``sock`` went; ends within a second of its close."""
     try:
-        while True:
-            try:
+        while not sock.closed:
+            frames: list[bytes] | None = None
+            with trio.move_on_after(_WATCH_POLL):
                 frames = await monitor.recv_multipart()
-            except trio.ClosedResourceError:
-                return
+            if frames is None:
+                continue
             event = parse_monitor_message(frames)
-            if event["event"] == zmq.EVENT_MONITOR_STOPPED:
-                return
             problem = describe_handshake(int(event["event"]), int(event["value"]), curve=curve)
             if not await tell_own_actor(owner, on_handshake(problem)):
                 return
     finally:
+        if not sock.closed:
+            # Stop the events before closing their receiver (see _HANDSHAKE_EVENTS).
+            with contextlib.suppress(zmq.ZMQError):
+                sock.zmq_socket.disable_monitor()
         monitor.close()
 
 
