@@ -58,12 +58,15 @@ from ._internal import (
     CancelTask,
     ClientSubmits,
     HeldAcks,
+    LookupTask,
+    MetricsQuery,
     Outgoing,
     ResendResults,
     StoreResults,
     WorkerJoined,
     WorkerLost,
 )
+from ._task_metrics import TaskMetrics
 from ._taskbook import Effects, TaskBook, TaskBookConfig, default_max_queued_bytes
 
 __all__ = ["Scheduler", "SchedulerConfig"]
@@ -108,8 +111,10 @@ class Scheduler(Actor):
         gateway: ActorRef,
         results: ActorRef,
         callbacks: ActorRef,
+        metrics: TaskMetrics | None = None,
     ) -> None:
         super().__init__("scheduler", mailbox_size=4096)
+        self.metrics = metrics  # only when something reads them (the HTTP side)
         self.config = config
         self._gateway = gateway
         self._results = results
@@ -142,6 +147,11 @@ class Scheduler(Actor):
     def receive(self, message: Any) -> Any:
         if message == "stats":
             return self.statistics_dict()
+        if type(message) is MetricsQuery:
+            return self._metrics_snapshot()
+        if type(message) is LookupTask:
+            return self.book.describe(message.task_id)
+        reply = None
         try:
             if type(message) is Inbound:
                 self._on_worker_frames(message.frames)
@@ -160,7 +170,7 @@ class Scheduler(Actor):
                     message.reason,
                 )
             elif type(message) is CancelTask:
-                self._on_cancel(message)
+                reply = self._on_cancel(message)
             else:
                 raise TypeError(f"scheduler got an unexpected message {message!r}")
             self.book.dispatch()
@@ -171,7 +181,7 @@ class Scheduler(Actor):
             log.exception("scheduler failed handling %s", type(message).__name__)
         self._send_effects()
         self._timer.set(self.book.next_deadline())
-        return None
+        return reply
 
     # -- output -------------------------------------------------------------
 
@@ -223,6 +233,8 @@ class Scheduler(Actor):
         return True
 
     def _send_results(self, out: Effects) -> None:
+        if out.records and self.metrics is not None:
+            self.metrics.finished(out.records, out.accepted_at, trio.current_time(), time.time())
         if out.records:
             self._tell(self._results, StoreResults(out.records), "results")
         if out.pushes:
@@ -255,6 +267,7 @@ class Scheduler(Actor):
 
     def _on_submits(self, message: ClientSubmits) -> None:
         book = self.book
+        metrics = self.metrics
         replies: list[list[bytes]] = []
         plain_acks: list[list[bytes]] = []
         for identity, request_id, raw_tasks in message.submits:
@@ -268,11 +281,21 @@ class Scheduler(Actor):
                 except WireError as exc:
                     book.rejected["invalid"] += 1
                     task_id = raw[0] if type(raw) is list and raw and type(raw[0]) is str else ""
+                    if metrics is not None:
+                        name = raw[1] if type(raw) is list and len(raw) > 1 else None
+                        metrics.rejected(name if type(name) is str else "", "invalid")
                     text = str(exc)
                     room -= len(text)
                     rejected.append([task_id, "invalid", text if room > 0 else ""])
                     continue
+                if metrics is not None:
+                    before = book.accepted
                 verdict = book.submit(identity, envelope)
+                if metrics is not None:
+                    if verdict is not None:
+                        metrics.rejected(envelope.name, verdict[0])
+                    elif book.accepted != before:
+                        metrics.accepted(envelope.name)
                 if verdict is not None:
                     room -= len(verdict[1])
                     reason, text = verdict
@@ -303,6 +326,12 @@ class Scheduler(Actor):
                     except WireError:
                         book.rejected["invalid"] += 1
                         continue
+                    if self.metrics is not None and record.status == "retrying":
+                        before = book.stats["retried"]
+                        book.report(identity, record)
+                        if book.stats["retried"] != before:
+                            self.metrics.retried(record.name)
+                        continue
                     book.report(identity, record)
             elif isinstance(message, Ready):
                 book.ready(identity, message.window)
@@ -313,15 +342,34 @@ class Scheduler(Actor):
             else:
                 book.rejected["unexpected"] += 1
 
-    def _on_cancel(self, message: CancelTask) -> None:
+    def _on_cancel(self, message: CancelTask) -> tuple[bool, str]:
+        """Cancel for a client (replied through the Gateway) or, with no identity, for an
+        ``ask`` from inside the control plane (the dashboard), which gets the answer."""
         cancelled, status = self.book.cancel(message.task_id)
         # The CANCELLED result goes to the submitter ahead of the reply, so a
         # client that sees cancel_task() return True already knows the status.
         self._send_effects()
-        reply = encode(CancelReply(message.request_id, cancelled, status))
-        self._tell(self._gateway, Outgoing([[message.identity, reply]]), "cancel replies")
+        if message.identity:
+            reply = encode(CancelReply(message.request_id, cancelled, status))
+            self._tell(self._gateway, Outgoing([[message.identity, reply]]), "cancel replies")
+        return cancelled, status
 
     # -- introspection ------------------------------------------------------
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        book = self.book
+        now = trio.current_time()
+        snapshot = self.metrics.snapshot() if self.metrics is not None else {}
+        snapshot["oldest_queued_age"] = [
+            None if accepted is None else now - accepted for accepted in book.oldest_queued()
+        ]
+        snapshot["inflight"] = {
+            worker.decode(errors="replace"): count
+            for worker, count in book.inflight_by_worker().items()
+        }
+        snapshot["failures"] = [] if self.metrics is None else self.metrics.recent_failures()
+        snapshot["book"] = self.statistics_dict()
+        return snapshot
 
     def statistics_dict(self) -> dict[str, Any]:
         stats = self.book.statistics()

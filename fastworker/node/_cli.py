@@ -26,7 +26,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 import zmq
@@ -43,6 +43,7 @@ from .._argtypes import (
 )
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
+from ..dashboard import HttpStartError, check_http_address
 from ..runtime import Supervisor
 from ..tasks.registry import TaskRegistry, registry_from
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
@@ -52,6 +53,8 @@ from ._processes import RECYCLE_EXIT_CODE, WorkerProcesses, parent_alive
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("fastworker.node")
+
+_E = TypeVar("_E", bound=BaseException)
 
 PROG = "python -m fastworker.node"
 
@@ -148,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept PICKLE payloads (unpickling runs arbitrary code)",
     )
     parser.add_argument(
+        "--http-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, a JSON API and a live dashboard there (needs "
+        "fastworker[dashboard]; port 0 picks a free one; loopback only unless --insecure)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow --http-address on a non-loopback address (the dashboard has no "
+        "authentication and can cancel tasks)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
@@ -241,6 +256,8 @@ async def _run_node(args: argparse.Namespace) -> int:
                     max_message_size=args.max_message_size,
                     callback_timeout=args.callback_timeout,
                     allow_pickle=args.allow_pickle,
+                    http_address=args.http_address,
+                    insecure=args.insecure,
                 )
             )
             await nursery.start(control_plane.run)
@@ -256,9 +273,14 @@ async def _run_node(args: argparse.Namespace) -> int:
                 "--workers 0: this node runs no worker processes; tasks wait in the queue "
                 "until workers join from elsewhere (python -m fastworker.node --role worker)"
             )
+        http = (
+            ""
+            if control_plane is None or not control_plane.http_url
+            else (f" http={control_plane.http_url}")
+        )
         print(
             f"fastworker node ready: role={args.role} discovery={discovery_address} "
-            f"workers={args.workers if processes else 0} pid={os.getpid()}",
+            f"workers={args.workers if processes else 0} pid={os.getpid()}{http}",
             flush=True,
         )
         name = await _wait_for_signal()
@@ -368,6 +390,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.workers == 0 and args.role == "worker":
         parser.error("--role worker with --workers 0 would run nothing")
+    if args.http_address is not None:
+        if args.role == "worker":
+            parser.error("--http-address is served by the control plane: not with --role worker")
+        try:
+            check_http_address(args.http_address, insecure=args.insecure)
+        except ValueError as exc:
+            parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level,
         format=f"%(asctime)s %(levelname)s [{'worker' if args.worker_process else 'node'} "
@@ -412,6 +441,9 @@ def _deliver_queued_messages(timeout: float = 2.0) -> None:
 
 def _describe_startup_error(exc: BaseException, args: Any) -> str | None:
     """One line for errors users cause (address in use, bad address); None for bugs."""
+    http = _find(exc, HttpStartError)
+    if http is not None:
+        return str(http)
     found = _find(exc, zmq.ZMQError)
     if found is None:
         return None
@@ -420,7 +452,7 @@ def _describe_startup_error(exc: BaseException, args: Any) -> str | None:
     return f"cannot bind or connect: {found.strerror}"
 
 
-def _find(exc: BaseException, kind: type[zmq.ZMQError]) -> zmq.ZMQError | None:
+def _find(exc: BaseException, kind: type[_E]) -> _E | None:
     if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
