@@ -109,6 +109,7 @@ def test_dashboard_live_in_chromium(dashboard: tuple[str, str]) -> None:
             run(discovery, seven)
             expect(page.locator("#total-succeeded")).to_have_text("7")
             expect(page.locator("#total-accepted")).to_have_text("7")
+            expect(page.locator("#names tr[data-name='page_add'] td").nth(2)).to_have_text("7")
 
             # A failed task, with its traceback, in the list and by id.
             failed = run(discovery, lambda c: c.submit_task("page_explode", args=(42,)))

@@ -268,6 +268,8 @@ class Scheduler(Actor):
     def _on_submits(self, message: ClientSubmits) -> None:
         book = self.book
         metrics = self.metrics
+        # Accepted tasks by name, handed to the metrics once per message (hot path).
+        accepted: dict[str, int] | None = None if metrics is None else {}
         replies: list[list[bytes]] = []
         plain_acks: list[list[bytes]] = []
         for identity, request_id, raw_tasks in message.submits:
@@ -288,20 +290,27 @@ class Scheduler(Actor):
                     room -= len(text)
                     rejected.append([task_id, "invalid", text if room > 0 else ""])
                     continue
-                if metrics is not None:
+                if accepted is None:
+                    verdict = book.submit(identity, envelope)
+                else:
                     before = book.accepted
-                verdict = book.submit(identity, envelope)
-                if metrics is not None:
-                    if verdict is not None:
+                    verdict = book.submit(identity, envelope)
+                    if book.accepted != before:
+                        name = envelope.name
+                        accepted[name] = accepted.get(name, 0) + 1
+                    elif verdict is not None:
+                        assert metrics is not None
                         metrics.rejected(envelope.name, verdict[0])
-                    elif book.accepted != before:
-                        metrics.accepted(envelope.name)
                 if verdict is not None:
                     room -= len(verdict[1])
                     reason, text = verdict
                     rejected.append([envelope.task_id, reason, text if room > 0 else ""])
             ack = [identity, encode(SubmitAck(request_id, rejected))]
             (replies if rejected else plain_acks).append(ack)
+        if accepted:
+            assert metrics is not None
+            for name, count in accepted.items():
+                metrics.accepted(name, count)
         if replies:
             self._tell(self._gateway, Outgoing(replies), "acks")
         if plain_acks:

@@ -54,7 +54,8 @@ class _Snapshot(Collector):
             labels=["actor"],
         )
         for name, part in stats.items():
-            up.add_metric([name], 0.0 if "error" in _dict(part) else 1.0)
+            actor = "scheduler" if name == "metrics" else name  # its MetricsQuery answer
+            up.add_metric([actor], 0.0 if "error" in _dict(part) else 1.0)
         yield up
 
     def _tasks(self, metrics: dict[str, Any]) -> Iterator[Metric]:
