@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long without a single result (default %(default)g)",
     )
     add(
+        "--http",
+        action="store_true",
+        help="the nodes it starts serve --http-address (fastworker[dashboard]); /metrics "
+        "and the dashboard's data are read once a second, as Prometheus and an open page "
+        "would: compare with a run without it for their cost",
+    )
+    add(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -193,6 +200,7 @@ def options_from(args: argparse.Namespace) -> Options:
         worker_counts=tuple(dict.fromkeys(args.worker_counts)),
         progress=progress,
         stall_timeout=args.stall_timeout,
+        http=args.http,
     )
 
 

@@ -20,6 +20,7 @@ from ._nodes import LocalNode, start_node
 from ._options import BenchError, Options
 from ._progress import Progress
 from ._rss import read_rss, to_mib
+from ._scrape import Scraper
 
 __all__ = ["Cluster", "Context", "connected", "idle_figures", "start_local"]
 
@@ -50,6 +51,7 @@ class Context:
     shared: Cluster | None = None
     pids: set[int] = attrs.Factory(set)  # every node and worker process seen
     run_note: str = ""  # " (run 2/3)" while repeating scenarios
+    scrapers: list[Scraper] = attrs.Factory(list)  # with --http: one per control plane
 
     def label(self, phase: str) -> str:
         """What the progress line calls a phase."""
@@ -63,15 +65,26 @@ class Context:
         discovery_address: str = "tcp://127.0.0.1:*",
         extra: Sequence[str] = (),
     ) -> LocalNode:
-        """A node with this run's concurrency, its pid remembered for the report."""
+        """A node with this run's concurrency, its pid remembered for the report.
+
+        With ``--http`` a node with a control plane serves HTTP, read once a second.
+        """
+        http = self.options.http and role in ("all", "control-plane")
         node = start_node(
             role,
             discovery_address=discovery_address,
             workers=workers,
             concurrency=self.options.concurrency,
-            extra=extra,
+            extra=(*extra, "--http-address", "127.0.0.1:0") if http else extra,
         )
         self.pids.add(node.pid)
+        if http:
+            if node.http_url is None:
+                node.stop()
+                raise BenchError("--http: the node printed no http address")
+            self.scrapers.append(
+                Scraper(node.http_url, lambda: node.stopping or node.process.poll() is not None)
+            )
         return node
 
 

@@ -140,6 +140,7 @@ class LocalNode:
         self.role = ""
         self.discovery_address = ""
         self.http_url: str | None = None  # the node's --http-address, once ready
+        self.stopping = False  # stop() has begun: its HTTP side may be gone already
         self.exit_code: int | None = None
 
     def __repr__(self) -> str:
@@ -205,6 +206,7 @@ class LocalNode:
         """
         if self not in _live:
             return
+        self.stopping = True
         try:
             if not self._exited():
                 try:

@@ -40,6 +40,7 @@ class Options:
     worker_counts: tuple[int, ...] = (1, 2, 4)
     progress: bool = False
     stall_timeout: float = 60.0
+    http: bool = False  # nodes serve --http-address, read once a second (its cost)
 
     @property
     def local(self) -> bool:

@@ -44,6 +44,12 @@ def _meta(options: Options, ctx: Context) -> dict[str, Any]:
         "payload_bytes": options.payload_bytes,
         "runs": options.runs,
         "pids": sorted(ctx.pids),
+        "http": {
+            "scrapes": sum(s.scrapes for s in ctx.scrapers),
+            "failed_scrapes": sum(s.failures for s in ctx.scrapers),
+        }
+        if options.http
+        else None,
     }
 
 
@@ -100,6 +106,8 @@ async def run(options: Options, progress: Progress) -> dict[str, Any]:
     finally:
         progress.clear()
         stop_all()
+        for scraper in ctx.scrapers:
+            scraper.stop()
     return {"meta": _meta(options, ctx), **results}
 
 

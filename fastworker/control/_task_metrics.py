@@ -41,10 +41,6 @@ class _Histogram:
         self.counts = [0] * len(BUCKETS)  # not cumulative; snapshot() accumulates
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(BUCKETS, value)] += 1
-        self.total += value
-
 
 def _clip(text: str | None) -> str | None:
     if text is None or len(text) <= MAX_TEXT:
@@ -126,7 +122,9 @@ class TaskMetrics:
                 peak = round_trip
             started, completed = record.started_at, record.completed_at
             if started is not None and completed is not None:
-                run_times.observe(completed - started if completed > started else 0.0)
+                run = completed - started if completed > started else 0.0
+                run_times.counts[bisect_left(BUCKETS, run)] += 1
+                run_times.total += run
             status = record.status
             if status == "success":
                 counts["succeeded"] += 1
