@@ -276,3 +276,24 @@ def test_node_serves_http_and_prints_where() -> None:
     refused = run_node("--role", "worker", "--http-address", "127.0.0.1:0")
     assert refused.returncode == 2
     assert "not with --role worker" in refused.stderr
+
+
+@pytest.mark.timeout(20)
+async def test_requests_beyond_the_limit_wait_then_get_503() -> None:
+    from fastworker.dashboard import _view
+
+    async with (
+        Cluster(tasks=[dash_add], http_address="127.0.0.1:0") as cluster,
+        httpx.AsyncClient(base_url=cluster.control_plane.http_url, timeout=10) as http,
+    ):
+        assert cluster.control_plane.http is not None
+        view = cluster.control_plane.http.view
+        view.timeout = 0.2
+        for _ in range(_view.MAX_CONCURRENT):  # every slot taken, as by slow requests
+            await view._slots.acquire()
+        busy = await http.get("/api/overview")
+        assert busy.status_code == 503
+        assert "requests are being answered" in busy.json()["error"]
+        for _ in range(_view.MAX_CONCURRENT):
+            view._slots.release()
+        assert (await http.get("/api/overview")).status_code == 200

@@ -42,6 +42,7 @@ class HttpServer(Actor):
         self.port = port  # the bound one once started (a requested 0 becomes real)
         self.url: str | None = None
         hosts = (*LOOPBACK_HOSTS, host) if loopback_only else ("*",)
+        self.view = view
         self._app = build_app(view, allowed_hosts=hosts)
         self._restarts = 0
         self._listener: socket.socket | None = None

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import cbor2
+import trio
 
 from ..control._internal import CancelTask, LookupTask, MetricsQuery
 from ..control.gateway import gather_stats
 from ..runtime import ActorError, ActorRef
 from ..wire import ResultRecord
 
-__all__ = ["PRIORITIES", "ControlPlaneView"]
+__all__ = ["PRIORITIES", "ControlPlaneView", "DashboardBusy"]
 
 PRIORITIES = ("critical", "high", "normal", "low")
 ASK_TIMEOUT = 2.0
+# Requests that ask the actors at once; more wait up to ASK_TIMEOUT, then get 503: a flood
+# of requests (many open pages, a scraper loop) cannot pile asks on the Scheduler.
+MAX_CONCURRENT = 4
 MAX_TASK_ID = 1024
 _PREVIEW_BYTES = 64 * 1024  # results larger than this are not decoded for display
 _PREVIEW_CHARS = 2000
@@ -59,6 +65,10 @@ def _record_dict(record: ResultRecord) -> dict[str, Any]:
     }
 
 
+class DashboardBusy(ActorError):
+    """Too many requests are being answered; the caller retries."""
+
+
 class ControlPlaneView:
     """The control plane's actors as the dashboard and /metrics see them."""
 
@@ -76,14 +86,27 @@ class ControlPlaneView:
         self.results = results
         self.timeout = timeout
         self._sources = [results, callbacks, discovery, gateway]
+        self._slots = trio.Semaphore(MAX_CONCURRENT)
+
+    @asynccontextmanager
+    async def _turn(self) -> AsyncIterator[None]:
+        with trio.move_on_after(self.timeout) as waiting:
+            await self._slots.acquire()
+        if waiting.cancelled_caught:
+            raise DashboardBusy(f"{MAX_CONCURRENT} requests are being answered; retry")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     async def stats(self) -> dict[str, Any]:
         """Every actor's statistics and the Scheduler's metrics, in one dict."""
-        stats = await gather_stats(self._sources, timeout=self.timeout)
-        try:
-            stats["metrics"] = await self.scheduler.ask(MetricsQuery(), timeout=self.timeout)
-        except ActorError as exc:
-            stats["metrics"] = {"error": str(exc)}
+        async with self._turn():
+            stats = await gather_stats(self._sources, timeout=self.timeout)
+            try:
+                stats["metrics"] = await self.scheduler.ask(MetricsQuery(), timeout=self.timeout)
+            except ActorError as exc:
+                stats["metrics"] = {"error": str(exc)}
         return stats
 
     async def overview(self) -> dict[str, Any]:
@@ -142,22 +165,25 @@ class ControlPlaneView:
         }
 
     async def failures(self) -> list[dict[str, Any]]:
-        metrics = await self.scheduler.ask(MetricsQuery(), timeout=self.timeout)
+        async with self._turn():
+            metrics = await self.scheduler.ask(MetricsQuery(), timeout=self.timeout)
         return list(metrics.get("failures", []))
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
         """Where the task is (held by the Scheduler), else its cached result, else None."""
-        held = await self.scheduler.ask(LookupTask(task_id), timeout=self.timeout)
-        if held is not None:
-            held = dict(held)
-            held["priority"] = PRIORITIES[held["priority"]]
-            return held
-        record = await self.results.ask(LookupTask(task_id), timeout=self.timeout)
+        async with self._turn():
+            held = await self.scheduler.ask(LookupTask(task_id), timeout=self.timeout)
+            if held is not None:
+                held = dict(held)
+                held["priority"] = PRIORITIES[held["priority"]]
+                return held
+            record = await self.results.ask(LookupTask(task_id), timeout=self.timeout)
         return None if record is None else _record_dict(record)
 
     async def cancel(self, task_id: str) -> tuple[bool, str]:
         """Through the clients' own path (the Scheduler's CancelTask): (cancelled, status)."""
-        answer = await self.scheduler.ask(CancelTask(b"", 0, task_id), timeout=self.timeout)
+        async with self._turn():
+            answer = await self.scheduler.ask(CancelTask(b"", 0, task_id), timeout=self.timeout)
         if answer is None:
             raise ActorError("the scheduler could not handle the cancel (see its log)")
         cancelled, status = answer
