@@ -175,13 +175,60 @@ def test_throughput_batch_and_latency_report_the_documented_keys(marker: str) ->
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_curve_runs_the_shared_scenarios_again_on_a_curve_node_and_times_both_handshakes(
+    marker: str,
+) -> None:
+    result = run_bench(
+        marker,
+        *("--tasks", "500", "--scenarios", "throughput", "latency", "--curve"),
+        *("--latency-count", "30", "--json"),
+        timeout=60,
+    )
+    report = json_report(result)
+    assert set(report) == {"meta", "idle", "throughput", "latency", "handshake", "curve"}
+    curve = report["curve"]
+    assert set(curve) == {"idle", "throughput", "latency", "handshake"}
+    assert_stream(curve["throughput"], 500)
+    assert curve["latency"]["tasks"] == 30
+    for handshake in (report["handshake"], curve["handshake"]):
+        assert 0 < handshake["p50_ms"] <= handshake["max_ms"]
+    assert_all_gone(marker, report)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_journal_runs_the_shared_scenarios_again_on_a_journaled_node_and_times_a_recovery(
+    marker: str,
+) -> None:
+    result = run_bench(
+        marker,
+        *("--journal", "--tasks", "500", "--scenarios", "throughput", "latency"),
+        *("--latency-count", "20", "--backlog-tasks", "1000", "--json"),
+        timeout=75,
+    )
+    report = json_report(result)
+    assert set(report) == {"meta", "idle", "throughput", "latency", "journal", "journal recovery"}
+    journal = report["journal"]
+    assert set(journal) == {"idle", "throughput", "latency"}
+    assert_stream(journal["throughput"], 500)
+    assert journal["latency"]["tasks"] == 20
+    recovery = report["journal recovery"]
+    assert recovery["recovered_tasks"] == recovery["tasks"] == 1000
+    assert recovery["journal_per_task_bytes"] > 0
+    assert 0 < recovery["read_seconds"] < recovery["recovery_seconds"]
+    assert_all_gone(marker, report)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_http_serves_the_dashboard_from_its_node_and_reads_it(marker: str) -> None:
     result = run_bench(
         marker, "--http", "--scenarios", "throughput", "--tasks", "300", "--json", timeout=45
     )
     report = json_report(result)
-    assert_stream(report["throughput"], 300)
+    assert_stream(report["throughput"], 300)  # without, then the same on the http node
+    assert_stream(report["http"]["throughput"], 300)
     http = report["meta"]["http"]
     assert http["scrapes"] >= 2  # /metrics and /api/overview at least once
     assert http["failed_scrapes"] == 0

@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes per run of the workers scenario (default 1 2 4)",
     )
     add(
+        "--journal",
+        action="store_true",
+        help="run throughput, batch and latency again on a node with --journal (a file in a "
+        "temporary directory), beside the in-memory figures; then queue --backlog-tasks tasks "
+        "on a journaled control plane, weigh the file, kill -9 it and time its recovery",
+    )
+    add(
         "--stall-timeout",
         type=_seconds,
         default=defaults.stall_timeout,
@@ -167,11 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long without a single result (default %(default)g)",
     )
     add(
+        "--curve",
+        action="store_true",
+        help="run throughput, batch and latency again on a node with CURVE on every socket "
+        "(keys made for the run), and time the handshake of both",
+    )
+    add(
         "--http",
         action="store_true",
-        help="the nodes it starts serve --http-address (fastworker[dashboard]); /metrics "
-        "and the dashboard's data are read once a second, as Prometheus and an open page "
-        "would: compare with a run without it for their cost",
+        help="run throughput, batch and latency again on a node serving --http-address "
+        "(fastworker[dashboard]) whose /metrics and /api/overview are read once a second, "
+        "as Prometheus and an open dashboard would: their cost",
     )
     add(
         "--progress",
@@ -200,6 +213,8 @@ def options_from(args: argparse.Namespace) -> Options:
         worker_counts=tuple(dict.fromkeys(args.worker_counts)),
         progress=progress,
         stall_timeout=args.stall_timeout,
+        curve=args.curve,
+        journal=args.journal,
         http=args.http,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 
@@ -51,6 +52,9 @@ class Context:
     shared: Cluster | None = None
     pids: set[int] = attrs.Factory(set)  # every node and worker process seen
     run_note: str = ""  # " (run 2/3)" while repeating scenarios
+    # What a variant (--curve) adds to every node started and every client.
+    node_extra: tuple[str, ...] = ()
+    client_options: dict[str, Any] = attrs.Factory(dict)
     scrapers: list[Scraper] = attrs.Factory(list)  # with --http: one per control plane
 
     def label(self, phase: str) -> str:
@@ -67,21 +71,17 @@ class Context:
     ) -> LocalNode:
         """A node with this run's concurrency, its pid remembered for the report.
 
-        With ``--http`` a node with a control plane serves HTTP, read once a second.
+        A node serving HTTP (the ``--http`` variant) is read once a second meanwhile.
         """
-        http = self.options.http and role in ("all", "control-plane")
         node = start_node(
             role,
             discovery_address=discovery_address,
             workers=workers,
             concurrency=self.options.concurrency,
-            extra=(*extra, "--http-address", "127.0.0.1:0") if http else extra,
+            extra=(*self.node_extra, *extra),
         )
         self.pids.add(node.pid)
-        if http:
-            if node.http_url is None:
-                node.stop()
-                raise BenchError("--http: the node printed no http address")
+        if node.http_url is not None:
             self.scrapers.append(
                 Scraper(node.http_url, lambda: node.stopping or node.process.poll() is not None)
             )
@@ -107,6 +107,7 @@ async def connected(
         discovery_address=cluster.discovery_address,
         serialization_format=ctx.options.serialization_format,
         max_pending=max(DEFAULT_MAX_PENDING, capacity),
+        **ctx.client_options,
     )
     await client.start()
     try:
@@ -130,6 +131,7 @@ async def idle_figures(ctx: Context, cluster: Cluster) -> dict[str, float | None
     client = Client(
         discovery_address=cluster.discovery_address,
         serialization_format=ctx.options.serialization_format,
+        **ctx.client_options,
     )
     await client.start()
     try:

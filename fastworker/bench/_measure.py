@@ -153,12 +153,24 @@ async def submit_each(client: Client, workload: Workload, n: int, tally: Tally) 
 
 
 async def submit_in_batches(
-    client: Client, workload: Workload, n: int, chunk: int, tally: Tally
+    client: Client,
+    workload: Workload,
+    n: int,
+    chunk: int,
+    tally: Tally,
+    *,
+    window: int | None = None,
 ) -> None:
-    """``n`` tasks through ``submit_batch``, ``chunk`` at a time."""
+    """``n`` tasks through ``submit_batch``, ``chunk`` at a time; with ``window``, at most
+    that many unacknowledged (a journaled control plane acknowledges at the disk's pace and
+    refuses new tasks when too far behind)."""
     name = workload.task_name
+    flushed = 0
     for start in range(0, n, chunk):
         stop = min(start + chunk, n)
+        if window is not None and stop - flushed > window:
+            await client.flush()
+            flushed = start
         await client.submit_batch([(name, workload.args(i)) for i in range(start, stop)])
         tally.submitted += stop - start
         await asyncio.sleep(0)

@@ -198,6 +198,11 @@ class LocalNode:
     def _kill_group(self) -> None:
         kill_group(self.pid)
 
+    def kill(self) -> None:
+        """SIGKILL the node's group (a crash, for the journal's recovery) and wait for it."""
+        self._kill_group()
+        self._wait_exit(_KILL_WAIT)
+
     def stop(self, grace: float = _GRACE + 10.0) -> None:
         """SIGTERM, up to ``grace`` seconds to drain, then SIGKILL of the group; idempotent.
 

@@ -40,7 +40,12 @@ class Options:
     worker_counts: tuple[int, ...] = (1, 2, 4)
     progress: bool = False
     stall_timeout: float = 60.0
-    http: bool = False  # nodes serve --http-address, read once a second (its cost)
+    curve: bool = False  # the shared scenarios again with CURVE on
+    # The shared scenarios again on a node with --journal, and a journal's
+    # recovery timed (design/durability.md).
+    journal: bool = False
+    # The shared scenarios again on a node serving --http-address, read once a second.
+    http: bool = False
 
     @property
     def local(self) -> bool:

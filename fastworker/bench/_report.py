@@ -128,6 +128,28 @@ def _rows(name: str, f: Figures) -> list[list[str]]:
     if name == "latency":
         rate = {**f, "tasks_per_s": f["tasks"] / f["seconds"]}
         return [_stream_row(name, rate, _spread_note(f))]
+    if name == "journal recovery":
+        n = f["tasks"]
+        return [
+            [
+                "journal queue",
+                _num(n),
+                _num(f["queue_seconds"], 3),
+                _num(f["queue_tasks_per_s"]),
+                "",
+                "-",
+                f"{_num(f['journal_per_task_bytes'])} B/task on disk ({_mb(f['journal_mb'])})",
+            ],
+            [
+                "journal recovery",
+                _num(f["recovered_tasks"]),
+                _num(f["recovery_seconds"], 3),
+                _num(f["recovered_tasks"] / f["recovery_seconds"]),
+                _num(f["cp_rss_mb"], 1),
+                "-",
+                f"kill -9, then start to ready; the file read in {f['read_seconds']:.3f} s",
+            ],
+        ]
     if name == "floor":
         return [_floor_row("floor", f, ""), _floor_row("floor thread", f, "thread_")]
     if name == "backlog":
@@ -190,11 +212,18 @@ def _header(options: Options, results: Figures) -> list[str]:
     return lines
 
 
+_VARIANTS = {"curve": "CURVE", "journal": "journal", "http": "http"}
+
+
 def render_table(options: Options, results: Figures) -> str:
     """The human-readable report: a header, then one row per measured phase."""
     rows = [list(_COLUMNS)]
     for name, figures in results.items():
-        if name not in ("meta", "idle"):
+        if name in _VARIANTS:  # the same scenarios on another node: labelled rows
+            for inner, inner_figures in figures.items():
+                for row in _rows(inner, inner_figures):
+                    rows.append([f"{row[0]} ({_VARIANTS[name]})", *row[1:]])
+        elif name not in ("meta", "idle", "handshake"):
             rows.extend(_rows(name, figures))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
     lines = [*_header(options, results), ""]
@@ -203,6 +232,13 @@ def render_table(options: Options, results: Figures) -> str:
         cells += [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:], strict=True)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     lines.append("")
+    if "curve" in results:
+        plain, curve = results.get("handshake"), results["curve"].get("handshake")
+        if plain and curve:
+            lines.append(
+                f"handshake (connect to ready): plain p50 {plain['p50_ms']:.2f} ms, "
+                f"CURVE p50 {curve['p50_ms']:.2f} ms (max {curve['max_ms']:.2f} ms)"
+            )
     lines.append("MB = MiB of resident memory (VmRSS), peak sampled every 100 ms; n/a: not visible")
     if "floor" in results:
         lines.append(_FLOOR_NOTE)

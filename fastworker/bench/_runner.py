@@ -13,6 +13,8 @@ import asyncio
 import os
 import platform
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from .. import __version__
@@ -23,8 +25,9 @@ from ._nodes import stop_all
 from ._options import LOCAL_ONLY, SCENARIOS, Options
 from ._progress import Progress
 from ._report import combine_runs
-from ._scenarios import RUNNERS
+from ._scenarios import RUNNERS, journal_recovery
 from ._signals import stop_on_signals
+from ._variants import Variant, curve_variant, handshake_ms, http_variant, journal_variant
 
 __all__ = ["run"]
 
@@ -63,13 +66,15 @@ async def _run_each(ctx: Context, names: list[str], results: dict[str, Any]) -> 
         results[name] = combine_runs(figures)
 
 
-async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
+async def _shared_scenarios(
+    ctx: Context, shared: list[str], results: dict[str, Any], variant: Variant | None = None
+) -> None:
+    """One cluster for throughput, batch and latency, stopped before the scenarios
+    that start their own so it does not compete for the CPUs."""
     options = ctx.options
-    wanted = [name for name in SCENARIOS if name in options.scenarios]
-    shared = [name for name in wanted if name in _SHARED_BY]
-    if shared:
-        # One cluster for throughput, batch and latency, stopped before the
-        # scenarios that start their own so it does not compete for the CPUs.
+    if variant is not None:
+        ctx.node_extra, ctx.client_options = variant.node_args, dict(variant.client_options)
+    try:
         if options.local:
             ctx.shared = start_local(ctx, options.workers)
         else:
@@ -78,8 +83,35 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
         try:
             results["idle"] = await idle_figures(ctx, ctx.shared)
             await _run_each(ctx, shared, results)
+            if options.curve:  # the handshake, beside the other variant's
+                results["handshake"] = await asyncio.to_thread(
+                    handshake_ms, ctx.shared.discovery_address, variant
+                )
         finally:
             ctx.shared.stop()
+    finally:
+        ctx.node_extra, ctx.client_options = (), {}
+
+
+async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
+    options = ctx.options
+    wanted = [name for name in SCENARIOS if name in options.scenarios]
+    shared = [name for name in wanted if name in _SHARED_BY]
+    if shared:
+        await _shared_scenarios(ctx, shared, results)
+        if options.curve and options.local:
+            results["curve"] = {}
+            await _shared_scenarios(ctx, shared, results["curve"], curve_variant())
+        if options.http and options.local:
+            results["http"] = {}
+            await _shared_scenarios(ctx, shared, results["http"], http_variant())
+        if options.journal and options.local:
+            with tempfile.TemporaryDirectory(prefix="fastworker-bench-journal-") as directory:
+                results["journal"] = {}
+                variant = journal_variant(Path(directory))
+                await _shared_scenarios(ctx, shared, results["journal"], variant)
+    if options.journal:
+        results["journal recovery"] = await _journal_recovery(ctx)
     for name in wanted:
         if name in LOCAL_ONLY and not options.local:
             reason = "needs worker processes of its own; not run against an existing cluster"
@@ -88,6 +120,15 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
     # Then what starts processes of its own: ``floor`` measures this host
     # (on loopback) whichever cluster is measured.
     await _run_each(ctx, [name for name in wanted if name not in results], results)
+
+
+async def _journal_recovery(ctx: Context) -> dict[str, Any]:
+    if not ctx.options.local:
+        reason = "needs a node of its own; not run against an existing cluster"
+        ctx.progress.note(f"journal recovery: skipped ({reason})")
+        return {"skipped": reason}
+    with tempfile.TemporaryDirectory(prefix="fastworker-bench-journal-") as directory:
+        return await journal_recovery(ctx, directory)
 
 
 async def run(options: Options, progress: Progress) -> dict[str, Any]:

@@ -8,6 +8,7 @@ sampled during the measured part; None where the process is not visible.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -30,12 +31,15 @@ from ._measure import (
 from ._options import BenchError
 from ._rss import RssSampler, read_rss, to_mib
 
-__all__ = ["RUNNERS", "Figures"]
+__all__ = ["RUNNERS", "Figures", "journal_recovery"]
 
 Figures = dict[str, Any]
 Submit = Callable[[Client, Tally], Awaitable[None]]
 
 _NODE_MAX_QUEUED = 1_000_000  # the node's default --max-queued
+# Unacknowledged tasks at most while filling a journaled control plane: below the
+# journal's own bound (100 000 entries waiting), so none is refused.
+_WINDOW = 50_000
 
 
 def _shared(ctx: Context) -> Cluster:
@@ -187,7 +191,7 @@ async def _watch_worker_pids(ctx: Context, client: Client, rss: RssSampler) -> N
 
 
 async def _fill(
-    ctx: Context, client: Client, cp_pid: int, tally: Tally
+    ctx: Context, client: Client, cp_pid: int, tally: Tally, *, window: int | None = None
 ) -> tuple[float, int | None]:
     """Queue ``--backlog-tasks`` with no worker attached; (seconds, control-plane peak RSS)."""
     n, options, level = ctx.options.backlog_tasks, ctx.options, [0]
@@ -199,7 +203,9 @@ async def _fill(
         # Polled while submitting, so the progress line moves from the start.
         queued = asyncio.ensure_future(_until_queued(client, n, level, options.stall_timeout))
         try:
-            await submit_in_batches(client, ctx.workload, n, options.batch_size, tally)
+            await submit_in_batches(
+                client, ctx.workload, n, options.batch_size, tally, window=window
+            )
             await queued
         finally:
             queued.cancel()
@@ -279,6 +285,54 @@ async def workers(ctx: Context) -> Figures:
         finally:
             cluster.stop()
     return figures
+
+
+def _file_bytes(path: str) -> int:
+    """The journal's size on disk: the database, its WAL and its shared-memory index."""
+    return sum(
+        os.path.getsize(path + suffix)
+        for suffix in ("", "-wal", "-shm")
+        if os.path.exists(path + suffix)
+    )
+
+
+async def journal_recovery(ctx: Context, directory: str) -> Figures:
+    """Queue ``--backlog-tasks`` on a control plane with ``--journal``, weigh the file,
+    kill -9 it and time a new one's start on the same file (until its ready line)."""
+    n = ctx.options.backlog_tasks
+    path = os.path.join(directory, "recovery.db")
+    extra = ("--journal", path, "--max-queued", str(max(n + 1_000, _NODE_MAX_QUEUED)))
+    cp = ctx.start_node("control-plane", extra=extra)
+    try:
+        cluster = Cluster(cp.discovery_address, cp.pid)
+        async with connected(ctx, cluster, capacity=n, ready=False) as (client, _):
+            queue_seconds, _ = await _fill(ctx, client, cp.pid, Tally(client), window=_WINDOW)
+            await client.flush()  # every task acknowledged: committed
+        size = _file_bytes(path)
+        cp.kill()
+    finally:
+        cp.stop()
+    started = time.perf_counter()
+    cp = ctx.start_node("control-plane", extra=extra)
+    ready_seconds = time.perf_counter() - started
+    try:
+        cluster = Cluster(cp.discovery_address, cp.pid)
+        async with connected(ctx, cluster, capacity=1, ready=False) as (client, _):
+            journal = (await stats(client))["journal"]
+        rss = read_rss(cp.pid)
+    finally:
+        cp.stop()
+    return {
+        "tasks": n,
+        "queue_seconds": queue_seconds,
+        "queue_tasks_per_s": n / queue_seconds,
+        "journal_mb": to_mib(size),
+        "journal_per_task_bytes": size / n,
+        "recovered_tasks": journal["recovered"]["tasks"],
+        "read_seconds": journal["recovered"]["seconds"],
+        "recovery_seconds": ready_seconds,
+        "cp_rss_mb": to_mib(rss),
+    }
 
 
 RUNNERS: dict[str, Callable[[Context], Awaitable[Figures]]] = {

@@ -269,6 +269,16 @@ class TaskBook:
             self._queues.push(job)
         return None
 
+    def remember_finished(self, task_ids: list[str]) -> None:
+        """Ids that finished under a previous instance (read from its journal): a
+        re-submission of one gets its stored result pushed again, not a second run."""
+        finished = self._finished
+        for task_id in task_ids:
+            if task_id not in self._jobs:
+                finished[task_id] = None
+        while len(finished) > self.config.finished_memory:
+            finished.popitem(last=False)
+
     def _keep_orphan(self, record: ResultRecord) -> None:
         """Remember a final result for a task we do not know (yet), for a short while.
 

@@ -3,6 +3,8 @@
 Supervision tree (one-for-one; see design/architecture.md)::
 
     control-plane
+    ├── zap            (the ZAP handler's inproc ROUTER; only with CURVE)
+    ├── journal        (the SQLite file, with --journal; writes in a thread)
     ├── result-cache   (no socket)
     ├── callbacks      (one PUSH socket per callback address)
     ├── gateway        (client ROUTER)
@@ -11,27 +13,35 @@ Supervision tree (one-for-one; see design/architecture.md)::
     └── http           (only with http_address: /metrics, /api, the dashboard)
 
 Discovery starts after the other sockets: by the time anybody can find the
-control plane, every endpoint it hands out is bound.  The HTTP server starts
-last and stops first; it asks the others for what it shows, like any actor.
+control plane, every endpoint it hands out is bound.  The journal starts first and stops last, and
+it is read (replayed into the Scheduler and the ResultCache) before anything
+starts (design/durability.md).  The HTTP server starts last and stops first; it
+asks the others for what it shows, like any actor.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
+import zmq
 
 from ..dashboard import HttpStartError, check_http_address
 from ..dashboard._address import is_loopback
 from ..runtime import Actor, Supervisor
-from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
+from ..security import KeyRing, ReloadKeys, ZapHandler
+from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
 from ._task_metrics import TaskMetrics
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
 from .gateway import Gateway, gather_stats
+from .journal import Journal, JournalConfig
 from .result_cache import ResultCache, ResultCacheConfig
 from .scheduler import Scheduler, SchedulerConfig
 
@@ -41,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
 
 DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
+
+log = logging.getLogger("fastworker.control")
 
 
 def sibling_address(address: str) -> str:
@@ -74,6 +86,14 @@ class ControlPlaneConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     callback_timeout: float = 10.0
     allow_pickle: bool = False
+    # CURVE: the control plane's own key pair turns it on for every socket it
+    # binds; the directories hold the public certificates allowed per role.
+    curve: CurveKeys | None = None
+    client_keys_dir: str | os.PathLike[str] | None = None
+    worker_keys_dir: str | os.PathLike[str] | None = None
+    own_worker_keys: frozenset[bytes] = frozenset()  # the node's own worker processes
+    journal: str | None = None  # path of the SQLite journal; None: state in memory only
+    journal_sync: str = "normal"  # "full": an fsync per commit, for power-loss safety
     # HOST:PORT for /metrics, /api and the dashboard (fastworker[dashboard]); None: off.
     http_address: str | None = None
     # Allows a non-loopback http_address (the dashboard has no authentication).
@@ -91,7 +111,21 @@ class ControlPlane:
         cfg = config or ControlPlaneConfig()
         self.config = cfg
         self.instance_id = uuid.uuid4().hex
-        transport = TransportConfig(max_message_size=cfg.max_message_size)
+        # Documents other state keepers wrote with JournalQueue.put_state, as replayed.
+        self.recovered_state: dict[str, Any] = {}
+        self.keys: KeyRing | None = None
+        self.zap: ZapHandler | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        if cfg.curve is not None:
+            # Raises CertificateError for a missing or unreadable directory: at start.
+            self.keys = KeyRing(
+                cfg.client_keys_dir, cfg.worker_keys_dir, own_workers=cfg.own_worker_keys
+            )
+            self._context = zmq.Context()
+            self.zap = ZapHandler(self.keys, self._context)
+        transport = TransportConfig(
+            max_message_size=cfg.max_message_size, curve=cfg.curve, context=self._context
+        )
         self.results = ResultCache(
             ResultCacheConfig(
                 cfg.result_ttl, cfg.result_cache_size, max_message_size=cfg.max_message_size
@@ -104,7 +138,19 @@ class ControlPlane:
             cfg.client_address or sibling_address(cfg.discovery_address),
             transport,
             results=self.results.ref,
+            keys=self.keys,
         )
+        self.journal: Journal | None = None
+        if cfg.journal is not None:
+            self.journal = Journal(
+                JournalConfig(
+                    cfg.journal,
+                    sync=cfg.journal_sync,
+                    max_results=cfg.result_cache_size,
+                    result_ttl=cfg.result_ttl,
+                ),
+                gateway=self.gateway.ref,
+            )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 worker_address=cfg.worker_address or sibling_address(cfg.discovery_address),
@@ -118,6 +164,8 @@ class ControlPlane:
             gateway=self.gateway.ref,
             results=self.results.ref,
             callbacks=self.callbacks.ref,
+            keys=self.keys,
+            journal=None if self.journal is None else self.journal.queue,
             metrics=TaskMetrics() if cfg.http_address is not None else None,
         )
         # The gateway and the scheduler talk both ways: wire the second direction.
@@ -133,6 +181,7 @@ class ControlPlane:
             instance_id=self.instance_id,
             scheduler=self.scheduler.ref,
             endpoints=self._endpoints,
+            keys=self.keys,
         )
         self.gateway.stats_sources = [
             self.scheduler.ref,
@@ -140,18 +189,29 @@ class ControlPlane:
             self.callbacks.ref,
             self.discovery.ref,
         ]
-        children: list[Actor] = [
+        if self.zap is not None:
+            self.gateway.stats_sources.append(self.zap.ref)
+        actors: list[Actor] = [
             self.results,
             self.callbacks,
             self.gateway,
             self.scheduler,
             self.discovery,
         ]
+        if self.journal is not None:
+            # First to start, last but the ZAP handler to stop: it commits what
+            # the Scheduler queued before it stopped.
+            self.gateway.stats_sources.append(self.journal.ref)
+            actors.insert(0, self.journal)
+        if self.zap is not None:
+            # The ZAP handler starts first and stops last: no CURVE socket is ever
+            # bound without it (and one that were would refuse every handshake).
+            actors.insert(0, self.zap)
         self.http: HttpServer | None = None
         if cfg.http_address is not None:
             self.http = self._http_server(cfg.http_address)
-            children.append(self.http)
-        self.supervisor = Supervisor("control-plane", children)
+            actors.append(self.http)
+        self.supervisor = Supervisor("control-plane", actors)
 
     def _http_server(self, address: str) -> HttpServer:
         try:
@@ -169,6 +229,7 @@ class ControlPlane:
             callbacks=self.callbacks.ref,
             discovery=self.discovery.ref,
             gateway=self.gateway.ref,
+            extra=[part.ref for part in (self.zap, self.journal) if part is not None],
         )
         # Bound to loopback, it answers loopback Host names only (DNS rebinding).
         return HttpServer(host, port, view, loopback_only=is_loopback(host))
@@ -195,18 +256,60 @@ class ControlPlane:
         return None if self.http is None else self.http.url
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.supervisor.run(task_status=task_status)
+        """Replay the journal (if any), then run the actors until stopped.
+
+        JournalError when the journal cannot be used: raised before anything
+        is bound, so nobody meets a control plane without its state.
+        """
+        journal = self.journal
+        try:
+            if journal is not None:
+                await self._replay(journal)
+            await self.supervisor.run(task_status=task_status)
+        finally:
+            if journal is not None:
+                journal.close()
+            context, self._context = self._context, None
+            if context is not None:
+                # Every actor closed its sockets; term() lets what they still hold
+                # (results pushed at shutdown) go out, bounded in case one was not.
+                ender = threading.Thread(target=context.term, name="zmq-term", daemon=True)
+                ender.start()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(ender.join, 2.0)
+
+    async def _replay(self, journal: Journal) -> None:
+        recovered = await journal.open()
+        self.scheduler.restore(recovered)
+        self.results.restore(recovered.results)
+        self.recovered_state = recovered.state
+        if recovered.tasks or recovered.results:
+            log.info(
+                "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
+                journal.config.path,
+                len(recovered.tasks),
+                len(recovered.results),
+                recovered.seconds,
+            )
+
+    async def reload_keys(self) -> bool:
+        """Read the certificate directories again (SIGHUP); False if they could not be read
+        (the old keys stay in force) or CURVE is off."""
+        if self.zap is None:
+            return False
+        return bool(await self.zap.ref.ask(ReloadKeys()))
 
     def stop(self) -> None:
         self.supervisor.stop()
 
     async def stats(self) -> dict[str, Any]:
-        return await gather_stats(
-            [
-                self.scheduler.ref,
-                self.results.ref,
-                self.callbacks.ref,
-                self.discovery.ref,
-                self.gateway.ref,
-            ]
-        )
+        sources = [
+            self.scheduler.ref,
+            self.results.ref,
+            self.callbacks.ref,
+            self.discovery.ref,
+            self.gateway.ref,
+        ]
+        if self.journal is not None:
+            sources.append(self.journal.ref)
+        return await gather_stats(sources)

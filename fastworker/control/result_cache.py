@@ -172,6 +172,17 @@ class ResultCache(Actor):
             self._forget(entries.popitem(last=False)[0])
         self._evicted += max(0, excess)
 
+    def restore(self, results: list[tuple[ResultRecord, float]]) -> None:
+        """Results read from the journal, oldest first, each with its age in seconds:
+        each keeps what is left of its TTL; beyond the size the oldest go."""
+        entries = self._entries
+        now = trio.current_time()
+        ttl = self.config.ttl
+        for record, age in results[-self.config.max_size :]:
+            if age < ttl:
+                entries.pop(record.task_id, None)
+                entries[record.task_id] = (record, now + ttl - age)
+
     def get(self, task_id: str) -> ResultRecord | None:
         """The stored result, or None when never stored, evicted or expired."""
         entry = self._entries.get(task_id)

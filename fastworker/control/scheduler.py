@@ -14,6 +14,12 @@ the book never has more than that many of its tasks outstanding; every
 result returns a credit.  So a busy worker is never flooded and an idle one
 is refilled as soon as it reports.
 
+With a journal (``--journal``, design/durability.md), the tasks a message
+accepted and the results it decided are added to the ``JournalQueue``, and
+that message's acks go out only after the journal's next commit; while the
+journal is behind or cannot write, new tasks are refused (``queue_full``).
+Nothing else here waits for the disk.
+
 An exception while handling one message is logged and counted
 (``internal_errors``) and the actor keeps serving: bookkeeping must never
 take the control plane down with it.
@@ -32,6 +38,7 @@ import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
 from ..runtime import Actor, ActorRef, MailboxFull
+from ..security import WORKER, KeyRing
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
     CancelReply,
@@ -68,6 +75,7 @@ from ._internal import (
 )
 from ._task_metrics import TaskMetrics
 from ._taskbook import Effects, TaskBook, TaskBookConfig, default_max_queued_bytes
+from .journal import JournalError, JournalQueue, Recovered
 
 __all__ = ["Scheduler", "SchedulerConfig"]
 
@@ -111,14 +119,24 @@ class Scheduler(Actor):
         gateway: ActorRef,
         results: ActorRef,
         callbacks: ActorRef,
+        keys: KeyRing | None = None,
+        journal: JournalQueue | None = None,
         metrics: TaskMetrics | None = None,
     ) -> None:
+        """``keys``: with CURVE, the key ring every message's sender is checked against."""
         super().__init__("scheduler", mailbox_size=4096)
         self.metrics = metrics  # only when something reads them (the HTTP side)
+        self.keys = keys
+        # With CURVE: the key each registered worker id joined with; its
+        # connection counts only when it speaks with that key.
+        self._worker_keys: dict[bytes, bytes] = {}
         self.config = config
         self._gateway = gateway
         self._results = results
         self._callbacks = callbacks
+        # With a journal, accepted tasks and final results are queued for its
+        # next commit, and acks go out only after it (design/durability.md).
+        self._journal = journal
         self.book = TaskBook(config.book_config(), clock=trio.current_time, wall_clock=time.time)
         self._budget = message_budget(config.transport.max_message_size)
         self._timer = DeadlineTimer(self.ref, _Due())  # eta, retries, the unserved check
@@ -129,8 +147,29 @@ class Scheduler(Actor):
 
     # -- life cycle ---------------------------------------------------------
 
+    def restore(self, recovered: Recovered) -> None:
+        """Take back what the journal held, before the actor starts: unfinished tasks go to
+        their queues (or due-time heap), finished ids are remembered for deduplication.
+
+        A task the book refuses now (the limits were lowered since it was
+        accepted) is a JournalError: the node says so at start rather than
+        dropping an acknowledged task.
+        """
+        book = self.book
+        for client, envelope in recovered.tasks:
+            verdict = book.submit(client, envelope)
+            if verdict is not None:
+                raise JournalError(
+                    f"cannot take back journaled task {envelope.task_id}: {verdict[1]}; "
+                    "start with the limits it was accepted under"
+                )
+        book.remember_finished([record.task_id for record, _ in recovered.results])
+        book.take()  # nothing to send: no worker and no client is connected yet
+
     async def on_start(self, nursery: trio.Nursery) -> None:
-        sock = open_socket(zmq.ROUTER, self.config.transport, router_handover=True)
+        sock = open_socket(
+            zmq.ROUTER, self.config.transport, router_handover=True, zap_domain=WORKER
+        )
         # Rebind the same port after a restart, so workers reconnect by themselves.
         self.endpoint = await bind_again(sock, self.endpoint or self.config.worker_address)
         self._sock = sock
@@ -160,8 +199,11 @@ class Scheduler(Actor):
             elif type(message) is _Due:
                 self.book.advance()
             elif type(message) is WorkerJoined:
+                if self.keys is not None:
+                    self._worker_keys[message.worker_id.encode()] = message.key
                 self.book.worker_joined(message.worker_id.encode(), message.task_names)
             elif type(message) is WorkerLost:
+                self._worker_keys.pop(message.worker_id.encode(), None)
                 self.book.worker_lost(message.worker_id.encode(), died=message.reason != "left")
                 log.log(
                     logging.INFO if message.reason == "left" else logging.WARNING,
@@ -235,6 +277,8 @@ class Scheduler(Actor):
     def _send_results(self, out: Effects) -> None:
         if out.records and self.metrics is not None:
             self.metrics.finished(out.records, out.accepted_at, trio.current_time(), time.time())
+        if out.records and self._journal is not None:
+            self._journal.add_results(out.records)
         if out.records:
             self._tell(self._results, StoreResults(out.records), "results")
         if out.pushes:
@@ -266,12 +310,28 @@ class Scheduler(Actor):
     # -- input --------------------------------------------------------------
 
     def _on_submits(self, message: ClientSubmits) -> None:
+        replies: list[list[bytes]] = []
+        plain_acks: list[list[bytes]] = []
+        journaled: list[tuple[bytes, TaskEnvelope]] = []
+        try:
+            self._accept(message, replies, plain_acks, journaled)
+        finally:
+            # Even after an internal error: what the book took is journaled.
+            self._acknowledge(replies, plain_acks, journaled)
+
+    def _accept(
+        self,
+        message: ClientSubmits,
+        replies: list[list[bytes]],
+        plain_acks: list[list[bytes]],
+        journaled: list[tuple[bytes, TaskEnvelope]],
+    ) -> None:
         book = self.book
+        journal = self._journal
+        refusal = None if journal is None else journal.refusal()
         metrics = self.metrics
         # Accepted tasks by name, handed to the metrics once per message (hot path).
         accepted: dict[str, int] | None = None if metrics is None else {}
-        replies: list[list[bytes]] = []
-        plain_acks: list[list[bytes]] = []
         for identity, request_id, raw_tasks in message.submits:
             rejected: list[list[str]] = []
             room = self._budget // 2  # for rejection texts; ids and reasons always fit
@@ -290,27 +350,51 @@ class Scheduler(Actor):
                     room -= len(text)
                     rejected.append([task_id, "invalid", text if room > 0 else ""])
                     continue
-                if accepted is None:
-                    verdict = book.submit(identity, envelope)
+                new = journal is not None and (
+                    book.status_of(envelope.task_id) is None
+                    and not book.is_finished(envelope.task_id)
+                )
+                if new and refusal is not None:
+                    book.rejected["queue_full"] += 1
+                    verdict: tuple[str, str] | None = ("queue_full", refusal)
                 else:
                     before = book.accepted
                     verdict = book.submit(identity, envelope)
-                    if book.accepted != before:
+                    if new and verdict is None:
+                        journaled.append((identity, envelope))
+                    if accepted is not None and book.accepted != before:
                         name = envelope.name
                         accepted[name] = accepted.get(name, 0) + 1
-                    elif verdict is not None:
-                        assert metrics is not None
-                        metrics.rejected(envelope.name, verdict[0])
+                if verdict is not None and metrics is not None:
+                    metrics.rejected(envelope.name, verdict[0])
                 if verdict is not None:
                     room -= len(verdict[1])
                     reason, text = verdict
                     rejected.append([envelope.task_id, reason, text if room > 0 else ""])
             ack = [identity, encode(SubmitAck(request_id, rejected))]
+            if journal is not None and len(rejected) == len(raw_tasks):
+                # Nothing in it to make durable: the refusal goes out at once,
+                # even while the journal cannot write.
+                self._tell(self._gateway, Outgoing([ack]), "acks")
+                continue
             (replies if rejected else plain_acks).append(ack)
         if accepted:
             assert metrics is not None
             for name, count in accepted.items():
                 metrics.accepted(name, count)
+
+    def _acknowledge(
+        self,
+        replies: list[list[bytes]],
+        plain_acks: list[list[bytes]],
+        journaled: list[tuple[bytes, TaskEnvelope]],
+    ) -> None:
+        journal = self._journal
+        if journal is not None:
+            # Acknowledged only once these tasks are committed (with all before them).
+            journal.add_tasks(journaled)
+            journal.add_acks(plain_acks, replies)
+            return
         if replies:
             self._tell(self._gateway, Outgoing(replies), "acks")
         if plain_acks:
@@ -318,7 +402,17 @@ class Scheduler(Actor):
 
     def _on_worker_frames(self, frames: list[list[bytes]]) -> None:
         book = self.book
+        keys = self.keys
         for parts in frames:
+            if keys is not None:
+                key = parts.pop()  # the sender's CURVE key, added by the socket
+                if not keys.is_worker(key):
+                    book.rejected["unauthorized"] += 1
+                    continue
+                bound = self._worker_keys.get(parts[0]) if parts else None
+                if bound is not None and bound != key:
+                    book.rejected["forbidden"] += 1  # another key speaking for that worker
+                    continue
             if len(parts) != 2:
                 book.rejected["bad_frames"] += 1
                 continue
@@ -358,9 +452,17 @@ class Scheduler(Actor):
         # The CANCELLED result goes to the submitter ahead of the reply, so a
         # client that sees cancel_task() return True already knows the status.
         self._send_effects()
-        if message.identity:
-            reply = encode(CancelReply(message.request_id, cancelled, status))
-            self._tell(self._gateway, Outgoing([[message.identity, reply]]), "cancel replies")
+        if not message.identity:
+            # Asked by the dashboard: the answer goes back to the ask. With a journal
+            # the CANCELLED result is committed in the next commit, after this answer.
+            return cancelled, status
+        reply = [message.identity, encode(CancelReply(message.request_id, cancelled, status))]
+        if cancelled and self._journal is not None:
+            # "Will not run" must survive a crash: the reply waits for the commit
+            # of the CANCELLED result (or the restarted control plane runs it).
+            self._journal.add_acks([], [reply])
+            return cancelled, status
+        self._tell(self._gateway, Outgoing([reply]), "cancel replies")
         return cancelled, status
 
     # -- introspection ------------------------------------------------------

@@ -80,12 +80,14 @@ class ControlPlaneView:
         callbacks: ActorRef,
         discovery: ActorRef,
         gateway: ActorRef,
+        extra: list[ActorRef] | None = None,
         timeout: float = ASK_TIMEOUT,
     ) -> None:
+        """``extra``: more actors whose statistics go in (the ZAP handler, the journal)."""
         self.scheduler = scheduler
         self.results = results
         self.timeout = timeout
-        self._sources = [results, callbacks, discovery, gateway]
+        self._sources = [results, callbacks, discovery, gateway, *(extra or [])]
         self._slots = trio.Semaphore(MAX_CONCURRENT)
 
     @asynccontextmanager
