@@ -1,6 +1,8 @@
 """The whole thing in one process: start an embedded cluster, submit tasks, print results.
 
-Run it as is: ``python examples/quickstart.py``.
+Run it as is: ``python examples/quickstart.py``.  It prints the address of the live
+dashboard (``pip install -e '.[dashboard]'``); ``--keep`` keeps the cluster running after the
+examples until Ctrl-C, to look at it.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 
 # Make `examples.tasks` importable when run from anywhere.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +47,14 @@ async def main(discovery_address: str) -> None:
 
 
 if __name__ == "__main__":
-    with cluster(task_modules=["examples.tasks"], workers=2) as running:
+    with cluster(task_modules=["examples.tasks"], workers=2, http_address="127.0.0.1:0") as running:
         print(f"Embedded cluster up; discovery at {running.discovery_address}")
+        print(f"Dashboard and /metrics at {running.http_url}")
         asyncio.run(main(running.discovery_address))
+        if "--keep" in sys.argv[1:]:
+            print("Running until Ctrl-C.", flush=True)
+            try:
+                threading.Event().wait()
+            except KeyboardInterrupt:
+                pass
     print("Done.")

@@ -81,6 +81,11 @@ class Cluster:
     def discovery_address(self) -> str:
         return self.control_plane.discovery_address
 
+    @property
+    def http_url(self) -> str | None:
+        """The dashboard's ``http://host:port`` when started with ``http_address=``."""
+        return self.control_plane.http_url
+
     async def __aenter__(self) -> Cluster:
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
@@ -146,6 +151,11 @@ class ClusterThread:
     def discovery_address(self) -> str:
         assert self.cluster is not None, "the cluster is not running"
         return self.cluster.discovery_address
+
+    @property
+    def http_url(self) -> str | None:
+        assert self.cluster is not None, "the cluster is not running"
+        return self.cluster.http_url
 
     def _main(self) -> None:
         async def main() -> None:

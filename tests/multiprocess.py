@@ -58,7 +58,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 READY = re.compile(
     r"^fastworker node ready: role=(?P<role>\S+) discovery=(?P<discovery>\S+) "
-    r"workers=(?P<workers>\d+) pid=(?P<pid>\d+)$"
+    r"workers=(?P<workers>\d+) pid=(?P<pid>\d+)(?: http=(?P<http>\S+))?$"
 )
 
 DEFAULT_READY_TIMEOUT = 20.0
@@ -196,6 +196,7 @@ class Node:
         self.role = ""
         self.discovery_address = ""
         self.workers = 0
+        self.http_url: str | None = None
         self.exit_code: int | None = None
         self.survivors: list[int] = []  # group members still running when the node exited
         self._closed = False
@@ -231,6 +232,7 @@ class Node:
         self.role = match["role"]
         self.discovery_address = match["discovery"]
         self.workers = int(match["workers"])
+        self.http_url = match["http"]
 
     def _explain(self, what: str) -> str:
         code = self.proc.poll() if self.exit_code is None else self.exit_code

@@ -28,6 +28,7 @@ import pytest
 from multiprocess import REPO_ROOT, node_env
 
 from fastworker.bench import build_parser
+from fastworker.bench._cpu import read_cpu_seconds
 from fastworker.bench._measure import percentile
 from fastworker.bench._options import Options
 from fastworker.bench._report import combine_runs, failed_tasks, render_json, render_table
@@ -141,6 +142,10 @@ def assert_stream(figures: dict[str, Any], tasks: int) -> None:
     assert figures["failed"] == 0
     assert_rss(figures["cp_rss_mb"])
     assert_rss(figures["worker_rss_mb"])
+    if HAS_PROC:  # in clock ticks (10 ms): a run this short may not use a whole one
+        assert figures["cp_cpu_us_per_task"] >= 0
+    else:
+        assert figures["cp_cpu_us_per_task"] is None
 
 
 # -- smoke runs ----------------------------------------------------------------------
@@ -212,6 +217,21 @@ def test_journal_runs_the_shared_scenarios_again_on_a_journaled_node_and_times_a
     assert recovery["recovered_tasks"] == recovery["tasks"] == 1000
     assert recovery["journal_per_task_bytes"] > 0
     assert 0 < recovery["read_seconds"] < recovery["recovery_seconds"]
+    assert_all_gone(marker, report)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(60)
+def test_http_serves_the_dashboard_from_its_node_and_reads_it(marker: str) -> None:
+    result = run_bench(
+        marker, "--http", "--scenarios", "throughput", "--tasks", "300", "--json", timeout=45
+    )
+    report = json_report(result)
+    assert_stream(report["throughput"], 300)  # without, then the same on the http node
+    assert_stream(report["http"]["throughput"], 300)
+    http = report["meta"]["http"]
+    assert http["scrapes"] >= 2  # /metrics and /api/overview at least once
+    assert http["failed_scrapes"] == 0
     assert_all_gone(marker, report)
 
 
@@ -452,3 +472,17 @@ def test_rss_of_a_live_process_and_of_no_process() -> None:
     assert own > 1024 * 1024
     assert read_rss(None) is None
     assert read_rss(2**22 + 12345) is None  # above the default pid_max: never a process
+
+
+@pytest.mark.skipif(not HAS_PROC, reason="reads /proc")
+def test_cpu_seconds_of_a_live_process_and_of_no_process() -> None:
+    before = read_cpu_seconds(os.getpid())
+    assert before is not None
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:  # spend CPU, so the figure must grow
+        pass
+    after = read_cpu_seconds(os.getpid())
+    assert after is not None
+    assert after > before
+    assert read_cpu_seconds(None) is None
+    assert read_cpu_seconds(2**22 + 12345) is None

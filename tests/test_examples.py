@@ -45,7 +45,8 @@ def test_quickstart() -> None:
     lines = run_example("quickstart.py")
 
     assert re.fullmatch(r"Embedded cluster up; discovery at tcp://127\.0\.0\.1:\d+", lines[0])
-    task_id = re.fullmatch(r"Task ID: (\S+)", lines[1])
+    assert re.fullmatch(r"Dashboard and /metrics at http://127\.0\.0\.1:\d+", lines[1])
+    task_id = re.fullmatch(r"Task ID: (\S+)", lines[2])
     assert task_id is not None
     assert "Result: hello, world" in lines
     assert "Doubled: [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]" in lines

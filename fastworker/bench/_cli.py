@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(keys made for the run), and time the handshake of both",
     )
     add(
+        "--http",
+        action="store_true",
+        help="run throughput, batch and latency again on a node serving --http-address "
+        "(fastworker[dashboard]) whose /metrics and /api/overview are read once a second, "
+        "as Prometheus and an open dashboard would: their cost",
+    )
+    add(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -208,6 +215,7 @@ def options_from(args: argparse.Namespace) -> Options:
         stall_timeout=args.stall_timeout,
         curve=args.curve,
         journal=args.journal,
+        http=args.http,
     )
 
 

@@ -21,6 +21,7 @@ from ._nodes import LocalNode, start_node
 from ._options import BenchError, Options
 from ._progress import Progress
 from ._rss import read_rss, to_mib
+from ._scrape import Scraper
 
 __all__ = ["Cluster", "Context", "connected", "idle_figures", "start_local"]
 
@@ -54,6 +55,7 @@ class Context:
     # What a variant (--curve) adds to every node started and every client.
     node_extra: tuple[str, ...] = ()
     client_options: dict[str, Any] = attrs.Factory(dict)
+    scrapers: list[Scraper] = attrs.Factory(list)  # with --http: one per control plane
 
     def label(self, phase: str) -> str:
         """What the progress line calls a phase."""
@@ -67,7 +69,10 @@ class Context:
         discovery_address: str = "tcp://127.0.0.1:*",
         extra: Sequence[str] = (),
     ) -> LocalNode:
-        """A node with this run's concurrency, its pid remembered for the report."""
+        """A node with this run's concurrency, its pid remembered for the report.
+
+        A node serving HTTP (the ``--http`` variant) is read once a second meanwhile.
+        """
         node = start_node(
             role,
             discovery_address=discovery_address,
@@ -76,6 +81,10 @@ class Context:
             extra=(*self.node_extra, *extra),
         )
         self.pids.add(node.pid)
+        if node.http_url is not None:
+            self.scrapers.append(
+                Scraper(node.http_url, lambda: node.stopping or node.process.poll() is not None)
+            )
         return node
 
 

@@ -37,7 +37,7 @@ __all__ = ["LocalNode", "NoFirstLine", "read_first_line", "spawn_logged", "start
 
 READY = re.compile(
     r"^fastworker node ready: role=(?P<role>\S+) discovery=(?P<discovery>\S+) "
-    r"workers=(?P<workers>\d+) pid=(?P<pid>\d+)$"
+    r"workers=(?P<workers>\d+) pid=(?P<pid>\d+)(?: http=(?P<http>\S+))?$"
 )
 READY_TIMEOUT = 30.0
 _KILL_WAIT = 5.0
@@ -139,6 +139,8 @@ class LocalNode:
         self.pid = self.process.pid
         self.role = ""
         self.discovery_address = ""
+        self.http_url: str | None = None  # the node's --http-address, once ready
+        self.stopping = False  # stop() has begun: its HTTP side may be gone already
         self.exit_code: int | None = None
 
     def __repr__(self) -> str:
@@ -157,6 +159,7 @@ class LocalNode:
             raise BenchError(self._explain(f"unexpected first line {line!r}"))
         self.role = match["role"]
         self.discovery_address = match["discovery"]
+        self.http_url = match["http"]
 
     def log_tail(self, lines: int = 15) -> str:
         """The end of what the node wrote on stderr."""
@@ -208,6 +211,7 @@ class LocalNode:
         """
         if self not in _live:
             return
+        self.stopping = True
         try:
             if not self._exited():
                 try:

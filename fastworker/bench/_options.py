@@ -44,6 +44,8 @@ class Options:
     # The shared scenarios again on a node with --journal, and a journal's
     # recovery timed (design/durability.md).
     journal: bool = False
+    # The shared scenarios again on a node serving --http-address, read once a second.
+    http: bool = False
 
     @property
     def local(self) -> bool:

@@ -212,7 +212,7 @@ def _header(options: Options, results: Figures) -> list[str]:
     return lines
 
 
-_VARIANTS = {"curve": "CURVE", "journal": "journal"}
+_VARIANTS = {"curve": "CURVE", "journal": "journal", "http": "http"}
 
 
 def render_table(options: Options, results: Figures) -> str:

@@ -27,7 +27,7 @@ from ._progress import Progress
 from ._report import combine_runs
 from ._scenarios import RUNNERS, journal_recovery
 from ._signals import stop_on_signals
-from ._variants import Variant, curve_variant, handshake_ms, journal_variant
+from ._variants import Variant, curve_variant, handshake_ms, http_variant, journal_variant
 
 __all__ = ["run"]
 
@@ -47,6 +47,12 @@ def _meta(options: Options, ctx: Context) -> dict[str, Any]:
         "payload_bytes": options.payload_bytes,
         "runs": options.runs,
         "pids": sorted(ctx.pids),
+        "http": {
+            "scrapes": sum(s.scrapes for s in ctx.scrapers),
+            "failed_scrapes": sum(s.failures for s in ctx.scrapers),
+        }
+        if options.http
+        else None,
     }
 
 
@@ -96,6 +102,9 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
         if options.curve and options.local:
             results["curve"] = {}
             await _shared_scenarios(ctx, shared, results["curve"], curve_variant())
+        if options.http and options.local:
+            results["http"] = {}
+            await _shared_scenarios(ctx, shared, results["http"], http_variant())
         if options.journal and options.local:
             with tempfile.TemporaryDirectory(prefix="fastworker-bench-journal-") as directory:
                 results["journal"] = {}
@@ -138,6 +147,8 @@ async def run(options: Options, progress: Progress) -> dict[str, Any]:
     finally:
         progress.clear()
         stop_all()
+        for scraper in ctx.scrapers:
+            scraper.stop()
     return {"meta": _meta(options, ctx), **results}
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..client import Client
 from ._chain import floor_round_trips
 from ._cluster import Cluster, Context, connected, start_local
+from ._cpu import read_cpu_seconds
 from ._measure import (
     Tally,
     join_all,
@@ -55,16 +56,22 @@ async def _stream(ctx: Context, cluster: Cluster, label: str, submit: Submit) ->
         tally = Tally(client)
         with RssSampler(cluster.cp_pid) as rss, ctx.progress.track(ctx.label(label), n, tally.done):
             rss.watch_workers(pids)
+            cpu_before = read_cpu_seconds(cluster.cp_pid)
             started = time.perf_counter()
             await submit(client, tally)
             await join_all(client, ctx.options.stall_timeout)
             seconds = time.perf_counter() - started
+            cpu_after = read_cpu_seconds(cluster.cp_pid)
         failed = await scheduler_counter(client, "failed") - failed_before
     peaks = rss.peaks()
     return {
         "tasks": n,
         "seconds": seconds,
         "tasks_per_s": n / seconds,
+        # The control plane's CPU per task: steadier than the rate on a shared machine.
+        "cp_cpu_us_per_task": None
+        if cpu_before is None or cpu_after is None
+        else (cpu_after - cpu_before) / n * 1e6,
         "cp_rss_mb": to_mib(peaks.cp_bytes),
         "worker_rss_mb": to_mib(peaks.worker_bytes),
         "failed": failed,

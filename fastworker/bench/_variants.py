@@ -5,6 +5,9 @@ CURVE on every socket (keys made for the run, in a temporary directory), so
 the cost of encryption is read off one invocation on one machine state.
 ``--journal`` does the same on a node with ``--journal`` (the file in a
 temporary directory): the cost of durability (design/durability.md).
+``--http`` on a node serving ``--http-address``, whose /metrics and dashboard
+data the bench reads once a second meanwhile (``_scrape``): the cost of being
+watched (design/operations.md).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import zmq
 
 from ..security import generate_certificate, load_secret_key
 
-__all__ = ["Variant", "curve_variant", "handshake_ms", "journal_variant"]
+__all__ = ["Variant", "curve_variant", "handshake_ms", "http_variant", "journal_variant"]
 
 
 @attrs.frozen
@@ -57,6 +60,11 @@ def curve_variant(directory: Path | None = None) -> Variant:
 def journal_variant(directory: Path) -> Variant:
     """A journal file in ``directory`` (the caller removes it)."""
     return Variant("journal", node_args=("--journal", str(directory / "journal.db")))
+
+
+def http_variant() -> Variant:
+    """The node serves --http-address on a free loopback port (printed in its ready line)."""
+    return Variant("http", node_args=("--http-address", "127.0.0.1:0"))
 
 
 def handshake_ms(address: str, variant: Variant | None, count: int = 50) -> dict[str, float]:

@@ -26,7 +26,9 @@ from ..bench._nodes import NoFirstLine, kill_group, read_first_line, spawn_logge
 
 __all__ = ["NodeProcess", "NodeStartError", "children_of", "log_events", "rss_kib"]
 
-_READY = re.compile(r"^fastworker node ready: role=\S+ discovery=\S+ workers=\d+ pid=(\d+)$")
+_READY = re.compile(
+    r"^fastworker node ready: role=\S+ discovery=\S+ workers=\d+ pid=(\d+)(?: http=\S+)?$"
+)
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 _KILL_WAIT = 5.0
 

@@ -16,6 +16,8 @@ __all__ = [
     "CancelTask",
     "ClientSubmits",
     "HeldAcks",
+    "LookupTask",
+    "MetricsQuery",
     "Outgoing",
     "QueryResults",
     "ResendResults",
@@ -97,3 +99,15 @@ class WorkerJoined:
 class WorkerLost:
     worker_id: str
     reason: str
+
+
+@attrs.frozen
+class LookupTask:
+    """Asked of the Scheduler (where a held task is) and the ResultCache (its result)."""
+
+    task_id: str
+
+
+@attrs.frozen
+class MetricsQuery:
+    """Asked of the Scheduler: its task metrics, queues and workers, for the HTTP side."""

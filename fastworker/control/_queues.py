@@ -146,6 +146,11 @@ class PriorityQueues(Generic[T]):
             for queue in level.values():
                 yield from queue.values()
 
+    def heads(self) -> Iterator[list[T]]:
+        """Per priority, CRITICAL first: the first item of each name's queue."""
+        for level in self._levels:
+            yield [queue[next(iter(queue))] for queue in level.values()]
+
     def counts(self) -> list[int]:
         """Queued items per priority, CRITICAL first."""
         return list(self._counts)

@@ -89,6 +89,7 @@ class Job:
     """A task the book holds (a plain slotted class: one per task, on the hot path)."""
 
     __slots__ = (
+        "accepted_at",
         "attempt",
         "client",
         "deaths",
@@ -120,6 +121,7 @@ class Job:
         self.due = 0.0
         self.sent_at = 0.0  # when it was last dispatched
         self.timer = 0  # token of its live entry in the due-time heap; 0 when none
+        self.accepted_at = 0.0  # the book's clock when it was accepted (ages, round trips)
 
 
 @attrs.define(eq=False)
@@ -139,6 +141,8 @@ class Effects:
 
     # Final results, for the result cache, in the order they were decided.
     records: list[ResultRecord] = attrs.Factory(list)
+    # When each of ``records``' tasks was accepted (the book's clock), for round trips.
+    accepted_at: list[float] = attrs.Factory(list)
     # Final results to push to each submitting client.
     pushes: dict[bytes, list[ResultRecord]] = attrs.Factory(dict)
     # (callback address, final result, encoded callback data) per task asking for one.
@@ -244,6 +248,7 @@ class TaskBook:
         now = self._now()
         self._seq += 1
         job = Job(envelope, client, self._seq, weight)
+        job.accepted_at = now
         self._jobs[task_id] = job
         self._held_bytes += weight
         self._accepted += 1
@@ -590,6 +595,7 @@ class TaskBook:
         self._outcomes[record.status] += 1
         out = self.out
         out.records.append(record)
+        out.accepted_at.append(job.accepted_at)
         if job.client:
             push = out.pushes.get(job.client)
             if push is None:
@@ -688,6 +694,39 @@ class TaskBook:
 
     def is_finished(self, task_id: str) -> bool:
         return task_id in self._finished
+
+    @property
+    def accepted(self) -> int:
+        """Tasks accepted since the book was made (duplicates not counted)."""
+        return self._accepted
+
+    def oldest_queued(self) -> list[float | None]:
+        """Per priority (CRITICAL first), when the oldest queued task was accepted; None if none.
+
+        Reads the head of each (priority, name) queue: O(names), for a scrape, not the hot path.
+        """
+        return [
+            min((job.accepted_at for job in heads), default=None) for heads in self._queues.heads()
+        ]
+
+    def inflight_by_worker(self) -> dict[bytes, int]:
+        """Tasks dispatched to each registered worker and not reported yet."""
+        return {identity: len(slot.inflight) for identity, slot in self._workers.items()}
+
+    def describe(self, task_id: str) -> dict[str, Any] | None:
+        """Where a held task is, for a person looking it up; None when not held."""
+        job = self._jobs.get(task_id)
+        if job is None:
+            return None
+        return {
+            "task_id": task_id,
+            "status": job.status.value,
+            "name": job.name,
+            "priority": job.priority,
+            "attempt": job.attempt,
+            "worker": None if job.worker is None else job.worker.decode(errors="replace"),
+            "age": self._now() - job.accepted_at,
+        }
 
     def statistics(self) -> dict[str, Any]:
         counts = self._queues.counts()

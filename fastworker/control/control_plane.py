@@ -9,12 +9,14 @@ Supervision tree (one-for-one; see design/architecture.md)::
     ├── callbacks      (one PUSH socket per callback address)
     ├── gateway        (client ROUTER)
     ├── scheduler      (worker ROUTER)
-    └── discovery      (discovery ROUTER, the address everybody knows)
+    ├── discovery      (discovery ROUTER, the address everybody knows)
+    └── http           (only with http_address: /metrics, /api, the dashboard)
 
-Discovery starts last: by the time anybody can find the control plane, every
-endpoint it hands out is bound.  The journal starts first and stops last, and
+Discovery starts after the other sockets: by the time anybody can find the
+control plane, every endpoint it hands out is bound.  The journal starts first and stops last, and
 it is read (replayed into the Scheduler and the ResultCache) before anything
-starts (design/durability.md).
+starts (design/durability.md).  The HTTP server starts last and stops first; it
+asks the others for what it shows, like any actor.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ import logging
 import os
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 import zmq
 
+from ..dashboard import HttpStartError, check_http_address
+from ..dashboard._address import is_loopback
 from ..runtime import Actor, Supervisor
 from ..security import KeyRing, ReloadKeys, ZapHandler
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
+from ._task_metrics import TaskMetrics
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
@@ -39,6 +44,9 @@ from .gateway import Gateway, gather_stats
 from .journal import Journal, JournalConfig
 from .result_cache import ResultCache, ResultCacheConfig
 from .scheduler import Scheduler, SchedulerConfig
+
+if TYPE_CHECKING:
+    from ..dashboard._server import HttpServer
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
 
@@ -86,6 +94,14 @@ class ControlPlaneConfig:
     own_worker_keys: frozenset[bytes] = frozenset()  # the node's own worker processes
     journal: str | None = None  # path of the SQLite journal; None: state in memory only
     journal_sync: str = "normal"  # "full": an fsync per commit, for power-loss safety
+    # HOST:PORT for /metrics, /api and the dashboard (fastworker[dashboard]); None: off.
+    http_address: str | None = None
+    # Allows a non-loopback http_address (the dashboard has no authentication).
+    insecure: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.http_address is not None:
+            check_http_address(self.http_address, insecure=self.insecure)
 
 
 class ControlPlane:
@@ -150,6 +166,7 @@ class ControlPlane:
             callbacks=self.callbacks.ref,
             keys=self.keys,
             journal=None if self.journal is None else self.journal.queue,
+            metrics=TaskMetrics() if cfg.http_address is not None else None,
         )
         # The gateway and the scheduler talk both ways: wire the second direction.
         self.gateway.scheduler = self.scheduler.ref
@@ -190,7 +207,32 @@ class ControlPlane:
             # The ZAP handler starts first and stops last: no CURVE socket is ever
             # bound without it (and one that were would refuse every handshake).
             actors.insert(0, self.zap)
+        self.http: HttpServer | None = None
+        if cfg.http_address is not None:
+            self.http = self._http_server(cfg.http_address)
+            actors.append(self.http)
         self.supervisor = Supervisor("control-plane", actors)
+
+    def _http_server(self, address: str) -> HttpServer:
+        try:
+            from ..dashboard._server import HttpServer
+            from ..dashboard._view import ControlPlaneView
+        except ImportError as exc:
+            raise HttpStartError(
+                f"--http-address needs the dashboard extra ({exc.name} is missing): "
+                "pip install 'fastworker[dashboard]'"
+            ) from exc
+        host, port = check_http_address(address, insecure=self.config.insecure)
+        view = ControlPlaneView(
+            scheduler=self.scheduler.ref,
+            results=self.results.ref,
+            callbacks=self.callbacks.ref,
+            discovery=self.discovery.ref,
+            gateway=self.gateway.ref,
+            extra=[part.ref for part in (self.zap, self.journal) if part is not None],
+        )
+        # Bound to loopback, it answers loopback Host names only (DNS rebinding).
+        return HttpServer(host, port, view, loopback_only=is_loopback(host))
 
     def _endpoints(self) -> tuple[str, str]:
         assert self.gateway.endpoint is not None
@@ -207,6 +249,11 @@ class ControlPlane:
         if self.discovery.endpoint is None:
             raise RuntimeError("the control plane is not started yet")
         return self.discovery.endpoint
+
+    @property
+    def http_url(self) -> str | None:
+        """``http://host:port`` of the dashboard once started; None when not served."""
+        return None if self.http is None else self.http.url
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Replay the journal (if any), then run the actors until stopped.

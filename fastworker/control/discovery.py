@@ -117,6 +117,7 @@ class Discovery(Actor):
             self._deliver()
             self._reap()
         elif message == "stats":
+            now = trio.current_time()
             return {
                 "workers_alive": len(self._members),
                 "workers": {
@@ -125,6 +126,7 @@ class Discovery(Actor):
                         "concurrency": m.concurrency,
                         "pid": m.pid,
                         "hostname": m.hostname,
+                        "heartbeat_age": round(now - m.last_seen, 3),
                     }
                     for m in self._members.values()
                 },

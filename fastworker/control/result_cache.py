@@ -35,7 +35,7 @@ from ..wire import (
     result_chunks,
     result_weight,
 )
-from ._internal import Outgoing, QueryResults, ResendResults, StoreResults
+from ._internal import LookupTask, Outgoing, QueryResults, ResendResults, StoreResults
 
 __all__ = ["ResultCache", "ResultCacheConfig"]
 
@@ -101,6 +101,8 @@ class ResultCache(Actor):
             self._push(message.identity, records)
         elif isinstance(message, _Sweep):
             self.sweep()
+        elif isinstance(message, LookupTask):
+            return self.peek(message.task_id)
         elif message == "stats":
             return self.statistics_dict()
         else:
@@ -197,6 +199,13 @@ class ResultCache(Actor):
         self._entries.move_to_end(task_id)
         self._hits += 1
         return record
+
+    def peek(self, task_id: str) -> ResultRecord | None:
+        """The stored result for a person looking: no LRU move, not a hit or a miss."""
+        entry = self._entries.get(task_id)
+        if entry is None or trio.current_time() >= entry[1]:
+            return None
+        return entry[0]
 
     def sweep(self) -> int:
         now = trio.current_time()

@@ -65,12 +65,15 @@ from ._internal import (
     CancelTask,
     ClientSubmits,
     HeldAcks,
+    LookupTask,
+    MetricsQuery,
     Outgoing,
     ResendResults,
     StoreResults,
     WorkerJoined,
     WorkerLost,
 )
+from ._task_metrics import TaskMetrics
 from ._taskbook import Effects, TaskBook, TaskBookConfig, default_max_queued_bytes
 from .journal import JournalError, JournalQueue, Recovered
 
@@ -118,9 +121,11 @@ class Scheduler(Actor):
         callbacks: ActorRef,
         keys: KeyRing | None = None,
         journal: JournalQueue | None = None,
+        metrics: TaskMetrics | None = None,
     ) -> None:
         """``keys``: with CURVE, the key ring every message's sender is checked against."""
         super().__init__("scheduler", mailbox_size=4096)
+        self.metrics = metrics  # only when something reads them (the HTTP side)
         self.keys = keys
         # With CURVE: the key each registered worker id joined with; its
         # connection counts only when it speaks with that key.
@@ -181,6 +186,11 @@ class Scheduler(Actor):
     def receive(self, message: Any) -> Any:
         if message == "stats":
             return self.statistics_dict()
+        if type(message) is MetricsQuery:
+            return self._metrics_snapshot()
+        if type(message) is LookupTask:
+            return self.book.describe(message.task_id)
+        reply = None
         try:
             if type(message) is Inbound:
                 self._on_worker_frames(message.frames)
@@ -202,7 +212,7 @@ class Scheduler(Actor):
                     message.reason,
                 )
             elif type(message) is CancelTask:
-                self._on_cancel(message)
+                reply = self._on_cancel(message)
             else:
                 raise TypeError(f"scheduler got an unexpected message {message!r}")
             self.book.dispatch()
@@ -213,7 +223,7 @@ class Scheduler(Actor):
             log.exception("scheduler failed handling %s", type(message).__name__)
         self._send_effects()
         self._timer.set(self.book.next_deadline())
-        return None
+        return reply
 
     # -- output -------------------------------------------------------------
 
@@ -265,6 +275,8 @@ class Scheduler(Actor):
         return True
 
     def _send_results(self, out: Effects) -> None:
+        if out.records and self.metrics is not None:
+            self.metrics.finished(out.records, out.accepted_at, trio.current_time(), time.time())
         if out.records and self._journal is not None:
             self._journal.add_results(out.records)
         if out.records:
@@ -317,6 +329,9 @@ class Scheduler(Actor):
         book = self.book
         journal = self._journal
         refusal = None if journal is None else journal.refusal()
+        metrics = self.metrics
+        # Accepted tasks by name, handed to the metrics once per message (hot path).
+        accepted: dict[str, int] | None = None if metrics is None else {}
         for identity, request_id, raw_tasks in message.submits:
             rejected: list[list[str]] = []
             room = self._budget // 2  # for rejection texts; ids and reasons always fit
@@ -328,6 +343,9 @@ class Scheduler(Actor):
                 except WireError as exc:
                     book.rejected["invalid"] += 1
                     task_id = raw[0] if type(raw) is list and raw and type(raw[0]) is str else ""
+                    if metrics is not None:
+                        name = raw[1] if type(raw) is list and len(raw) > 1 else None
+                        metrics.rejected(name if type(name) is str else "", "invalid")
                     text = str(exc)
                     room -= len(text)
                     rejected.append([task_id, "invalid", text if room > 0 else ""])
@@ -340,9 +358,15 @@ class Scheduler(Actor):
                     book.rejected["queue_full"] += 1
                     verdict: tuple[str, str] | None = ("queue_full", refusal)
                 else:
+                    before = book.accepted
                     verdict = book.submit(identity, envelope)
                     if new and verdict is None:
                         journaled.append((identity, envelope))
+                    if accepted is not None and book.accepted != before:
+                        name = envelope.name
+                        accepted[name] = accepted.get(name, 0) + 1
+                if verdict is not None and metrics is not None:
+                    metrics.rejected(envelope.name, verdict[0])
                 if verdict is not None:
                     room -= len(verdict[1])
                     reason, text = verdict
@@ -354,6 +378,10 @@ class Scheduler(Actor):
                 self._tell(self._gateway, Outgoing([ack]), "acks")
                 continue
             (replies if rejected else plain_acks).append(ack)
+        if accepted:
+            assert metrics is not None
+            for name, count in accepted.items():
+                metrics.accepted(name, count)
 
     def _acknowledge(
         self,
@@ -401,6 +429,12 @@ class Scheduler(Actor):
                     except WireError:
                         book.rejected["invalid"] += 1
                         continue
+                    if self.metrics is not None and record.status == "retrying":
+                        before = book.stats["retried"]
+                        book.report(identity, record)
+                        if book.stats["retried"] != before:
+                            self.metrics.retried(record.name)
+                        continue
                     book.report(identity, record)
             elif isinstance(message, Ready):
                 book.ready(identity, message.window)
@@ -411,20 +445,42 @@ class Scheduler(Actor):
             else:
                 book.rejected["unexpected"] += 1
 
-    def _on_cancel(self, message: CancelTask) -> None:
+    def _on_cancel(self, message: CancelTask) -> tuple[bool, str]:
+        """Cancel for a client (replied through the Gateway) or, with no identity, for an
+        ``ask`` from inside the control plane (the dashboard), which gets the answer."""
         cancelled, status = self.book.cancel(message.task_id)
         # The CANCELLED result goes to the submitter ahead of the reply, so a
         # client that sees cancel_task() return True already knows the status.
         self._send_effects()
+        if not message.identity:
+            # Asked by the dashboard: the answer goes back to the ask. With a journal
+            # the CANCELLED result is committed in the next commit, after this answer.
+            return cancelled, status
         reply = [message.identity, encode(CancelReply(message.request_id, cancelled, status))]
         if cancelled and self._journal is not None:
             # "Will not run" must survive a crash: the reply waits for the commit
             # of the CANCELLED result (or the restarted control plane runs it).
             self._journal.add_acks([], [reply])
-            return
+            return cancelled, status
         self._tell(self._gateway, Outgoing([reply]), "cancel replies")
+        return cancelled, status
 
     # -- introspection ------------------------------------------------------
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        book = self.book
+        now = trio.current_time()
+        snapshot = self.metrics.snapshot() if self.metrics is not None else {}
+        snapshot["oldest_queued_age"] = [
+            None if accepted is None else now - accepted for accepted in book.oldest_queued()
+        ]
+        snapshot["inflight"] = {
+            worker.decode(errors="replace"): count
+            for worker, count in book.inflight_by_worker().items()
+        }
+        snapshot["failures"] = [] if self.metrics is None else self.metrics.recent_failures()
+        snapshot["book"] = self.statistics_dict()
+        return snapshot
 
     def statistics_dict(self) -> dict[str, Any]:
         stats = self.book.statistics()

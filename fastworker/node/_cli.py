@@ -44,6 +44,7 @@ from .._argtypes import (
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
 from ..control.journal import JournalError
+from ..dashboard import HttpStartError, check_http_address
 from ..runtime import Supervisor
 from ..security import CertificateError
 from ..tasks.registry import TaskRegistry, registry_from
@@ -154,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         help="accept PICKLE payloads (unpickling runs arbitrary code)",
+    )
+    parser.add_argument(
+        "--http-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics, a JSON API and a live dashboard there (needs "
+        "fastworker[dashboard]; port 0 picks a free one; loopback only unless --insecure: "
+        "the dashboard has no authentication and can cancel tasks)",
     )
     parser.add_argument(
         "--journal",
@@ -287,6 +295,8 @@ def _control_plane(args: argparse.Namespace, security: NodeSecurity) -> ControlP
                 own_worker_keys=own or frozenset(),
                 journal=args.journal,
                 journal_sync=args.journal_sync,
+                http_address=args.http_address,
+                insecure=args.insecure,
             )
         )
     except CertificateError as exc:
@@ -318,9 +328,14 @@ async def _run_node(args: argparse.Namespace, security: NodeSecurity) -> int:
                 "--workers 0: this node runs no worker processes; tasks wait in the queue "
                 "until workers join from elsewhere (python -m fastworker.node --role worker)"
             )
+        http = (
+            ""
+            if control_plane is None or not control_plane.http_url
+            else (f" http={control_plane.http_url}")
+        )
         print(
             f"fastworker node ready: role={args.role} discovery={discovery_address} "
-            f"workers={args.workers if processes else 0} pid={os.getpid()}",
+            f"workers={args.workers if processes else 0} pid={os.getpid()}{http}",
             flush=True,
         )
         name = await _wait_for_signal()
@@ -439,6 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--role worker with --workers 0 would run nothing")
     if args.journal is not None and (args.role == "worker" or args.worker_process):
         parser.error("--journal belongs to the control plane; --role worker keeps no journal")
+    if args.http_address is not None:
+        if args.role == "worker" or args.worker_process:
+            parser.error("--http-address is served by the control plane: not with --role worker")
+        try:
+            check_http_address(args.http_address, insecure=args.insecure)
+        except ValueError as exc:
+            parser.error(str(exc))
     try:
         security = node_security(args)
     except SecurityError as exc:
@@ -491,6 +513,9 @@ def _deliver_queued_messages(timeout: float = 2.0) -> None:
 
 def _describe_startup_error(exc: BaseException, args: Any) -> str | None:
     """One line for errors users cause (address in use, bad address); None for bugs."""
+    http = _find(exc, HttpStartError)
+    if http is not None:
+        return str(http)
     found = _find(exc, zmq.ZMQError)
     if found is None:
         return None
