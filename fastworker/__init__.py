@@ -11,6 +11,8 @@ from .client import PendingLimitError as PendingLimitError
 from .client import QueueFullError as QueueFullError
 from .cluster import Cluster as Cluster
 from .tasks.models import CallbackInfo as CallbackInfo
+from .tasks.models import DeadLetter as DeadLetter
+from .tasks.models import ScheduleInfo as ScheduleInfo
 from .tasks.models import Task as Task
 from .tasks.models import TaskPriority as TaskPriority
 from .tasks.models import TaskResult as TaskResult
@@ -33,10 +35,12 @@ __all__ = [
     "ClientStoppedError",
     "Cluster",
     "ControlPlaneUnavailableError",
+    "DeadLetter",
     "DuplicateTaskError",
     "PendingLimitError",
     "PickleRefusedError",
     "QueueFullError",
+    "ScheduleInfo",
     "SerializationError",
     "SerializationFormat",
     "Task",

@@ -14,7 +14,9 @@ from ..wire import ResultRecord
 __all__ = [
     "CallbackJobs",
     "CancelTask",
+    "ClientRequest",
     "ClientSubmits",
+    "DeclaredSchedules",
     "HeldAcks",
     "Outgoing",
     "QueryResults",
@@ -96,3 +98,19 @@ class WorkerJoined:
 class WorkerLost:
     worker_id: str
     reason: str
+
+
+@attrs.frozen
+class ClientRequest:
+    """A client's schedule or dead-letter request, for the Scheduler that holds both."""
+
+    identity: bytes
+    message: Any
+
+
+@attrs.frozen
+class DeclaredSchedules:
+    """The ScheduleWire arrays a registered worker's ``@task``s declare (unchecked)."""
+
+    worker_id: str
+    schedules: list[Any]

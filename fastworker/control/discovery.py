@@ -22,6 +22,7 @@ from .._io import Inbound, bind_again, pump_socket, tick
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
+    DeclareSchedules,
     ErrorReply,
     Heartbeat,
     HeartbeatAck,
@@ -34,7 +35,7 @@ from ..wire import (
     decode,
     encode,
 )
-from ._internal import WorkerJoined, WorkerLost
+from ._internal import DeclaredSchedules, WorkerJoined, WorkerLost
 
 __all__ = ["Discovery", "DiscoveryConfig"]
 
@@ -89,8 +90,10 @@ class Discovery(Actor):
         self._rejected: Counter[str] = Counter()
         self._lost = 0
         # Membership news the Scheduler's full mailbox could not take yet, per
-        # worker id, compacted (see _tell_scheduler): at most two per id.
-        self._undelivered: OrderedDict[str, list[WorkerJoined | WorkerLost]] = OrderedDict()
+        # worker id, compacted (see _tell_scheduler): at most three per id.
+        self._undelivered: OrderedDict[str, list[WorkerJoined | WorkerLost | DeclaredSchedules]] = (
+            OrderedDict()
+        )
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.config.transport)
@@ -167,6 +170,12 @@ class Discovery(Actor):
             self._reply(identity, encode(reply))
         elif isinstance(message, Register):
             self._register(identity, message, now)
+        elif isinstance(message, DeclareSchedules):
+            if message.worker_id not in self._members or len(message.schedules) > _MAX_TASK_NAMES:
+                # Only a registered worker declares; it does so after each Registered.
+                self._rejected["invalid"] += 1
+                return
+            self._tell_scheduler(DeclaredSchedules(message.worker_id, message.schedules))
         elif isinstance(message, Unregister):
             if message.reason not in ("left", "crashed"):
                 self._rejected["invalid"] += 1
@@ -248,11 +257,12 @@ class Discovery(Actor):
             self._lost += reason != "left"
             self._tell_scheduler(WorkerLost(worker_id, reason))
 
-    def _tell_scheduler(self, message: WorkerJoined | WorkerLost) -> None:
+    def _tell_scheduler(self, message: WorkerJoined | WorkerLost | DeclaredSchedules) -> None:
         """Membership changes must reach the Scheduler: a full mailbox delays, never loses.
 
         What waits is compacted per worker id so it stays bounded by the
-        members: a join replaces a waiting join; a loss replaces everything
+        members: a join replaces a waiting join, a declaration of schedules a
+        waiting declaration (each declares them all); a loss replaces everything
         waiting for that id (the Scheduler treats a loss of a worker it never
         saw join as nothing), and a death among them stays a death.
         """
@@ -260,9 +270,10 @@ class Discovery(Actor):
         waiting = self._undelivered.get(key)
         if waiting is None:
             self._undelivered[key] = [message]
-        elif isinstance(message, WorkerJoined):
-            if isinstance(waiting[-1], WorkerJoined):
-                waiting[-1] = message
+        elif isinstance(message, (WorkerJoined, DeclaredSchedules)):
+            same = [i for i, m in enumerate(waiting) if type(m) is type(message)]
+            if same:
+                waiting[same[0]] = message
             else:
                 waiting.append(message)
         else:

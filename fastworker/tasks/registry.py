@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, overload
 import attrs
 
 from .options import check_task_options
+from .schedule import ScheduleRule, check_schedule
 
 __all__ = [
     "DuplicateTaskError",
@@ -85,6 +86,9 @@ class TaskDefinition:
     retry_backoff: float = attrs.field(default=2.0, validator=_non_negative)
     retry_backoff_max: float = attrs.field(default=300.0, validator=_non_negative)
     timeout: float | None = attrs.field(default=None, validator=_non_negative)
+    # Run periodically with no arguments: the control plane keeps the schedule
+    # (its id is the task's name), whichever workers declare it.
+    schedule: ScheduleRule | None = None
 
     @classmethod
     def for_function(cls, fn: Callable[..., Any]) -> TaskDefinition:
@@ -146,6 +150,9 @@ def task(
     retry_backoff_max: float = 300.0,
     timeout: float | None = None,
     loop: str | None = None,
+    repeat_interval: float | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
 ) -> Callable[[F], F]: ...
 def task(
     fn: Callable[..., Any] | None = None,
@@ -158,6 +165,9 @@ def task(
     retry_backoff_max: float = 300.0,
     timeout: float | None = None,
     loop: str | None = None,
+    repeat_interval: float | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
 ) -> Any:
     """Register a function as a task; it stays callable as a plain function.
 
@@ -168,6 +178,11 @@ def task(
     (TypeError for a non-number) here.  ``timeout``: seconds a run may
     take.  ``loop``: "trio" or "asyncio" for ``async def`` tasks (see
     ``_choose_runner`` for the default).
+
+    ``repeat_interval`` (seconds) or ``cron`` (with ``timezone``, an IANA
+    name; UTC by default) make it periodic: the control plane runs it with
+    no arguments once per tick, however many workers serve it (see
+    design/schedules.md).  A bad expression raises ValueError here.
     """
 
     check_task_options(
@@ -177,6 +192,9 @@ def task(
         retry_backoff_max=retry_backoff_max,
         timeout=timeout,
     )
+    rule = None
+    if cron is not None or repeat_interval is not None or timezone is not None:
+        rule = check_schedule(cron, repeat_interval, timezone)
 
     def register(func: F) -> F:
         definition = TaskDefinition(
@@ -188,6 +206,7 @@ def task(
             retry_backoff=retry_backoff,
             retry_backoff_max=retry_backoff_max,
             timeout=timeout,
+            schedule=rule,
         )
         default_registry.add(definition)
         setattr(func, _ATTRIBUTE, definition)
