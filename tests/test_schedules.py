@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from croniter import croniter
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
@@ -67,7 +67,9 @@ def spec(
         ({"cron": 5}, TypeError, "cron must be a string"),
         ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, ScheduleError, "unknown time zone"),
         ({"cron": "* * * * *", "timezone": 1}, TypeError, "timezone must be a string"),
-        ({"repeat_interval": 0.5}, ScheduleError, "1 to"),
+        ({"repeat_interval": 0.5}, ScheduleError, "1 to 31622400 seconds"),
+        ({"repeat_interval": 10**400}, ScheduleError, "1 to"),
+        ({"cron": "* * * * * * *"}, ScheduleError, "is not valid"),
         ({"repeat_interval": math.nan}, ScheduleError, "1 to"),
         ({"repeat_interval": True}, TypeError, "must be a number"),
         ({"repeat_interval": 5, "timezone": "UTC"}, ScheduleError, "cron schedules only"),
@@ -325,3 +327,44 @@ SchedulesMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSchedulesModel = pytest.mark.timeout(120)(SchedulesMachine.TestCase)
+
+
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70) | st.just(10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["* * * * *", "*/5 * * * * *", "Europe/Paris", "job", "@daily"]),
+    st.binary(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=300, deadline=None)
+@given(item=st.one_of(_ANY, st.lists(_ANY, min_size=7, max_size=9)))
+def test_any_schedule_from_the_wire_gets_a_reply_not_an_exception(item: Any) -> None:
+    clock = Clock()
+    store = Schedules(SchedulesConfig(), wall_clock=clock)
+    book = TaskBook(TaskBookConfig(), clock=clock, wall_clock=clock)
+    reply = answer(
+        b"c",
+        ScheduleAdd(1, item),
+        book=book,
+        schedules=store,
+        dead=DeadLetters(DeadLettersConfig()),
+        budget=1 << 20,
+    )
+    assert reply.ok == (len(store) == 1)
+    clock.now += 10**6
+    store.due()
+    assert store.audit() == []
+
+
+@pytest.mark.timeout(10)
+def test_a_periodic_task_name_must_fit_a_schedule_id() -> None:
+    with pytest.raises(ValueError, match="at most 200 characters"):
+
+        @task(name="p" * 201, repeat_interval=60)
+        def long_named() -> None: ...

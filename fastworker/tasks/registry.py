@@ -31,6 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 Runner = Literal["thread", "trio", "asyncio"]
 
 _ATTRIBUTE = "__fastworker_task__"
+_MAX_SCHEDULE_ID_LENGTH = 200  # the protocol's limit (design/protocol.md, §4.3)
 
 
 class DuplicateTaskError(ValueError):
@@ -197,6 +198,11 @@ def task(
         rule = check_schedule(cron, repeat_interval, timezone)
 
     def register(func: F) -> F:
+        if rule is not None and len(name or func.__name__) > _MAX_SCHEDULE_ID_LENGTH:
+            raise ValueError(
+                f"a periodic task's name is its schedule's id: at most "
+                f"{_MAX_SCHEDULE_ID_LENGTH} characters, got {len(name or func.__name__)}"
+            )
         definition = TaskDefinition(
             name=name or func.__name__,
             fn=func,

@@ -1,7 +1,8 @@
 """When a periodic task runs: one rule for ``@task(cron=...)``, the Client and the control plane.
 
 A schedule is either a cron expression (five fields, or six with seconds
-last, as croniter reads them; ``@hourly`` and friends too) in an IANA time
+last, as croniter reads them; ``@hourly`` and friends too; not croniter's
+seven-field form with a year) in an IANA time
 zone, or a fixed ``repeat_interval`` in seconds.  The same checks run where a
 user writes one (``@task``, ``Client.schedule``) and again on the control
 plane for what arrives from the network, so a bad schedule is refused with
@@ -81,16 +82,24 @@ def check_schedule(
             raise TypeError(
                 f"repeat_interval must be a number, not {type(repeat_interval).__name__}"
             )
-        seconds = float(repeat_interval)
+        try:
+            seconds = float(repeat_interval)
+        except OverflowError:  # an integer past any float (a CBOR bignum)
+            seconds = math.inf
         if not MIN_INTERVAL <= seconds <= MAX_INTERVAL:  # False for NaN
             raise ScheduleError(
-                f"repeat_interval must be {MIN_INTERVAL:g} to {MAX_INTERVAL:g} seconds, "
-                f"got {repeat_interval!r}"
+                f"repeat_interval must be {MIN_INTERVAL:.0f} to {MAX_INTERVAL:.0f} seconds, "
+                f"got {repeat_interval!r:.40}"
             )
         return ScheduleRule(None, seconds, None)
     if not isinstance(cron, str):
         raise TypeError(f"cron must be a string, not {type(cron).__name__}")
-    if not 0 < len(cron) <= _MAX_CRON_LENGTH or not croniter.is_valid(cron):
+    fields = len(cron.split())
+    if (
+        not 0 < len(cron) <= _MAX_CRON_LENGTH
+        or not (fields in (5, 6) or (fields == 1 and cron.startswith("@")))
+        or not croniter.is_valid(cron)
+    ):
         raise ScheduleError(f"cron expression {cron[:80]!r} is not valid")
     if timezone is not None:
         if not isinstance(timezone, str):
