@@ -21,6 +21,7 @@ from fastworker import task
 from fastworker.control._deadletters import DeadLetters, DeadLettersConfig
 from fastworker.control._requests import answer
 from fastworker.control._schedules import (
+    MAX_RUNS_PER_TURN,
     Schedules,
     SchedulesConfig,
     ScheduleSpec,
@@ -368,3 +369,19 @@ def test_a_periodic_task_name_must_fit_a_schedule_id() -> None:
 
         @task(name="p" * 201, repeat_interval=60)
         def long_named() -> None: ...
+
+
+@pytest.mark.timeout(10)
+def test_a_crowd_of_due_schedules_is_handed_out_in_bounded_turns() -> None:
+    clock = Clock()
+    store = Schedules(SchedulesConfig(), wall_clock=clock)
+    for i in range(100):
+        store.add(spec(f"s{i}", cron="* * * * *"))
+    clock.now += 60
+    turns = []
+    while runs := store.due():
+        turns.append(len(runs))
+    assert turns == [MAX_RUNS_PER_TURN, 100 - MAX_RUNS_PER_TURN]
+    assert store.stats["runs"] == 100
+    assert store.next_due() == T0 + 120
+    assert store.audit() == []

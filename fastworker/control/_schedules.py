@@ -18,6 +18,7 @@ proves them against a model.
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -37,6 +38,9 @@ __all__ = [
 ]
 
 MAX_SCHEDULE_ID_LENGTH = 200  # leaves room for "@<ISO time>" in a 256-character task id
+# Runs one due() hands out at most: ten thousand schedules due in the same second
+# make many short Scheduler turns (a few ms each), not one long one; the rest stay due.
+MAX_RUNS_PER_TURN = 64
 _MAX_NAME_LENGTH = 512
 _SOURCES = ("declared", "client")
 _STATE_VERSION = 1
@@ -122,6 +126,8 @@ class _Entry:
     anchor: float  # interval schedules tick at anchor + k * interval
     next_due: float
     last_run: float | None = None
+    token: int = 0  # of its live entry in the heap
+    ticks: Any = None  # a cron schedule's croniter, positioned at next_due (made lazily)
 
 
 @attrs.frozen
@@ -136,7 +142,9 @@ class Schedules:
         self._wall = wall_clock
         self._entries: dict[str, _Entry] = {}
         self._bytes = 0
-        self._next = math.inf  # earliest next_due, kept up to date on every change
+        # (next_due, token, id); an entry whose token is not its schedule's is stale.
+        self._heap: list[tuple[float, int, str]] = []
+        self._tokens = 0
         self.stats: Counter[str] = Counter()
 
     def __len__(self) -> int:
@@ -160,54 +168,94 @@ class Schedules:
             self.stats["refused"] += 1
             return f"schedules hold {self._bytes} bytes: the limit is {self.config.max_bytes}"
         now = self._wall()
+        rule = spec.rule
+        ticks = None
         try:
-            next_due = spec.rule.next_after(now, now)
+            if rule.cron is None:
+                next_due = rule.next_after(now, now)
+            else:
+                ticks = rule.cron_ticks(now)
+                next_due = float(ticks.get_next(float))
         except Exception as exc:  # a cron that stops firing (croniter gives up)
             self.stats["refused"] += 1
             return f"schedule {spec.schedule_id} has no next tick: {exc}"
         self._bytes += spec.weight - freed
-        entries[spec.schedule_id] = _Entry(spec, now, next_due)
-        self._recompute_next()
+        self._place(_Entry(spec, now, next_due, ticks=ticks))
         return None
+
+    def _place(self, entry: _Entry) -> None:
+        """(Re)file an entry in the heap under a fresh token."""
+        self._tokens += 1
+        entry.token = self._tokens
+        self._entries[entry.spec.schedule_id] = entry
+        heapq.heappush(self._heap, (entry.next_due, entry.token, entry.spec.schedule_id))
+        if len(self._heap) > 2 * len(self._entries) + 64:
+            # Replaced and removed schedules must not pile up in the heap.
+            live = self._entries
+            self._heap = [h for h in self._heap if h[2] in live and live[h[2]].token == h[1]]
+            heapq.heapify(self._heap)
+
+    def _prune(self) -> None:
+        heap, live = self._heap, self._entries
+        while heap and (heap[0][2] not in live or live[heap[0][2]].token != heap[0][1]):
+            heapq.heappop(heap)
 
     def remove(self, schedule_id: str) -> bool:
         entry = self._entries.pop(schedule_id, None)
         if entry is None:
             return False
         self._bytes -= entry.spec.weight
-        self._recompute_next()
+        self._prune()
         return True
 
     def next_due(self) -> float:
         """Wall-clock time (epoch seconds) of the earliest tick; inf when none."""
-        return self._next
+        self._prune()
+        return self._heap[0][0] if self._heap else math.inf
 
-    def due(self) -> list[tuple[ScheduleSpec, float]]:
+    def due(self, limit: int = MAX_RUNS_PER_TURN) -> list[tuple[ScheduleSpec, float]]:
         """Each schedule whose tick has come, with the tick it runs for, once.
 
         A schedule that missed several ticks runs for the first one missed
-        and moves to its first tick after now: missed ticks run once.
+        and moves to its first tick after now: missed ticks run once.  At
+        most ``limit`` runs; past that, the rest stay due for the next call.
         """
         now = self._wall()
-        if now < self._next:
-            return []
         runs: list[tuple[ScheduleSpec, float]] = []
-        for entry in self._entries.values():
-            if entry.next_due > now:
-                continue
+        heap = self._heap
+        while heap and heap[0][0] <= now and len(runs) < limit:
+            _, token, schedule_id = heapq.heappop(heap)
+            entry = self._entries.get(schedule_id)
+            if entry is None or entry.token != token:
+                continue  # removed or replaced
             tick = entry.next_due
             runs.append((entry.spec, tick))
             entry.last_run = tick
-            rule = entry.spec.rule
             try:
-                if rule.next_after(tick, entry.anchor) <= now:
-                    self.stats["collapsed"] += 1  # this run stands for several ticks
-                entry.next_due = rule.next_after(now, entry.anchor)
+                entry.next_due = self._following(entry, tick, now)
             except Exception:  # croniter found no later tick: the schedule is spent
                 entry.next_due = math.inf
+            self._place(entry)
+        self._prune()
         self.stats["runs"] += len(runs)
-        self._recompute_next()
         return runs
+
+    def _following(self, entry: _Entry, tick: float, now: float) -> float:
+        """The schedule's first tick after ``now``, counting a collapse of missed ticks."""
+        rule = entry.spec.rule
+        if rule.interval is not None:
+            if rule.next_after(tick, entry.anchor) <= now:
+                self.stats["collapsed"] += 1  # this run stands for several ticks
+            return rule.next_after(now, entry.anchor)
+        ticks = entry.ticks
+        if ticks is None:
+            ticks = entry.ticks = rule.cron_ticks(tick)
+        following = float(ticks.get_next(float))
+        if following > now:
+            return following
+        self.stats["collapsed"] += 1
+        ticks = entry.ticks = rule.cron_ticks(now)
+        return float(ticks.get_next(float))
 
     def listing(self) -> list[list[Any]]:
         """``[ScheduleWire, next_run, last_run, source]`` per schedule, by id."""
@@ -220,9 +268,6 @@ class Schedules:
             ]
             for _, e in sorted(self._entries.items())
         ]
-
-    def _recompute_next(self) -> None:
-        self._next = min((e.next_due for e in self._entries.values()), default=math.inf)
 
     # -- state for a journal ----------------------------------------------------
 
@@ -265,11 +310,15 @@ class Schedules:
             if len(schedules) >= config.max_schedules:
                 schedules.stats["refused"] += 1
                 continue
-            schedules._entries[spec.schedule_id] = _Entry(
-                spec, float(anchor), float(next_due), None if last_run is None else float(last_run)
+            schedules._place(
+                _Entry(
+                    spec,
+                    float(anchor),
+                    float(next_due),
+                    None if last_run is None else float(last_run),
+                )
             )
             schedules._bytes += spec.weight
-        schedules._recompute_next()
         return schedules
 
     def audit(self) -> list[str]:
@@ -281,8 +330,11 @@ class Schedules:
         if len(self._entries) > self.config.max_schedules:
             problems.append("over max_schedules")
         expected = min((e.next_due for e in self._entries.values()), default=math.inf)
-        if expected != self._next:
-            problems.append(f"next due {self._next} but earliest is {expected}")
+        if expected != self.next_due():
+            problems.append(f"next due {self.next_due()} but earliest is {expected}")
+        live = {(e.next_due, e.token, key) for key, e in self._entries.items()}
+        if not live <= set(self._heap):
+            problems.append("a schedule is missing from the heap")
         for key, e in self._entries.items():
             if key != e.spec.schedule_id:
                 problems.append(f"{key} holds {e.spec.schedule_id}")

