@@ -8,9 +8,9 @@ decoded are listed as dead letters, and a retried one succeeds.
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import time
+import zoneinfo
 from typing import Any
 
 import pytest
@@ -63,11 +63,11 @@ async def periodic_hang() -> str:
 @pytest.mark.timeout(30)
 async def test_a_one_second_cron_runs_once_per_tick_with_three_workers() -> None:
     _reset(runs=[], target=3, reached=trio.Event())
+    start = time.time()  # before any worker can declare the schedule
     async with (
         Cluster(tasks=[periodic_every_second], workers=3) as cluster,
         Client(discovery_address=cluster.discovery_address) as client,
     ):
-        start = time.time()
         (info,) = await client.schedules()  # three workers declared it: one schedule
         assert (info.schedule_id, info.source, info.cron) == (
             "periodic_every_second",
@@ -93,7 +93,6 @@ async def test_a_one_second_cron_runs_once_per_tick_with_three_workers() -> None
                 found.append(second)
         assert len(found) == submitted == len(_state["runs"])
         assert found == list(range(found[0], found[0] + len(found)))  # no tick skipped
-        assert len({math.floor(t) for t in _state["runs"]}) == len(_state["runs"])
         assert await client.schedules() == []
 
 
@@ -127,7 +126,7 @@ async def test_client_schedules_are_added_listed_run_and_removed() -> None:
         night = listed[nightly]
         assert night.timezone == "Europe/Paris"
         assert night.next_run is not None
-        assert night.next_run.astimezone(dt.timezone(dt.timedelta(hours=1))).hour == 2
+        assert night.next_run.astimezone(zoneinfo.ZoneInfo("Europe/Paris")).hour == 2
         with trio.fail_after(5):
             await _state["echo"].wait()
         assert _state["echoed"][0] == "hi"

@@ -8,6 +8,7 @@ reply that says why, never an exception in the Scheduler's loop.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import cbor2
@@ -33,7 +34,7 @@ __all__ = ["MAX_DEAD_LETTER_QUERY", "answer"]
 MAX_DEAD_LETTER_QUERY = 10_000  # letters one DeadLetterQuery may ask for
 
 
-def _fit(items: list[Any], budget: int) -> list[Any]:
+def _fit(items: Iterable[Any], budget: int) -> list[Any]:
     """The leading items whose encoding fits ``budget`` bytes together."""
     out = []
     room = budget
@@ -68,8 +69,9 @@ def answer(
         text = "" if removed else f"no schedule {message.schedule_id!r}"
         return ScheduleReply(message.request_id, removed, text)
     if isinstance(message, ScheduleList):
-        listing = schedules.listing()
-        return ScheduleListReply(message.request_id, _fit(listing, budget), len(listing))
+        return ScheduleListReply(
+            message.request_id, _fit(schedules.listing(), budget), len(schedules)
+        )
     if isinstance(message, DeadLetterQuery):
         limit = max(0, min(message.limit, MAX_DEAD_LETTER_QUERY))
         letters = [letter.to_wire() for letter in dead.newest(limit)]

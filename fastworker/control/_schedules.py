@@ -21,7 +21,7 @@ import datetime as dt
 import heapq
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -257,17 +257,17 @@ class Schedules:
         ticks = entry.ticks = rule.cron_ticks(now)
         return float(ticks.get_next(float))
 
-    def listing(self) -> list[list[Any]]:
-        """``[ScheduleWire, next_run, last_run, source]`` per schedule, by id."""
-        return [
-            [
+    def listing(self) -> Iterator[list[Any]]:
+        """``[ScheduleWire, next_run, last_run, source]`` per schedule, by id, made as
+        they are taken (a reply stops taking when its message is full)."""
+        for key in sorted(self._entries):
+            e = self._entries[key]
+            yield [
                 e.spec.to_wire(),
                 None if e.next_due == math.inf else e.next_due,
                 e.last_run,
                 e.spec.source,
             ]
-            for _, e in sorted(self._entries.items())
-        ]
 
     # -- state for a journal ----------------------------------------------------
 

@@ -57,8 +57,10 @@ class ScheduleRule:
         control plane does not drift the ticks that follow.
         """
         if self.interval is not None:
-            steps = math.floor((now - anchor) / self.interval) + 1
-            return anchor + max(1, steps) * self.interval
+            steps = max(1, math.floor((now - anchor) / self.interval) + 1)
+            while anchor + steps * self.interval <= now:  # the division may round down
+                steps += 1
+            return anchor + steps * self.interval
         return float(self.cron_ticks(now).get_next(float))
 
     def cron_ticks(self, after: float) -> Any:
