@@ -1,6 +1,7 @@
 """fastworker: a brokerless distributed task queue on trio and ZeroMQ."""
 
 from .callback_receiver import CallbackReceiver as CallbackReceiver
+from .client import AuthenticationError as AuthenticationError
 from .client import Client as Client
 from .client import ClientError as ClientError
 from .client import ClientLoopError as ClientLoopError
@@ -22,10 +23,12 @@ from .tasks.registry import task as task
 from .tasks.serializer import PickleRefusedError as PickleRefusedError
 from .tasks.serializer import SerializationError as SerializationError
 from .tasks.serializer import SerializationFormat as SerializationFormat
+from .transport import CurveKeys as CurveKeys
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "CallbackInfo",
     "CallbackReceiver",
     "Client",
@@ -35,6 +38,7 @@ __all__ = [
     "ClientStoppedError",
     "Cluster",
     "ControlPlaneUnavailableError",
+    "CurveKeys",
     "DeadLetter",
     "DuplicateTaskError",
     "PendingLimitError",

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
+import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 
 import attrs
 import trio
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .runtime import ActorRef, ActorStopped, Feed, MailboxFull
 from .transport import TransportConfig, ZSocket, open_socket
@@ -57,6 +62,8 @@ class Inbound:
             return None
         return Inbound(self.frames[handled:])
 
+
+log = logging.getLogger("fastworker.io")
 
 # On a stop, a reader hands over at most this many messages its socket still
 # holds (the default receive high-water mark): a bound on the final drain.
@@ -153,6 +160,7 @@ def connect_dealer(
     identity: bytes | None = None,
     when_up: Callable[[ZSocket], object] | None = None,
     keep_unread: bool = False,
+    on_handshake: Callable[[ZSocket, str | None], object] | None = None,
 ) -> ZSocket:
     """A DEALER connected to ``endpoint``, read into ``owner``'s mailbox.
 
@@ -164,13 +172,109 @@ def connect_dealer(
     before its connection dropped can still be read (see ``open_socket``);
     sends then queue in ZeroMQ until the connection is up, and ``when_up`` is
     told at once.
+
+    ``on_handshake(sock, problem)`` is told after each handshake: ``problem``
+    None when it succeeded, else why the server refused it (a key it does not
+    allow, a wrong server key, CURVE on one side only), so that a wrong key is
+    an error at once, not a silent wait until a timeout.
     """
     sock = open_socket(zmq.DEALER, transport, identity=identity, immediate=not keep_unread)
+    monitor = _monitor(sock) if on_handshake is not None else None
+    if monitor is not None and on_handshake is not None:
+        nursery.start_soon(
+            _watch_handshakes,
+            monitor,
+            owner,
+            functools.partial(on_handshake, sock),
+            transport.curve is not None,
+        )
     sock.connect(endpoint)
     nursery.start_soon(pump_socket, sock, owner)
     if when_up is not None:
         nursery.start_soon(_tell_when_writable, sock, owner, when_up)
     return sock
+
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_MONITOR_STOPPED  # the socket closed: the watcher ends
+)
+_MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+
+
+_monitor_ids = itertools.count(1)
+
+
+def _monitor(sock: ZSocket) -> ZSocket | None:
+    """A PAIR socket receiving ``sock``'s handshake events; None if libzmq refused one.
+
+    Set up before ``connect``, so the first handshake's events are not
+    missed.  pyzmq's ``get_monitor_socket`` names the endpoint after the fd,
+    which the next socket reuses while our watcher has not closed the old
+    one yet: each monitor gets a name of its own here.
+    """
+    address = f"inproc://fastworker-monitor-{os.getpid()}-{next(_monitor_ids)}"
+    raw = sock.zmq_socket
+    try:
+        raw.monitor(address, _HANDSHAKE_EVENTS)
+        pair: zmq.Socket[bytes] = raw.context.socket(zmq.PAIR)
+    except zmq.ZMQError as exc:
+        log.warning("no handshake monitor for a socket (%s): refusals surface as timeouts", exc)
+        return None
+    pair.setsockopt(zmq.LINGER, 0)
+    pair.connect(address)
+    return ZSocket(pair)
+
+
+def describe_handshake(event: int, value: int, *, curve: bool) -> str | None:
+    """None for a handshake that succeeded, else what a user should check."""
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return None
+    if not curve:
+        return (
+            "the handshake failed: the control plane requires CURVE keys "
+            "(curve_secret_key and curve_server_key; design/security.md)"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            f"the server refused our CURVE key (ZAP status {value}): its public certificate "
+            "is not in the control plane's --client-keys/--worker-keys directory, or was removed"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        return (
+            "security mismatch: one side uses CURVE keys and the other does not "
+            "(give both curve_secret_key and curve_server_key, or neither)"
+        )
+    return (
+        "the CURVE handshake failed: the server dropped it, most likely because "
+        "curve_server_key is not the control plane's public key"
+    )
+
+
+async def _watch_handshakes(
+    monitor: ZSocket,
+    owner: ActorRef,
+    on_handshake: Callable[[str | None], object],
+    curve: bool,
+) -> None:
+    """Tell ``owner`` how each handshake of a socket went; ends when that socket closes."""
+    try:
+        while True:
+            try:
+                frames = await monitor.recv_multipart()
+            except trio.ClosedResourceError:
+                return
+            event = parse_monitor_message(frames)
+            if event["event"] == zmq.EVENT_MONITOR_STOPPED:
+                return
+            problem = describe_handshake(int(event["event"]), int(event["value"]), curve=curve)
+            if not await tell_own_actor(owner, on_handshake(problem)):
+                return
+    finally:
+        monitor.close()
 
 
 async def _tell_when_writable(

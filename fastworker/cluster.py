@@ -20,6 +20,7 @@ import trio
 from .control import ControlPlane, ControlPlaneConfig
 from .runtime import Supervisor
 from .tasks.registry import TaskRegistry, registry_from
+from .transport import CurveKeys, TransportConfig
 from .worker import Worker, WorkerConfig
 
 __all__ = ["Cluster", "ClusterThread"]
@@ -29,7 +30,9 @@ class Cluster:
     """An embedded cluster; see the module docstring.
 
     ``control_plane`` takes any ControlPlaneConfig field (``result_ttl``,
-    ``heartbeat_interval``, ``max_queued`` …) as a keyword argument.
+    ``heartbeat_interval``, ``max_queued`` …) as a keyword argument; with
+    ``curve`` (the control plane's CurveKeys) and ``client_keys_dir``, every
+    socket uses CURVE and the embedded workers get a key of their own.
     """
 
     def __init__(
@@ -47,18 +50,29 @@ class Cluster:
         if workers < 0:
             raise ValueError("workers must be >= 0")
         self.registry: TaskRegistry = registry_from(task_modules, tasks)
+        curve: CurveKeys | None = control_plane.get("curve")
+        # With CURVE, the embedded workers get a key pair of their own, trusted
+        # by this control plane only (as a --role all node's worker processes).
+        worker_keys = CurveKeys.generate() if curve is not None else None
+        if worker_keys is not None:
+            own = frozenset(control_plane.get("own_worker_keys", ()))
+            control_plane["own_worker_keys"] = own | {worker_keys.public}
         self.control_plane = ControlPlane(
             ControlPlaneConfig(
                 discovery_address=discovery_address, allow_pickle=allow_pickle, **control_plane
             )
         )
         self._worker_count = workers
-        self._worker_options = {
+        self._worker_options: dict[str, Any] = {
             "concurrency": concurrency,
             "prefetch": prefetch,
             "allow_pickle": allow_pickle,
             "heartbeat_interval": self.control_plane.config.heartbeat_interval,
         }
+        if curve is not None:
+            self._worker_options["transport"] = TransportConfig(
+                curve=worker_keys, curve_server_key=curve.public
+            )
         self.workers: list[Worker] = []
         self._stack: contextlib.AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None

@@ -106,3 +106,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("soak") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def curve_files(tmp_path: Any) -> Any:
+    """CURVE certificates for one test (see ``multiprocess.CurveFiles``)."""
+    from multiprocess import CurveFiles
+
+    return CurveFiles(tmp_path / "keys")

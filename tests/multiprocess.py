@@ -40,6 +40,7 @@ import trio
 
 __all__ = [
     "REPO_ROOT",
+    "CurveFiles",
     "Node",
     "NodeStartError",
     "free_tcp_port",
@@ -379,3 +380,71 @@ async def poll(
                 return value
             await trio.sleep(interval)
     raise TimeoutError(f"{what}: not reached within {timeout:g} s")
+
+
+class CurveFiles:
+    """CURVE certificates for a test, made with ``python -m fastworker.keys``' own code.
+
+    ``server`` is the control plane; ``client`` is in ``clients/``, ``worker``
+    in ``workers/``, ``fuzz`` in both; ``rogue`` in neither.
+    """
+
+    NAMES = ("server", "client", "worker", "fuzz", "rogue")
+
+    def __init__(self, root: Path) -> None:
+        from fastworker.security import generate_certificate
+
+        self.root = root
+        self.clients = root / "clients"
+        self.workers = root / "workers"
+        self.clients.mkdir(parents=True)
+        self.workers.mkdir(parents=True)
+        for name in self.NAMES:
+            public, _ = generate_certificate(name, root / "secret")
+            if name in ("client", "fuzz"):
+                (self.clients / public.name).write_bytes(public.read_bytes())
+            if name in ("worker", "fuzz"):
+                (self.workers / public.name).write_bytes(public.read_bytes())
+
+    def secret(self, name: str) -> Path:
+        return self.root / "secret" / f"{name}.key_secret"
+
+    def public(self, name: str) -> Path:
+        return self.root / "secret" / f"{name}.key"
+
+    def keys(self, name: str) -> Any:
+        from fastworker.security import load_secret_key
+
+        return load_secret_key(self.secret(name))
+
+    def fuzz_keys(self) -> Any:
+        return self.keys("fuzz")
+
+    def server_public(self) -> bytes:
+        return bytes(self.keys("server").public)
+
+    def node_args(self) -> tuple[str, ...]:
+        """A control plane's flags: its key, and the client and worker directories."""
+        return (
+            "--curve-secret-key",
+            str(self.secret("server")),
+            "--client-keys",
+            str(self.clients),
+            "--worker-keys",
+            str(self.workers),
+        )
+
+    def worker_args(self, name: str = "worker") -> tuple[str, ...]:
+        """A ``--role worker`` node's flags with key ``name``."""
+        return (
+            "--curve-secret-key",
+            str(self.secret(name)),
+            "--curve-server-key",
+            str(self.public("server")),
+        )
+
+    def client_kwargs(self, name: str = "client") -> dict[str, Any]:
+        return {
+            "curve_secret_key": str(self.secret(name)),
+            "curve_server_key": str(self.public("server")),
+        }

@@ -6,6 +6,7 @@ working directory, where ``tests`` is a namespace package.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -88,3 +89,31 @@ async def never_cancels() -> None:
             await trio.sleep(0.05)
         except trio.Cancelled:  # the misbehaviour under test
             pass
+
+
+@task
+def text_of(size: int) -> str:
+    """A string of ``size`` bytes: a result too large for the node's message limit."""
+    return "x" * size
+
+
+@task
+def logs(message: str) -> None:
+    """Log ``message`` at WARNING from task code, as users' tasks do."""
+    logging.getLogger("tests.node_tasks").warning("%s", message)
+
+
+@task(loop="asyncio")
+async def logs_asyncio(message: str) -> None:
+    import asyncio
+
+    await asyncio.sleep(0)
+    logging.getLogger("tests.node_tasks").warning("%s", message)
+
+
+@task(loop="trio")
+async def logs_trio(message: str) -> None:
+    import trio
+
+    await trio.lowlevel.checkpoint()
+    logging.getLogger("tests.node_tasks").warning("%s", message)

@@ -170,6 +170,28 @@ def test_throughput_batch_and_latency_report_the_documented_keys(marker: str) ->
 
 
 @pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_curve_runs_the_shared_scenarios_again_on_a_curve_node_and_times_both_handshakes(
+    marker: str,
+) -> None:
+    result = run_bench(
+        marker,
+        *("--tasks", "500", "--scenarios", "throughput", "latency", "--curve"),
+        *("--latency-count", "30", "--json"),
+        timeout=60,
+    )
+    report = json_report(result)
+    assert set(report) == {"meta", "idle", "throughput", "latency", "handshake", "curve"}
+    curve = report["curve"]
+    assert set(curve) == {"idle", "throughput", "latency", "handshake"}
+    assert_stream(curve["throughput"], 500)
+    assert curve["latency"]["tasks"] == 30
+    for handshake in (report["handshake"], curve["handshake"]):
+        assert 0 < handshake["p50_ms"] <= handshake["max_ms"]
+    assert_all_gone(marker, report)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.timeout(60)
 def test_backlog_weighs_the_queue_then_drains_it(marker: str) -> None:
     report = json_report(

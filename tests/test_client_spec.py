@@ -43,6 +43,7 @@ from fastworker import (
     TaskResult,
     TaskStatus,
 )
+from fastworker.security import generate_certificate, load_secret_key
 from fastworker.testing import ClusterThread, cluster
 
 pytestmark = pytest.mark.timeout(30)
@@ -54,6 +55,8 @@ ENV_VARS = (
     "FASTWORKER_SERIALIZATION_FORMAT",
     "FASTWORKER_TIMEOUT",
     "FASTWORKER_RETRIES",
+    "FASTWORKER_CURVE_SECRET_KEY",
+    "FASTWORKER_CURVE_SERVER_KEY",
 )
 CALLBACK_KEYS = {
     "task_id",
@@ -97,17 +100,46 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module")
-def spec_cluster() -> Iterator[ClusterThread]:
-    with cluster(task_modules=["examples.tasks"], tasks=[task_name, my_task], workers=2) as c:
-        yield c
+SpecCluster = tuple[ClusterThread, dict[str, str]]
+
+
+@pytest.fixture(scope="module", params=["plain", "curve"])
+def spec_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SpecCluster]:
+    """The guide's cluster, once as is and once with CURVE on every socket.
+
+    With CURVE the guide's code is unchanged: the client's keys come from
+    FASTWORKER_CURVE_SECRET_KEY and FASTWORKER_CURVE_SERVER_KEY.
+    """
+    options: dict[str, Any] = {}
+    env: dict[str, str] = {}
+    if request.param == "curve":
+        keys = tmp_path_factory.mktemp("keys")
+        generate_certificate("server", keys / "server")
+        generate_certificate("client", keys / "clients")
+        options = {
+            "curve": load_secret_key(keys / "server" / "server.key_secret"),
+            "client_keys_dir": keys / "clients",
+        }
+        env = {
+            "FASTWORKER_CURVE_SECRET_KEY": str(keys / "clients" / "client.key_secret"),
+            "FASTWORKER_CURVE_SERVER_KEY": str(keys / "server" / "server.key"),
+        }
+    with cluster(
+        task_modules=["examples.tasks"], tasks=[task_name, my_task], workers=2, **options
+    ) as c:
+        yield c, env
 
 
 @pytest.fixture
-def discovery(spec_cluster: ClusterThread, monkeypatch: pytest.MonkeyPatch) -> str:
+def discovery(spec_cluster: SpecCluster, monkeypatch: pytest.MonkeyPatch) -> str:
     """The cluster's address, also in FASTWORKER_DISCOVERY_ADDRESS for the guide's ``Client()``."""
-    monkeypatch.setenv("FASTWORKER_DISCOVERY_ADDRESS", spec_cluster.discovery_address)
-    return spec_cluster.discovery_address
+    thread, env = spec_cluster
+    monkeypatch.setenv("FASTWORKER_DISCOVERY_ADDRESS", thread.discovery_address)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return thread.discovery_address
 
 
 def run(main: Callable[[], Awaitable[T]], timeout: float = 20.0) -> T:

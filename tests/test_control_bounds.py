@@ -95,6 +95,37 @@ async def test_declared_schedules_wait_compacted_and_only_a_member_declares() ->
     assert discovery.receive("stats")["rejected"] == {"invalid": 1}
 
 
+class _AnyWorkerKey:
+    """A key ring that lets every key in as a worker (ownership is what is tested)."""
+
+    def allows(self, domain: str, key: bytes) -> bool:
+        return True
+
+    def is_worker(self, key: bytes) -> bool:
+        return True
+
+    def is_client(self, key: bytes) -> bool:
+        return False
+
+
+async def test_only_the_key_that_registered_a_worker_declares_its_schedules() -> None:
+    scheduler = _Scheduler()
+    discovery = Discovery(
+        DiscoveryConfig(),
+        instance_id="i",
+        scheduler=scheduler,  # type: ignore[arg-type]
+        endpoints=lambda: ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),
+        keys=_AnyWorkerKey(),  # type: ignore[arg-type]
+    )
+    wire = ["t", "t", None, 5.0, None, 2, 1, b""]
+    discovery.receive(Inbound([[b"peer", encode(Register("w", ["t"], 1, 1, "h")), b"key-a"]]))
+    discovery.receive(Inbound([[b"other", encode(DeclareSchedules("w", [wire])), b"key-b"]]))
+    assert scheduler.told == [WorkerJoined("w", frozenset({"t"}), 1, key=b"key-a")]
+    discovery.receive(Inbound([[b"peer", encode(DeclareSchedules("w", [wire])), b"key-a"]]))
+    assert scheduler.told[-1] == DeclaredSchedules("w", [wire])
+    assert discovery.receive("stats")["rejected"] == {"forbidden": 1}
+
+
 async def test_an_unregister_after_a_crash_is_a_death_and_an_odd_reason_is_refused() -> None:
     scheduler = _Scheduler()
     discovery = _discovery(scheduler)

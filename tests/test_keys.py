@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import stat
 import subprocess
 import sys
@@ -10,7 +11,13 @@ from pathlib import Path
 import pytest
 import zmq.auth
 
-from fastworker.security import CertificateError, load_public_keys, load_secret_key
+from fastworker.node._security import NodeSecurity, SecurityError, node_security
+from fastworker.security import (
+    CertificateError,
+    generate_certificate,
+    load_public_keys,
+    load_secret_key,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -58,3 +65,51 @@ def test_a_public_certificate_is_not_a_secret_key_and_a_missing_directory_is_an_
         load_secret_key(tmp_path / "c.key")
     with pytest.raises(CertificateError, match="not a directory"):
         load_public_keys(tmp_path / "nope")
+
+
+def _args(**given: object) -> argparse.Namespace:
+    defaults: dict[str, object] = {
+        "worker_process": False,
+        "role": "all",
+        "workers": 1,
+        "discovery_address": "tcp://127.0.0.1:5550",
+        "client_address": None,
+        "worker_address": None,
+        "curve_secret_key": None,
+        "curve_server_key": None,
+        "client_keys": None,
+        "worker_keys": None,
+        "insecure": False,
+    }
+    return argparse.Namespace(**{**defaults, **given})
+
+
+def test_insecure_allows_a_public_bind_without_keys_and_nothing_else_does() -> None:
+    public = {"discovery_address": "tcp://0.0.0.0:5550"}
+    with pytest.raises(SecurityError, match="reachable from other machines"):
+        node_security(_args(**public))
+    assert node_security(_args(**public, insecure=True)) == NodeSecurity()
+    for local in ("tcp://127.0.0.1:*", "tcp://localhost:1", "tcp://[::1]:2", "ipc:///tmp/s"):
+        assert node_security(_args(discovery_address=local)) == NodeSecurity()
+
+
+def test_a_curve_node_keys_its_own_workers_and_hands_them_the_keys_in_the_environment(
+    tmp_path: Path,
+) -> None:
+    generate_certificate("server", tmp_path)
+    (tmp_path / "clients").mkdir()
+    security = node_security(
+        _args(
+            curve_secret_key=str(tmp_path / "server.key_secret"),
+            client_keys=str(tmp_path / "clients"),
+            discovery_address="tcp://0.0.0.0:5550",  # allowed: CURVE is on
+        )
+    )
+    assert security.server is not None
+    assert security.own_workers
+    assert security.worker is not None
+    env = security.worker_env()
+    child = node_security(_args(worker_process=True), environ=env)
+    assert child.worker == security.worker
+    assert child.server_public == security.server.public
+    assert security.server.secret.decode() not in repr(security)  # never in a log line

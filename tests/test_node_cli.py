@@ -54,6 +54,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -
             ["--role", "worker", "--workers", "0"],
             "--role worker with --workers 0 would run nothing",
         ),
+        # Secure by default: no keys, no listening beyond this machine.
+        (["--discovery-address", "tcp://0.0.0.0:*"], "--insecure"),
+        (["--client-address", "tcp://*:*"], "reachable from other machines"),
+        (["--worker-address", "tcp://10.1.2.3:*"], "reachable from other machines"),
+        (["--client-keys", "."], "need --curve-secret-key"),
+        (["--curve-secret-key", "/nonexistent.key_secret"], "needs --client-keys"),
+        (
+            ["--curve-secret-key", "/nonexistent.key_secret", "--client-keys", "."],
+            "cannot read a CURVE certificate",
+        ),
+        (
+            ["--role", "worker", "--workers", "1", "--curve-secret-key", "/x.key_secret"],
+            "needs both --curve-secret-key",
+        ),
     ],
 )
 def test_a_bad_argument_is_a_one_line_usage_error(argv: list[str], mentions: str) -> None:

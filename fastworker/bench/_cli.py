@@ -167,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this long without a single result (default %(default)g)",
     )
     add(
+        "--curve",
+        action="store_true",
+        help="run throughput, batch and latency again on a node with CURVE on every socket "
+        "(keys made for the run), and time the handshake of both",
+    )
+    add(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -193,6 +199,7 @@ def options_from(args: argparse.Namespace) -> Options:
         worker_counts=tuple(dict.fromkeys(args.worker_counts)),
         progress=progress,
         stall_timeout=args.stall_timeout,
+        curve=args.curve,
     )
 
 

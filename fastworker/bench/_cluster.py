@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 
@@ -50,6 +51,9 @@ class Context:
     shared: Cluster | None = None
     pids: set[int] = attrs.Factory(set)  # every node and worker process seen
     run_note: str = ""  # " (run 2/3)" while repeating scenarios
+    # What a variant (--curve) adds to every node started and every client.
+    node_extra: tuple[str, ...] = ()
+    client_options: dict[str, Any] = attrs.Factory(dict)
 
     def label(self, phase: str) -> str:
         """What the progress line calls a phase."""
@@ -69,7 +73,7 @@ class Context:
             discovery_address=discovery_address,
             workers=workers,
             concurrency=self.options.concurrency,
-            extra=extra,
+            extra=(*self.node_extra, *extra),
         )
         self.pids.add(node.pid)
         return node
@@ -94,6 +98,7 @@ async def connected(
         discovery_address=cluster.discovery_address,
         serialization_format=ctx.options.serialization_format,
         max_pending=max(DEFAULT_MAX_PENDING, capacity),
+        **ctx.client_options,
     )
     await client.start()
     try:
@@ -117,6 +122,7 @@ async def idle_figures(ctx: Context, cluster: Cluster) -> dict[str, float | None
     client = Client(
         discovery_address=cluster.discovery_address,
         serialization_format=ctx.options.serialization_format,
+        **ctx.client_options,
     )
     await client.start()
     try:

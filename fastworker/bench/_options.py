@@ -40,6 +40,7 @@ class Options:
     worker_counts: tuple[int, ...] = (1, 2, 4)
     progress: bool = False
     stall_timeout: float = 60.0
+    curve: bool = False  # the shared scenarios again with CURVE on
 
     @property
     def local(self) -> bool:

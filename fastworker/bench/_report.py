@@ -194,7 +194,11 @@ def render_table(options: Options, results: Figures) -> str:
     """The human-readable report: a header, then one row per measured phase."""
     rows = [list(_COLUMNS)]
     for name, figures in results.items():
-        if name not in ("meta", "idle"):
+        if name == "curve":  # the same scenarios with CURVE: labelled rows
+            for inner, inner_figures in figures.items():
+                for row in _rows(inner, inner_figures):
+                    rows.append([f"{row[0]} (CURVE)", *row[1:]])
+        elif name not in ("meta", "idle", "handshake"):
             rows.extend(_rows(name, figures))
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS) - 1)]
     lines = [*_header(options, results), ""]
@@ -203,6 +207,13 @@ def render_table(options: Options, results: Figures) -> str:
         cells += [cell.rjust(width) for cell, width in zip(row[1:-1], widths[1:], strict=True)]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     lines.append("")
+    if "curve" in results:
+        plain, curve = results.get("handshake"), results["curve"].get("handshake")
+        if plain and curve:
+            lines.append(
+                f"handshake (connect to ready): plain p50 {plain['p50_ms']:.2f} ms, "
+                f"CURVE p50 {curve['p50_ms']:.2f} ms (max {curve['max_ms']:.2f} ms)"
+            )
     lines.append("MB = MiB of resident memory (VmRSS), peak sampled every 100 ms; n/a: not visible")
     if "floor" in results:
         lines.append(_FLOOR_NOTE)

@@ -25,6 +25,7 @@ from ._progress import Progress
 from ._report import combine_runs
 from ._scenarios import RUNNERS
 from ._signals import stop_on_signals
+from ._variants import Variant, curve_variant, handshake_ms
 
 __all__ = ["run"]
 
@@ -57,13 +58,15 @@ async def _run_each(ctx: Context, names: list[str], results: dict[str, Any]) -> 
         results[name] = combine_runs(figures)
 
 
-async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
+async def _shared_scenarios(
+    ctx: Context, shared: list[str], results: dict[str, Any], variant: Variant | None = None
+) -> None:
+    """One cluster for throughput, batch and latency, stopped before the scenarios
+    that start their own so it does not compete for the CPUs."""
     options = ctx.options
-    wanted = [name for name in SCENARIOS if name in options.scenarios]
-    shared = [name for name in wanted if name in _SHARED_BY]
-    if shared:
-        # One cluster for throughput, batch and latency, stopped before the
-        # scenarios that start their own so it does not compete for the CPUs.
+    if variant is not None:
+        ctx.node_extra, ctx.client_options = variant.node_args, dict(variant.client_options)
+    try:
         if options.local:
             ctx.shared = start_local(ctx, options.workers)
         else:
@@ -72,8 +75,25 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
         try:
             results["idle"] = await idle_figures(ctx, ctx.shared)
             await _run_each(ctx, shared, results)
+            if options.curve:  # the handshake, beside the other variant's
+                results["handshake"] = await asyncio.to_thread(
+                    handshake_ms, ctx.shared.discovery_address, variant
+                )
         finally:
             ctx.shared.stop()
+    finally:
+        ctx.node_extra, ctx.client_options = (), {}
+
+
+async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
+    options = ctx.options
+    wanted = [name for name in SCENARIOS if name in options.scenarios]
+    shared = [name for name in wanted if name in _SHARED_BY]
+    if shared:
+        await _shared_scenarios(ctx, shared, results)
+        if options.curve and options.local:
+            results["curve"] = {}
+            await _shared_scenarios(ctx, shared, results["curve"], curve_variant())
     for name in wanted:
         if name in LOCAL_ONLY and not options.local:
             reason = "needs worker processes of its own; not run against an existing cluster"

@@ -1,5 +1,6 @@
 """The Client: the documented coroutine API over a trio actor."""
 
+from ._errors import AuthenticationError as AuthenticationError
 from ._errors import ClientError as ClientError
 from ._errors import ClientLoopError as ClientLoopError
 from ._errors import ClientNotStartedError as ClientNotStartedError
@@ -10,6 +11,7 @@ from ._errors import QueueFullError as QueueFullError
 from .client import Client as Client
 
 __all__ = [
+    "AuthenticationError",
     "Client",
     "ClientError",
     "ClientLoopError",

@@ -58,7 +58,7 @@ from ..wire import (
     task_weight,
     text_bytes,
 )
-from ._errors import ClientStoppedError, QueueFullError
+from ._errors import AuthenticationError, ClientStoppedError, QueueFullError
 from ._waiters import Waiter
 
 __all__ = ["ClientCore", "Command", "PendingTask"]
@@ -92,6 +92,9 @@ _SWEEP_REPLY_WAIT = 30.0
 # for this long; then the next one goes out and the control plane decides again.
 # Without the expiry nothing would ever be sent again to clear the flag.
 _QUEUE_FULL_HOLD = 1.0
+# libzmq does not reconnect after a server refused our key; we open the
+# sockets again this often, so a key added back on the server works again.
+_REFUSED_RETRY = 2.0
 
 
 class _SweepReply:
@@ -171,6 +174,14 @@ class _LookupNow:
     """The discovery connection is up: ask at once, not a tick later."""
 
 
+@attrs.frozen
+class _Handshake:
+    """A CURVE handshake of one of our sockets ended (``problem`` None: accepted)."""
+
+    sock: ZSocket
+    problem: str | None
+
+
 class ClientCore(Actor):
     def __init__(
         self,
@@ -223,6 +234,9 @@ class ClientCore(Actor):
         self.resubmitted = 0
         self.failure: Exception | None = None  # set when the actor is gone for good
         self._starts = 0
+        # Why the control plane refused our CURVE handshake; None while it accepts.
+        self.refused: str | None = None
+        self._refused_at = 0.0
 
     # -- caller side (any thread) -------------------------------------------
 
@@ -268,15 +282,20 @@ class ClientCore(Actor):
             self._gateway_endpoint = None
             self.connected = trio.Event()
             self._resubmit_all()
+        self._open_discovery()
+        nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
+        self._lookup()
+
+    def _open_discovery(self) -> None:
+        assert self._nursery is not None
         self._discovery = connect_dealer(
-            nursery,
+            self._nursery,
             self.ref,
             self.discovery_address,
             self.transport,
             when_up=lambda _: _LookupNow(),
+            on_handshake=_Handshake,
         )
-        nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
-        self._lookup()
 
     async def on_stop(self) -> None:
         self.close_now(linger_ms=500)
@@ -364,6 +383,8 @@ class ClientCore(Actor):
         elif type(message) is _LookupNow:
             if not self.connected.is_set():
                 self._lookup()
+        elif type(message) is _Handshake:
+            self._on_handshake(message)
         else:
             raise TypeError(f"client got an unexpected message {message!r}")
         return None
@@ -376,10 +397,60 @@ class ClientCore(Actor):
                 entry = self.pending.get(item)
                 if entry is not None and not entry.sent:
                     self._unsent.append(item)
+                    if self.refused is not None and entry.waiters:
+                        self._refuse_waiters(entry.waiters)
             else:
                 self._on_command(item)
 
+    # -- CURVE handshakes ---------------------------------------------------
+
+    def _on_handshake(self, message: _Handshake) -> None:
+        if message.sock is not self._discovery and message.sock is not self._gateway:
+            return  # a socket closed since
+        if message.problem is None:
+            if self.refused is not None:
+                log.info("client: the control plane accepts our CURVE key again")
+                self.refused = None
+            return
+        self._on_refused(message.problem)
+
+    def _on_refused(self, problem: str) -> None:
+        if self.refused is None:
+            log.error("client: %s", problem)
+        self.refused = problem
+        self._refused_at = trio.current_time()
+        # Everybody waiting learns it now, not at their timeout.  The tasks
+        # stay: they go out if the key is accepted later (see _on_tick).
+        waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
+        waiters += [command.waiter for command in self._joiners]
+        waiters += [command.waiter for _, command in self._flushers]
+        waiters += [command.waiter for command in self._parked]
+        waiters += [command.waiter for command in self._queries.values()]
+        self._joiners, self._flushers, self._parked = [], [], []
+        self._queries.clear()
+        self._refuse_waiters(waiters)
+
+    def _refuse_waiters(self, waiters: list[Waiter]) -> None:
+        for waiter in waiters:
+            waiter.set(
+                AuthenticationError(f"the control plane refused this client: {self.refused}")
+            )
+
+    def _reopen_refused(self, now: float) -> None:
+        """Open both sockets again: libzmq gives up on a connection whose key was refused."""
+        if self.refused is None or now - self._refused_at < _REFUSED_RETRY:
+            return
+        self._refused_at = now
+        if self._discovery is not None:
+            self._discovery.close()
+        self._open_discovery()
+        if self._gateway is not None and self._gateway_endpoint is not None:
+            self._open_gateway(self._gateway_endpoint)
+
     def _on_command(self, command: Command) -> None:
+        if self.refused is not None:
+            self._refuse_waiters([command.waiter])
+            return
         if command.kind == "join":
             if self.pending:
                 self._joiners.append(command)
@@ -555,6 +626,7 @@ class ClientCore(Actor):
 
     def _on_tick(self) -> None:
         now = trio.current_time()
+        self._reopen_refused(now)
         if self.connected.is_set() and now - self._last_reply > self._heartbeat * 3:
             log.warning("client: control plane silent for %.1f s", now - self._last_reply)
             self.connected = trio.Event()
@@ -679,6 +751,10 @@ class ClientCore(Actor):
             if isinstance(message, DeadLetterRetryReply) and message.task is not None:
                 self._hold_revived(message.task)
         elif isinstance(message, ErrorReply):
+            if message.reason == "unauthorized":
+                # Our key was removed while connected: as a refused handshake.
+                self._on_refused(message.message)
+                return
             command = self._queries.pop(message.request_id, None)
             error = RuntimeError(f"control plane rejected a request: {message.message}")
             if command is not None:
@@ -758,6 +834,7 @@ class ClientCore(Actor):
             identity=self.client_id.encode(),
             when_up=lambda _: _Wake(),  # send what waited for the connection
             keep_unread=True,  # results pushed just before the control plane exits
+            on_handshake=_Handshake,
         )
         self._gateway_endpoint = endpoint
 

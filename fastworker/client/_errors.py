@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "ClientError",
     "ClientLoopError",
     "ClientNotStartedError",
@@ -43,3 +44,13 @@ class QueueFullError(ClientError):
 
 class ControlPlaneUnavailableError(ClientError, TimeoutError):
     """The control plane did not answer a query in time."""
+
+
+class AuthenticationError(ClientError, PermissionError):
+    """The control plane refused this client's CURVE handshake.
+
+    The message says what to check (the client's key is not allowed, the
+    server key is wrong, or only one side uses CURVE).  Raised to every
+    caller waiting when the refusal arrives and to every call after it, until
+    a handshake succeeds; tasks already returned stay queued in the client.
+    """

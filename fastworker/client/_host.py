@@ -26,7 +26,7 @@ import trio
 
 from ..runtime import Supervisor
 from ._core import ClientCore, Command
-from ._errors import ClientError
+from ._errors import AuthenticationError, ClientError
 from ._waiters import TrioWaiter
 
 __all__ = ["ThreadHost", "TrioHost", "current_library"]
@@ -57,7 +57,10 @@ async def _hand_over(core: ClientCore, timeout: float) -> int:
         waiter = TrioWaiter()
         core.inbox.append(Command("flush", waiter))
         core.wake_here()
-        await waiter.wait(timeout)
+        try:
+            await waiter.wait(timeout)
+        except AuthenticationError:
+            pass  # refused: what is left is counted and reported by the caller
     return core.outstanding()
 
 

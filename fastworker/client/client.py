@@ -23,11 +23,12 @@ from typing import Any
 import trio
 
 from .._callback_address import parse_callback_address
+from ..security import load_public_key, load_secret_key
 from ..tasks.models import DeadLetter, ScheduleInfo, TaskPriority, TaskResult, TaskStatus
 from ..tasks.options import MAX_WAIT as _MAX_WAIT
 from ..tasks.options import check_eta, check_seconds, check_task_options
 from ..tasks.serializer import SerializationFormat, dumps
-from ..transport import TransportConfig
+from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
 from ..wire import (
     CancelReply,
     DeadLetterQuery,
@@ -49,6 +50,7 @@ from ..wire import (
 from ._admin import dead_letter, schedule_info, schedule_wire
 from ._core import ClientCore, Command, PendingTask
 from ._errors import (
+    AuthenticationError,
     ClientLoopError,
     ClientNotStartedError,
     ClientStoppedError,
@@ -78,6 +80,29 @@ def _env(name: str) -> str | None:
     return value if value else None
 
 
+def _curve_options(
+    secret: str | os.PathLike[str] | CurveKeys | None,
+    server: str | os.PathLike[str] | bytes | None,
+) -> tuple[CurveKeys | None, bytes | None]:
+    """The client's key pair and the server's public key, from files or values.
+
+    Both or neither: half a CURVE configuration would only ever fail its
+    handshake, so it is refused here, with the file at fault named.
+    """
+    secret = secret if secret is not None else _env("FASTWORKER_CURVE_SECRET_KEY")
+    server = server if server is not None else _env("FASTWORKER_CURVE_SERVER_KEY")
+    if secret is None and server is None:
+        return None, None
+    if secret is None or server is None:
+        raise ValueError(
+            "CURVE needs both curve_secret_key (this client's NAME.key_secret) and "
+            "curve_server_key (the control plane's public .key), or neither"
+        )
+    keys = secret if isinstance(secret, CurveKeys) else load_secret_key(secret)
+    server_key = server if isinstance(server, bytes) else load_public_key(server)
+    return keys, server_key
+
+
 def _env_number(name: str, kind: type[int] | type[float]) -> Any:
     raw = _env(name)
     if raw is None:
@@ -92,8 +117,13 @@ class Client:
     """Submits tasks to a fastworker control plane and follows their results.
 
     Arguments not given are read from ``FASTWORKER_DISCOVERY_ADDRESS``,
-    ``FASTWORKER_SERIALIZATION_FORMAT``, ``FASTWORKER_TIMEOUT`` and
-    ``FASTWORKER_RETRIES``, then from the documented defaults.  ``timeout``
+    ``FASTWORKER_SERIALIZATION_FORMAT``, ``FASTWORKER_TIMEOUT``,
+    ``FASTWORKER_RETRIES``, ``FASTWORKER_CURVE_SECRET_KEY`` and
+    ``FASTWORKER_CURVE_SERVER_KEY``, then from the documented defaults.
+    ``curve_secret_key`` (this client's ``NAME.key_secret`` file) with
+    ``curve_server_key`` (the control plane's public ``.key`` file) encrypts
+    and authenticates every connection; a control plane that refuses the key
+    raises AuthenticationError in the callers, within a second or two.  ``timeout``
     bounds how long ``submit_task`` and queries wait; ``retries`` how often an
     unacknowledged submission is re-sent.
     """
@@ -110,6 +140,8 @@ class Client:
         ack_timeout: float = 1.0,
         allow_pickle: bool = False,
         max_message_size: int | None = None,
+        curve_secret_key: str | os.PathLike[str] | CurveKeys | None = None,
+        curve_server_key: str | os.PathLike[str] | bytes | None = None,
     ) -> None:
         self.discovery_address: str = (
             discovery_address or _env("FASTWORKER_DISCOVERY_ADDRESS") or DEFAULT_DISCOVERY_ADDRESS
@@ -141,10 +173,11 @@ class Client:
         self._format_code = self.serialization_format.code
         self._ids = itertools.count(1)
         self._id_prefix = secrets.token_hex(8)
-        transport = (
-            TransportConfig(max_message_size=max_message_size)
-            if max_message_size
-            else TransportConfig()
+        curve, server_key = _curve_options(curve_secret_key, curve_server_key)
+        transport = TransportConfig(
+            max_message_size=max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
+            curve=curve,
+            curve_server_key=server_key,
         )
         self._core = ClientCore(
             client_id=self.client_id,
@@ -294,8 +327,9 @@ class Client:
         """Flush (up to the client's ``timeout``), then stop."""
         try:
             await self.flush(timeout=self.timeout)
-        except ControlPlaneUnavailableError:
-            self.stop(timeout=0)  # waited already; stop() logs what is left
+        except (ControlPlaneUnavailableError, AuthenticationError):
+            # Waited already, or refused (already logged): stop() logs what is left.
+            self.stop(timeout=0)
         except BaseException:
             self.stop()  # cancelled or failed while flushing: stop() still hands over
             raise

@@ -92,6 +92,7 @@ class WorkerJoined:
     worker_id: str
     task_names: frozenset[str]
     concurrency: int
+    key: bytes = b""  # the CURVE key it registered with (b"" without CURVE)
 
 
 @attrs.frozen

@@ -3,6 +3,7 @@
 Supervision tree (one-for-one; see design/architecture.md)::
 
     control-plane
+    ├── zap            (the ZAP handler's inproc ROUTER; only with CURVE)
     ├── result-cache   (no socket)
     ├── callbacks      (one PUSH socket per callback address)
     ├── gateway        (client ROUTER)
@@ -15,14 +16,18 @@ endpoint it hands out is bound.
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 from typing import Any
 
 import attrs
 import trio
+import zmq
 
 from ..runtime import Supervisor
-from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
+from ..security import KeyRing, ReloadKeys, ZapHandler
+from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
@@ -66,6 +71,12 @@ class ControlPlaneConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     callback_timeout: float = 10.0
     allow_pickle: bool = False
+    # CURVE: the control plane's own key pair turns it on for every socket it
+    # binds; the directories hold the public certificates allowed per role.
+    curve: CurveKeys | None = None
+    client_keys_dir: str | os.PathLike[str] | None = None
+    worker_keys_dir: str | os.PathLike[str] | None = None
+    own_worker_keys: frozenset[bytes] = frozenset()  # the node's own worker processes
 
 
 class ControlPlane:
@@ -75,7 +86,19 @@ class ControlPlane:
         cfg = config or ControlPlaneConfig()
         self.config = cfg
         self.instance_id = uuid.uuid4().hex
-        transport = TransportConfig(max_message_size=cfg.max_message_size)
+        self.keys: KeyRing | None = None
+        self.zap: ZapHandler | None = None
+        self._context: zmq.Context[zmq.Socket[bytes]] | None = None
+        if cfg.curve is not None:
+            # Raises CertificateError for a missing or unreadable directory: at start.
+            self.keys = KeyRing(
+                cfg.client_keys_dir, cfg.worker_keys_dir, own_workers=cfg.own_worker_keys
+            )
+            self._context = zmq.Context()
+            self.zap = ZapHandler(self.keys, self._context)
+        transport = TransportConfig(
+            max_message_size=cfg.max_message_size, curve=cfg.curve, context=self._context
+        )
         self.results = ResultCache(
             ResultCacheConfig(
                 cfg.result_ttl, cfg.result_cache_size, max_message_size=cfg.max_message_size
@@ -88,6 +111,7 @@ class ControlPlane:
             cfg.client_address or sibling_address(cfg.discovery_address),
             transport,
             results=self.results.ref,
+            keys=self.keys,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -102,6 +126,7 @@ class ControlPlane:
             gateway=self.gateway.ref,
             results=self.results.ref,
             callbacks=self.callbacks.ref,
+            keys=self.keys,
         )
         # The gateway and the scheduler talk both ways: wire the second direction.
         self.gateway.scheduler = self.scheduler.ref
@@ -116,6 +141,7 @@ class ControlPlane:
             instance_id=self.instance_id,
             scheduler=self.scheduler.ref,
             endpoints=self._endpoints,
+            keys=self.keys,
         )
         self.gateway.stats_sources = [
             self.scheduler.ref,
@@ -123,9 +149,13 @@ class ControlPlane:
             self.callbacks.ref,
             self.discovery.ref,
         ]
+        if self.zap is not None:
+            self.gateway.stats_sources.append(self.zap.ref)
+        # The ZAP handler starts first and stops last: no CURVE socket is ever
+        # bound without it (and one that were would refuse every handshake).
+        actors = [self.results, self.callbacks, self.gateway, self.scheduler, self.discovery]
         self.supervisor = Supervisor(
-            "control-plane",
-            [self.results, self.callbacks, self.gateway, self.scheduler, self.discovery],
+            "control-plane", [self.zap, *actors] if self.zap is not None else actors
         )
 
     def _endpoints(self) -> tuple[str, str]:
@@ -145,7 +175,24 @@ class ControlPlane:
         return self.discovery.endpoint
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.supervisor.run(task_status=task_status)
+        try:
+            await self.supervisor.run(task_status=task_status)
+        finally:
+            context, self._context = self._context, None
+            if context is not None:
+                # Every actor closed its sockets; term() lets what they still hold
+                # (results pushed at shutdown) go out, bounded in case one was not.
+                ender = threading.Thread(target=context.term, name="zmq-term", daemon=True)
+                ender.start()
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(ender.join, 2.0)
+
+    async def reload_keys(self) -> bool:
+        """Read the certificate directories again (SIGHUP); False if they could not be read
+        (the old keys stay in force) or CURVE is off."""
+        if self.zap is None:
+            return False
+        return bool(await self.zap.ref.ask(ReloadKeys()))
 
     def stop(self) -> None:
         self.supervisor.stop()

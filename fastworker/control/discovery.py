@@ -20,6 +20,7 @@ import zmq
 
 from .._io import Inbound, bind_again, pump_socket, tick
 from ..runtime import Actor, ActorRef, MailboxFull
+from ..security import DISCOVERY, KeyRing
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
     DeclareSchedules,
@@ -62,6 +63,7 @@ class _Member:
     pid: int
     hostname: str
     last_seen: float
+    key: bytes  # the CURVE key that registered it (b"" without CURVE)
 
 
 @attrs.frozen
@@ -77,9 +79,12 @@ class Discovery(Actor):
         instance_id: str,
         scheduler: ActorRef,
         endpoints: Any,
+        keys: KeyRing | None = None,
     ) -> None:
-        """``endpoints()`` returns (client endpoint, worker endpoint) as bound right now."""
+        """``endpoints()`` returns (client endpoint, worker endpoint) as bound right now;
+        ``keys``: with CURVE, the key ring every message's sender is checked against."""
         super().__init__("discovery", mailbox_size=4096)
+        self.keys = keys
         self.config = config
         self.instance_id = instance_id
         self.scheduler = scheduler
@@ -96,7 +101,7 @@ class Discovery(Actor):
         )
 
     async def on_start(self, nursery: trio.Nursery) -> None:
-        sock = open_socket(zmq.ROUTER, self.config.transport)
+        sock = open_socket(zmq.ROUTER, self.config.transport, zap_domain=DISCOVERY)
         self.endpoint = await bind_again(sock, self.endpoint or self.config.address)
         self._sock = sock
         nursery.start_soon(pump_socket, sock, self.ref)
@@ -142,6 +147,12 @@ class Discovery(Actor):
             self._rejected["reply_dropped"] += 1
 
     def _on_frame(self, parts: list[bytes]) -> None:
+        key = b""
+        if self.keys is not None:
+            key = parts.pop()  # the sender's CURVE key, added by the socket
+            if not self.keys.allows(DISCOVERY, key):
+                self._refuse(parts[0], "unauthorized", "this CURVE key is no longer allowed")
+                return
         if len(parts) != 2:
             self._rejected["bad_frames"] += 1
             return
@@ -153,12 +164,7 @@ class Discovery(Actor):
             self._reply(identity, encode(ErrorReply(0, exc.reason, str(exc))))
             return
         now = trio.current_time()
-        if isinstance(message, Heartbeat):
-            member = self._members.get(message.worker_id)
-            if member is not None:
-                member.last_seen = now
-            self._reply(identity, encode(HeartbeatAck(self.instance_id, member is not None)))
-        elif isinstance(message, Lookup):
+        if isinstance(message, Lookup):
             client_endpoint, _ = self._endpoints()
             reply = LookupReply(
                 message.request_id,
@@ -168,29 +174,49 @@ class Discovery(Actor):
                 self.config.transport.max_message_size,
             )
             self._reply(identity, encode(reply))
+        elif not isinstance(message, Heartbeat | Register | Unregister | DeclareSchedules):
+            self._rejected["unexpected"] += 1
+            err = ErrorReply(
+                0, "unexpected", f"{type(message).__name__} is not a discovery request"
+            )
+            self._reply(identity, encode(err))
+        elif self.keys is not None and not self.keys.is_worker(key):
+            self._refuse(identity, "forbidden", f"{type(message).__name__} needs a worker key")
         elif isinstance(message, Register):
-            self._register(identity, message, now)
+            self._register(identity, message, now, key)
+        elif not self._owns(message.worker_id, key):
+            # A worker's heartbeats, schedules and leaving count only from the key
+            # that registered it: nobody keeps a dead worker alive or evicts a live one.
+            self._refuse(identity, "forbidden", "that worker id was registered by another key")
+        elif isinstance(message, Heartbeat):
+            member = self._members.get(message.worker_id)
+            if member is not None:
+                member.last_seen = now
+            self._reply(identity, encode(HeartbeatAck(self.instance_id, member is not None)))
         elif isinstance(message, DeclareSchedules):
             if message.worker_id not in self._members or len(message.schedules) > _MAX_TASK_NAMES:
                 # Only a registered worker declares; it does so after each Registered.
                 self._rejected["invalid"] += 1
                 return
             self._tell_scheduler(DeclaredSchedules(message.worker_id, message.schedules))
-        elif isinstance(message, Unregister):
+        else:
             if message.reason not in ("left", "crashed"):
                 self._rejected["invalid"] += 1
                 err = ErrorReply(0, "invalid", "Unregister.reason must be 'left' or 'crashed'")
                 self._reply(identity, encode(err))
                 return
             self._remove(message.worker_id, message.reason)
-        else:
-            self._rejected["unexpected"] += 1
-            err = ErrorReply(
-                0, "unexpected", f"{type(message).__name__} is not a discovery request"
-            )
-            self._reply(identity, encode(err))
 
-    def _register(self, identity: bytes, message: Register, now: float) -> None:
+    def _owns(self, worker_id: str, key: bytes) -> bool:
+        """Without CURVE every peer is trusted (loopback only); with it, the registrant's key."""
+        member = self._members.get(worker_id)
+        return member is None or member.key == key
+
+    def _refuse(self, identity: bytes, reason: str, text: str) -> None:
+        self._rejected[reason] += 1
+        self._reply(identity, encode(ErrorReply(0, reason, text)))
+
+    def _register(self, identity: bytes, message: Register, now: float, key: bytes) -> None:
         names = message.task_names
         if (
             len(names) > _MAX_TASK_NAMES
@@ -206,6 +232,9 @@ class Discovery(Actor):
             )
             self._reply(identity, encode(err))
             return
+        if not self._owns(message.worker_id, key):
+            self._refuse(identity, "forbidden", "that worker id was registered by another key")
+            return
         if message.worker_id not in self._members and len(self._members) >= self.config.max_workers:
             self._rejected["overloaded"] += 1
             err = ErrorReply(0, "overloaded", f"{len(self._members)} workers registered: the limit")
@@ -218,6 +247,7 @@ class Discovery(Actor):
             message.pid,
             message.hostname,
             now,
+            key,
         )
         known = message.worker_id in self._members
         self._members[message.worker_id] = member
@@ -229,7 +259,9 @@ class Discovery(Actor):
                 message.hostname,
                 len(names),
             )
-        self._tell_scheduler(WorkerJoined(message.worker_id, member.names, message.concurrency))
+        self._tell_scheduler(
+            WorkerJoined(message.worker_id, member.names, message.concurrency, key=key)
+        )
         _, worker_endpoint = self._endpoints()
         reply = Registered(
             self.instance_id,

@@ -27,6 +27,7 @@ import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
 from ..runtime import Actor, ActorError, ActorRef
+from ..security import CLIENT, KeyRing
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
     MAX_QUERY_IDS,
@@ -76,6 +77,9 @@ class _SendHeldAcks:
     pass
 
 
+_UNAUTHORIZED = "this CURVE key is not (or no longer) allowed as a client"
+
+
 class Gateway(Actor):
     def __init__(
         self,
@@ -84,8 +88,11 @@ class Gateway(Actor):
         *,
         results: ActorRef,
         scheduler: ActorRef | None = None,
+        keys: KeyRing | None = None,
     ) -> None:
+        """``keys``: with CURVE, the key ring every message's sender is checked against."""
         super().__init__("gateway", mailbox_size=4096)
+        self.keys = keys
         self.client_address = client_address
         self.transport = transport
         self.scheduler: ActorRef | None = scheduler  # set before the run starts
@@ -102,7 +109,7 @@ class Gateway(Actor):
         self._ack_timer = DeadlineTimer(self.ref, _SendHeldAcks())
 
     async def on_start(self, nursery: trio.Nursery) -> None:
-        sock = open_socket(zmq.ROUTER, self.transport, router_handover=True)
+        sock = open_socket(zmq.ROUTER, self.transport, router_handover=True, zap_domain=CLIENT)
         self.endpoint = await bind_again(sock, self.endpoint or self.client_address)
         self._sock = sock
         self._nursery = nursery
@@ -178,7 +185,13 @@ class Gateway(Actor):
     def _on_frames(self, frames: list[list[bytes]]) -> None:
         submits: list[tuple[bytes, int, list[Any]]] = []
         batched = 0
+        keys = self.keys
         for parts in frames:
+            # With CURVE, the sender's key, checked per message: a key removed
+            # by a reload stops working on connections made before it.
+            if keys is not None and not keys.is_client(parts.pop()):
+                self._error(parts[0], 0, WireError("unauthorized", _UNAUTHORIZED))
+                continue
             if len(parts) != 2:
                 if parts and len(parts[0]) > 0:
                     reason = "expected exactly one frame after the identity"

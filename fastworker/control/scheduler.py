@@ -39,6 +39,7 @@ import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
 from ..runtime import Actor, ActorRef, MailboxFull
+from ..security import WORKER, KeyRing
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
     CancelReply,
@@ -122,8 +123,14 @@ class Scheduler(Actor):
         gateway: ActorRef,
         results: ActorRef,
         callbacks: ActorRef,
+        keys: KeyRing | None = None,
     ) -> None:
+        """``keys``: with CURVE, the key ring every message's sender is checked against."""
         super().__init__("scheduler", mailbox_size=4096)
+        self.keys = keys
+        # With CURVE: the key each registered worker id joined with; its
+        # connection counts only when it speaks with that key.
+        self._worker_keys: dict[bytes, bytes] = {}
         self.config = config
         self._gateway = gateway
         self._results = results
@@ -142,7 +149,9 @@ class Scheduler(Actor):
     # -- life cycle ---------------------------------------------------------
 
     async def on_start(self, nursery: trio.Nursery) -> None:
-        sock = open_socket(zmq.ROUTER, self.config.transport, router_handover=True)
+        sock = open_socket(
+            zmq.ROUTER, self.config.transport, router_handover=True, zap_domain=WORKER
+        )
         # Rebind the same port after a restart, so workers reconnect by themselves.
         self.endpoint = await bind_again(sock, self.endpoint or self.config.worker_address)
         self._sock = sock
@@ -168,8 +177,11 @@ class Scheduler(Actor):
                 self.book.advance()
                 self._run_schedules()
             elif type(message) is WorkerJoined:
+                if self.keys is not None:
+                    self._worker_keys[message.worker_id.encode()] = message.key
                 self.book.worker_joined(message.worker_id.encode(), message.task_names)
             elif type(message) is WorkerLost:
+                self._worker_keys.pop(message.worker_id.encode(), None)
                 self.book.worker_lost(message.worker_id.encode(), died=message.reason != "left")
                 log.log(
                     logging.INFO if message.reason == "left" else logging.WARNING,
@@ -323,7 +335,17 @@ class Scheduler(Actor):
 
     def _on_worker_frames(self, frames: list[list[bytes]]) -> None:
         book = self.book
+        keys = self.keys
         for parts in frames:
+            if keys is not None:
+                key = parts.pop()  # the sender's CURVE key, added by the socket
+                if not keys.is_worker(key):
+                    book.rejected["unauthorized"] += 1
+                    continue
+                bound = self._worker_keys.get(parts[0]) if parts else None
+                if bound is not None and bound != key:
+                    book.rejected["forbidden"] += 1  # another key speaking for that worker
+                    continue
             if len(parts) != 2:
                 book.rejected["bad_frames"] += 1
                 continue

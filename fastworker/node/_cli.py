@@ -44,10 +44,13 @@ from .._argtypes import (
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
 from ..runtime import Supervisor
+from ..security import CertificateError
 from ..tasks.registry import TaskRegistry, registry_from
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
 from ..worker import Worker, WorkerConfig
+from ._logging import LOG_FORMATS, configure_logging
 from ._processes import RECYCLE_EXIT_CODE, WorkerProcesses, parent_alive
+from ._security import NodeSecurity, SecurityError, add_security_arguments, node_security
 
 __all__ = ["build_parser", "main"]
 
@@ -153,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
         type=str.upper,
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default): readable lines; json: one JSON object per line with time, "
+        "level, process, pid, actor, logger, event and task_id where there is one",
+    )
+    add_security_arguments(parser)
     # Internal: the command line of one worker process, started by a node.
     parser.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -186,6 +197,8 @@ def _worker_argv(args: argparse.Namespace, discovery_address: str) -> list[str]:
         str(args.grace),
         "--log-level",
         args.log_level,
+        "--log-format",
+        args.log_format,
     ]
     if args.prefetch is not None:
         argv += ["--prefetch", str(args.prefetch)]
@@ -219,36 +232,64 @@ async def _wait_for_signal(*, also_when: trio.Event | None = None) -> str:
         return result
 
 
-async def _run_node(args: argparse.Namespace) -> int:
+async def _reload_keys_on_sighup(control_plane: ControlPlane, scope: trio.CancelScope) -> None:
+    """SIGHUP: read --client-keys and --worker-keys again; a removed key is refused from now.
+
+    Runs until ``scope`` is cancelled (at shutdown)."""
+    with scope, trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if await control_plane.reload_keys():
+                log.info("SIGHUP: CURVE keys reloaded")
+
+
+def _control_plane(args: argparse.Namespace, security: NodeSecurity) -> ControlPlane:
+    own = frozenset({security.worker.public}) if security.own_workers and security.worker else None
+    try:
+        return ControlPlane(
+            ControlPlaneConfig(
+                discovery_address=args.discovery_address,
+                client_address=args.client_address,
+                worker_address=args.worker_address,
+                advertise_client_address=args.advertise_client_address,
+                advertise_worker_address=args.advertise_worker_address,
+                result_ttl=args.result_ttl,
+                result_cache_size=args.result_cache_size,
+                heartbeat_interval=args.heartbeat_interval,
+                max_queued=args.max_queued,
+                max_queued_bytes=args.max_queued_bytes or default_max_queued_bytes(),
+                max_worker_deaths=args.max_worker_deaths,
+                unknown_task_grace=args.unknown_task_grace,
+                max_message_size=args.max_message_size,
+                callback_timeout=args.callback_timeout,
+                allow_pickle=args.allow_pickle,
+                curve=security.server,
+                client_keys_dir=security.client_keys_dir,
+                worker_keys_dir=security.worker_keys_dir,
+                own_worker_keys=own or frozenset(),
+            )
+        )
+    except CertificateError as exc:
+        raise CliError(str(exc)) from None
+
+
+async def _run_node(args: argparse.Namespace, security: NodeSecurity) -> int:
     control_plane: ControlPlane | None = None
+    reloading = trio.CancelScope()
     async with trio.open_nursery() as nursery:
         discovery_address = args.discovery_address
         if args.role in ("all", "control-plane"):
-            control_plane = ControlPlane(
-                ControlPlaneConfig(
-                    discovery_address=args.discovery_address,
-                    client_address=args.client_address,
-                    worker_address=args.worker_address,
-                    advertise_client_address=args.advertise_client_address,
-                    advertise_worker_address=args.advertise_worker_address,
-                    result_ttl=args.result_ttl,
-                    result_cache_size=args.result_cache_size,
-                    heartbeat_interval=args.heartbeat_interval,
-                    max_queued=args.max_queued,
-                    max_queued_bytes=args.max_queued_bytes or default_max_queued_bytes(),
-                    max_worker_deaths=args.max_worker_deaths,
-                    unknown_task_grace=args.unknown_task_grace,
-                    max_message_size=args.max_message_size,
-                    callback_timeout=args.callback_timeout,
-                    allow_pickle=args.allow_pickle,
-                )
-            )
+            control_plane = _control_plane(args, security)
             await nursery.start(control_plane.run)
+            if control_plane.keys is not None:
+                nursery.start_soon(_reload_keys_on_sighup, control_plane, reloading)
             discovery_address = control_plane.discovery_address
         processes: WorkerProcesses | None = None
         if args.role in ("all", "worker") and args.workers > 0:
             processes = WorkerProcesses(
-                args.workers, _worker_argv(args, discovery_address), args.grace
+                args.workers,
+                _worker_argv(args, discovery_address),
+                args.grace,
+                env=security.worker_env(),
             )
             await nursery.start(processes.run)
         elif args.role == "all":
@@ -265,6 +306,7 @@ async def _run_node(args: argparse.Namespace) -> int:
         log.info("%s received: shutting down (grace %g s)", name, args.grace)
         if processes is not None:
             await processes.stop()
+        reloading.cancel()
         if control_plane is not None:
             control_plane.stop()
         nursery.cancel_scope.deadline = trio.current_time() + 10.0
@@ -294,7 +336,9 @@ def _exit_if_stuck_after(seconds: float, worker_id: str) -> None:
     timer.start()
 
 
-async def _run_worker_process(args: argparse.Namespace, registry: TaskRegistry) -> int:
+async def _run_worker_process(
+    args: argparse.Namespace, registry: TaskRegistry, security: NodeSecurity
+) -> int:
     """One worker actor in this process; drains on SIGTERM, recycles itself when stuck."""
     parent = os.getppid()
     worker = Worker(
@@ -305,7 +349,11 @@ async def _run_worker_process(args: argparse.Namespace, registry: TaskRegistry) 
             prefetch=args.prefetch,
             heartbeat_interval=args.heartbeat_interval,
             allow_pickle=args.allow_pickle,
-            transport=TransportConfig(max_message_size=args.max_message_size),
+            transport=TransportConfig(
+                max_message_size=args.max_message_size,
+                curve=security.worker,
+                curve_server_key=security.server_public,
+            ),
             # A stuck run retires the worker even under steady load: no new
             # work, the running tasks get the grace, then the process recycles.
             recycle_grace=args.grace,
@@ -368,19 +416,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.workers == 0 and args.role == "worker":
         parser.error("--role worker with --workers 0 would run nothing")
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s %(levelname)s [{'worker' if args.worker_process else 'node'} "
-        f"%(process)d] %(name)s: %(message)s",
+    try:
+        security = node_security(args)
+    except SecurityError as exc:
+        parser.error(str(exc))
+    configure_logging(
+        args.log_level, args.log_format, process="worker" if args.worker_process else "node"
     )
     try:
         if args.worker_process:
             registry = _load_registry(args.task_modules)
-            code = trio.run(_run_worker_process, args, registry)
+            code = trio.run(_run_worker_process, args, registry, security)
         else:
             if args.role != "control-plane":
                 _load_registry(args.task_modules)  # fail here, once, rather than in every child
-            code = trio.run(_run_node, args)
+            code = trio.run(_run_node, args, security)
         _deliver_queued_messages()
         return code
     except CliError as exc:

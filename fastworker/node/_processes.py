@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -31,9 +31,13 @@ _HEALTHY_AFTER = 30.0  # seconds of life after which a process counts as healthy
 class WorkerProcesses:
     """Runs ``count`` copies of a worker command and keeps them running."""
 
-    def __init__(self, count: int, argv: Sequence[str], grace: float) -> None:
+    def __init__(
+        self, count: int, argv: Sequence[str], grace: float, env: Mapping[str, str] | None = None
+    ) -> None:
+        """``env``: entries added to the processes' environment (their CURVE keys)."""
         self.count = count
         self.argv = list(argv)
+        self.env = {**os.environ, **env} if env else None
         self.grace = grace
         self.processes: dict[int, trio.Process] = {}  # slot → process
         self.restarts = 0
@@ -52,6 +56,7 @@ class WorkerProcesses:
             process = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "fastworker.node", *self.argv],
                 stdin=subprocess.DEVNULL,
+                env=self.env,
             )
             self.processes[slot] = process
             try:

@@ -422,14 +422,17 @@ class Actor:
                 await self.__on_stop()
             if scope.cancelled_caught:
                 logger.warning(
-                    "on_stop of actor %s did not finish within %s s", self.name, self.stop_timeout
+                    "on_stop of actor %s did not finish within %s s",
+                    self.name,
+                    self.stop_timeout,
+                    extra={"actor": self.name},
                 )
 
     async def __on_stop(self) -> None:
         try:
             await self.on_stop()
         except Exception:
-            logger.exception("on_stop of actor %s failed", self.name)
+            logger.exception("on_stop of actor %s failed", self.name, extra={"actor": self.name})
 
     async def __loop(self) -> None:
         # The hot path. Each wake-up takes one message with a (checkpointing)
@@ -522,7 +525,12 @@ class Actor:
             dropped += 1
         inbox.close()
         if dropped:
-            logger.warning("actor %s stopped with %d unprocessed messages", self.name, dropped)
+            logger.warning(
+                "actor %s stopped with %d unprocessed messages",
+                self.name,
+                dropped,
+                extra={"actor": self.name},
+            )
         return dropped
 
     def statistics(self) -> ActorStatistics:

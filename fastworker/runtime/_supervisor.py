@@ -193,9 +193,15 @@ class Supervisor:
                             )
                             raise
                         if slot.stopping:
-                            logger.exception("actor %s crashed while stopping", child.name)
+                            logger.exception(
+                                "actor %s crashed while stopping",
+                                child.name,
+                                extra={"actor": child.name},
+                            )
                             break
-                        logger.exception("actor %s crashed", child.name)
+                        logger.exception(
+                            "actor %s crashed", child.name, extra={"actor": child.name}
+                        )
                         if not self._may_restart(child.name):
                             exc.add_note(
                                 f"supervisor {self.name!r} gave up on {child.name!r}: restart "
@@ -260,6 +266,7 @@ class Supervisor:
                     "actor %s did not stop within %s s; cancelling it",
                     slot.child.name,
                     self.shutdown_timeout,
+                    extra={"actor": slot.child.name},
                 )
                 slot.scope.cancel()
                 await slot.done.wait()

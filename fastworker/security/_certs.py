@@ -13,9 +13,9 @@ import datetime
 import os
 from pathlib import Path
 
-import attrs
-import zmq
 import zmq.auth
+
+from ..transport import CurveKeys
 
 __all__ = [
     "CertificateError",
@@ -35,22 +35,6 @@ _BANNER = """#   ****  Generated on {when} by fastworker  ****
 
 class CertificateError(ValueError):
     """A certificate file is missing, unreadable or holds no usable key."""
-
-
-@attrs.frozen(repr=False)
-class CurveKeys:
-    """One CURVE key pair (Z85 text as bytes, as libzmq's socket options take them)."""
-
-    public: bytes
-    secret: bytes
-
-    def __repr__(self) -> str:  # never print a secret key into a log
-        return f"CurveKeys(public={self.public.decode()!r})"
-
-    @classmethod
-    def generate(cls) -> CurveKeys:
-        public, secret = zmq.curve_keypair()
-        return cls(public, secret)
 
 
 def _write(path: Path, text: str, mode: int, force: bool) -> None:

@@ -30,6 +30,7 @@ received message is never dropped by a cancellation.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from typing import cast
 
@@ -59,6 +60,22 @@ _EVENTS = int(zmq.EVENTS)
 # Frames at least this large are sent without a copy; smaller ones are cheaper
 # to copy than to track (pyzmq's own threshold).
 _ZERO_COPY_BYTES = 65536
+
+
+def _recv_with_peer_key(sock: zmq.Socket[bytes], flags: int) -> list[bytes]:
+    """One message, plus the sender's ``User-Id`` (its Z85 CURVE key) as a last part.
+
+    Reading a frame's metadata needs ``copy=False``; the copies are made here,
+    so the owner sees plain bytes like every other socket's.
+    """
+    frames = sock.recv_multipart(flags, copy=False)
+    try:
+        peer = frames[-1].get("User-Id")
+    except zmq.ZMQError:  # no ZAP handler gave this connection an id
+        peer = ""
+    parts = [frame.bytes for frame in frames]
+    parts.append(peer.encode() if isinstance(peer, str) else b"")
+    return parts
 
 
 class PeerUnreachable(Exception):
@@ -94,6 +111,7 @@ class ZSocket:
         "_peer_writers",
         "_readers",
         "_received",
+        "_recv",
         "_sent",
         "_sock",
         "_watch_scope",
@@ -101,8 +119,15 @@ class ZSocket:
         "endpoint",
     )
 
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], *, with_peer_key: bool = False) -> None:
+        """``with_peer_key``: every received message gets one more part at its end,
+        the sender's CURVE public key in Z85 (the ``User-Id`` our ZAP handler
+        gave the connection), so the owner checks each message against the
+        sender's role.  Only for sockets with a ZAP domain (CURVE servers)."""
         self._sock = sock
+        self._recv = (
+            functools.partial(_recv_with_peer_key, sock) if with_peer_key else sock.recv_multipart
+        )
         self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._lot = trio.lowlevel.ParkingLot()
         self._watch_scope: trio.CancelScope | None = None
@@ -222,7 +247,7 @@ class ZSocket:
         """One message if one is ready, else ``trio.WouldBlock``."""
         self._check_open()
         try:
-            frames: list[bytes] = self._sock.recv_multipart(_NOBLOCK)
+            frames: list[bytes] = self._recv(_NOBLOCK)
         except zmq.Again:
             raise trio.WouldBlock from None
         else:
@@ -250,12 +275,12 @@ class ZSocket:
         if max_messages < 1:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         self._check_open()
-        sock = self._sock
+        recv = self._recv
         batch: list[list[bytes]] = []
         if self._events() & _POLLIN:
             while len(batch) < max_messages:
                 try:
-                    batch.append(sock.recv_multipart(_NOBLOCK))
+                    batch.append(recv(_NOBLOCK))
                 except zmq.Again:
                     break
         self._after_io()
@@ -274,7 +299,7 @@ class ZSocket:
             raise ValueError(f"max_messages must be at least 1, not {max_messages}")
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_open()
-        sock = self._sock
+        recv = self._recv
         batch: list[list[bytes]] = []
         yielded = False
         # Ask EVENTS before receiving: on an idle socket a failing recv costs
@@ -285,7 +310,7 @@ class ZSocket:
         while True:
             if ready & _POLLIN:
                 try:
-                    batch.append(sock.recv_multipart(_NOBLOCK))
+                    batch.append(recv(_NOBLOCK))
                 except zmq.Again:
                     self._after_io()  # the failed attempt may have swallowed an edge
                 else:
@@ -300,7 +325,7 @@ class ZSocket:
         if events & _POLLIN:
             while len(batch) < max_messages:
                 try:
-                    batch.append(sock.recv_multipart(_NOBLOCK))
+                    batch.append(recv(_NOBLOCK))
                 except zmq.Again:
                     break
             events = self._events()

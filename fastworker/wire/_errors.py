@@ -15,6 +15,8 @@ WIRE_ERROR_REASONS = (
     "invalid",  # a task or result inside the message is invalid
     "bad_frames",  # wrong number of ZeroMQ frames
     "unexpected",  # a valid message that this endpoint does not accept
+    "unauthorized",  # CURVE: the sender's key is not (or no longer) allowed here
+    "forbidden",  # CURVE: the sender's key may not send this (a client key registering)
 )
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import trio
 
+from .._task_context import CURRENT_TASK_ID
 from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
 from ..tasks.serializer import SerializationFormat, dumps, loads
@@ -372,7 +373,13 @@ class Executor:
                 limit += " and its asyncio event loop is blocked (a blocking call in async code?)"
             else:
                 limit += " and did not stop when cancelled"
-        log.warning("task %s (%s): %s; abandoned", run.task_id, run.definition.name, limit)
+        log.warning(
+            "task %s (%s): %s; abandoned",
+            run.task_id,
+            run.definition.name,
+            limit,
+            extra={"task_id": run.task_id},
+        )
         run.abandoned = True
         self.stuck_runs += 1
         del self._held[run.task_id]
@@ -411,6 +418,7 @@ class Executor:
                 scope.deadline = trio.current_time() + run.timeout
                 due = scope.deadline + self.stop_grace
                 run.deadline = self._deadlines.arm(due, run, _STUCK)
+            CURRENT_TASK_ID.set(run.task_id)  # this trio task's own context
             try:
                 value = await run.call()
             except (trio.Cancelled, KeyboardInterrupt):
@@ -454,6 +462,7 @@ class Executor:
         """Runs on the asyncio loop: await the task and report its outcome, whatever it is."""
         timeout = run.timeout
         outcome: Outcome
+        CURRENT_TASK_ID.set(run.task_id)  # this asyncio task's own context, and wait_for's
         try:
             if timeout is None:
                 value = await coro
@@ -560,7 +569,12 @@ class Executor:
 
     def _bookkeeping_failure(self, run: _Run, exc: Exception) -> ResultRecord:
         """A run whose outcome could not be turned into a record fails alone, saying why."""
-        log.error("task %s: its outcome could not be reported", run.task_id, exc_info=exc)
+        log.error(
+            "task %s: its outcome could not be reported",
+            run.task_id,
+            exc_info=exc,
+            extra={"task_id": run.task_id},
+        )
         if self._held.get(run.task_id) is run:
             del self._held[run.task_id]
         return _record(

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .._task_context import CURRENT_TASK_ID
 from ._errors import traceback_text
 
 __all__ = ["TaskThreads"]
@@ -118,12 +119,15 @@ class TaskThreads:
             outcome: Outcome
             try:
                 self._on_start(run)
+                token = CURRENT_TASK_ID.set(run.task_id)
                 try:
                     value = run.call()
                 except BaseException as exc:  # a task's SystemExit must not end this thread
                     outcome = (run, False, exc, traceback_text(exc), time.time())
                 else:
                     outcome = (run, True, value, None, time.time())
+                finally:
+                    CURRENT_TASK_ID.reset(token)
                 self._on_done(outcome)
             except Exception:  # bookkeeping: never lose the thread to it
                 log.exception("worker: a task thread's bookkeeping failed")

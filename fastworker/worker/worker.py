@@ -120,6 +120,19 @@ class _Connected:
 
 
 @attrs.frozen
+class _Handshake:
+    """A handshake of one of our sockets ended (``problem`` None: accepted)."""
+
+    sock: ZSocket
+    problem: str | None
+
+
+# libzmq does not reconnect after a server refused our key; we open the
+# discovery socket again this often, so a key added back works again.
+_REFUSED_RETRY = 2.0
+
+
+@attrs.frozen
 class _RetireNow:
     """The recycle grace is over: hand back what still runs."""
 
@@ -151,6 +164,8 @@ class Worker(Actor):
         self._starts = 0
         self._prefetch = cfg.prefetch if cfg.prefetch is not None else max(cfg.concurrency, 64)
         self._avg_seconds = 0.01  # running mean of task durations, for the prefetch
+        self._refused: str | None = None  # why the control plane refused our handshake
+        self._refused_at = 0.0
 
     # -- life cycle ---------------------------------------------------------
 
@@ -160,19 +175,49 @@ class Worker(Actor):
         self._scheduler_endpoint = None
         self._flush_armed = False
         previous = self._restart()
-        self._discovery = connect_dealer(
-            nursery,
-            self.ref,
-            self.config.discovery_address,
-            self.config.transport,
-            when_up=_Connected,  # the first Register usually found no connection yet
-        )
+        self._open_discovery()
         if previous is not None:
             # Hand our old identity's tasks back at once (their runs died with it).
             self._send_discovery(Unregister(previous, "crashed"))
         await nursery.start(self.executor.run)
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         self._send_discovery(self._register_message())
+
+    def _open_discovery(self) -> None:
+        assert self._nursery is not None
+        self._discovery = connect_dealer(
+            self._nursery,
+            self.ref,
+            self.config.discovery_address,
+            self.config.transport,
+            when_up=_Connected,  # the first Register usually found no connection yet
+            on_handshake=_Handshake,
+        )
+
+    def _on_handshake(self, message: _Handshake) -> None:
+        if message.sock is not self._discovery and message.sock is not self._scheduler:
+            return
+        if message.problem is None:
+            if self._refused is not None:
+                log.info("worker %s: the control plane accepts our key again", self.worker_id)
+            self._refused = None
+            return
+        if self._refused is None:
+            log.error("worker %s: %s", self.worker_id, message.problem)
+            self._refused_at = trio.current_time()
+        self._refused = message.problem
+
+    def _reopen_refused(self) -> None:
+        """Connect again: libzmq gives up on a connection whose key was refused."""
+        now = trio.current_time()
+        if self._refused is None or now - self._refused_at < _REFUSED_RETRY:
+            return
+        self._refused_at = now
+        if self._discovery is not None:
+            self._discovery.close()
+        self._open_discovery()
+        if self._scheduler is not None and self._scheduler_endpoint is not None:
+            self._open_scheduler(self._scheduler_endpoint)
 
     def _new_executor(self) -> Executor:
         return Executor(
@@ -226,6 +271,8 @@ class Worker(Actor):
             elif message.sock is self._discovery and not self._connected:
                 # The Register sent at start usually found no connection yet.
                 self._send_discovery(self._register_message())
+        elif type(message) is _Handshake:
+            self._on_handshake(message)
         elif message == "stats":
             return self.statistics_dict()
         else:
@@ -316,6 +363,7 @@ class Worker(Actor):
             self.config.transport,
             identity=self.worker_id.encode(),
             when_up=_Connected,  # announce our window as soon as we can
+            on_handshake=_Handshake,
         )
         self._scheduler_endpoint = endpoint
 
@@ -365,6 +413,7 @@ class Worker(Actor):
             self._announce()
 
     def _on_tick(self) -> None:
+        self._reopen_refused()
         now = trio.current_time()
         silent = now - self._last_ack
         if self._connected and silent > self._interval * self.config.liveness:
@@ -553,7 +602,13 @@ def _shrink(record: ResultRecord, budget: int) -> ResultRecord:
     retry).
     """
     size = result_weight(record)
-    log.warning("task %s: result of %d bytes exceeds the %d-byte limit", record[0], size, budget)
+    log.warning(
+        "task %s: result of %d bytes exceeds the %d-byte limit",
+        record[0],
+        size,
+        budget,
+        extra={"task_id": record[0]},
+    )
     if record.result is not None:
         return record._replace(
             status="failure",

@@ -22,6 +22,7 @@ if str(HERE.parent) not in sys.path:  # tests/: where multiprocess.py lives
     sys.path.insert(0, str(HERE.parent))
 
 from multiprocess import (  # noqa: E402
+    CurveFiles,
     Node,
     free_tcp_port,
     open_node,
@@ -35,6 +36,7 @@ from fastworker import Client  # noqa: E402
 __all__ = [
     "ANY_PORT",
     "TASKS",
+    "CurveFiles",
     "Node",
     "Runs",
     "client_for",

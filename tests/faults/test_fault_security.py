@@ -1,0 +1,231 @@
+"""CURVE with real node processes: who is refused, what they get (nothing), what they learn.
+
+Every test runs a node with ``--curve-secret-key``, ``--client-keys`` and
+``--worker-keys`` (``CurveFiles``: ``client`` is a client, ``worker`` a
+worker, ``fuzz`` both, ``rogue`` neither) and talks to it as a real
+``Client``, a real ``--role worker`` node, or a raw pyzmq peer holding a
+key, the way an attacker would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import pytest
+import trio
+import zmq
+from _nodes import (
+    ANY_PORT,
+    TASKS,
+    CurveFiles,
+    client_for,
+    fault_node,
+    poll,
+    stats,
+    wait_for_workers,
+    worker_pids,
+)
+
+from fastworker import AuthenticationError, Client
+from fastworker.wire import (
+    Done,
+    ErrorReply,
+    Heartbeat,
+    Register,
+    Registered,
+    Unregister,
+    decode,
+    encode,
+)
+
+pytestmark = [pytest.mark.multiprocess]
+
+# Refusals must reach the caller this fast (the issue: "within a second or two").
+REFUSAL_SECONDS = 2.0
+
+
+def _raw(curve: CurveFiles, key: str, address: str, identity: bytes | None = None) -> Any:
+    """A raw DEALER speaking CURVE with ``key``'s pair, as a hand-written peer would."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    keys = curve.keys(key)
+    sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+    sock.curve_serverkey = curve.server_public()
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    if identity is not None:
+        sock.setsockopt(zmq.ROUTING_ID, identity)
+    sock.connect(address)
+    return sock
+
+
+def _ask(sock: Any, message: Any) -> Any:
+    sock.send(encode(message))
+    return decode(sock.recv())
+
+
+async def _refused(client: Client, match: str) -> float:
+    """Seconds until ``submit_task`` raised AuthenticationError naming ``match``."""
+    await client.start()
+    started = time.monotonic()
+    try:
+        with trio.fail_after(REFUSAL_SECONDS + 3), pytest.raises(AuthenticationError, match=match):
+            await client.submit_task("add", [1, 2])
+        return time.monotonic() - started
+    finally:
+        client.stop(timeout=0.1)
+
+
+@pytest.mark.timeout(60)
+async def test_keyless_wrong_key_and_wrong_server_key_clients_are_refused_at_once(
+    curve_files: CurveFiles,
+) -> None:
+    node_args = ("--discovery-address", ANY_PORT, *TASKS, *curve_files.node_args())
+    async with fault_node(*node_args) as node:
+        address = node.discovery_address
+        wrong_server = {
+            **curve_files.client_kwargs(),
+            "curve_server_key": curve_files.public("rogue"),
+        }
+        cases = [
+            (Client(address, timeout=20), "requires CURVE keys"),
+            (Client(address, timeout=20, **curve_files.client_kwargs("rogue")), "refused our"),
+            (Client(address, timeout=20, **curve_files.client_kwargs("worker")), "refused our"),
+            (Client(address, timeout=20, **wrong_server), "curve_server_key"),
+        ]
+        for client, match in cases:
+            assert await _refused(client, match) < REFUSAL_SECONDS
+        async with client_for(node, **curve_files.client_kwargs()) as client:
+            assert (await client.submit_task("add", [1, 2])).result == 3
+            scheduler = (await stats(client))["scheduler"]
+            assert scheduler["accepted"] == 1  # only the allowed client's task
+            assert (await stats(client))["zap"]["handshakes"]["refused"] >= 2
+
+
+@pytest.mark.timeout(60)
+async def test_a_client_key_removed_and_sighup_is_refused_even_on_its_open_connection(
+    curve_files: CurveFiles,
+) -> None:
+    node_args = ("--discovery-address", ANY_PORT, *TASKS, *curve_files.node_args())
+    async with (
+        fault_node(*node_args) as node,
+        client_for(node, **curve_files.client_kwargs()) as client,
+        client_for(node, **curve_files.client_kwargs("fuzz")) as observer,
+    ):
+        assert (await client.submit_task("add", [1, 2])).result == 3
+        os.remove(curve_files.clients / "client.key")
+        node.signal(signal.SIGHUP)
+
+        async def reloaded() -> bool:
+            return bool((await stats(observer))["zap"]["client_keys"] == 1)
+
+        await poll(reloaded, timeout=10, what="the keys reloaded")
+        with trio.fail_after(REFUSAL_SECONDS + 3), pytest.raises(AuthenticationError):
+            await client.submit_task("add", [2, 3])
+        late = Client(node.discovery_address, timeout=20, **curve_files.client_kwargs())
+        assert await _refused(late, "refused our") < REFUSAL_SECONDS
+        scheduler = (await stats(observer))["scheduler"]
+        assert scheduler["accepted"] == 1
+        assert scheduler["held"] == 0
+
+
+@pytest.mark.timeout(60)
+async def test_workers_without_a_worker_key_get_no_task(curve_files: CurveFiles) -> None:
+    cp_args = ("--role", "control-plane", "--discovery-address", ANY_PORT)
+    async with (
+        fault_node(*cp_args, *curve_files.node_args()) as control,
+        client_for(control, **curve_files.client_kwargs()) as client,
+    ):
+        ids = [await client.delay("add", i, i) for i in range(5)]
+        await client.flush()
+        worker_args = ("--role", "worker", "--discovery-address", control.discovery_address)
+        for name, extra, complaint in (
+            ("keyless", (), "requires CURVE keys"),
+            ("rogue", curve_files.worker_args("rogue"), "refused our CURVE key"),
+            ("client", curve_files.worker_args("client"), "needs a worker key"),
+        ):
+            async with fault_node(*worker_args, *TASKS, *extra) as intruder:
+                await poll(
+                    lambda i=intruder, c=complaint: c in i.stderr_text(),
+                    timeout=10,
+                    what=f"the {name} worker's complaint",
+                )
+                scheduler = (await stats(client))["scheduler"]
+                assert scheduler["dispatched"] == 0, name
+                assert (await stats(client))["discovery"]["workers_alive"] == 0, name
+        async with fault_node(*worker_args, *TASKS, *curve_files.worker_args()):
+            with trio.fail_after(20):
+                await client.join()
+        assert [client.get_result(i).result for i in ids] == [0, 2, 4, 6, 8]
+
+
+@pytest.mark.timeout(60)
+async def test_spoofed_heartbeats_and_unregisters_for_another_worker_count_for_nothing(
+    curve_files: CurveFiles,
+) -> None:
+    node_args = ("--discovery-address", ANY_PORT, "--heartbeat-interval", "0.3", *TASKS)
+    async with (
+        fault_node(*node_args, *curve_files.node_args()) as node,
+        client_for(node, **curve_files.client_kwargs()) as client,
+    ):
+        workers = await wait_for_workers(client, 1)
+        (victim,) = workers
+        (pid,) = worker_pids(workers)
+        spoofer = _raw(curve_files, "worker", node.discovery_address)
+        try:
+            # A live worker is not evicted by somebody else's Unregister …
+            reply = await trio.to_thread.run_sync(_ask, spoofer, Unregister(victim, "crashed"))
+            assert isinstance(reply, ErrorReply)
+            assert reply.reason == "forbidden"
+            assert victim in (await stats(client))["discovery"]["workers"]
+            # … and a dead one is not kept alive by somebody else's heartbeats.
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(15):
+                    while victim in (await stats(client))["discovery"]["workers"]:
+                        reply = await trio.to_thread.run_sync(_ask, spoofer, Heartbeat(victim))
+                        assert isinstance(reply, ErrorReply)
+                        assert reply.reason == "forbidden"
+                        await trio.sleep(0.1)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+        finally:
+            spoofer.close()
+
+
+@pytest.mark.timeout(60)
+async def test_done_from_a_peer_that_did_not_register_changes_nothing(
+    curve_files: CurveFiles, tmp_path: Any
+) -> None:
+    node_args = ("--discovery-address", ANY_PORT, *TASKS, *curve_files.node_args())
+    async with (
+        fault_node(*node_args) as node,
+        client_for(node, **curve_files.client_kwargs()) as client,
+    ):
+        await wait_for_workers(client, 1)
+        task_id = await client.delay("work", 7, 1.0, str(tmp_path))
+        await client.flush()
+        probe = _raw(curve_files, "worker", node.discovery_address)
+        registered = await trio.to_thread.run_sync(
+            _ask, probe, Register("probe", [], 1, 1, "probe")
+        )
+        probe.close()
+        assert isinstance(registered, Registered)
+        forger = _raw(curve_files, "worker", registered.worker_endpoint, identity=b"forger")
+        forged = [task_id, "success", b"666", None, None, None, 1, None, 0, "work", None]
+        forger.send(encode(Done([forged])))
+
+        async def ignored() -> bool:
+            rejected = (await stats(client))["rejected"]
+            return bool(rejected.get("unregistered", 0) >= 1)
+
+        await poll(ignored, timeout=10, what="the forged Done ignored")
+        forger.close()
+        with trio.fail_after(20):
+            await client.join()
+        result = client.get_result(task_id)
+        assert result is not None
+        assert result.result[0] == 14  # the real run's, not the forged 666
