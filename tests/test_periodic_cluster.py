@@ -8,6 +8,7 @@ decoded are listed as dead letters, and a retried one succeeds.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import zoneinfo
@@ -20,6 +21,7 @@ from fastworker import Client, Cluster, TaskStatus, task
 from fastworker.control._internal import WorkerLost
 from fastworker.control._schedules import tick_task_id
 from fastworker.tasks.serializer import SerializationFormat, dumps
+from fastworker.testing import cluster
 
 # Set by each test inside its trio run; the trio tasks below run on the same run.
 _state: dict[str, Any] = {}
@@ -202,3 +204,33 @@ def test_dumps_for_the_raw_payload_is_json() -> None:
     # The undecodable case above relies on JSON being format 0 and rejecting 0xff.
     assert dumps(SerializationFormat.JSON, [[], {}]) == b"[[],{}]"
     assert SerializationFormat.JSON.code == 0
+
+
+@task(name="periodic_always_fails", loop="asyncio")
+async def periodic_always_fails(x: int) -> int:
+    raise ValueError(f"no {x}")
+
+
+@pytest.mark.timeout(30)
+def test_schedules_and_dead_letters_under_asyncio() -> None:
+    async def main(address: str) -> None:
+        async with Client(discovery_address=address) as client:
+            sid = await client.schedule("periodic_always_fails", repeat_interval=3600, args=[1])
+            assert [info.schedule_id for info in await client.schedules()] == [sid]
+            failed = await client.submit_task(task_name="periodic_always_fails", args=(5,))
+            (letter,) = await client.dead_letters()
+            assert (letter.task_id, letter.args, letter.error) == (
+                failed.task_id,
+                (5,),
+                "ValueError: no 5",
+            )
+            assert await client.retry_dead_letter(failed.task_id)
+            await client.join(timeout=10)
+            again = client.get_result(failed.task_id)
+            assert again is not None
+            assert again.status is TaskStatus.FAILURE  # it failed again: a letter again
+            assert [letter.task_id for letter in await client.dead_letters()] == [failed.task_id]
+            assert await client.remove_schedule(sid)
+
+    with cluster(tasks=[periodic_always_fails]) as running:
+        asyncio.run(asyncio.wait_for(main(running.discovery_address), 20))
