@@ -9,6 +9,7 @@ decoded are listed as dead letters, and a retried one succeeds.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 import zoneinfo
@@ -96,6 +97,49 @@ async def test_a_one_second_cron_runs_once_per_tick_with_three_workers() -> None
         assert len(found) == submitted == len(_state["runs"])
         assert found == list(range(found[0], found[0] + len(found)))  # no tick skipped
         assert await client.schedules() == []
+
+
+@task(name="periodic_each_second", cron="* * * * * *", loop="trio")
+async def periodic_each_second() -> int:
+    runs: list[float] = _state["runs"]
+    runs.append(time.time())
+    if len(runs) >= _state["target"]:
+        _state["reached"].set()
+    return len(runs)
+
+
+@pytest.mark.timeout(30)
+async def test_ticks_missed_while_the_control_plane_was_frozen_run_once() -> None:
+    _reset(runs=[], target=1, reached=trio.Event())
+    start = time.time()
+    # Heartbeats far apart: the freeze must not get the workers declared dead.
+    async with (
+        Cluster(tasks=[periodic_each_second], workers=2, heartbeat_interval=5.0) as cluster,
+        Client(discovery_address=cluster.discovery_address) as client,
+    ):
+        with trio.fail_after(10):
+            await _state["reached"].wait()
+        # The whole process stops, control plane included, across three ticks.
+        time.sleep(3.3)  # noqa: ASYNC251  (blocking on purpose: an outage, not a wait)
+        _state["target"], _state["reached"] = len(_state["runs"]) + 2, trio.Event()
+        with trio.fail_after(10):
+            await _state["reached"].wait()
+        assert await client.remove_schedule("periodic_each_second")
+        stats = (await client.stats())["scheduler"]["schedules"]
+        _state["target"], _state["reached"] = stats["runs"], trio.Event()
+        if len(_state["runs"]) < stats["runs"]:
+            with trio.fail_after(5):
+                await _state["reached"].wait()
+        found = []
+        for second in range(math.floor(start), math.ceil(time.time()) + 1):
+            tick_id = tick_task_id("periodic_each_second", second)
+            if await client.get_task_result(tick_id) is not None:
+                found.append(second)
+        assert len(found) == stats["runs"] == len(_state["runs"])
+        gaps = [b - a for a, b in itertools.pairwise(found) if b - a > 1]
+        assert len(gaps) == 1  # the frozen seconds: one run stood for them
+        assert gaps[0] >= 3
+        assert stats["collapsed"] == 1
 
 
 @pytest.mark.timeout(30)
