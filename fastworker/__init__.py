@@ -12,6 +12,8 @@ from .client import PendingLimitError as PendingLimitError
 from .client import QueueFullError as QueueFullError
 from .cluster import Cluster as Cluster
 from .tasks.models import CallbackInfo as CallbackInfo
+from .tasks.models import DeadLetter as DeadLetter
+from .tasks.models import ScheduleInfo as ScheduleInfo
 from .tasks.models import Task as Task
 from .tasks.models import TaskPriority as TaskPriority
 from .tasks.models import TaskResult as TaskResult
@@ -37,10 +39,12 @@ __all__ = [
     "Cluster",
     "ControlPlaneUnavailableError",
     "CurveKeys",
+    "DeadLetter",
     "DuplicateTaskError",
     "PendingLimitError",
     "PickleRefusedError",
     "QueueFullError",
+    "ScheduleInfo",
     "SerializationError",
     "SerializationFormat",
     "Task",

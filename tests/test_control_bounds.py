@@ -13,12 +13,20 @@ from typing import Any
 import trio
 
 from fastworker._io import Inbound
-from fastworker.control._internal import WorkerJoined, WorkerLost
+from fastworker.control._internal import DeclaredSchedules, WorkerJoined, WorkerLost
 from fastworker.control.discovery import Discovery, DiscoveryConfig
 from fastworker.control.gateway import MAX_STATS_QUERIES, Gateway
 from fastworker.runtime import MailboxFull
 from fastworker.transport import TransportConfig
-from fastworker.wire import ErrorReply, Register, StatsQuery, Unregister, decode, encode
+from fastworker.wire import (
+    DeclareSchedules,
+    ErrorReply,
+    Register,
+    StatsQuery,
+    Unregister,
+    decode,
+    encode,
+)
 
 
 class _Scheduler:
@@ -64,6 +72,58 @@ async def test_membership_news_waits_compacted_while_the_scheduler_is_full() -> 
     # What the Scheduler learns is what happened, in order: the worker died, then is back.
     assert scheduler.told == [WorkerLost("w", "died"), WorkerJoined("w", frozenset({"t", "u"}), 1)]
     assert not discovery._undelivered
+
+
+async def test_declared_schedules_wait_compacted_and_only_a_member_declares() -> None:
+    scheduler = _Scheduler()
+    discovery = _discovery(scheduler)
+    wire = ["t", "t", None, 5.0, None, 2, 1, b""]
+    discovery.receive(_frame(b"peer", DeclareSchedules("stranger", [wire])))
+    assert scheduler.told == []  # not a registered worker
+    discovery.receive(_frame(b"peer", Register("w", ["t"], 1, 1, "host")))
+    scheduler.full = True
+    for n in range(1000):  # re-registering and declaring while the Scheduler cannot take news
+        discovery._tell_scheduler(WorkerJoined("w", frozenset({"t"}), 1))
+        discovery._tell_scheduler(DeclaredSchedules("w", [wire, n]))
+    assert sum(len(v) for v in discovery._undelivered.values()) == 2
+    scheduler.full = False
+    discovery.receive(_frame(b"peer", DeclareSchedules("w", [wire])))
+    assert scheduler.told[-2:] == [
+        WorkerJoined("w", frozenset({"t"}), 1),
+        DeclaredSchedules("w", [wire]),
+    ]
+    assert discovery.receive("stats")["rejected"] == {"invalid": 1}
+
+
+class _AnyWorkerKey:
+    """A key ring that lets every key in as a worker (ownership is what is tested)."""
+
+    def allows(self, domain: str, key: bytes) -> bool:
+        return True
+
+    def is_worker(self, key: bytes) -> bool:
+        return True
+
+    def is_client(self, key: bytes) -> bool:
+        return False
+
+
+async def test_only_the_key_that_registered_a_worker_declares_its_schedules() -> None:
+    scheduler = _Scheduler()
+    discovery = Discovery(
+        DiscoveryConfig(),
+        instance_id="i",
+        scheduler=scheduler,  # type: ignore[arg-type]
+        endpoints=lambda: ("tcp://127.0.0.1:1", "tcp://127.0.0.1:2"),
+        keys=_AnyWorkerKey(),  # type: ignore[arg-type]
+    )
+    wire = ["t", "t", None, 5.0, None, 2, 1, b""]
+    discovery.receive(Inbound([[b"peer", encode(Register("w", ["t"], 1, 1, "h")), b"key-a"]]))
+    discovery.receive(Inbound([[b"other", encode(DeclareSchedules("w", [wire])), b"key-b"]]))
+    assert scheduler.told == [WorkerJoined("w", frozenset({"t"}), 1, key=b"key-a")]
+    discovery.receive(Inbound([[b"peer", encode(DeclareSchedules("w", [wire])), b"key-a"]]))
+    assert scheduler.told[-1] == DeclaredSchedules("w", [wire])
+    assert discovery.receive("stats")["rejected"] == {"forbidden": 1}
 
 
 async def test_an_unregister_after_a_crash_is_a_death_and_an_odd_reason_is_refused() -> None:

@@ -81,6 +81,8 @@ class TaskBookMachine(RuleBasedStateMachine):
             assert record.status in ("success", "failure", "cancelled")
             self.final[record.task_id] = record.status
             assert book.status_of(record.task_id) is None
+        failed = [r.task_id for r in out.records if r.status == "failure"]
+        assert [e.task_id for e, _, _ in out.dead] == failed, "every failure is a dead letter"
         for client, records in out.pushes.items():
             assert client, "a push to a task submitted without a client"
             assert all(r.task_id in self.final for r in records)

@@ -19,6 +19,7 @@ import collections
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -32,17 +33,23 @@ from ..wire import (
     MAX_QUERY_IDS,
     Cancel,
     CancelReply,
+    DeadLetterReply,
+    DeadLetterRetryReply,
     ErrorReply,
     Lookup,
     LookupReply,
+    Message,
     ResultQuery,
     ResultRecord,
     ResultReply,
     Results,
+    ScheduleListReply,
+    ScheduleReply,
     StatsQuery,
     StatsReply,
     Submit,
     SubmitAck,
+    TaskEnvelope,
     WireError,
     decode,
     encode,
@@ -61,6 +68,14 @@ log = logging.getLogger("fastworker.client")
 # Tasks per Submit; the bytes of each are bounded by split_by_bytes under the
 # control plane's message limit.
 _MAX_TASKS_PER_SUBMIT = 4096
+# Replies handed to the caller's waiter as they are.
+_PLAIN_REPLIES = (
+    StatsReply,
+    ScheduleReply,
+    ScheduleListReply,
+    DeadLetterReply,
+    DeadLetterRetryReply,
+)
 # A result push can be lost (the client was reconnecting, a queue overflowed).
 # Tasks acknowledged this long ago without a result are looked up in the
 # control plane's cache, so nothing waits forever on a lost push.  A task the
@@ -133,6 +148,8 @@ class Command:
     task_ids: list[str] = attrs.Factory(list)
     # time.monotonic() after which nobody waits for the answer: the entry goes.
     deadline: float = float("inf")
+    # kind "request": the message to send, given its request id (schedules, dead letters).
+    request: Callable[[int], Message] | None = None
 
 
 @attrs.define(eq=False, slots=True)
@@ -472,6 +489,8 @@ class ClientCore(Actor):
             message = Cancel(request_id, command.task_ids[0])
         elif command.kind == "stats":
             message = StatsQuery(request_id)
+        elif command.kind == "request" and command.request is not None:
+            message = command.request(request_id)
         else:
             raise ValueError(f"unknown client command {command.kind!r}")
         self._queries[request_id] = command
@@ -725,10 +744,12 @@ class ClientCore(Actor):
             command = self._queries.pop(message.request_id, None)
             if command is not None:
                 command.waiter.set(self._on_cancel_reply(command, message))
-        elif isinstance(message, StatsReply):
+        elif isinstance(message, _PLAIN_REPLIES):
             command = self._queries.pop(message.request_id, None)
             if command is not None:
                 command.waiter.set(message)
+            if isinstance(message, DeadLetterRetryReply) and message.task is not None:
+                self._hold_revived(message.task)
         elif isinstance(message, ErrorReply):
             if message.reason == "unauthorized":
                 # Our key was removed while connected: as a refused handshake.
@@ -740,6 +761,26 @@ class ClientCore(Actor):
                 command.waiter.set(error)
             else:
                 log.error("%s", error)
+
+    def _hold_revived(self, wire: list[Any]) -> None:
+        """A dead letter's task queued again for us: hold it like a task we submitted.
+
+        Its result comes to us (``join`` waits for it), and a control plane
+        that restarts before it finished gets it again from us.
+        """
+        try:
+            task_id = TaskEnvelope.from_wire(wire).task_id
+        except WireError:
+            log.warning("client ignored an invalid retried task from the control plane")
+            return
+        if task_id in self.pending:
+            return
+        self.finished.pop(task_id, None)
+        entry = PendingTask(wire)
+        entry.status = TaskStatus.QUEUED
+        entry.sent = entry.ever_sent = entry.watched = True
+        self.pending[task_id] = entry
+        self._watch.append((trio.current_time(), [task_id]))
 
     def _on_lookup(self, reply: LookupReply) -> None:
         self.max_message_size = reply.max_message_size

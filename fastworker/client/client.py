@@ -17,19 +17,37 @@ import math
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import trio
 
 from .._callback_address import parse_callback_address
 from ..security import load_public_key, load_secret_key
-from ..tasks.models import TaskPriority, TaskResult, TaskStatus
+from ..tasks.models import DeadLetter, ScheduleInfo, TaskPriority, TaskResult, TaskStatus
 from ..tasks.options import MAX_WAIT as _MAX_WAIT
 from ..tasks.options import check_eta, check_seconds, check_task_options
 from ..tasks.serializer import SerializationFormat, dumps
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
-from ..wire import CancelReply, ResultRecord, StatsReply, message_budget, task_weight
+from ..wire import (
+    CancelReply,
+    DeadLetterQuery,
+    DeadLetterReply,
+    DeadLetterRetry,
+    DeadLetterRetryReply,
+    Message,
+    ResultRecord,
+    ScheduleAdd,
+    ScheduleList,
+    ScheduleListReply,
+    ScheduleRemove,
+    ScheduleReply,
+    StatsReply,
+    encode,
+    message_budget,
+    task_weight,
+)
+from ._admin import dead_letter, schedule_info, schedule_wire
 from ._core import ClientCore, Command, PendingTask
 from ._errors import (
     AuthenticationError,
@@ -749,13 +767,19 @@ class Client:
         entry = self._core.pending.get(task_id)
         return None if entry is None else entry.status
 
-    async def _command(self, kind: str, task_ids: list[str], timeout: float | None) -> Any:
+    async def _command(
+        self,
+        kind: str,
+        task_ids: list[str],
+        timeout: float | None,
+        request: Callable[[int], Message] | None = None,
+    ) -> Any:
         self._check_running()
         wait = _wait_seconds(timeout, self.timeout)
         waiter = new_waiter(self._on_trio)
         # The actor forgets the request at its deadline, whether or not an answer came.
         deadline = time.monotonic() + wait
-        self._core.inbox.append(Command(kind, waiter, task_ids, deadline))
+        self._core.inbox.append(Command(kind, waiter, task_ids, deadline, request))
         self._wake_now()
         done, value = await waiter.wait(wait)
         if not done:
@@ -799,6 +823,108 @@ class Client:
         """The control plane's statistics (workers, queues, cache, callbacks, rejections)."""
         reply: StatsReply = await self._command("stats", [], timeout)
         return reply.stats
+
+    # -- schedules and dead letters (design/schedules.md) ---------------------
+
+    async def schedule(
+        self,
+        task_name: str,
+        *,
+        cron: str | None = None,
+        repeat_interval: float | None = None,
+        timezone: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        priority: TaskPriority | str = TaskPriority.NORMAL,
+        schedule_id: str | None = None,
+        timeout: float | None = None,
+    ) -> str:
+        """Run ``task_name`` periodically from now on; returns the schedule's id.
+
+        ``cron`` (five fields, or six with seconds last; in ``timezone``, an
+        IANA name, UTC by default) or ``repeat_interval`` seconds.  The
+        control plane submits one task per tick, whatever the number of
+        workers, and a tick missed while it was down runs once when it is
+        back.  The same ``schedule_id`` again replaces that schedule.  Raises
+        ValueError or TypeError for a bad argument (checked here, before
+        anything is sent), ValueError when the control plane refuses it (with
+        its reason), ControlPlaneUnavailableError when it does not answer.
+        """
+        schedule_id = secrets.token_hex(8) if schedule_id is None else schedule_id
+        wire = schedule_wire(
+            schedule_id,
+            task_name,
+            cron=cron,
+            repeat_interval=repeat_interval,
+            timezone=timezone,
+            args=args,
+            kwargs=kwargs,
+            priority=priority,
+            fmt=self.serialization_format,
+        )
+        size = len(encode(ScheduleAdd(0, wire)))
+        if size > message_budget(self._core.max_message_size):
+            raise ValueError(
+                f"schedule {schedule_id!r} encodes to {size} bytes, more than one message to "
+                "the control plane may carry; pass a reference to the data instead"
+            )
+        reply: ScheduleReply = await self._command(
+            "request", [], timeout, lambda request_id: ScheduleAdd(request_id, wire)
+        )
+        if not reply.ok:
+            raise ValueError(f"the control plane refused the schedule: {reply.message}")
+        return schedule_id
+
+    async def schedules(self, *, timeout: float | None = None) -> list[ScheduleInfo]:
+        """Every schedule the control plane holds, by id (as many as one reply carries)."""
+        reply: ScheduleListReply = await self._command("request", [], timeout, ScheduleList)
+        infos = (schedule_info(raw, self.allow_pickle) for raw in reply.schedules)
+        return [info for info in infos if info is not None]
+
+    async def remove_schedule(self, schedule_id: str, *, timeout: float | None = None) -> bool:
+        """Stop a schedule; False when there was none by that id.
+
+        A ``@task(cron=...)`` schedule comes back when a worker declaring it
+        registers again (design/schedules.md).
+        """
+        if not isinstance(schedule_id, str) or not schedule_id:
+            raise TypeError(f"schedule_id must be a non-empty string, got {schedule_id!r:.60}")
+        reply: ScheduleReply = await self._command(
+            "request", [], timeout, lambda request_id: ScheduleRemove(request_id, schedule_id)
+        )
+        return reply.ok
+
+    async def dead_letters(
+        self, *, limit: int = 100, timeout: float | None = None
+    ) -> list[DeadLetter]:
+        """The newest ``limit`` tasks that failed for good, newest first.
+
+        Each with its arguments, its last error and why it is dead (see
+        ``DeadLetter``); as many as one reply carries.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ValueError(f"limit must be an integer from 1 to 10000, got {limit!r}")
+        reply: DeadLetterReply = await self._command(
+            "request", [], timeout, lambda request_id: DeadLetterQuery(request_id, limit)
+        )
+        letters = (dead_letter(raw, self.allow_pickle) for raw in reply.letters)
+        return [letter for letter in letters if letter is not None]
+
+    async def retry_dead_letter(self, task_id: str, *, timeout: float | None = None) -> bool:
+        """Queue a dead letter's task again, under its id, from its first attempt.
+
+        True when it is queued: this client then holds it like a task it
+        submitted (``join`` waits for it, ``get_result`` shows its new result
+        once it arrives).  False when there is no dead letter by that id or
+        the control plane could not queue it (the letter stays).
+        """
+        _check_task_id(task_id)
+        reply: DeadLetterRetryReply = await self._command(
+            "request", [], timeout, lambda request_id: DeadLetterRetry(request_id, task_id)
+        )
+        if not reply.requeued:
+            log.info("dead letter %s not retried: %s", task_id, reply.message)
+        return reply.requeued
 
     async def join(self, timeout: float | None = None) -> None:
         """Wait until every task this client submitted has a final result.

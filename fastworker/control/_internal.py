@@ -14,7 +14,9 @@ from ..wire import ResultRecord
 __all__ = [
     "CallbackJobs",
     "CancelTask",
+    "ClientRequest",
     "ClientSubmits",
+    "DeclaredSchedules",
     "HeldAcks",
     "LookupTask",
     "MetricsQuery",
@@ -111,3 +113,19 @@ class LookupTask:
 @attrs.frozen
 class MetricsQuery:
     """Asked of the Scheduler: its task metrics, queues and workers, for the HTTP side."""
+
+
+@attrs.frozen
+class ClientRequest:
+    """A client's schedule or dead-letter request, for the Scheduler that holds both."""
+
+    identity: bytes
+    message: Any
+
+
+@attrs.frozen
+class DeclaredSchedules:
+    """The ScheduleWire arrays a registered worker's ``@task``s declare (unchecked)."""
+
+    worker_id: str
+    schedules: list[Any]

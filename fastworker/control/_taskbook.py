@@ -39,6 +39,7 @@ import attrs
 from ..tasks.models import TaskStatus
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE
 from ..wire import ResultRecord, TaskEnvelope, message_budget, task_weight
+from ._deadletters import reason_for
 from ._queues import PriorityQueues
 
 __all__ = ["Effects", "TaskBook", "TaskBookConfig", "default_max_queued_bytes"]
@@ -154,6 +155,9 @@ class Effects:
     cancels: dict[bytes, list[str]] = attrs.Factory(dict)
     # Finished task ids re-submitted by a client: push their stored result again.
     resends: dict[bytes, list[str]] = attrs.Factory(dict)
+    # Tasks that failed for good, for the dead letters: (task as submitted, its
+    # final result, why it is dead — see _deadletters.REASONS).
+    dead: list[tuple[TaskEnvelope, ResultRecord, str]] = attrs.Factory(list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -163,6 +167,7 @@ class Effects:
             or self.dispatches
             or self.cancels
             or self.resends
+            or self.dead
         )
 
 
@@ -279,6 +284,18 @@ class TaskBook:
         while len(finished) > self.config.finished_memory:
             finished.popitem(last=False)
 
+    def revive(self, client: bytes, envelope: TaskEnvelope) -> tuple[str, str] | None:
+        """Queue a finished task again under its own id (a dead letter retried).
+
+        Its id leaves the finished memory first, or ``submit`` would take it
+        for a re-submission; it runs from attempt 1.  None when queued, else
+        (reason, message) as from ``submit``.
+        """
+        if envelope.task_id in self._jobs:
+            return ("held", f"task {envelope.task_id} is held already")
+        self._finished.pop(envelope.task_id, None)
+        return self.submit(client, envelope)
+
     def _keep_orphan(self, record: ResultRecord) -> None:
         """Remember a final result for a task we do not know (yet), for a short while.
 
@@ -392,6 +409,7 @@ class TaskBook:
                         _FAILURE,
                         f"poison task: its runs killed their worker {job.deaths} times "
                         f"(limit --max-worker-deaths {self.config.max_worker_deaths})",
+                        dead="poison",
                     )
                     continue
             job.status = _QUEUED
@@ -552,7 +570,9 @@ class TaskBook:
 
     # -- finishing ----------------------------------------------------------
 
-    def _finish_here(self, job: Job, status: TaskStatus, error: str) -> None:
+    def _finish_here(
+        self, job: Job, status: TaskStatus, error: str, dead: str | None = None
+    ) -> None:
         """Finish a task with a result made by the control plane (no worker ran it to the end)."""
         envelope = job.envelope
         record = ResultRecord(
@@ -564,7 +584,7 @@ class TaskBook:
             format=envelope.format,
             name=envelope.name,
         )
-        self._finish(job, record)
+        self._finish(job, record, dead)
 
     def fail(self, task_id: str, error: str) -> None:
         """Fail a held task that cannot go on (the binding could not send it)."""
@@ -578,10 +598,14 @@ class TaskBook:
             self._queues.remove(job)
         else:
             self._untime(job)
-        self._finish_here(job, _FAILURE, error)
+        self._finish_here(job, _FAILURE, error, dead="too_large")
 
-    def _finish(self, job: Job, record: ResultRecord) -> None:
-        """``job`` has left every place; record its final result and what to send."""
+    def _finish(self, job: Job, record: ResultRecord, dead: str | None = None) -> None:
+        """``job`` has left every place; record its final result and what to send.
+
+        A failure is a dead letter too: ``dead`` says why when the book
+        decided it, else the worker's error does (``reason_for``).
+        """
         task_id = job.key
         del self._jobs[task_id]
         self._held_bytes -= job.weight
@@ -605,6 +629,8 @@ class TaskBook:
         address = None if options is None else options.get("cb")
         if address is not None:
             out.callbacks.append((address, record, options.get("cbd")))  # type: ignore[union-attr]
+        if record.status == "failure":
+            out.dead.append((job.envelope, record, dead or reason_for(record)))
 
     # -- dispatch -----------------------------------------------------------
 

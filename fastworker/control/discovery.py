@@ -23,6 +23,7 @@ from ..runtime import Actor, ActorRef, MailboxFull
 from ..security import DISCOVERY, KeyRing
 from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
+    DeclareSchedules,
     ErrorReply,
     Heartbeat,
     HeartbeatAck,
@@ -35,7 +36,7 @@ from ..wire import (
     decode,
     encode,
 )
-from ._internal import WorkerJoined, WorkerLost
+from ._internal import DeclaredSchedules, WorkerJoined, WorkerLost
 
 __all__ = ["Discovery", "DiscoveryConfig"]
 
@@ -94,8 +95,10 @@ class Discovery(Actor):
         self._rejected: Counter[str] = Counter()
         self._lost = 0
         # Membership news the Scheduler's full mailbox could not take yet, per
-        # worker id, compacted (see _tell_scheduler): at most two per id.
-        self._undelivered: OrderedDict[str, list[WorkerJoined | WorkerLost]] = OrderedDict()
+        # worker id, compacted (see _tell_scheduler): at most three per id.
+        self._undelivered: OrderedDict[str, list[WorkerJoined | WorkerLost | DeclaredSchedules]] = (
+            OrderedDict()
+        )
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(zmq.ROUTER, self.config.transport, zap_domain=DISCOVERY)
@@ -173,7 +176,7 @@ class Discovery(Actor):
                 self.config.transport.max_message_size,
             )
             self._reply(identity, encode(reply))
-        elif not isinstance(message, Heartbeat | Register | Unregister):
+        elif not isinstance(message, Heartbeat | Register | Unregister | DeclareSchedules):
             self._rejected["unexpected"] += 1
             err = ErrorReply(
                 0, "unexpected", f"{type(message).__name__} is not a discovery request"
@@ -184,14 +187,20 @@ class Discovery(Actor):
         elif isinstance(message, Register):
             self._register(identity, message, now, key)
         elif not self._owns(message.worker_id, key):
-            # A worker's heartbeats and its leaving count only from the key that
-            # registered it: nobody keeps a dead worker alive or evicts a live one.
+            # A worker's heartbeats, schedules and leaving count only from the key
+            # that registered it: nobody keeps a dead worker alive or evicts a live one.
             self._refuse(identity, "forbidden", "that worker id was registered by another key")
         elif isinstance(message, Heartbeat):
             member = self._members.get(message.worker_id)
             if member is not None:
                 member.last_seen = now
             self._reply(identity, encode(HeartbeatAck(self.instance_id, member is not None)))
+        elif isinstance(message, DeclareSchedules):
+            if message.worker_id not in self._members or len(message.schedules) > _MAX_TASK_NAMES:
+                # Only a registered worker declares; it does so after each Registered.
+                self._rejected["invalid"] += 1
+                return
+            self._tell_scheduler(DeclaredSchedules(message.worker_id, message.schedules))
         else:
             if message.reason not in ("left", "crashed"):
                 self._rejected["invalid"] += 1
@@ -282,11 +291,12 @@ class Discovery(Actor):
             self._lost += reason != "left"
             self._tell_scheduler(WorkerLost(worker_id, reason))
 
-    def _tell_scheduler(self, message: WorkerJoined | WorkerLost) -> None:
+    def _tell_scheduler(self, message: WorkerJoined | WorkerLost | DeclaredSchedules) -> None:
         """Membership changes must reach the Scheduler: a full mailbox delays, never loses.
 
         What waits is compacted per worker id so it stays bounded by the
-        members: a join replaces a waiting join; a loss replaces everything
+        members: a join replaces a waiting join, a declaration of schedules a
+        waiting declaration (each declares them all); a loss replaces everything
         waiting for that id (the Scheduler treats a loss of a worker it never
         saw join as nothing), and a death among them stays a death.
         """
@@ -294,9 +304,10 @@ class Discovery(Actor):
         waiting = self._undelivered.get(key)
         if waiting is None:
             self._undelivered[key] = [message]
-        elif isinstance(message, WorkerJoined):
-            if isinstance(waiting[-1], WorkerJoined):
-                waiting[-1] = message
+        elif isinstance(message, (WorkerJoined, DeclaredSchedules)):
+            same = [i for i, m in enumerate(waiting) if type(m) is type(message)]
+            if same:
+                waiting[same[0]] = message
             else:
                 waiting.append(message)
         else:

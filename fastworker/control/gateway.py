@@ -32,8 +32,13 @@ from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
 from ..wire import (
     MAX_QUERY_IDS,
     Cancel,
+    DeadLetterQuery,
+    DeadLetterRetry,
     ErrorReply,
     ResultQuery,
+    ScheduleAdd,
+    ScheduleList,
+    ScheduleRemove,
     StatsQuery,
     StatsReply,
     Submit,
@@ -42,7 +47,14 @@ from ..wire import (
     encode,
     message_budget,
 )
-from ._internal import CancelTask, ClientSubmits, HeldAcks, Outgoing, QueryResults
+from ._internal import (
+    CancelTask,
+    ClientRequest,
+    ClientSubmits,
+    HeldAcks,
+    Outgoing,
+    QueryResults,
+)
 
 __all__ = ["Gateway"]
 
@@ -50,6 +62,8 @@ log = logging.getLogger("fastworker.gateway")
 
 _TASKS_PER_FORWARD = 4096
 _CLOSE_LINGER_MS = 1000  # see on_stop
+# Requests the Scheduler answers from its schedules and dead letters.
+_SCHEDULER_REQUESTS = (ScheduleAdd, ScheduleRemove, ScheduleList, DeadLetterQuery, DeadLetterRetry)
 # How long a plain SubmitAck may wait for a message to ride with: far below any
 # client's ack timeout (ours: 1 s), above a trivial task's round trip.
 ACK_DELAY_SECONDS = 0.005
@@ -209,15 +223,17 @@ class Gateway(Actor):
                     )
                     continue
                 self._forward(self.results, QueryResults(identity, message.request_id, ids))
-            elif isinstance(message, Cancel):
+            elif isinstance(message, (Cancel, *_SCHEDULER_REQUESTS)):
                 assert self.scheduler is not None
                 if submits:
-                    # A cancel must not overtake a submission that came before it.
+                    # A request must not overtake a submission that came before it.
                     self._forward(self.scheduler, ClientSubmits(submits))
                     submits, batched = [], 0
-                self._forward(
-                    self.scheduler, CancelTask(identity, message.request_id, message.task_id)
-                )
+                if isinstance(message, Cancel):
+                    request: object = CancelTask(identity, message.request_id, message.task_id)
+                else:
+                    request = ClientRequest(identity, message)
+                self._forward(self.scheduler, request)
             elif isinstance(message, StatsQuery):
                 if self._stats_queries >= MAX_STATS_QUERIES or self._nursery is None:
                     reason = f"{MAX_STATS_QUERIES} statistics queries are being answered; retry"

@@ -9,6 +9,12 @@ says must be sent: dispatches to workers (split by bytes), cancels, results
 to the ResultCache, pushes to clients through the Gateway, documents to the
 Callback dispatcher — in batches, once per incoming message, never per task.
 
+The actor also owns the schedules (``_schedules.py``) and the dead letters
+(``_deadletters.py``): a tick that comes due is a task submitted to the book
+like any other (so exactly one run per tick, whatever the workers), and a
+task the book finishes as a failure becomes a dead letter.  The one timer
+serves the book's due times and the schedules' next tick.
+
 Flow control is credit based: a worker announces a *window* (``Ready``), and
 the book never has more than that many of its tasks outstanding; every
 result returns a credit.  So a busy worker is never flooded and an idle one
@@ -28,6 +34,7 @@ take the control plane down with it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -60,10 +67,13 @@ from ..wire import (
     task_weight,
 )
 from ._callback_payload import build_callback_payload
+from ._deadletters import DeadLetters, DeadLettersConfig
 from ._internal import (
     CallbackJobs,
     CancelTask,
+    ClientRequest,
     ClientSubmits,
+    DeclaredSchedules,
     HeldAcks,
     LookupTask,
     MetricsQuery,
@@ -73,6 +83,8 @@ from ._internal import (
     WorkerJoined,
     WorkerLost,
 )
+from ._requests import answer
+from ._schedules import Schedules, SchedulesConfig, ScheduleSpec
 from ._task_metrics import TaskMetrics
 from ._taskbook import Effects, TaskBook, TaskBookConfig, default_max_queued_bytes
 from .journal import JournalError, JournalQueue, Recovered
@@ -94,6 +106,8 @@ class SchedulerConfig:
     finished_memory: int = 200_000  # finished task ids remembered for deduplication
     allow_pickle: bool = False
     transport: TransportConfig = TransportConfig()
+    schedules: SchedulesConfig = SchedulesConfig()
+    dead_letters: DeadLettersConfig = DeadLettersConfig()
 
     def book_config(self) -> TaskBookConfig:
         return TaskBookConfig(
@@ -139,7 +153,10 @@ class Scheduler(Actor):
         self._journal = journal
         self.book = TaskBook(config.book_config(), clock=trio.current_time, wall_clock=time.time)
         self._budget = message_budget(config.transport.max_message_size)
-        self._timer = DeadlineTimer(self.ref, _Due())  # eta, retries, the unserved check
+        self.schedules = Schedules(config.schedules, wall_clock=time.time)
+        self.dead_letters = DeadLetters(config.dead_letters)
+        # eta, retries, the unserved check, the next schedule tick
+        self._timer = DeadlineTimer(self.ref, _Due())
         self._sock: ZSocket | None = None
         self.endpoint: str | None = None
         self._dropped: Counter[str] = Counter()
@@ -198,6 +215,7 @@ class Scheduler(Actor):
                 self._on_submits(message)
             elif type(message) is _Due:
                 self.book.advance()
+                self._run_schedules()
             elif type(message) is WorkerJoined:
                 if self.keys is not None:
                     self._worker_keys[message.worker_id.encode()] = message.key
@@ -213,6 +231,10 @@ class Scheduler(Actor):
                 )
             elif type(message) is CancelTask:
                 reply = self._on_cancel(message)
+            elif type(message) is ClientRequest:
+                self._on_request(message)
+            elif type(message) is DeclaredSchedules:
+                self._on_declared(message)
             else:
                 raise TypeError(f"scheduler got an unexpected message {message!r}")
             self.book.dispatch()
@@ -222,8 +244,15 @@ class Scheduler(Actor):
             self._internal_errors += 1
             log.exception("scheduler failed handling %s", type(message).__name__)
         self._send_effects()
-        self._timer.set(self.book.next_deadline())
+        self._timer.set(min(self.book.next_deadline(), self._next_tick()))
         return reply
+
+    def _next_tick(self) -> float:
+        """The schedules' next tick on the trio clock (theirs is the wall clock)."""
+        due = self.schedules.next_due()
+        if due == math.inf:
+            return math.inf
+        return trio.current_time() + max(0.0, due - time.time())
 
     # -- output -------------------------------------------------------------
 
@@ -233,6 +262,14 @@ class Scheduler(Actor):
             self._send_dispatches(out)  # may fail tasks (book.fail): loop for their results
             self._send_cancels(out)
             self._send_results(out)
+            for envelope, record, reason in out.dead:
+                self.dead_letters.add(
+                    envelope,
+                    reason,
+                    record.error,
+                    record.attempts,
+                    record.completed_at or time.time(),
+                )
 
     def _send_dispatches(self, out: Effects) -> None:
         book = self.book
@@ -445,6 +482,40 @@ class Scheduler(Actor):
             else:
                 book.rejected["unexpected"] += 1
 
+    def _run_schedules(self) -> None:
+        """Submit one task per schedule whose tick came (no client: results go to the cache)."""
+        for spec, tick in self.schedules.due():
+            verdict = self.book.submit(b"", spec.envelope(tick))
+            if verdict is not None:
+                self.schedules.stats["runs_refused"] += 1
+                log.warning("schedule %s: its run was refused: %s", spec.schedule_id, verdict[1])
+
+    def _on_request(self, message: ClientRequest) -> None:
+        reply = answer(
+            message.identity,
+            message.message,
+            book=self.book,
+            schedules=self.schedules,
+            dead=self.dead_letters,
+            budget=self._budget,
+        )
+        # A retried dead letter's acceptance is decided: send its effects first.
+        self._send_effects()
+        self._tell(self._gateway, Outgoing([[message.identity, encode(reply)]]), "replies")
+
+    def _on_declared(self, message: DeclaredSchedules) -> None:
+        """Schedules a worker's ``@task``s declare: an upsert each, so N workers make one."""
+        for raw in message.schedules:
+            try:
+                spec = ScheduleSpec.from_wire(raw, "declared")
+            except (ValueError, TypeError) as exc:
+                self.schedules.stats["refused"] += 1
+                log.warning("worker %s declared a bad schedule: %s", message.worker_id, exc)
+                continue
+            refusal = self.schedules.add(spec)
+            if refusal is not None:
+                log.warning("worker %s: schedule refused: %s", message.worker_id, refusal)
+
     def _on_cancel(self, message: CancelTask) -> tuple[bool, str]:
         """Cancel for a client (replied through the Gateway) or, with no identity, for an
         ``ask`` from inside the control plane (the dashboard), which gets the answer."""
@@ -487,4 +558,6 @@ class Scheduler(Actor):
         stats["dropped"] = dict(self._dropped)
         stats["rejected"] = dict(self.book.rejected)
         stats["internal_errors"] = self._internal_errors
+        stats["schedules"] = {"held": len(self.schedules), **self.schedules.stats}
+        stats["dead_letters"] = {"held": len(self.dead_letters), **self.dead_letters.stats}
         return stats

@@ -13,7 +13,15 @@ from typing import Any
 
 import attrs
 
-__all__ = ["CallbackInfo", "Task", "TaskPriority", "TaskResult", "TaskStatus"]
+__all__ = [
+    "CallbackInfo",
+    "DeadLetter",
+    "ScheduleInfo",
+    "Task",
+    "TaskPriority",
+    "TaskResult",
+    "TaskStatus",
+]
 
 
 class TaskPriority(enum.StrEnum):
@@ -149,3 +157,46 @@ class TaskResult:
     @property
     def ok(self) -> bool:
         return self.status is TaskStatus.SUCCESS
+
+
+@attrs.frozen
+class ScheduleInfo:
+    """A periodic task as the control plane holds it (``Client.schedules()``).
+
+    ``args``/``kwargs`` are None when this client cannot decode them (a format
+    it does not accept).  ``source`` is "declared" for a ``@task(cron=...)``
+    schedule (its id is the task's name) and "client" for ``Client.schedule``.
+    """
+
+    schedule_id: str
+    task_name: str
+    cron: str | None
+    repeat_interval: float | None
+    timezone: str | None
+    priority: TaskPriority
+    args: tuple[Any, ...] | None
+    kwargs: dict[str, Any] | None
+    next_run: dt.datetime | None
+    last_run: dt.datetime | None
+    source: str
+
+
+@attrs.frozen
+class DeadLetter:
+    """A task that failed for good, kept by the control plane (``Client.dead_letters()``).
+
+    ``reason``: "retries_exhausted" (its last run failed), "poison" (its runs
+    killed workers, ``--max-worker-deaths``), "undecodable" (the worker could
+    not decode its arguments), "unknown_task" (no worker serves its name) or
+    "too_large" (it could not be sent).  ``error`` is its last error.
+    """
+
+    task_id: str
+    task_name: str
+    args: tuple[Any, ...] | None
+    kwargs: dict[str, Any] | None
+    priority: TaskPriority
+    reason: str
+    error: str
+    attempts: int
+    failed_at: dt.datetime

@@ -16,6 +16,7 @@ from typing import Any, Literal, TypeVar, overload
 import attrs
 
 from .options import check_task_options
+from .schedule import ScheduleRule, check_schedule
 
 __all__ = [
     "DuplicateTaskError",
@@ -30,6 +31,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 Runner = Literal["thread", "trio", "asyncio"]
 
 _ATTRIBUTE = "__fastworker_task__"
+_MAX_SCHEDULE_ID_LENGTH = 200  # the protocol's limit (design/protocol.md, §4.3)
 
 
 class DuplicateTaskError(ValueError):
@@ -85,6 +87,9 @@ class TaskDefinition:
     retry_backoff: float = attrs.field(default=2.0, validator=_non_negative)
     retry_backoff_max: float = attrs.field(default=300.0, validator=_non_negative)
     timeout: float | None = attrs.field(default=None, validator=_non_negative)
+    # Run periodically with no arguments: the control plane keeps the schedule
+    # (its id is the task's name), whichever workers declare it.
+    schedule: ScheduleRule | None = None
 
     @classmethod
     def for_function(cls, fn: Callable[..., Any]) -> TaskDefinition:
@@ -146,6 +151,9 @@ def task(
     retry_backoff_max: float = 300.0,
     timeout: float | None = None,
     loop: str | None = None,
+    repeat_interval: float | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
 ) -> Callable[[F], F]: ...
 def task(
     fn: Callable[..., Any] | None = None,
@@ -158,6 +166,9 @@ def task(
     retry_backoff_max: float = 300.0,
     timeout: float | None = None,
     loop: str | None = None,
+    repeat_interval: float | None = None,
+    cron: str | None = None,
+    timezone: str | None = None,
 ) -> Any:
     """Register a function as a task; it stays callable as a plain function.
 
@@ -168,6 +179,11 @@ def task(
     (TypeError for a non-number) here.  ``timeout``: seconds a run may
     take.  ``loop``: "trio" or "asyncio" for ``async def`` tasks (see
     ``_choose_runner`` for the default).
+
+    ``repeat_interval`` (seconds) or ``cron`` (with ``timezone``, an IANA
+    name; UTC by default) make it periodic: the control plane runs it with
+    no arguments once per tick, however many workers serve it (see
+    design/schedules.md).  A bad expression raises ValueError here.
     """
 
     check_task_options(
@@ -177,8 +193,16 @@ def task(
         retry_backoff_max=retry_backoff_max,
         timeout=timeout,
     )
+    rule = None
+    if cron is not None or repeat_interval is not None or timezone is not None:
+        rule = check_schedule(cron, repeat_interval, timezone)
 
     def register(func: F) -> F:
+        if rule is not None and len(name or func.__name__) > _MAX_SCHEDULE_ID_LENGTH:
+            raise ValueError(
+                f"a periodic task's name is its schedule's id: at most "
+                f"{_MAX_SCHEDULE_ID_LENGTH} characters, got {len(name or func.__name__)}"
+            )
         definition = TaskDefinition(
             name=name or func.__name__,
             fn=func,
@@ -188,6 +212,7 @@ def task(
             retry_backoff=retry_backoff,
             retry_backoff_max=retry_backoff_max,
             timeout=timeout,
+            schedule=rule,
         )
         default_registry.add(definition)
         setattr(func, _ATTRIBUTE, definition)

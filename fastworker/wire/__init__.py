@@ -9,6 +9,7 @@ from ._messages import *  # noqa: F403  (the message classes; listed in _message
 from ._messages import __all__ as _message_names
 from ._records import EXPIRED_PREFIX as EXPIRED_PREFIX
 from ._records import TASK_OPTIONS as TASK_OPTIONS
+from ._records import UNDECODABLE_PREFIX as UNDECODABLE_PREFIX
 from ._records import ResultRecord as ResultRecord
 from ._records import TaskEnvelope as TaskEnvelope
 from ._records import epoch as epoch
@@ -26,6 +27,7 @@ __all__ = [
     "MESSAGE_OVERHEAD",
     "PROTOCOL_VERSION",
     "TASK_OPTIONS",
+    "UNDECODABLE_PREFIX",
     "WIRE_ERROR_REASONS",
     "ResultRecord",
     "TaskEnvelope",

@@ -20,6 +20,11 @@ __all__ = [
     "Cancel",
     "CancelReply",
     "CancelRunning",
+    "DeadLetterQuery",
+    "DeadLetterReply",
+    "DeadLetterRetry",
+    "DeadLetterRetryReply",
+    "DeclareSchedules",
     "Dispatch",
     "Done",
     "ErrorReply",
@@ -35,6 +40,11 @@ __all__ = [
     "ResultQuery",
     "ResultReply",
     "Results",
+    "ScheduleAdd",
+    "ScheduleList",
+    "ScheduleListReply",
+    "ScheduleRemove",
+    "ScheduleReply",
     "StatsQuery",
     "StatsReply",
     "Submit",
@@ -312,3 +322,112 @@ class CancelRunning(Message):
     """Scheduler → worker: stop these tasks if they are still running."""
 
     task_ids: list[str]
+
+
+# --- schedules and dead letters (design/schedules.md) ------------------------
+#
+# A ScheduleWire is ``[schedule_id, task_name, cron, interval, timezone,
+# priority, format, payload]``; a DeadLetterWire is ``[task_id, name,
+# priority, format, payload, reason, error, attempts, failed_at]``.  Their
+# fields are checked where they are used (control/_schedules.py,
+# control/_deadletters.py), like TaskWire's.
+
+
+@_register(60, _S, _L)
+@attrs.frozen
+class DeclareSchedules(Message):
+    """Worker → discovery, after each Registered: the schedules its ``@task``s declare.
+
+    An upsert by schedule id (the task's name): three workers declaring the
+    same schedule make one schedule, which runs once per tick.
+    """
+
+    worker_id: str
+    schedules: list[Any]
+
+
+@_register(61, _I, _L)
+@attrs.frozen
+class ScheduleAdd(Message):
+    """Client → control plane: add (or replace) one schedule, a ScheduleWire."""
+
+    request_id: int
+    schedule: list[Any]
+
+
+@_register(62, _I, _BOOL, _S)
+@attrs.frozen
+class ScheduleReply(Message):
+    """Control plane → client, for ScheduleAdd and ScheduleRemove.
+
+    ``ok`` false: the schedule was refused (``message`` says why) or the one
+    to remove was not there.
+    """
+
+    request_id: int
+    ok: bool
+    message: str
+
+
+@_register(63, _I, _S)
+@attrs.frozen
+class ScheduleRemove(Message):
+    request_id: int
+    schedule_id: str
+
+
+@_register(64, _I)
+@attrs.frozen
+class ScheduleList(Message):
+    request_id: int
+
+
+@_register(65, _I, _L, _I)
+@attrs.frozen
+class ScheduleListReply(Message):
+    """``[ScheduleWire, next_run, last_run, source]`` per schedule, as many as fit one
+    message; ``total`` is how many there are."""
+
+    request_id: int
+    schedules: list[Any]
+    total: int
+
+
+@_register(66, _I, _I)
+@attrs.frozen
+class DeadLetterQuery(Message):
+    """Client → control plane: the newest ``limit`` dead letters."""
+
+    request_id: int
+    limit: int
+
+
+@_register(67, _I, _L, _I)
+@attrs.frozen
+class DeadLetterReply(Message):
+    """DeadLetterWire arrays, newest first, as many as fit one message; ``total`` held."""
+
+    request_id: int
+    letters: list[Any]
+    total: int
+
+
+@_register(68, _I, _S)
+@attrs.frozen
+class DeadLetterRetry(Message):
+    """Client → control plane: queue this dead letter's task again, under its id."""
+
+    request_id: int
+    task_id: str
+
+
+@_register(69, _I, _BOOL, _S, (list, _NONE))
+@attrs.frozen
+class DeadLetterRetryReply(Message):
+    """``requeued`` true when the task is queued again, ``task`` its TaskWire (the
+    client then holds it like a task it submitted); else ``message`` says why."""
+
+    request_id: int
+    requeued: bool
+    message: str
+    task: list[Any] | None

@@ -20,7 +20,15 @@ from ..tasks.models import TaskPriority, TaskResult, TaskStatus
 from ..tasks.serializer import SerializationFormat, loads
 from ._errors import WireError, preview
 
-__all__ = ["EXPIRED_PREFIX", "TASK_OPTIONS", "ResultRecord", "TaskEnvelope", "epoch", "from_epoch"]
+__all__ = [
+    "EXPIRED_PREFIX",
+    "TASK_OPTIONS",
+    "UNDECODABLE_PREFIX",
+    "ResultRecord",
+    "TaskEnvelope",
+    "epoch",
+    "from_epoch",
+]
 
 # Option keys a TaskWire may carry, with the types they accept.
 TASK_OPTIONS: dict[str, tuple[type, ...]] = {
@@ -40,6 +48,9 @@ _FINAL_VALUES = frozenset(s.value for s in TaskStatus if s.is_final)
 _new_tuple = tuple.__new__
 # How a control plane says "this task finished, but its result left the cache".
 EXPIRED_PREFIX = "result expired"
+# How a worker's failure says "this task's arguments could not be decoded":
+# the control plane files such a task as an undecodable dead letter.
+UNDECODABLE_PREFIX = "bad task payload"
 _MAX_ID_LENGTH = 256
 _MAX_NAME_LENGTH = 512
 # Numbers from the network end up in trio deadlines, float() and datetimes: NaN,

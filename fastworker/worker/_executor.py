@@ -41,7 +41,7 @@ from .._task_context import CURRENT_TASK_ID
 from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
 from ..tasks.serializer import SerializationFormat, dumps, loads
-from ..wire import ResultRecord, TaskEnvelope
+from ..wire import UNDECODABLE_PREFIX, ResultRecord, TaskEnvelope
 from ._deadlines import Deadlines
 from ._errors import error_text, message_text, traceback_text
 from ._threadpool import Outcome, TaskThreads
@@ -243,7 +243,7 @@ class Executor:
                 decoded = loads(fmt, envelope.payload, allow_pickle=allow_pickle)
                 args, kwargs = _split_arguments(decoded)
             except Exception as exc:  # a pickle may raise anything while it loads
-                failed.append(_failure(envelope, f"bad task payload: {message_text(exc)}"))
+                failed.append(_failure(envelope, f"{UNDECODABLE_PREFIX}: {message_text(exc)}"))
                 continue
             options = envelope.options
             if options is None:

@@ -26,10 +26,14 @@ import trio
 
 from .._io import Inbound, connect_dealer, tell_own_actor, tick
 from ..runtime import Actor
+from ..tasks.models import TaskPriority
 from ..tasks.registry import TaskRegistry
+from ..tasks.schedule import rule_fields
+from ..tasks.serializer import SerializationFormat, dumps
 from ..transport import TransportConfig, ZSocket, resolve_endpoint
 from ..wire import (
     CancelRunning,
+    DeclareSchedules,
     Dispatch,
     Done,
     ErrorReply,
@@ -54,6 +58,11 @@ from ._errors import type_name
 from ._executor import Executor
 
 __all__ = ["Worker", "WorkerConfig"]
+
+# A declared schedule runs its task with no arguments, at normal priority.
+_CBOR = SerializationFormat.CBOR.code
+_NO_ARGUMENTS = dumps(SerializationFormat.CBOR, [[], {}])
+_NORMAL_RANK = TaskPriority.NORMAL.rank
 
 log = logging.getLogger("fastworker.worker")
 
@@ -326,7 +335,22 @@ class Worker(Actor):
         # Right after connect() this Ready usually fails (IMMEDIATE): connect_dealer's when_up
         # and every tick announce the window again.
         self._announce()
+        self._declare_schedules()
         self.registered.set()
+
+    def _declare_schedules(self) -> None:
+        """Tell the control plane our tasks' schedules, after every registration.
+
+        It keeps one schedule per task name however many workers declare it
+        (design/schedules.md), so repeating this is harmless.
+        """
+        wires = [
+            [d.name, d.name, *rule_fields(d.schedule), _NORMAL_RANK, _CBOR, _NO_ARGUMENTS]
+            for d in self.registry
+            if d.schedule is not None
+        ]
+        if wires:
+            self._send_discovery(DeclareSchedules(self.worker_id, wires))
 
     def _open_scheduler(self, endpoint: str) -> None:
         assert self._nursery is not None
