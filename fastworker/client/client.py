@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ from ._errors import (
     QueueFullError,
 )
 from ._host import ThreadHost, TrioHost, current_library
+from ._ids import new_task_id
 from ._waiters import Waiter, new_waiter
 
 __all__ = ["Client"]
@@ -153,8 +153,6 @@ class Client:
         self.allow_pickle = allow_pickle
         self.client_id = f"client-{secrets.token_hex(8)}"
         self._format_code = self.serialization_format.code
-        self._ids = itertools.count(1)
-        self._id_prefix = secrets.token_hex(8)
         curve, server_key = _curve_options(curve_secret_key, curve_server_key)
         transport = TransportConfig(
             max_message_size=max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
@@ -353,9 +351,6 @@ class Client:
 
     # -- submitting ---------------------------------------------------------
 
-    def _new_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids):x}"
-
     @property
     def _fast_payload_limit(self) -> int:
         """A payload this short fits with any id and name the control plane accepts."""
@@ -408,7 +403,7 @@ class Client:
         if options:
             opts = opts or {}
             opts.update(options)
-        task_id = self._new_id()
+        task_id = new_task_id()
         wire = [task_id, task_name, rank, self._format_code, payload, opts]
         self._check_size(wire)
         return task_id, wire
@@ -448,11 +443,9 @@ class Client:
             )
         ids = []
         inbox = core.inbox
-        prefix = self._id_prefix
-        counter = self._ids
         for task_id, wire in items:
             if not task_id:
-                task_id = f"{prefix}-{next(counter):x}"
+                task_id = new_task_id()
             wire[0] = task_id
             pending[task_id] = PendingTask(wire, [waiter] if waiter is not None else None)
             inbox.append(task_id)
@@ -522,7 +515,7 @@ class Client:
         if len(pending) >= self.max_pending or core.queue_full:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         payload = dumps(self.serialization_format, [args, kwargs])
-        task_id = f"{self._id_prefix}-{next(self._ids):x}"
+        task_id = new_task_id()
         wire = [task_id, task_name, rank, self._format_code, payload, None]
         if len(payload) > self._fast_payload_limit:
             self._check_size(wire)
