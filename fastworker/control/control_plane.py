@@ -23,12 +23,14 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 import trio
 import zmq
 
+from .._callback_allow import DEFAULT_CALLBACK_ALLOW
 from ..runtime import Actor, Supervisor
 from ..security import KeyRing, ReloadKeys, ZapHandler
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
@@ -58,6 +60,12 @@ def sibling_address(address: str) -> str:
     return f"tcp://{host}:*"
 
 
+def _patterns(patterns: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        raise TypeError("callback_allow takes a sequence of patterns, not one string")
+    return tuple(patterns)
+
+
 @attrs.frozen
 class ControlPlaneConfig:
     discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
@@ -77,7 +85,6 @@ class ControlPlaneConfig:
     unknown_task_grace: float = 5.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     callback_timeout: float = 10.0
-    allow_pickle: bool = False
     # CURVE: the control plane's own key pair turns it on for every socket it
     # binds; the directories hold the public certificates allowed per role.
     curve: CurveKeys | None = None
@@ -86,6 +93,10 @@ class ControlPlaneConfig:
     own_worker_keys: frozenset[bytes] = frozenset()  # the node's own worker processes
     journal: str | None = None  # path of the SQLite journal; None: state in memory only
     journal_sync: str = "normal"  # "full": an fsync per commit, for power-loss safety
+    # Callback addresses the control plane may connect to (_callback_allow.py).
+    callback_allow: tuple[str, ...] = attrs.field(
+        default=DEFAULT_CALLBACK_ALLOW, converter=_patterns
+    )
 
 
 class ControlPlane:
@@ -116,7 +127,11 @@ class ControlPlane:
             )
         )
         self.callbacks = CallbackDispatcher(
-            CallbackConfig(delivery_timeout=cfg.callback_timeout, transport=transport)
+            CallbackConfig(
+                delivery_timeout=cfg.callback_timeout,
+                transport=transport,
+                allow=cfg.callback_allow,
+            )
         )
         self.gateway = Gateway(
             cfg.client_address or sibling_address(cfg.discovery_address),
@@ -142,7 +157,6 @@ class ControlPlane:
                 max_queued_bytes=cfg.max_queued_bytes,
                 max_worker_deaths=cfg.max_worker_deaths,
                 unknown_task_grace=cfg.unknown_task_grace,
-                allow_pickle=cfg.allow_pickle,
                 transport=transport,
             ),
             gateway=self.gateway.ref,
