@@ -37,6 +37,8 @@ class CallbackReceiver:
 
     ``address`` is what the receiver binds, with ``ack+`` for acknowledged
     delivery; :attr:`address` then is what to pass to ``delay_with_callback``.
+    ``allow_pickle`` lets :meth:`decode` unpickle the result and callback data
+    of PICKLE documents: only for documents of clients and workers you trust.
     """
 
     def __init__(

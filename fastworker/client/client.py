@@ -547,9 +547,12 @@ class Client:
         (``delay_with_callback("name", "tcp://127.0.0.1:6000", arg, ...)``), or
         as ``callback_address=`` with every positional argument going to the
         task (``delay_with_callback("name", arg, callback_address="tcp://…")``).
-        The address must name one peer (``tcp://HOST:PORT``, ``ipc://PATH``;
+        The address must name one peer (``tcp://HOST:PORT``, ``ipc:///PATH``;
         ``ack+tcp://…`` for acknowledged delivery): anything else raises
         ValueError (TypeError for a non-string) before anything is queued.
+        The control plane then delivers only if its allow-list (loopback by
+        default, ``--callback-allow``) matches the address; a refused callback
+        is dropped and counted there, and the task runs all the same.
         """
         self._check_running()
         if callback_address is None:

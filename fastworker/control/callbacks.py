@@ -82,8 +82,15 @@ class CallbackDispatcher(Actor):
 
     def receive(self, message: Any) -> Any:
         if type(message) is CallbackJobs:
+            # One log line per refused address and reason per batch, not per
+            # document: a client's burst to a refused address must not flood the log.
+            refused: Counter[tuple[str, str, str]] = Counter()
             for address, payload in message.jobs:
-                self._enqueue(address, payload)
+                refusal = self._enqueue(address, payload)
+                if refusal is not None:
+                    refused[refusal] += 1
+            for (reason, address, detail), count in refused.items():
+                self._drop(reason, address, count, detail)
             return None
         if message == "stats":
             return {
@@ -104,32 +111,31 @@ class CallbackDispatcher(Actor):
             log.warning(
                 "%d callback document(s) to %r dropped (%s%s)",
                 count,
-                address,
+                address if len(address) <= 200 else address[:200] + "…",
                 reason,
                 f": {detail}" if detail else "",
             )
 
-    def _enqueue(self, address: str, payload: bytes) -> None:
+    def _enqueue(self, address: str, payload: bytes) -> tuple[str, str, str] | None:
+        """Queue ``payload`` for ``address``; a refusal to count is returned, not counted."""
         sender = self._senders.get(address)
         if sender is None:
             try:
                 parsed = parse_callback_address(address)
             except (TypeError, ValueError) as exc:
-                self._drop("bad_address", address, detail=str(exc))
-                return
+                return ("bad_address", address, str(exc))
             if self._allow.match(parsed) is None:
-                self._drop("not_allowed", address, detail="no --callback-allow pattern matches it")
-                return
+                return ("not_allowed", address, "no --callback-allow pattern matches it")
             if len(self._senders) >= self.config.max_addresses or self._nursery is None:
-                self._drop("too_many_addresses", address)
-                return
+                return ("too_many_addresses", address, "")
             sender, receiver = trio.open_memory_channel[bytes](self.config.max_pending_per_address)
             self._senders[address] = sender
             self._nursery.start_soon(self._deliver, address, parsed, receiver)
         try:
             sender.send_nowait(payload)
         except trio.WouldBlock:
-            self._drop("queue_full", address)
+            return ("queue_full", address, "")
+        return None
 
     async def _deliver(
         self, address: str, parsed: CallbackAddress, inbox: trio.MemoryReceiveChannel[bytes]
