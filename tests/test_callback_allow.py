@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import zmq
+from multiprocess import open_node
 
 from fastworker import CallbackReceiver, Client, Cluster, TaskStatus
 from fastworker.control._internal import CallbackJobs
@@ -133,3 +135,36 @@ def test_a_bad_pattern_fails_at_start_not_at_delivery() -> None:
         Cluster(tasks=[add], callback_allow=["tcp://10.0.0.1"])
     with pytest.raises(TypeError, match="not one string"):
         Cluster(tasks=[add], callback_allow="tcp://10.0.0.1:*")
+
+
+@pytest.mark.multiprocess
+async def test_the_node_flag_adds_patterns_to_the_loopback_default(tmp_path: Path) -> None:
+    """``--callback-allow 'ipc://DIR/*'`` opens that directory, and only it, beside loopback."""
+    allowed_dir = tmp_path / "app"
+    allowed_dir.mkdir()
+    pattern = f"ipc://{allowed_dir}/*"
+    async with (
+        open_node(
+            "--discovery-address",
+            "tcp://127.0.0.1:*",
+            "--task-modules",
+            "examples.tasks",
+            "--callback-allow",
+            pattern,
+        ) as node,
+        Client(discovery_address=node.discovery_address, timeout=15) as client,
+        CallbackReceiver(f"ipc://{allowed_dir}/cb.sock") as inside,
+        CallbackReceiver(f"ipc://{tmp_path}/cb.sock") as outside,
+        CallbackReceiver("tcp://127.0.0.1:*") as loopback,
+    ):
+        with trio.fail_after(20):
+            inside_id = await client.delay_with_callback("add", inside.address, 1, 2)
+            await client.delay_with_callback("add", outside.address, 3, 4)
+            loopback_id = await client.delay_with_callback("add", loopback.address, 5, 6)
+            assert inside.decode(await inside.receive())["task_id"] == inside_id
+            assert loopback.decode(await loopback.receive())["task_id"] == loopback_id
+            await client.join()
+            stats = await client.stats()
+        log = node.stderr_text()  # the drop is logged as it is counted
+    assert stats["callbacks"]["dropped_by_reason"] == {"not_allowed": 1}
+    assert f"'ipc://{tmp_path}/cb.sock' dropped (not_allowed" in log
