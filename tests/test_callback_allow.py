@@ -168,3 +168,23 @@ async def test_the_node_flag_adds_patterns_to_the_loopback_default(tmp_path: Pat
         log = node.stderr_text()  # the drop is logged as it is counted
     assert stats["callbacks"]["dropped_by_reason"] == {"not_allowed": 1}
     assert f"'ipc://{tmp_path}/cb.sock' dropped (not_allowed" in log
+
+
+async def test_an_ipv6_literal_is_delivered() -> None:
+    sock = open_socket(zmq.PULL)
+    sock.zmq_socket.setsockopt(zmq.IPV6, 1)
+    try:
+        try:
+            endpoint = sock.bind("tcp://[::1]:*")
+        except zmq.ZMQError as exc:
+            pytest.skip(f"no IPv6 loopback here: {exc}")
+        with trio.fail_after(10):
+            async with (
+                Cluster(tasks=[add]) as cluster,
+                Client(discovery_address=cluster.discovery_address) as client,
+            ):
+                task_id = await client.delay_with_callback("add", endpoint, 1, 1)
+                [frame] = await sock.recv_multipart()
+    finally:
+        sock.close()
+    assert json.loads(frame)["task_id"] == task_id
