@@ -1,5 +1,6 @@
 """fastworker: a brokerless distributed task queue on trio and ZeroMQ."""
 
+from ._callback_document import decode_callback_document as decode_callback_document
 from .callback_receiver import CallbackReceiver as CallbackReceiver
 from .client import AuthenticationError as AuthenticationError
 from .client import Client as Client
@@ -51,5 +52,6 @@ __all__ = [
     "TaskPriority",
     "TaskResult",
     "TaskStatus",
+    "decode_callback_document",
     "task",
 ]

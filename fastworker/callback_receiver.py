@@ -10,7 +10,9 @@ wire, once here).  The frames are in design/protocol.md §6, for receivers in
 other languages.
 
 ``recv()`` blocks (plain code, threads); ``await receive()`` works under trio
-and asyncio.  Use one of them at a time on one receiver.
+and asyncio.  Use one of them at a time on one receiver.  Both return the
+document's bytes; ``decode()`` turns them into a dict, unpickling a PICKLE
+document's values only when the receiver was made with ``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from types import TracebackType
+from typing import Any
 
 import trio
 import zmq
 import zmq.asyncio
 
+from ._callback_document import decode_callback_document
 from .transport import ZSocket
 
 __all__ = ["CallbackReceiver"]
@@ -33,6 +37,8 @@ class CallbackReceiver:
 
     ``address`` is what the receiver binds, with ``ack+`` for acknowledged
     delivery; :attr:`address` then is what to pass to ``delay_with_callback``.
+    ``allow_pickle`` lets :meth:`decode` unpickle the result and callback data
+    of PICKLE documents: only for documents of clients and workers you trust.
     """
 
     def __init__(
@@ -41,10 +47,12 @@ class CallbackReceiver:
         *,
         dedupe_window: int = 100_000,
         linger_ms: int = 1000,
+        allow_pickle: bool = False,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
         if dedupe_window < 1:
             raise ValueError(f"dedupe_window must be at least 1, not {dedupe_window}")
+        self.allow_pickle = allow_pickle
         self.ack = address.startswith("ack+")
         endpoint = address[4:] if self.ack else address
         self._sock: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(
@@ -88,6 +96,10 @@ class CallbackReceiver:
         if len(self._seen) > self._window:
             self._seen.popitem(last=False)
         return document
+
+    def decode(self, document: bytes) -> dict[str, Any]:
+        """The document as a dict (see :func:`fastworker.decode_callback_document`)."""
+        return decode_callback_document(document, allow_pickle=self.allow_pickle)
 
     def recv(self, timeout: float | None = None) -> bytes:
         """Block until the next document; ``TimeoutError`` after ``timeout`` seconds."""

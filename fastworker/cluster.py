@@ -33,6 +33,8 @@ class Cluster:
     ``heartbeat_interval``, ``max_queued`` …) as a keyword argument; with
     ``curve`` (the control plane's CurveKeys) and ``client_keys_dir``, every
     socket uses CURVE and the embedded workers get a key of their own.
+    ``allow_pickle`` applies to the workers: the control plane never decodes
+    a payload, so it has no such switch.
     """
 
     def __init__(
@@ -58,9 +60,7 @@ class Cluster:
             own = frozenset(control_plane.get("own_worker_keys", ()))
             control_plane["own_worker_keys"] = own | {worker_keys.public}
         self.control_plane = ControlPlane(
-            ControlPlaneConfig(
-                discovery_address=discovery_address, allow_pickle=allow_pickle, **control_plane
-            )
+            ControlPlaneConfig(discovery_address=discovery_address, **control_plane)
         )
         self._worker_count = workers
         self._worker_options: dict[str, Any] = {

@@ -75,6 +75,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -
             ["--role", "worker", "--workers", "1", "--curve-secret-key", "/x.key_secret"],
             "needs both --curve-secret-key",
         ),
+        (
+            ["--role", "control-plane", "--allow-pickle"],
+            "--allow-pickle applies to worker processes only",
+        ),
+        (["--callback-allow", "tcp://10.0.0.*"], "a tcp pattern needs a port"),
+        (["--callback-allow", "tcp://10.0.0.300:*"], "has an octet above 255"),
+        (
+            ["--role", "worker", "--workers", "1", "--callback-allow", "tcp://*:7000"],
+            "--callback-allow applies to the control plane",
+        ),
     ],
 )
 def test_a_bad_argument_is_a_one_line_usage_error(argv: list[str], mentions: str) -> None:
@@ -100,6 +110,7 @@ def test_help_lists_the_options_and_exits_0() -> None:
         "--result-ttl",
         "--result-cache-size",
         "--log-level",
+        "--callback-allow",
     ):
         assert option in result.stdout
     assert "--worker-process" not in result.stdout  # internal

@@ -187,18 +187,24 @@ class ClientSlot:
         self.live.clear()
 
     def _find_strays(self, client: Client) -> None:
-        """Results in the client's local cache for ids it never submitted (pushed to it wrongly).
+        """Results in the client's local cache for ids other clients were given (pushed to
+        the wrong one).
 
-        The only look inside the client (its cache and id prefix): there is no public listing.
+        The only look inside the client (its cache): there is no public listing.  Task ids
+        are independent random values, so an id this client made but never gave back
+        (submit_task raised) looks like any other unknown id: only ids known to belong to
+        another client prove a misdirected push.
         """
         finished = getattr(getattr(client, "_core", None), "finished", None)
-        prefix = getattr(client, "_id_prefix", None)
-        if not isinstance(finished, dict) or not isinstance(prefix, str):
+        if not isinstance(finished, dict):
             return
-        # Every id a client makes starts with its prefix; ids it never gave back (submit_task
-        # raised) are its own all the same.
+        others = {
+            rec.task_id
+            for rec in self.history.tasks.values()
+            if rec.task_id is not None and rec.client != self.name
+        }
         for task_id in finished:
-            if task_id not in self._ids and not task_id.startswith(f"{prefix}-"):
+            if task_id not in self._ids and task_id in others:
                 self.history.strays.append((self.name, task_id))
 
     # -- recording ---------------------------------------------------------------

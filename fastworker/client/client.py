@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 import logging
 import math
 import os
@@ -59,6 +58,7 @@ from ._errors import (
     QueueFullError,
 )
 from ._host import ThreadHost, TrioHost, current_library
+from ._ids import new_task_id
 from ._waiters import Waiter, new_waiter
 
 __all__ = ["Client"]
@@ -171,8 +171,6 @@ class Client:
         self.allow_pickle = allow_pickle
         self.client_id = f"client-{secrets.token_hex(8)}"
         self._format_code = self.serialization_format.code
-        self._ids = itertools.count(1)
-        self._id_prefix = secrets.token_hex(8)
         curve, server_key = _curve_options(curve_secret_key, curve_server_key)
         transport = TransportConfig(
             max_message_size=max_message_size or DEFAULT_MAX_MESSAGE_SIZE,
@@ -371,9 +369,6 @@ class Client:
 
     # -- submitting ---------------------------------------------------------
 
-    def _new_id(self) -> str:
-        return f"{self._id_prefix}-{next(self._ids):x}"
-
     @property
     def _fast_payload_limit(self) -> int:
         """A payload this short fits with any id and name the control plane accepts."""
@@ -426,7 +421,7 @@ class Client:
         if options:
             opts = opts or {}
             opts.update(options)
-        task_id = self._new_id()
+        task_id = new_task_id()
         wire = [task_id, task_name, rank, self._format_code, payload, opts]
         self._check_size(wire)
         return task_id, wire
@@ -466,11 +461,9 @@ class Client:
             )
         ids = []
         inbox = core.inbox
-        prefix = self._id_prefix
-        counter = self._ids
         for task_id, wire in items:
             if not task_id:
-                task_id = f"{prefix}-{next(counter):x}"
+                task_id = new_task_id()
             wire[0] = task_id
             pending[task_id] = PendingTask(wire, [waiter] if waiter is not None else None)
             inbox.append(task_id)
@@ -540,7 +533,7 @@ class Client:
         if len(pending) >= self.max_pending or core.queue_full:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         payload = dumps(self.serialization_format, [args, kwargs])
-        task_id = f"{self._id_prefix}-{next(self._ids):x}"
+        task_id = new_task_id()
         wire = [task_id, task_name, rank, self._format_code, payload, None]
         if len(payload) > self._fast_payload_limit:
             self._check_size(wire)
@@ -572,9 +565,12 @@ class Client:
         (``delay_with_callback("name", "tcp://127.0.0.1:6000", arg, ...)``), or
         as ``callback_address=`` with every positional argument going to the
         task (``delay_with_callback("name", arg, callback_address="tcp://…")``).
-        The address must name one peer (``tcp://HOST:PORT``, ``ipc://PATH``;
+        The address must name one peer (``tcp://HOST:PORT``, ``ipc:///PATH``;
         ``ack+tcp://…`` for acknowledged delivery): anything else raises
         ValueError (TypeError for a non-string) before anything is queued.
+        The control plane then delivers only if its allow-list (loopback by
+        default, ``--callback-allow``) matches the address; a refused callback
+        is dropped and counted there, and the task runs all the same.
         """
         self._check_running()
         if callback_address is None:

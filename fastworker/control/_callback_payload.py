@@ -3,10 +3,12 @@
 Receivers get one frame: a map with exactly the documented keys, encoded in
 the task's format.  ``result`` and ``callback_data`` are already encoded in
 that format (by the worker and the client), so for JSON and CBOR we splice
-those bytes into the document instead of decoding and re-encoding them: the
-control plane never runs a decoder on user data.  PICKLE cannot be spliced;
-such documents carry the values only when the control plane was started with
-``allow_pickle``, and null otherwise.
+those bytes into the document instead of decoding and re-encoding them.  A
+pickle cannot be spliced into another (their memo indices collide), so a
+PICKLE document carries them as the byte strings they are, for the receiver
+to unpickle if it trusts them (``fastworker.decode_callback_document``).
+Either way the control plane never runs a decoder on user data: unpickling
+there would let any client run code in the control plane.
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ def _iso(value: float | None) -> str | None:
     return None if stamp is None else stamp.isoformat()
 
 
-def build_callback_payload(
-    record: ResultRecord, callback_data: bytes | None, *, allow_pickle: bool = False
-) -> bytes:
+def build_callback_payload(record: ResultRecord, callback_data: bytes | None) -> bytes:
     """Encode the documented callback map for ``record`` in the task's format."""
     head: dict[str, Any] = {
         "task_id": record.task_id,
@@ -58,18 +58,7 @@ def build_callback_payload(
             + cbor2.dumps("callback_data")
             + data
         )
-    full = dict(head, result=None, callback_data=None)
-    if allow_pickle:
-        full["result"] = _unpickle(record.result)
-        full["callback_data"] = _unpickle(callback_data)
+    # Only str, float, None and bytes: unpickling this runs no code (protocol 5
+    # writes bytes natively), and a receiver can check that it does not.
+    full = dict(head, result=record.result, callback_data=callback_data)
     return pickle.dumps(full, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _unpickle(data: bytes | None) -> Any:
-    """A value for the document; bytes that do not unpickle become None, not a crash."""
-    if data is None:
-        return None
-    try:
-        return pickle.loads(data)
-    except Exception:
-        return None

@@ -15,12 +15,19 @@ Two modes, chosen by the address (design/protocol.md §6 has the frames):
 A slow, absent or broken receiver must never slow the scheduler, so each
 address gets its own bounded queue and its own sender task; what cannot be
 delivered within ``delivery_timeout`` is dropped, counted and logged.
+
+Addresses come from any client, so only those the allow-list matches are
+reached (``_callback_allow.py``; refused ones are dropped and counted
+``not_allowed``).  A host name is resolved here, in a thread, within
+``resolve_timeout``, and the socket connects to the IP: libzmq would resolve
+it synchronously in its I/O thread, stalling every socket of the process.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import socket
 import uuid
 from collections import Counter
 from typing import Any
@@ -30,6 +37,7 @@ import trio
 import zmq
 
 from .._callback_address import CallbackAddress, parse_callback_address
+from .._callback_allow import DEFAULT_CALLBACK_ALLOW, CallbackAllowList
 from ..runtime import Actor
 from ..transport import TransportConfig, ZSocket, open_socket
 from ._internal import CallbackJobs
@@ -37,6 +45,8 @@ from ._internal import CallbackJobs
 __all__ = ["CallbackConfig", "CallbackDispatcher"]
 
 log = logging.getLogger("fastworker.callbacks")
+
+_MAX_RESOLVED = 4  # addresses of one host name we connect to
 
 
 @attrs.frozen
@@ -50,12 +60,15 @@ class CallbackConfig:
     resend_interval: float = 1.0  # ack mode: re-send an unacknowledged document this often
     ack_window: int = 256  # ack mode: documents sent and not yet acknowledged, per address
     transport: TransportConfig = TransportConfig()
+    allow: tuple[str, ...] = DEFAULT_CALLBACK_ALLOW  # patterns of addresses we may connect to
+    resolve_timeout: float = 5.0  # a host name that does not resolve in time: its documents drop
 
 
 class CallbackDispatcher(Actor):
     def __init__(self, config: CallbackConfig) -> None:
         super().__init__("callbacks", mailbox_size=4096)
         self.config = config
+        self._allow = CallbackAllowList(config.allow)  # a bad pattern fails here, at start
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._counts: Counter[str] = Counter()
@@ -69,8 +82,15 @@ class CallbackDispatcher(Actor):
 
     def receive(self, message: Any) -> Any:
         if type(message) is CallbackJobs:
+            # One log line per refused address and reason per batch, not per
+            # document: a client's burst to a refused address must not flood the log.
+            refused: Counter[tuple[str, str, str]] = Counter()
             for address, payload in message.jobs:
-                self._enqueue(address, payload)
+                refusal = self._enqueue(address, payload)
+                if refusal is not None:
+                    refused[refusal] += 1
+            for (reason, address, detail), count in refused.items():
+                self._drop(reason, address, count, detail)
             return None
         if message == "stats":
             return {
@@ -85,34 +105,50 @@ class CallbackDispatcher(Actor):
             }
         raise TypeError(f"callback dispatcher got an unexpected message {message!r}")
 
-    def _drop(self, reason: str, address: str, count: int = 1) -> None:
+    def _drop(self, reason: str, address: str, count: int = 1, detail: str = "") -> None:
         if count:
             self._counts[f"dropped_{reason}"] += count
-            log.warning("%d callback document(s) to %s dropped (%s)", count, address, reason)
+            log.warning(
+                "%d callback document(s) to %r dropped (%s%s)",
+                count,
+                address if len(address) <= 200 else address[:200] + "…",
+                reason,
+                f": {detail}" if detail else "",
+            )
 
-    def _enqueue(self, address: str, payload: bytes) -> None:
+    def _enqueue(self, address: str, payload: bytes) -> tuple[str, str, str] | None:
+        """Queue ``payload`` for ``address``; a refusal to count is returned, not counted."""
         sender = self._senders.get(address)
         if sender is None:
             try:
                 parsed = parse_callback_address(address)
-            except (TypeError, ValueError):
-                self._drop("bad_address", address)
-                return
+            except (TypeError, ValueError) as exc:
+                return ("bad_address", address, str(exc))
+            if self._allow.match(parsed) is None:
+                return ("not_allowed", address, "no --callback-allow pattern matches it")
             if len(self._senders) >= self.config.max_addresses or self._nursery is None:
-                self._drop("too_many_addresses", address)
-                return
+                return ("too_many_addresses", address, "")
             sender, receiver = trio.open_memory_channel[bytes](self.config.max_pending_per_address)
             self._senders[address] = sender
             self._nursery.start_soon(self._deliver, address, parsed, receiver)
         try:
             sender.send_nowait(payload)
         except trio.WouldBlock:
-            self._drop("queue_full", address)
+            return ("queue_full", address, "")
+        return None
 
     async def _deliver(
         self, address: str, parsed: CallbackAddress, inbox: trio.MemoryReceiveChannel[bytes]
     ) -> None:
         """Own one socket to ``address`` and drain its queue in order."""
+        endpoints = [parsed.endpoint]
+        if parsed.is_name:
+            endpoints = []  # stays so when the name does not resolve in time
+            with trio.move_on_after(self.config.resolve_timeout):
+                endpoints = await _resolve(parsed)
+            if not endpoints:
+                self._give_up(address, inbox, "unresolved")
+                return
         try:
             sock = open_socket(zmq.DEALER if parsed.ack else zmq.PUSH, self.config.transport)
         except zmq.ZMQError as exc:
@@ -123,7 +159,10 @@ class CallbackDispatcher(Actor):
             return
         try:
             try:
-                sock.connect(parsed.endpoint)
+                if any("[" in endpoint for endpoint in endpoints):
+                    sock.zmq_socket.setsockopt(zmq.IPV6, 1)
+                for endpoint in endpoints:
+                    sock.connect(endpoint)
             except zmq.ZMQError as exc:
                 log.warning("bad callback address %s: %s", address, exc)
                 self._give_up(address, inbox, "bad_address")
@@ -279,6 +318,34 @@ class _AckedDelivery:
                 self._counts["acknowledged"] += acked
                 if self._wait is not None:
                     self._wait.cancel()  # room in the window: take more
+
+
+async def _resolve(parsed: CallbackAddress) -> list[str]:
+    """Endpoints for the addresses ``parsed``'s host name resolves to (in a thread).
+
+    All of them (up to ``_MAX_RESOLVED``), since a name like ``localhost`` has
+    an IPv4 and an IPv6 address and the receiver may listen on one only: the
+    socket connects to each, and sends only where a connection came up.
+    """
+    try:
+        infos = await trio.socket.getaddrinfo(parsed.host, parsed.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        log.warning("callback host %r does not resolve: %s", parsed.host, exc)
+        return []
+    endpoints: list[str] = []
+    for family, _, _, _, sockaddr in infos:
+        ip = str(sockaddr[0])
+        if family == socket.AF_INET:
+            endpoint = f"tcp://{ip}:{parsed.port}"
+        elif family == socket.AF_INET6 and "%" not in ip:  # no link-local zones
+            endpoint = f"tcp://[{ip}]:{parsed.port}"
+        else:
+            continue
+        if endpoint not in endpoints:
+            endpoints.append(endpoint)
+    if not endpoints:
+        log.warning("callback host %r has no usable address", parsed.host)
+    return endpoints[:_MAX_RESOLVED]
 
 
 def _discard_queued(inbox: trio.MemoryReceiveChannel[bytes]) -> int:

@@ -25,12 +25,14 @@ import logging
 import os
 import threading
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 import zmq
 
+from .._callback_allow import DEFAULT_CALLBACK_ALLOW
 from ..dashboard import HttpStartError, check_http_address
 from ..dashboard._address import is_loopback
 from ..runtime import Actor, Supervisor
@@ -66,6 +68,12 @@ def sibling_address(address: str) -> str:
     return f"tcp://{host}:*"
 
 
+def _patterns(patterns: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(patterns, str):
+        raise TypeError("callback_allow takes a sequence of patterns, not one string")
+    return tuple(patterns)
+
+
 @attrs.frozen
 class ControlPlaneConfig:
     discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
@@ -85,7 +93,6 @@ class ControlPlaneConfig:
     unknown_task_grace: float = 5.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     callback_timeout: float = 10.0
-    allow_pickle: bool = False
     # CURVE: the control plane's own key pair turns it on for every socket it
     # binds; the directories hold the public certificates allowed per role.
     curve: CurveKeys | None = None
@@ -98,6 +105,11 @@ class ControlPlaneConfig:
     http_address: str | None = None
     # Allows a non-loopback http_address (the dashboard has no authentication).
     insecure: bool = False
+
+    # Callback addresses the control plane may connect to (_callback_allow.py).
+    callback_allow: tuple[str, ...] = attrs.field(
+        default=DEFAULT_CALLBACK_ALLOW, converter=_patterns
+    )
 
     def __attrs_post_init__(self) -> None:
         if self.http_address is not None:
@@ -132,7 +144,11 @@ class ControlPlane:
             )
         )
         self.callbacks = CallbackDispatcher(
-            CallbackConfig(delivery_timeout=cfg.callback_timeout, transport=transport)
+            CallbackConfig(
+                delivery_timeout=cfg.callback_timeout,
+                transport=transport,
+                allow=cfg.callback_allow,
+            )
         )
         self.gateway = Gateway(
             cfg.client_address or sibling_address(cfg.discovery_address),
@@ -158,7 +174,6 @@ class ControlPlane:
                 max_queued_bytes=cfg.max_queued_bytes,
                 max_worker_deaths=cfg.max_worker_deaths,
                 unknown_task_grace=cfg.unknown_task_grace,
-                allow_pickle=cfg.allow_pickle,
                 transport=transport,
             ),
             gateway=self.gateway.ref,

@@ -104,7 +104,6 @@ class SchedulerConfig:
     # fail this long after the last worker joined (time for the others to join).
     unknown_task_grace: float = 5.0
     finished_memory: int = 200_000  # finished task ids remembered for deduplication
-    allow_pickle: bool = False
     transport: TransportConfig = TransportConfig()
     schedules: SchedulesConfig = SchedulesConfig()
     dead_letters: DeadLettersConfig = DeadLettersConfig()
@@ -326,9 +325,8 @@ class Scheduler(Actor):
             ]
             self._tell(self._gateway, Outgoing(messages), "result pushes")
         if out.callbacks:
-            allow_pickle = self.config.allow_pickle
             jobs = [
-                (address, build_callback_payload(record, data, allow_pickle=allow_pickle))
+                (address, build_callback_payload(record, data))
                 for address, record, data in out.callbacks
             ]
             self._tell(self._callbacks, CallbackJobs(jobs), "callbacks")

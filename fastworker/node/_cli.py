@@ -41,6 +41,7 @@ from .._argtypes import (
     _positive_float,
     _positive_int,
 )
+from .._callback_allow import DEFAULT_CALLBACK_ALLOW, check_pattern
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
 from ..control.journal import JournalError
@@ -146,6 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--callback-timeout", type=_positive_float, default=10.0)
     parser.add_argument(
+        "--callback-allow",
+        action="append",
+        type=_callback_pattern,
+        default=[],
+        metavar="PATTERN",
+        help="also deliver callbacks to addresses matching PATTERN (repeatable), beyond "
+        "loopback: tcp://10.0.0.*:*, tcp://10.0.0.0/8:7000-7099, tcp://*.internal:7000, "
+        "tcp://[fd00::/8]:*, ipc:///run/app/*",
+    )
+    parser.add_argument(
         "--grace",
         type=_non_negative_float,
         default=30.0,
@@ -154,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-pickle",
         action="store_true",
-        help="accept PICKLE payloads (unpickling runs arbitrary code)",
+        help="workers accept PICKLE payloads (unpickling runs arbitrary code); the control "
+        "plane never decodes payloads, so --role control-plane refuses this flag",
     )
     parser.add_argument(
         "--http-address",
@@ -194,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Internal: the command line of one worker process, started by a node.
     parser.add_argument("--worker-process", action="store_true", help=argparse.SUPPRESS)
     return parser
+
+
+def _callback_pattern(text: str) -> str:
+    try:
+        return check_pattern(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _load_registry(modules: Sequence[str]) -> TaskRegistry:
@@ -288,7 +307,7 @@ def _control_plane(args: argparse.Namespace, security: NodeSecurity) -> ControlP
                 unknown_task_grace=args.unknown_task_grace,
                 max_message_size=args.max_message_size,
                 callback_timeout=args.callback_timeout,
-                allow_pickle=args.allow_pickle,
+                callback_allow=(*DEFAULT_CALLBACK_ALLOW, *args.callback_allow),
                 curve=security.server,
                 client_keys_dir=security.client_keys_dir,
                 worker_keys_dir=security.worker_keys_dir,
@@ -461,6 +480,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_http_address(args.http_address, insecure=args.insecure)
         except ValueError as exc:
             parser.error(str(exc))
+    if args.allow_pickle and args.role == "control-plane":
+        parser.error(
+            "--allow-pickle applies to worker processes only: the control plane never "
+            "decodes a task's payload, result or callback data"
+        )
+    if args.callback_allow and args.role == "worker":
+        parser.error("--callback-allow applies to the control plane: it delivers callbacks")
     try:
         security = node_security(args)
     except SecurityError as exc:
