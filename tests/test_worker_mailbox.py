@@ -156,6 +156,36 @@ async def test_a_drain_ends_when_its_last_task_ends_not_at_its_grace() -> None:
     assert stats["held"] == 0
 
 
+async def test_a_worker_that_crashes_while_draining_still_ends_its_drain() -> None:
+    """The restarted worker holds nothing: the drain ends at once, its task runs elsewhere."""
+    _release.clear()
+    _started.clear()
+    with trio.fail_after(20):
+        async with (
+            Cluster(tasks=_TASKS, workers=0, concurrency=1) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            worker = await cluster.add_worker()
+            first_id = worker.worker_id
+            slow_id = await client.delay("slow")
+            await trio.to_thread.run_sync(_started.wait)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker.drain, 60.0)
+                await trio.testing.wait_all_tasks_blocked()
+                worker.ref.tell("not a worker message")  # receive raises: a crash
+            # The drain returned with the slow task still running in the old thread.
+            _release.set()
+            await cluster.add_worker()
+            await client.join(timeout=10)
+            slow_result = client.get_result(slow_id)
+            stats = await worker.ref.ask("stats")
+    assert worker.statistics().restarts == 1
+    assert worker.worker_id != first_id  # it left under its old id, handing the task back
+    assert stats["held"] == 0
+    assert slow_result is not None
+    assert slow_result.status is TaskStatus.SUCCESS
+
+
 async def test_a_started_worker_has_registered_and_takes_tasks() -> None:
     """``nursery.start(worker.serve)`` returns once the worker joined: a task runs at once."""
     with trio.fail_after(20):

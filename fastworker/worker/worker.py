@@ -346,7 +346,7 @@ class Worker(Actor):
         elif type(message) is _Connected:
             if message.sock is self._scheduler and self._connected:
                 self._announce()
-            elif message.sock is self._discovery and not self._connected:
+            elif message.sock is self._discovery and not (self._connected or self._draining):
                 # The Register sent at start usually found no connection yet.
                 self._send_discovery(self._register_message())
         elif type(message) is _Handshake:
