@@ -177,7 +177,9 @@ async def test_every_document_for_an_address_that_cannot_connect_is_counted() ->
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
             bad = "tcp://no host here"
-            dispatcher.ref.tell(CallbackJobs([(bad, b"one"), (bad, b"two"), (bad, b"three")]))
+            dispatcher.ref.tell(
+                CallbackJobs([(bad, b"one", None), (bad, b"two", None), (bad, b"three", None)])
+            )
             while (await dispatcher.ref.ask("stats"))["addresses"]:
                 await trio.lowlevel.checkpoint()  # the sender task has not failed yet
             stats = await dispatcher.ref.ask("stats")

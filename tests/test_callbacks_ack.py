@@ -118,7 +118,7 @@ async def test_an_unacknowledged_document_is_dropped_and_counted_after_the_timeo
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 await nursery.start(dispatcher.run)
-                dispatcher.ref.tell(CallbackJobs([(f"ack+tcp://127.0.0.1:{port}", b"doc")]))
+                dispatcher.ref.tell(CallbackJobs([(f"ack+tcp://127.0.0.1:{port}", b"doc", None)]))
                 stats = await poll_until(
                     lambda: dispatcher.ref.ask("stats"), lambda s: s["dropped"] > 0, timeout=5
                 )

@@ -340,8 +340,8 @@ class Scheduler(Actor):
             self._tell(self._gateway, Outgoing(messages), "result pushes")
         if out.callbacks:
             jobs = [
-                (address, build_callback_payload(record, data))
-                for address, record, data in out.callbacks
+                (address, build_callback_payload(record, data), key)
+                for address, record, data, key in out.callbacks
             ]
             self._tell(self._callbacks, CallbackJobs(jobs), "callbacks")
         for client, task_ids in out.resends.items():
