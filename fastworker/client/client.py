@@ -169,7 +169,7 @@ class Client:
             )
         self.max_pending = max_pending
         self.allow_pickle = allow_pickle
-        self.client_id = f"client-{secrets.token_hex(8)}"
+        self.client_id = f"client-{secrets.token_hex(16)}"
         self._format_code = self.serialization_format.code
         curve, server_key = _curve_options(curve_secret_key, curve_server_key)
         transport = TransportConfig(
@@ -212,7 +212,7 @@ class Client:
             return
         library = current_library()
         if self._stopped:
-            self.client_id = f"client-{secrets.token_hex(8)}"
+            self.client_id = f"client-{secrets.token_hex(16)}"
             self._core = self._core.successor(self.client_id)
         self._on_trio = library == "trio"
         if self._on_trio:
@@ -250,7 +250,7 @@ class Client:
         if host is None:
             return
         self._stopped = True
-        heir_id = f"client-{secrets.token_hex(8)}"
+        heir_id = f"client-{secrets.token_hex(16)}"
         if isinstance(host, TrioHost):
             left = self._stop_trio_host(host, wait, heir_id)
         else:

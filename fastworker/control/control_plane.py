@@ -38,6 +38,7 @@ from ..dashboard._address import is_loopback
 from ..runtime import Actor, Supervisor
 from ..security import KeyRing, ReloadKeys, ZapHandler
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
+from ._internal import EvictRevoked
 from ._task_metrics import TaskMetrics
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
@@ -198,6 +199,7 @@ class ControlPlane:
             endpoints=self._endpoints,
             keys=self.keys,
         )
+        self.scheduler.discovery = self.discovery.ref  # evictions of hijacked workers
         self.gateway.stats_sources = [
             self.scheduler.ref,
             self.results.ref,
@@ -316,7 +318,11 @@ class ControlPlane:
         (the old keys stay in force) or CURVE is off."""
         if self.zap is None:
             return False
-        return bool(await self.zap.ref.ask(ReloadKeys()))
+        if not await self.zap.ref.ask(ReloadKeys()):
+            return False
+        # Workers whose key went: no more tasks for them, theirs go back to the queue.
+        self.discovery.ref.tell(EvictRevoked())
+        return True
 
     def stop(self) -> None:
         self.supervisor.stop()

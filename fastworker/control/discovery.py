@@ -36,7 +36,7 @@ from ..wire import (
     decode,
     encode,
 )
-from ._internal import DeclaredSchedules, WorkerJoined, WorkerLost
+from ._internal import DeclaredSchedules, EvictRevoked, EvictWorker, WorkerJoined, WorkerLost
 
 __all__ = ["Discovery", "DiscoveryConfig"]
 
@@ -119,12 +119,16 @@ class Discovery(Actor):
         elif type(message) is _Reap:
             self._deliver()
             self._reap()
+        elif type(message) is EvictWorker:
+            self._remove(message.worker_id, message.reason)
+        elif type(message) is EvictRevoked:
+            self._evict_revoked()
         elif message == "stats":
             now = trio.current_time()
             return {
                 "workers_alive": len(self._members),
                 "workers": {
-                    m.worker_id: {
+                    self._shown_id(m.worker_id): {
                         "tasks": sorted(m.names),
                         "concurrency": m.concurrency,
                         "pid": m.pid,
@@ -208,6 +212,27 @@ class Discovery(Actor):
                 self._reply(identity, encode(err))
                 return
             self._remove(message.worker_id, message.reason)
+
+    def _shown_id(self, worker_id: str) -> str:
+        """A worker's id as statistics show it: whole without CURVE; with it, cut.
+
+        With CURVE the id is a secret: it is the worker's routing id at the
+        Scheduler, and any worker key that knew it could take that connection
+        over.  Statistics go to every client key.
+        """
+        if self.keys is None:
+            return worker_id
+        keep = max(4, len(worker_id) - 24)
+        return worker_id[:keep] + "…"
+
+    def _evict_revoked(self) -> None:
+        keys = self.keys
+        if keys is None:
+            return
+        for member in list(self._members.values()):
+            if not keys.is_worker(member.key):
+                log.warning("worker %s: its key was revoked; its tasks go back", member.worker_id)
+                self._remove(member.worker_id, "revoked")
 
     def _owns(self, worker_id: str, key: bytes) -> bool:
         """Without CURVE every peer is trusted (loopback only); with it, the registrant's key."""

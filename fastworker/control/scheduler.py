@@ -81,6 +81,7 @@ from ._internal import (
     ClientRequest,
     ClientSubmits,
     DeclaredSchedules,
+    EvictWorker,
     HeldAcks,
     LookupTask,
     MetricsQuery,
@@ -157,6 +158,8 @@ class Scheduler(Actor):
         # With CURVE: the key each registered worker id joined with; its
         # connection counts only when it speaks with that key.
         self._worker_keys: dict[bytes, bytes] = {}
+        self._evicting: set[bytes] = set()  # told to Discovery, until they join again
+        self.discovery: ActorRef | None = None  # set before the run starts
         self.config = config
         self._gateway = gateway
         self._results = results
@@ -251,9 +254,11 @@ class Scheduler(Actor):
             elif type(message) is WorkerJoined:
                 if self.keys is not None:
                     self._worker_keys[message.worker_id.encode()] = message.key
+                self._evicting.discard(message.worker_id.encode())
                 self.book.worker_joined(message.worker_id.encode(), message.task_names)
             elif type(message) is WorkerLost:
                 self._worker_keys.pop(message.worker_id.encode(), None)
+                self._evicting.discard(message.worker_id.encode())
                 self.book.worker_lost(message.worker_id.encode(), died=message.reason != "left")
                 log.log(
                     logging.INFO if message.reason == "left" else logging.WARNING,
@@ -324,6 +329,15 @@ class Scheduler(Actor):
                 if not self._send_worker(worker, Dispatch(chunk)):
                     self._unreachable(worker, [e.task_id for rest in chunks[i:] for e in rest])
                     break
+
+    def _evict(self, worker: bytes, reason: str) -> None:
+        if worker in self._evicting or self.discovery is None:
+            return
+        self._evicting.add(worker)
+        log.warning("worker %r: %s; evicted, its tasks requeued", worker, reason)
+        self._tell(
+            self.discovery, EvictWorker(worker.decode(errors="replace"), reason), "evictions"
+        )
 
     def _unreachable(self, worker: bytes, task_ids: list[str]) -> None:
         """The worker vanished between its last message and now: its tasks go back to
@@ -481,7 +495,11 @@ class Scheduler(Actor):
                     continue
                 bound = self._worker_keys.get(parts[0]) if parts else None
                 if bound is not None and bound != key:
-                    book.rejected["forbidden"] += 1  # another key speaking for that worker
+                    # Another key holds that worker's routing id: the worker was cut
+                    # off (what we dispatch goes to the impostor). Drop it: its tasks
+                    # go back, and it joins again with its next heartbeat.
+                    book.rejected["forbidden"] += 1
+                    self._evict(parts[0], "its connection was taken by another key")
                     continue
             if len(parts) != 2:
                 book.rejected["bad_frames"] += 1

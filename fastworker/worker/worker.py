@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
-import uuid
 from typing import Any
 
 import attrs
@@ -76,7 +76,9 @@ _PREFETCH_TARGET_SECONDS = 0.05
 
 
 def _new_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # 128 random bits: the id is the worker's routing id at the Scheduler, and
+    # a peer that knew it could take over that connection (design/security.md).
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(16)}"
 
 
 @attrs.frozen
@@ -246,6 +248,25 @@ class Worker(Actor):
         log.warning("worker %s restarted as %s", previous, self.worker_id)
         return previous
 
+    def _rejoin_as_new(self) -> None:
+        """Register again under a new id, with new sockets (the old routing id is lost).
+
+        What runs keeps running: its results are reported under the new id, and
+        the control plane takes a final result from any registered worker.
+        """
+        previous = self.worker_id
+        self.worker_id = _new_worker_id()
+        self.instance_id = None
+        self._connected = False
+        for sock in (self._discovery, self._scheduler):
+            if sock is not None:
+                sock.close()
+        self._scheduler = None
+        self._scheduler_endpoint = None
+        self._open_discovery()
+        self._send_discovery(self._register_message())
+        log.warning("worker %s: id refused; joining again as %s", previous, self.worker_id)
+
     async def on_stop(self) -> None:
         for sock in (self._discovery, self._scheduler):
             if sock is not None:
@@ -298,6 +319,10 @@ class Worker(Actor):
             self.executor.cancel(ids)
         elif isinstance(message, ErrorReply):
             log.error("control plane rejected a worker message: %s", message.message)
+            if message.reason == "forbidden" and "worker id" in message.message:
+                # Our id is held by another key (taken while we were thought dead):
+                # join again under a fresh one rather than be refused forever.
+                self._rejoin_as_new()
 
     def _on_dispatch(self, raw_tasks: list[Any]) -> None:
         envelopes = []
