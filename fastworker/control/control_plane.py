@@ -300,12 +300,16 @@ class ControlPlane:
         self.scheduler.restore(recovered)
         self.results.restore(recovered.results)
         self.recovered_state = recovered.state
-        if recovered.tasks or recovered.results:
+        schedules, letters = len(self.scheduler.schedules), len(self.scheduler.dead_letters)
+        if recovered.tasks or recovered.results or schedules or letters:
             log.info(
-                "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
+                "journal %s: %d unfinished tasks queued again, %d results, %d schedules and "
+                "%d dead letters restored in %.2f s",
                 journal.config.path,
                 len(recovered.tasks),
                 len(recovered.results),
+                schedules,
+                letters,
                 recovered.seconds,
             )
 
