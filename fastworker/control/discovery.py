@@ -18,6 +18,7 @@ import attrs
 import trio
 import zmq
 
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, bind_again, pump_socket, tick
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..security import DISCOVERY, KeyRing
@@ -48,7 +49,7 @@ _MAX_NAME_LENGTH = 512
 
 @attrs.frozen
 class DiscoveryConfig:
-    address: str = "tcp://127.0.0.1:5550"
+    address: str = DEFAULT_DISCOVERY_ADDRESS
     heartbeat_interval: float = 1.0
     liveness: int = 3  # missed heartbeats before a worker is dead
     max_workers: int = 4096  # registered at once; more are refused

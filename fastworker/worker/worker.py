@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 import trio
 
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, connect_dealer, tell_own_actor, tick
 from ..runtime import Actor
 from ..tasks.models import TaskPriority
@@ -83,7 +84,7 @@ def _new_worker_id() -> str:
 
 @attrs.frozen
 class WorkerConfig:
-    discovery_address: str = "tcp://127.0.0.1:5550"
+    discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
     concurrency: int = 8
     # Tasks held beyond concurrency.  None: adaptive, from max(concurrency, 64)
     # while tasks are slow up to _MAX_PREFETCH while they are very short.
