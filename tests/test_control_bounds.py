@@ -140,8 +140,9 @@ class _Wire:
     def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
 
-    def send_multipart_nowait(self, frames: list[bytes]) -> None:
+    def try_send(self, frames: list[bytes]) -> bool:
         self.sent.append(frames)
+        return True
 
 
 async def test_stats_queries_beyond_the_bound_are_refused_at_once() -> None:

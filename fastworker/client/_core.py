@@ -562,11 +562,7 @@ class ClientCore(Actor):
     def _send_gateway(self, message: Any) -> bool:
         if self._gateway is None:
             return False
-        try:
-            self._gateway.send_multipart_nowait([encode(message)])
-        except trio.WouldBlock:
-            return False
-        return True
+        return self._gateway.try_send([encode(message)])
 
     def _send_unsent(self) -> None:
         if self._gateway is None or not self.connected.is_set():
@@ -619,10 +615,8 @@ class ClientCore(Actor):
     def _lookup(self) -> None:
         if self._discovery is None:
             return
-        try:
-            self._discovery.send_multipart_nowait([encode(Lookup(self._new_request_id()))])
-        except trio.WouldBlock:
-            pass  # discovery not reachable yet: the next tick asks again
+        # Discovery not reachable yet: the next tick asks again.
+        self._discovery.try_send([encode(Lookup(self._new_request_id()))])
 
     def _on_tick(self) -> None:
         now = trio.current_time()

@@ -301,11 +301,8 @@ class _AckedDelivery:
         self._send(delivery_id, payload)
 
     def _send(self, delivery_id: bytes, payload: bytes) -> bool:
-        try:
-            self._sock.send_multipart_nowait([delivery_id, payload])
-        except trio.WouldBlock:
-            return False  # not connected (IMMEDIATE) or full: the re-send timer retries
-        return True
+        # False when not connected (IMMEDIATE) or full: the re-send timer retries.
+        return self._sock.try_send([delivery_id, payload])
 
     async def _read_acks(self) -> None:
         while True:

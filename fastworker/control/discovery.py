@@ -22,7 +22,7 @@ from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, bind_again, pump_socket, tick
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..security import DISCOVERY, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     DeclareSchedules,
     ErrorReply,
@@ -148,9 +148,7 @@ class Discovery(Actor):
     def _reply(self, identity: bytes, body: bytes) -> None:
         if self._sock is None:
             return
-        try:
-            self._sock.send_multipart_nowait([identity, body])
-        except (trio.WouldBlock, PeerUnreachable):
+        if not self._sock.try_send([identity, body]):
             self._rejected["reply_dropped"] += 1
 
     def _on_frame(self, parts: list[bytes]) -> None:

@@ -28,7 +28,7 @@ import zmq
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
 from ..runtime import Actor, ActorError, ActorRef
 from ..security import CLIENT, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     MAX_QUERY_IDS,
     Cancel,
@@ -152,9 +152,7 @@ class Gateway(Actor):
                 frames = [frames[0], *held.pop(frames[0]), *frames[1:]]
                 if not held:
                     self._ack_timer.set(math.inf)
-            try:
-                sock.send_multipart_nowait(frames)
-            except (trio.WouldBlock, PeerUnreachable):
+            if not sock.try_send(frames):
                 # The client left or stopped reading.  Everything it could miss
                 # here stays available: results in the cache, acks by re-sending.
                 self._dropped += 1

@@ -46,7 +46,7 @@ import zmq
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
 from ..runtime import Actor, ActorRef, MailboxFull
 from ..security import WORKER, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     CancelReply,
     CancelRunning,
@@ -318,11 +318,7 @@ class Scheduler(Actor):
     def _send_worker(self, worker: bytes, message: Any) -> bool:
         if self._sock is None:
             return False
-        try:
-            self._sock.send_multipart_nowait([worker, encode(message)])
-        except (trio.WouldBlock, PeerUnreachable):
-            return False
-        return True
+        return self._sock.try_send([worker, encode(message)])
 
     def _send_results(self, out: Effects) -> None:
         if out.records and self.metrics is not None:

@@ -92,6 +92,7 @@ class ZSocketStatistics:
     received: int
     waiting_readers: int
     waiting_writers: int
+    unsent: int  # messages try_send could not hand over (full, or no such peer)
 
 
 class ZSocket:
@@ -114,6 +115,7 @@ class ZSocket:
         "_recv",
         "_sent",
         "_sock",
+        "_unsent",
         "_watch_scope",
         "_writers",
         "endpoint",
@@ -137,6 +139,7 @@ class ZSocket:
         self._closed = False
         self._sent = 0
         self._received = 0
+        self._unsent = 0
         self.endpoint: str | None = None
 
     # -- set-up -------------------------------------------------------------
@@ -210,6 +213,22 @@ class ZSocket:
         finally:
             # Also after a failure: the attempt may have processed pending commands.
             self._after_io()
+
+    def try_send(self, frames: Sequence[bytes]) -> bool:
+        """Hand a message to ZeroMQ if it can take it now; ``False`` if not.
+
+        For owners that must never stall on one peer (an actor's loop answering
+        many): a message that would block, or whose ROUTER peer is gone, is not
+        sent and is counted in :attr:`ZSocketStatistics.unsent`.  The caller
+        decides what is lost, and says why it can afford it: a later tick
+        re-sends, or the peer asks again.
+        """
+        try:
+            self.send_multipart_nowait(frames)
+        except (trio.WouldBlock, PeerUnreachable):
+            self._unsent += 1
+            return False
+        return True
 
     async def send_multipart(self, frames: Sequence[bytes]) -> None:
         """Send one multipart message, waiting for room if the socket is full.
@@ -459,6 +478,7 @@ class ZSocket:
             received=self._received,
             waiting_readers=self._readers,
             waiting_writers=self._writers + self._peer_writers,
+            unsent=self._unsent,
         )
 
     def __repr__(self) -> str:

@@ -472,10 +472,7 @@ class Worker(Actor):
     def _send_discovery(self, message: Any) -> None:
         if self._discovery is None:
             return
-        try:
-            self._discovery.send_multipart_nowait([encode(message)])
-        except trio.WouldBlock:
-            pass  # not connected yet: the next tick tries again
+        self._discovery.try_send([encode(message)])  # not connected yet: the next tick re-sends
 
     def _send_scheduler(self, message: Any) -> bool:
         return self._send_scheduler_frame(encode(message))
@@ -483,11 +480,7 @@ class Worker(Actor):
     def _send_scheduler_frame(self, frame: bytes) -> bool:
         if self._scheduler is None:
             return False
-        try:
-            self._scheduler.send_multipart_nowait([frame])
-        except trio.WouldBlock:
-            return False
-        return True
+        return self._scheduler.try_send([frame])
 
     def _on_results(self, records: list[ResultRecord]) -> None:
         """Report results, coalescing them while the worker is busy.
