@@ -38,7 +38,7 @@ import zmq
 
 from .._callback_address import CallbackAddress, parse_callback_address
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW, CallbackAllowList
-from ..runtime import Actor
+from ..runtime import Actor, GetStatistics
 from ..transport import TransportConfig, ZSocket, open_socket
 from ._internal import CallbackJobs
 
@@ -72,6 +72,7 @@ class CallbackDispatcher(Actor):
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._counts: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()  # by reason
         # Delivery ids: unique per control-plane process, never reused.
         self._id_prefix = uuid.uuid4().hex[:16].encode()
         self._ids = itertools.count(1)
@@ -92,22 +93,20 @@ class CallbackDispatcher(Actor):
             for (reason, address, detail), count in refused.items():
                 self._drop(reason, address, count, detail)
             return None
-        if message == "stats":
+        if type(message) is GetStatistics:
             return {
                 "handed_to_zmq": self._counts["handed_to_zmq"],
                 "acknowledged": self._counts["acknowledged"],
                 "resent": self._counts["resent"],
-                "dropped": sum(v for k, v in self._counts.items() if k.startswith("dropped")),
-                "dropped_by_reason": {
-                    k[8:]: v for k, v in self._counts.items() if k.startswith("dropped_")
-                },
+                "dropped": self._dropped.total(),
+                "dropped_by_reason": dict(self._dropped),
                 "addresses": len(self._senders),
             }
         raise TypeError(f"callback dispatcher got an unexpected message {message!r}")
 
     def _drop(self, reason: str, address: str, count: int = 1, detail: str = "") -> None:
         if count:
-            self._counts[f"dropped_{reason}"] += count
+            self._dropped[reason] += count
             log.warning(
                 "%d callback document(s) to %r dropped (%s%s)",
                 count,

@@ -20,7 +20,7 @@ import zmq
 
 from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, bind_again, pump_socket, tick
-from ..runtime import Actor, ActorRef, MailboxFull
+from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
 from ..security import DISCOVERY, KeyRing
 from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -124,7 +124,7 @@ class Discovery(Actor):
             self._remove(message.worker_id, message.reason)
         elif type(message) is EvictRevoked:
             self._evict_revoked()
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             now = trio.current_time()
             return {
                 "workers_alive": len(self._members),

@@ -26,7 +26,7 @@ import trio
 import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
-from ..runtime import Actor, ActorError, ActorRef
+from ..runtime import Actor, ActorError, ActorRef, GetStatistics
 from ..security import CLIENT, KeyRing
 from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -133,7 +133,7 @@ class Gateway(Actor):
             self._send_held_acks()
         elif type(message) is Inbound:
             self._on_frames(message.frames)
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return {"rejected": dict(self._rejected), "dropped_replies": self._dropped}
         else:
             raise TypeError(f"gateway got an unexpected message {message!r}")
@@ -292,11 +292,11 @@ class Gateway(Actor):
 
 
 async def gather_stats(sources: list[ActorRef], timeout: float = 2.0) -> dict[str, Any]:
-    """Ask each actor for "stats"; an actor that cannot answer shows as an error string."""
+    """Ask each actor for its statistics; one that cannot answer shows as an error string."""
     stats: dict[str, Any] = {}
     for ref in sources:
         try:
-            stats[ref.name] = await ref.ask("stats", timeout=timeout)
+            stats[ref.name] = await ref.ask(GetStatistics(), timeout=timeout)
         except ActorError as exc:
             stats[ref.name] = {"error": str(exc)}
     return stats

@@ -44,7 +44,7 @@ import trio
 import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
-from ..runtime import Actor, ActorRef, MailboxFull
+from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
 from ..security import WORKER, KeyRing
 from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -203,7 +203,7 @@ class Scheduler(Actor):
     # -- messages -----------------------------------------------------------
 
     def receive(self, message: Any) -> Any:
-        if message == "stats":
+        if type(message) is GetStatistics:
             return self.statistics_dict()
         if type(message) is MetricsQuery:
             return self._metrics_snapshot()

@@ -24,7 +24,7 @@ import zmq
 from zmq.auth.base import Authenticator
 
 from .._io import Inbound, pump_socket
-from ..runtime import Actor
+from ..runtime import Actor, GetStatistics
 from ..transport import TransportConfig, ZSocket, open_socket
 from ._certs import CertificateError
 from ._keyring import CLIENT, DISCOVERY, WORKER, KeyRing
@@ -110,7 +110,7 @@ class ZapHandler(Actor):
                 log.error("CURVE keys not reloaded, the old ones stay in force: %s", exc)
                 return False
             return True
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return {
                 "handshakes": dict(self._reply.outcomes),
                 "replies_dropped": self._reply.dropped,

@@ -26,7 +26,7 @@ import trio
 
 from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, connect_dealer, tell_own_actor, tick
-from ..runtime import Actor
+from ..runtime import Actor, GetStatistics
 from ..tasks.models import TaskPriority
 from ..tasks.registry import TaskRegistry
 from ..tasks.schedule import rule_fields
@@ -295,7 +295,7 @@ class Worker(Actor):
                 self._send_discovery(self._register_message())
         elif type(message) is _Handshake:
             self._on_handshake(message)
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return self.statistics_dict()
         else:
             raise TypeError(f"worker got an unexpected message {message!r}")
