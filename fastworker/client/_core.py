@@ -230,7 +230,6 @@ class ClientCore(Actor):
         self._heartbeat = 1.0
         self._last_reply = 0.0
         self.connected = trio.Event()
-        self.acks_dropped_for_test = 0  # tests set this to lose acknowledgements on purpose
         self.resubmitted = 0
         self.failure: Exception | None = None  # set when the actor is gone for good
         self._starts = 0
@@ -833,9 +832,6 @@ class ClientCore(Actor):
         self._gateway_endpoint = endpoint
 
     def _on_ack(self, ack: SubmitAck) -> None:
-        if self.acks_dropped_for_test > 0:
-            self.acks_dropped_for_test -= 1
-            return
         request = self._requests.pop(ack.request_id, None)
         if not ack.rejected:
             self._queue_full_until = 0.0
