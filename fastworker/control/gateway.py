@@ -8,9 +8,9 @@ task state itself, which keeps the Scheduler free of client I/O.
 Plain acknowledgements (nothing rejected) wait up to ``ACK_DELAY_SECONDS``
 for the next message to the same client and go out ahead of it, as leading
 frames of the same ZeroMQ message.  A trivial task's result follows its ack
-within a millisecond or two, and on a small machine a separate ack woke the
-client's threads at the very moment the worker needed the CPU (steps 16-17 in
-design/performance.md).  Whatever else a client gets after its submission
+closely, and on a small machine a separate ack woke the client's threads at
+the very moment the worker needed the CPU (design/performance.md, "Second
+session").  Whatever else a client gets after its submission
 was accepted still comes after the ack.
 """
 

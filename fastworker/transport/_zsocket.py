@@ -50,8 +50,7 @@ _PEER_RETRY_FIRST_SECONDS = 0.001
 _PEER_RETRY_MAX_SECONDS = 0.05
 
 # Plain ints: pyzmq's constants are enums, and every ``events & zmq.POLLIN`` on
-# an enum builds a new enum member (a few microseconds, several times per
-# message on the hot path).
+# an enum builds a new enum member, several times per message on the hot path.
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -322,8 +321,8 @@ class ZSocket:
         batch: list[list[bytes]] = []
         yielded = False
         # Ask EVENTS before receiving: on an idle socket a failing recv costs
-        # a raised zmq.Again (~7 µs) where the read costs ~2.5 µs, and every
-        # wake-up of a latency-bound reader starts on an empty socket.
+        # a raised zmq.Again, dearer than the read, and every wake-up of a
+        # latency-bound reader starts on an empty socket.
         ready = self._events()
         self._hand_off(ready & ~_POLLIN)  # the read may have swallowed a writer's edge
         while True:
