@@ -1,4 +1,4 @@
-"""The control plane: five actors under one supervisor, and the config that shapes them.
+"""The control plane: its actors under one supervisor, and the config that shapes them.
 
 Supervision tree (one-for-one; see design/architecture.md)::
 
