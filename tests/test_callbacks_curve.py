@@ -19,7 +19,7 @@ from fastworker.security import generate_certificate
 pytestmark = pytest.mark.timeout(30)
 
 
-@task
+@task(name="curve_add")
 def add(a: int, b: int) -> int:
     return a + b
 
@@ -50,7 +50,7 @@ async def test_a_document_reaches_a_curve_receiver_given_its_key(
             Client(discovery_address=cluster.discovery_address, **client_options) as client,
         ):
             task_id = await client.delay_with_callback(
-                "add",
+                "curve_add",
                 2,
                 3,
                 callback_address=receiver.address,
@@ -73,9 +73,9 @@ async def test_a_curve_receiver_gets_nothing_sent_without_its_key_or_with_anothe
             Cluster(tasks=[add], callback_timeout=0.5) as cluster,
             Client(discovery_address=cluster.discovery_address) as client,
         ):
-            await client.delay_with_callback("add", 1, 1, callback_address=receiver.address)
+            await client.delay_with_callback("curve_add", 1, 1, callback_address=receiver.address)
             await client.delay_with_callback(
-                "add",
+                "curve_add",
                 1,
                 2,
                 callback_address=receiver.address,
@@ -97,8 +97,12 @@ async def test_callback_server_key_is_checked_at_the_call(tmp_path: Any) -> None
         Client(discovery_address=cluster.discovery_address) as client,
     ):
         with pytest.raises(ValueError, match="goes with a callback address"):
-            await client.apply_async("add", (1, 2), callback_server_key="x" * 40)
+            await client.apply_async("curve_add", (1, 2), callback_server_key="x" * 40)
         with pytest.raises(ValueError, match=r"Z85|CURVE"):
             await client.delay_with_callback(
-                "add", 1, 2, callback_address="tcp://127.0.0.1:9", callback_server_key="#" * 40
+                "curve_add",
+                1,
+                2,
+                callback_address="tcp://127.0.0.1:9",
+                callback_server_key="#" * 40,
             )

@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from .._callback_address import parse_callback_address
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..security import callback_key, load_public_key, load_secret_key
 from ..tasks.models import DeadLetter, ScheduleInfo, TaskPriority, TaskResult, TaskStatus
 from ..tasks.options import MAX_WAIT as _MAX_WAIT
@@ -71,8 +72,6 @@ log = logging.getLogger("fastworker.client")
 _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
 _EAGER_WAKE = 1024
 _NORMAL = TaskPriority.NORMAL.rank
-
-DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
 
 
 def _env(name: str) -> str | None:

@@ -39,7 +39,7 @@ from zmq.utils import z85
 
 from .._callback_address import CallbackAddress, parse_callback_address
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW, CallbackAllowList
-from ..runtime import Actor
+from ..runtime import Actor, GetStatistics
 from ..transport import CurveKeys, TransportConfig, ZSocket, open_socket
 from ._internal import CallbackJobs
 
@@ -73,6 +73,7 @@ class CallbackDispatcher(Actor):
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._counts: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()  # by reason
         # Delivery ids: unique per control-plane process, never reused.
         self._id_prefix = uuid.uuid4().hex[:16].encode()
         self._ids = itertools.count(1)
@@ -96,22 +97,20 @@ class CallbackDispatcher(Actor):
             for (reason, address, detail), count in refused.items():
                 self._drop(reason, address, count, detail)
             return None
-        if message == "stats":
+        if type(message) is GetStatistics:
             return {
                 "handed_to_zmq": self._counts["handed_to_zmq"],
                 "acknowledged": self._counts["acknowledged"],
                 "resent": self._counts["resent"],
-                "dropped": sum(v for k, v in self._counts.items() if k.startswith("dropped")),
-                "dropped_by_reason": {
-                    k[8:]: v for k, v in self._counts.items() if k.startswith("dropped_")
-                },
+                "dropped": self._dropped.total(),
+                "dropped_by_reason": dict(self._dropped),
                 "addresses": len(self._senders),
             }
         raise TypeError(f"callback dispatcher got an unexpected message {message!r}")
 
     def _drop(self, reason: str, address: str, count: int = 1, detail: str = "") -> None:
         if count:
-            self._counts[f"dropped_{reason}"] += count
+            self._dropped[reason] += count
             log.warning(
                 "%d callback document(s) to %r dropped (%s%s)",
                 count,
@@ -343,11 +342,8 @@ class _AckedDelivery:
         self._send(delivery_id, payload)
 
     def _send(self, delivery_id: bytes, payload: bytes) -> bool:
-        try:
-            self._sock.send_multipart_nowait([delivery_id, payload])
-        except trio.WouldBlock:
-            return False  # not connected (IMMEDIATE) or full: the re-send timer retries
-        return True
+        # False when not connected (IMMEDIATE) or full: the re-send timer retries.
+        return self._sock.try_send([delivery_id, payload])
 
     async def _read_acks(self) -> None:
         while True:

@@ -1,4 +1,4 @@
-"""The control plane: five actors under one supervisor, and the config that shapes them.
+"""The control plane: its actors under one supervisor, and the config that shapes them.
 
 Supervision tree (one-for-one; see design/architecture.md)::
 
@@ -33,6 +33,7 @@ import trio
 import zmq
 
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..dashboard import HttpStartError, check_http_address
 from ..dashboard._address import is_loopback
 from ..runtime import Actor, Supervisor
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
     from ..dashboard._server import HttpServer
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
-
-DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
 
 log = logging.getLogger("fastworker.control")
 

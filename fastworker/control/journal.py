@@ -45,7 +45,7 @@ import attrs
 import cbor2
 import trio
 
-from ..runtime import Actor, ActorError, ActorRef
+from ..runtime import Actor, ActorError, ActorRef, GetStatistics
 from ..wire import ResultRecord, TaskEnvelope
 from ._internal import HeldAcks, Outgoing
 from ._journal_store import JournalError, JournalStore, Recovered, WriteBatch
@@ -294,7 +294,7 @@ class Journal(Actor):
             log.error("journal: the last commit failed (%s); its tasks stay unacknowledged", exc)
 
     def receive(self, message: Any) -> Any:
-        if message == "stats":
+        if type(message) is GetStatistics:
             return self.statistics_dict()
         raise TypeError(f"journal got an unexpected message {message!r}")
 

@@ -47,9 +47,9 @@ import trio
 import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
-from ..runtime import Actor, ActorRef, MailboxFull
+from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
 from ..security import WORKER, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     CancelReply,
     CancelRunning,
@@ -236,7 +236,7 @@ class Scheduler(Actor):
     # -- messages -----------------------------------------------------------
 
     def receive(self, message: Any) -> Any:
-        if message == "stats":
+        if type(message) is GetStatistics:
             return self.statistics_dict()
         if type(message) is MetricsQuery:
             return self._metrics_snapshot()
@@ -353,11 +353,7 @@ class Scheduler(Actor):
     def _send_worker(self, worker: bytes, message: Any) -> bool:
         if self._sock is None:
             return False
-        try:
-            self._sock.send_multipart_nowait([worker, encode(message)])
-        except (trio.WouldBlock, PeerUnreachable):
-            return False
-        return True
+        return self._sock.try_send([worker, encode(message)])
 
     def _send_results(self, out: Effects) -> None:
         if out.records and self.metrics is not None:
