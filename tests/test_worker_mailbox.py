@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from fastworker import Client, Cluster, TaskStatus
-from fastworker.runtime import Actor
+from fastworker.runtime import Actor, GetStatistics
 from fastworker.tasks.registry import TaskDefinition, TaskRegistry
 from fastworker.tasks.serializer import SerializationFormat, dumps
 from fastworker.wire import ResultRecord, TaskEnvelope
@@ -146,7 +146,7 @@ async def test_a_drain_ends_when_its_last_task_ends_not_at_its_grace() -> None:
             await client.join(timeout=10)
             slow_result = client.get_result(slow_id)
             quick_results = [client.get_result(i) for i in quick_ids]
-            stats = await worker.ref.ask("stats")
+            stats = await worker.ref.ask(GetStatistics())
     assert took < 5.0, f"the drain waited {took:.1f} s after its last task ended"
     assert slow_result is not None
     assert slow_result.status is TaskStatus.SUCCESS
@@ -178,7 +178,7 @@ async def test_a_worker_that_crashes_while_draining_still_ends_its_drain() -> No
             await cluster.add_worker()
             await client.join(timeout=10)
             slow_result = client.get_result(slow_id)
-            stats = await worker.ref.ask("stats")
+            stats = await worker.ref.ask(GetStatistics())
     assert worker.statistics().restarts == 1
     assert worker.worker_id != first_id  # it left under its old id, handing the task back
     assert stats["held"] == 0
@@ -199,7 +199,7 @@ async def test_a_started_worker_has_registered_and_takes_tasks() -> None:
                 WorkerConfig(discovery_address=cluster.discovery_address),
             )
             await nursery.start(worker.serve)
-            stats = await worker.ref.ask("stats")
+            stats = await worker.ref.ask(GetStatistics())
             result = await client.submit_task("quick", args=(5,), timeout=10)
             worker.ref.stop()
     assert stats["connected"]

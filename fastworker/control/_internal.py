@@ -86,9 +86,10 @@ class ResendResults:
 
 @attrs.frozen
 class CallbackJobs:
-    """Callback documents to deliver: ``(address, encoded payload)`` each."""
+    """Callback documents to deliver: ``(address, encoded payload, receiver's CURVE key)`` each
+    (the key is None for a receiver without CURVE)."""
 
-    jobs: list[tuple[str, bytes]]
+    jobs: list[tuple[str, bytes, bytes | None]]
 
 
 @attrs.frozen

@@ -1,4 +1,4 @@
-"""The control plane: five actors under one supervisor, and the config that shapes them.
+"""The control plane: its actors under one supervisor, and the config that shapes them.
 
 Supervision tree (one-for-one; see design/architecture.md)::
 
@@ -33,6 +33,7 @@ import trio
 import zmq
 
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..dashboard import HttpStartError, check_http_address
 from ..dashboard._address import is_loopback
 from ..runtime import Actor, Supervisor
@@ -52,8 +53,6 @@ if TYPE_CHECKING:
     from ..dashboard._server import HttpServer
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
-
-DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
 
 log = logging.getLogger("fastworker.control")
 
@@ -300,12 +299,16 @@ class ControlPlane:
         self.scheduler.restore(recovered)
         self.results.restore(recovered.results)
         self.recovered_state = recovered.state
-        if recovered.tasks or recovered.results:
+        schedules, letters = len(self.scheduler.schedules), len(self.scheduler.dead_letters)
+        if recovered.tasks or recovered.results or schedules or letters:
             log.info(
-                "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
+                "journal %s: %d unfinished tasks queued again, %d results, %d schedules and "
+                "%d dead letters restored in %.2f s",
                 journal.config.path,
                 len(recovered.tasks),
                 len(recovered.results),
+                schedules,
+                letters,
                 recovered.seconds,
             )
 

@@ -18,10 +18,11 @@ import attrs
 import trio
 import zmq
 
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, bind_again, pump_socket, tick
-from ..runtime import Actor, ActorRef, MailboxFull
+from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
 from ..security import DISCOVERY, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     DeclareSchedules,
     ErrorReply,
@@ -48,7 +49,7 @@ _MAX_NAME_LENGTH = 512
 
 @attrs.frozen
 class DiscoveryConfig:
-    address: str = "tcp://127.0.0.1:5550"
+    address: str = DEFAULT_DISCOVERY_ADDRESS
     heartbeat_interval: float = 1.0
     liveness: int = 3  # missed heartbeats before a worker is dead
     max_workers: int = 4096  # registered at once; more are refused
@@ -123,7 +124,7 @@ class Discovery(Actor):
             self._remove(message.worker_id, message.reason)
         elif type(message) is EvictRevoked:
             self._evict_revoked()
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             now = trio.current_time()
             return {
                 "workers_alive": len(self._members),
@@ -147,9 +148,7 @@ class Discovery(Actor):
     def _reply(self, identity: bytes, body: bytes) -> None:
         if self._sock is None:
             return
-        try:
-            self._sock.send_multipart_nowait([identity, body])
-        except (trio.WouldBlock, PeerUnreachable):
+        if not self._sock.try_send([identity, body]):
             self._rejected["reply_dropped"] += 1
 
     def _on_frame(self, parts: list[bytes]) -> None:

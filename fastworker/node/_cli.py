@@ -42,6 +42,7 @@ from .._argtypes import (
     _positive_int,
 )
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW, check_pattern
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
 from ..control.journal import JournalError
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--discovery-address",
         type=_address,
-        default="tcp://127.0.0.1:5550",
+        default=DEFAULT_DISCOVERY_ADDRESS,
         help="where Discovery listens (control plane) or is reached (worker); "
         "tcp://127.0.0.1:* picks a free port, printed when ready",
     )

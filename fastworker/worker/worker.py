@@ -31,8 +31,9 @@ from typing import Any
 import attrs
 import trio
 
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, connect_dealer, tell_own_actor, tick
-from ..runtime import Actor, ActorStopped, Supervisor
+from ..runtime import Actor, ActorStopped, GetStatistics, Supervisor
 from ..tasks.models import TaskPriority
 from ..tasks.registry import TaskRegistry
 from ..tasks.schedule import rule_fields
@@ -90,7 +91,7 @@ def _new_worker_id() -> str:
 
 @attrs.frozen
 class WorkerConfig:
-    discovery_address: str = "tcp://127.0.0.1:5550"
+    discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
     concurrency: int = 8
     # Tasks held beyond concurrency.  None: adaptive, from max(concurrency, 64)
     # while tasks are slow up to _MAX_PREFETCH while they are very short.
@@ -351,7 +352,7 @@ class Worker(Actor):
                 self._send_discovery(self._register_message())
         elif type(message) is _Handshake:
             self._on_handshake(message)
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return self.statistics_dict()
         else:
             raise TypeError(f"worker got an unexpected message {message!r}")
@@ -531,10 +532,7 @@ class Worker(Actor):
     def _send_discovery(self, message: Any) -> None:
         if self._discovery is None:
             return
-        try:
-            self._discovery.send_multipart_nowait([encode(message)])
-        except trio.WouldBlock:
-            pass  # not connected yet: the next tick tries again
+        self._discovery.try_send([encode(message)])  # not connected yet: the next tick re-sends
 
     def _send_scheduler(self, message: Any) -> bool:
         return self._send_scheduler_frame(encode(message))
@@ -542,11 +540,7 @@ class Worker(Actor):
     def _send_scheduler_frame(self, frame: bytes) -> bool:
         if self._scheduler is None:
             return False
-        try:
-            self._scheduler.send_multipart_nowait([frame])
-        except trio.WouldBlock:
-            return False
-        return True
+        return self._scheduler.try_send([frame])
 
     def _on_executor(self, message: ExecutorWake) -> None:
         """The executor has news: results to report, perhaps runs stuck in user code."""
