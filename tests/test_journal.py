@@ -375,3 +375,38 @@ async def _wait_for(condition: Any, timeout: float = 10.0) -> Any:
             if value:
                 return value
             await trio.sleep(0.01)
+
+
+def test_a_second_control_plane_on_one_journal_waits_then_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two control planes replaying one file would each run every task in it.
+    monkeypatch.setattr(_journal_store, "_LOCK_WAIT", 0.3)
+    first, _ = _open(tmp_path / "j.db")
+    try:
+        with pytest.raises(JournalError, match="in use by another control plane"):
+            _open(tmp_path / "j.db")
+    finally:
+        first.close()
+    second, _ = _open(tmp_path / "j.db")  # released by close(): a restart gets it
+    second.close()
+
+
+def test_an_undecodable_state_row_is_unreadable_not_a_crash_and_a_text_task_row_an_error(
+    tmp_path: Path,
+) -> None:
+    store, _ = _open(tmp_path / "j.db")
+    store.write([WriteBatch([_tasks(range(2))])])
+    store.close()
+    db = sqlite3.connect(tmp_path / "j.db")
+    db.execute("INSERT INTO state (key, value) VALUES ('dead/x', x'ff00ff')")
+    db.commit()
+    store, recovered = _open(tmp_path / "j.db")
+    store.close()
+    assert recovered.state == {"dead/x": None}  # its keeper drops and deletes it
+    assert len(recovered.tasks) == 2
+    db.execute("UPDATE tasks SET task = 'not bytes' WHERE id = 't-1'")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="unreadable task"):
+        _open(tmp_path / "j.db")

@@ -24,6 +24,8 @@ What the file holds (design/durability.md):
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -43,6 +45,8 @@ __all__ = [
     "Recovered",
     "WriteBatch",
 ]
+
+log = logging.getLogger("fastworker.journal")
 
 # "fwjl": tells a fastworker journal from any other SQLite file.
 APPLICATION_ID = 0x66776A6C
@@ -94,6 +98,7 @@ class JournalStore:
         self._result_ttl = result_ttl
         self._swept_at = 0.0
         self.commits = 0
+        self._lock_fd: int | None = None  # held while open: one control plane per journal
 
     # -- opening ----------------------------------------------------------------
 
@@ -108,19 +113,24 @@ class JournalStore:
         be read; nothing in the file is changed then.
         """
         started = time.monotonic()
+        lock = _lock(path)
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
+            os.close(lock)
             raise JournalError(f"cannot open the journal {path}: {exc}") from None
         try:
             store = cls(path, db, max_results=max_results, result_ttl=result_ttl)
+            store._lock_fd = lock
             store._prepare(sync)
             recovered = store._read()
         except sqlite3.Error as exc:
             db.close()
+            os.close(lock)
             raise JournalError(f"cannot read the journal {path}: {exc}") from None
         except BaseException:
             db.close()
+            os.close(lock)
             raise
         return store, attrs.evolve(recovered, seconds=time.monotonic() - started)
 
@@ -171,9 +181,14 @@ class JournalStore:
         ):
             record = _decode(ResultRecord, blob, f"result {task_id!r}")
             results.append((record, max(0.0, now - stored_at)))
-        state = {
-            key: cbor2.loads(value) for key, value in db.execute("SELECT key, value FROM state")
-        }
+        state: dict[str, Any] = {}
+        for key, value in db.execute("SELECT key, value FROM state"):
+            try:
+                state[key] = cbor2.loads(value)
+            except (cbor2.CBORDecodeError, ValueError, TypeError):
+                # Unreadable: its keeper counts it, logs it and deletes it (keys it
+                # does not keep stay as they are); never a crash at start.
+                state[key] = None
         return Recovered(tasks, results, state, 0.0)
 
     # -- writing ----------------------------------------------------------------
@@ -250,6 +265,55 @@ class JournalStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
+
+
+# A node restarted while the old one still drains (up to its --grace) waits
+# for the journal this long; past it, two control planes were given one file.
+_LOCK_WAIT = 60.0
+
+
+def _lock(path: str) -> int:
+    """An exclusive lock on ``PATH.lock``, held for the store's life.
+
+    Two control planes replaying one journal would each run every task in
+    it.  SQLite's own locks allow that (both read, then take turns writing).
+    """
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise JournalError(f"cannot open the journal's lock file {lock_path}: {exc}") from None
+    deadline = time.monotonic() + _LOCK_WAIT
+    warned = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise JournalError(
+                    f"the journal {path} is in use by another control plane ({holder}) "
+                    f"for {_LOCK_WAIT:g} s: give each control plane its own --journal"
+                ) from None
+            if not warned:
+                log.warning("the journal %s is in use (%s); waiting for it", path, holder)
+                warned = True
+            time.sleep(0.2)
+            continue
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
+        return fd
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip() or "pid unknown"
+    except OSError:
+        return "pid unknown"
 
 
 def _identity(db: sqlite3.Connection) -> tuple[int, int]:
@@ -265,5 +329,6 @@ def _tables(db: sqlite3.Connection) -> list[str]:
 def _decode(kind: Any, blob: bytes, what: str) -> Any:
     try:
         return kind.from_wire(cbor2.loads(blob))
-    except (WireError, ValueError, cbor2.CBORDecodeError) as exc:
+    except (WireError, ValueError, TypeError, cbor2.CBORDecodeError) as exc:
+        # TypeError: a row stored as TEXT (SQLite lets any column hold any type).
         raise JournalError(f"the journal holds an unreadable {what}: {exc}") from None
