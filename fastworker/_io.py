@@ -235,29 +235,45 @@ def _monitor(sock: ZSocket) -> ZSocket | None:
     return ZSocket(pair)
 
 
-def describe_handshake(event: int, value: int, *, curve: bool) -> str | None:
-    """None for a handshake that succeeded, else what a user should check."""
+# A handshake failure that may be a connection cut mid-handshake (a control
+# plane restarting) counts as a refusal only after this many in a row.
+_AMBIGUOUS_FAILURES = 3
+
+
+def describe_handshake(event: int, value: int, *, curve: bool) -> tuple[str | None, bool]:
+    """(what a user should check, or None when the handshake succeeded; whether it is certain).
+
+    Certain: the server refused our key (ZAP), or one side uses CURVE and the
+    other does not.  Not certain: the server dropped the handshake without a
+    word — a wrong ``curve_server_key`` looks like that, and so does a
+    connection cut while a control plane restarts.
+    """
     if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-        return None
-    if not curve:
+        return None, True
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        if not curve:
+            return (
+                "the handshake failed: the control plane requires CURVE keys "
+                "(curve_secret_key and curve_server_key; design/security.md)"
+            ), True
         return (
-            "the handshake failed: the control plane requires CURVE keys "
-            "(curve_secret_key and curve_server_key; design/security.md)"
-        )
+            "security mismatch: one side uses CURVE keys and the other does not "
+            "(give both curve_secret_key and curve_server_key, or neither)"
+        ), True
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return (
             f"the server refused our CURVE key (ZAP status {value}): its public certificate "
             "is not in the control plane's --client-keys/--worker-keys directory, or was removed"
-        )
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        ), True
+    if not curve:
         return (
-            "security mismatch: one side uses CURVE keys and the other does not "
-            "(give both curve_secret_key and curve_server_key, or neither)"
+            "the handshake failed: what answers there does not speak fastworker's protocol",
+            False,
         )
     return (
         "the CURVE handshake failed: the server dropped it, most likely because "
         "curve_server_key is not the control plane's public key"
-    )
+    ), False
 
 
 async def _watch_handshakes(
@@ -267,7 +283,15 @@ async def _watch_handshakes(
     on_handshake: Callable[[str | None], object],
     curve: bool,
 ) -> None:
-    """Tell ``owner`` how each handshake of ``sock`` went; ends within a second of its close."""
+    """Tell ``owner`` how handshakes of ``sock`` go; ends within a second of its close.
+
+    A certain refusal is told at once; an ambiguous failure only when
+    ``_AMBIGUOUS_FAILURES`` come in a row (a wrong server key fails every
+    reconnection, a cut connection once), and never for a socket without
+    CURVE, where it means "not a fastworker control plane" and the caller's
+    timeout says it better.
+    """
+    ambiguous = 0
     try:
         while not sock.closed:
             frames: list[bytes] | None = None
@@ -276,7 +300,15 @@ async def _watch_handshakes(
             if frames is None:
                 continue
             event = parse_monitor_message(frames)
-            problem = describe_handshake(int(event["event"]), int(event["value"]), curve=curve)
+            problem, certain = describe_handshake(
+                int(event["event"]), int(event["value"]), curve=curve
+            )
+            if not certain:
+                ambiguous += 1
+                if not curve or ambiguous < _AMBIGUOUS_FAILURES:
+                    continue
+            else:
+                ambiguous = 0
             if not await tell_own_actor(owner, on_handshake(problem)):
                 return
     finally:
