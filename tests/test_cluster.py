@@ -7,6 +7,7 @@ reached, or a reply that is known to travel behind the thing awaited.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -15,7 +16,14 @@ import pytest
 import trio
 import zmq
 
-from fastworker import Client, Cluster, TaskPriority, TaskResult, TaskStatus
+from fastworker import (
+    Client,
+    Cluster,
+    ControlPlaneUnavailableError,
+    TaskPriority,
+    TaskResult,
+    TaskStatus,
+)
 from fastworker.transport import ZSocket, open_socket
 from fastworker.wire import (
     ErrorReply,
@@ -336,3 +344,49 @@ async def test_clusters_and_clients_started_and_stopped_leave_no_file_descriptor
             break
         await trio.sleep(0.05)
     assert _open_fds() <= before
+
+
+@pytest.mark.timeout(30)
+async def test_a_connection_cut_mid_handshake_is_no_refusal_and_the_client_carries_on() -> None:
+    # What a control plane killed or restarting during a client's handshake looks
+    # like, or another service on the port: the listener accepts, writes what is
+    # no ZMTP greeting, and closes.  That once left the client raising
+    # AuthenticationError for good; it must simply wait for the real one.
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    three_cut = trio.Event()
+
+    async def cut_every_connection() -> None:
+        cut = 0
+        while True:
+            conn, _ = await listener.accept()
+            with contextlib.suppress(OSError):
+                await conn.send(b"SSH-2.0-OpenSSH_9.2\r\n")
+            conn.close()
+            cut += 1
+            if cut >= 3:
+                three_cut.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cut_every_connection)
+        client = Client(discovery_address=f"tcp://127.0.0.1:{port}", timeout=10)
+        await client.start()
+        try:
+            task_id = await client.delay("add", 1, 2)
+            with trio.fail_after(10):
+                await three_cut.wait()
+            # Not a refusal: no answer yet, as with nobody there.
+            with pytest.raises(ControlPlaneUnavailableError):
+                await client.stats(timeout=0.5)
+            nursery.cancel_scope.cancel()
+            listener.close()
+            async with Cluster(tasks=[add], discovery_address=f"tcp://127.0.0.1:{port}"):
+                with trio.fail_after(10):
+                    await client.join()
+            result = client.get_result(task_id)
+            assert result is not None
+            assert result.result == 3
+        finally:
+            client.stop(timeout=0)
