@@ -494,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         args.log_level, args.log_format, process="worker" if args.worker_process else "node"
     )
+    for warning in security.warnings:
+        log.warning("%s", warning)
     try:
         if args.worker_process:
             registry = _load_registry(args.task_modules)
@@ -510,6 +512,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:
+        # Raised inside the run's nursery, a CliError arrives in an ExceptionGroup.
+        cli_error = _find(exc, CliError)
+        if cli_error is not None:
+            print(f"{PROG}: error: {cli_error}", file=sys.stderr)
+            return 1
         journal_error = _find(exc, JournalError)
         if journal_error is not None:
             # Not worth restarting: the same file gives the same error

@@ -8,6 +8,7 @@ from ._certs import (
     load_public_key,
     load_public_keys,
     load_secret_key,
+    secret_file_warning,
 )
 from ._keyring import CLIENT, DISCOVERY, WORKER, KeyRing
 from ._zap import ReloadKeys, ZapHandler
@@ -26,4 +27,5 @@ __all__ = [
     "load_public_key",
     "load_public_keys",
     "load_secret_key",
+    "secret_file_warning",
 ]
