@@ -22,6 +22,7 @@ import gc
 import importlib
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -463,6 +464,23 @@ def _tune_gc() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
+def _raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; the soft limit now in force.
+
+    Every connection costs the control plane a descriptor, and the soft
+    limit (often 1024) is what an unauthenticated connection flood exhausts
+    first; the hard limit is ours to take.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        return hard
+    return soft
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -496,6 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for warning in security.warnings:
         log.warning("%s", warning)
+    open_files = _raise_open_file_limit()
+    if not args.worker_process:
+        log.info("open-file limit: %d descriptors", open_files)
     try:
         if args.worker_process:
             registry = _load_registry(args.task_modules)
