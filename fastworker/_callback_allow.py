@@ -5,7 +5,7 @@ it: without a rule, every client could make the control plane open
 connections to any host and port it can reach.  So an address is delivered to
 only when one pattern of the allow-list matches it.  The default allows
 loopback only; ``--callback-allow PATTERN`` adds patterns.  The syntax
-(design/security-callbacks.md has the reasoning):
+(design/security.md, "Callbacks, payloads and task ids", has the reasoning):
 
 * ``tcp://HOST:PORT``, where HOST is one of
 

@@ -17,6 +17,7 @@ document's values only when the receiver was made with ``allow_pickle=True``.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import OrderedDict
 from types import TracebackType
@@ -27,7 +28,8 @@ import zmq
 import zmq.asyncio
 
 from ._callback_document import decode_callback_document
-from .transport import ZSocket
+from .security import load_secret_key
+from .transport import CurveKeys, ZSocket
 
 __all__ = ["CallbackReceiver"]
 
@@ -39,6 +41,9 @@ class CallbackReceiver:
     delivery; :attr:`address` then is what to pass to ``delay_with_callback``.
     ``allow_pickle`` lets :meth:`decode` unpickle the result and callback data
     of PICKLE documents: only for documents of clients and workers you trust.
+    ``curve_secret_key`` (a ``NAME.key_secret`` file or CurveKeys) makes the
+    receiver a CURVE server: pass its :attr:`public_key` (or its ``.key``
+    file) as ``callback_server_key`` and documents travel encrypted.
     """
 
     def __init__(
@@ -49,17 +54,30 @@ class CallbackReceiver:
         linger_ms: int = 1000,
         allow_pickle: bool = False,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve_secret_key: str | os.PathLike[str] | CurveKeys | None = None,
     ) -> None:
         if dedupe_window < 1:
             raise ValueError(f"dedupe_window must be at least 1, not {dedupe_window}")
         self.allow_pickle = allow_pickle
         self.ack = address.startswith("ack+")
         endpoint = address[4:] if self.ack else address
+        keys = (
+            curve_secret_key
+            if isinstance(curve_secret_key, CurveKeys) or curve_secret_key is None
+            else load_secret_key(curve_secret_key)
+        )
+        # The receiver's public key (Z85), for ``callback_server_key=``; None without CURVE.
+        self.public_key: str | None = None if keys is None else keys.public.decode()
         self._sock: zmq.Socket[bytes] = (context or zmq.Context.instance()).socket(
             zmq.ROUTER if self.ack else zmq.PULL
         )
         try:
             self._sock.setsockopt(zmq.LINGER, linger_ms)  # acks still go out after close
+            if keys is not None:
+                # A CURVE server: documents arrive encrypted, from whoever knows our
+                # public key (we check no sender's key: see design/security.md).
+                self._sock.setsockopt(zmq.CURVE_SERVER, 1)
+                self._sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
             self._sock.bind(endpoint)
         except BaseException:
             self._sock.close(linger=0)

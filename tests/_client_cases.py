@@ -21,7 +21,8 @@ from typing import Any, Protocol
 import pytest
 
 from fastworker import Client, ClientNotStartedError, ClientStoppedError, TaskResult, TaskStatus
-from fastworker.wire import Submit
+from fastworker.client._core import ClientCore
+from fastworker.wire import Submit, SubmitAck
 
 
 class HeldGate(Protocol):
@@ -267,6 +268,21 @@ async def tasks_delayed_before_the_control_plane_complete(
     assert [r.result if r else None for r in results] == [i + 1 for i in range(25)]
 
 
+def lose_acks(core: ClientCore, count: int) -> None:
+    """Make ``core`` miss its next ``count`` acknowledgements, as a lossy network would."""
+    on_ack = core._on_ack
+    lost = 0
+
+    def lossy(ack: SubmitAck) -> None:
+        nonlocal lost
+        if lost < count:
+            lost += 1
+            return
+        on_ack(ack)
+
+    core._on_ack = lossy  # type: ignore[method-assign]
+
+
 async def lost_ack_resent_runs_once(
     client: Client,
     gate: HeldGate,
@@ -294,7 +310,7 @@ async def lost_ack_resent_runs_once(
         return sent
 
     core._send_gateway = spy  # type: ignore[method-assign]
-    core.acks_dropped_for_test = 1
+    lose_acks(core, 1)
     task_id = await client.delay("counted", "once")
     # The ack is dropped; the task is held, so the re-send finds it unfinished.
     await wait_resent()

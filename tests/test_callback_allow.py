@@ -20,6 +20,7 @@ from multiprocess import open_node
 from fastworker import CallbackReceiver, Client, Cluster, TaskStatus
 from fastworker.control._internal import CallbackJobs
 from fastworker.control.callbacks import CallbackConfig, CallbackDispatcher
+from fastworker.runtime import GetStatistics
 from fastworker.transport import ZSocket, open_socket
 
 pytestmark = pytest.mark.timeout(30)
@@ -119,10 +120,10 @@ async def test_a_name_that_does_not_resolve_drops_its_documents(
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
             name = "tcp://nowhere.invalid:7000"
-            dispatcher.ref.tell(CallbackJobs([(name, b"one"), (name, b"two")]))
+            dispatcher.ref.tell(CallbackJobs([(name, b"one", None), (name, b"two", None)]))
             # The resolver thread answers in its own time (or the timeout ends it).
             stats = await poll_until(
-                lambda: dispatcher.ref.ask("stats"), lambda s: not s["addresses"], timeout=8
+                lambda: dispatcher.ref.ask(GetStatistics()), lambda s: not s["addresses"], timeout=8
             )
             dispatcher.ref.stop()
 

@@ -21,6 +21,7 @@ import zmq
 from fastworker import Client, Cluster, TaskStatus
 from fastworker.control._internal import CallbackJobs
 from fastworker.control.callbacks import CallbackConfig, CallbackDispatcher
+from fastworker.runtime import GetStatistics
 from fastworker.transport import ZSocket, open_socket
 
 pytestmark = pytest.mark.timeout(30)
@@ -177,10 +178,12 @@ async def test_every_document_for_an_address_that_cannot_connect_is_counted() ->
         async with trio.open_nursery() as nursery:
             await nursery.start(dispatcher.run)
             bad = "tcp://no host here"
-            dispatcher.ref.tell(CallbackJobs([(bad, b"one"), (bad, b"two"), (bad, b"three")]))
-            while (await dispatcher.ref.ask("stats"))["addresses"]:
+            dispatcher.ref.tell(
+                CallbackJobs([(bad, b"one", None), (bad, b"two", None), (bad, b"three", None)])
+            )
+            while (await dispatcher.ref.ask(GetStatistics()))["addresses"]:
                 await trio.lowlevel.checkpoint()  # the sender task has not failed yet
-            stats = await dispatcher.ref.ask("stats")
+            stats = await dispatcher.ref.ask(GetStatistics())
             dispatcher.ref.stop()
 
     assert stats["dropped_by_reason"] == {"bad_address": 3}

@@ -20,6 +20,7 @@ import zmq
 from fastworker import CallbackReceiver, Client, Cluster
 from fastworker.control._internal import CallbackJobs
 from fastworker.control.callbacks import CallbackConfig, CallbackDispatcher
+from fastworker.runtime import GetStatistics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -118,9 +119,11 @@ async def test_an_unacknowledged_document_is_dropped_and_counted_after_the_timeo
         with trio.fail_after(10):
             async with trio.open_nursery() as nursery:
                 await nursery.start(dispatcher.run)
-                dispatcher.ref.tell(CallbackJobs([(f"ack+tcp://127.0.0.1:{port}", b"doc")]))
+                dispatcher.ref.tell(CallbackJobs([(f"ack+tcp://127.0.0.1:{port}", b"doc", None)]))
                 stats = await poll_until(
-                    lambda: dispatcher.ref.ask("stats"), lambda s: s["dropped"] > 0, timeout=5
+                    lambda: dispatcher.ref.ask(GetStatistics()),
+                    lambda s: s["dropped"] > 0,
+                    timeout=5,
                 )
                 dispatcher.ref.stop()
         seen = []

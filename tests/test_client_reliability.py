@@ -255,7 +255,7 @@ async def test_cancel_of_a_task_the_control_plane_holds_asks_it(gate: HeldGate) 
                 return send(message)
 
             core._send_gateway = full_for_resends  # type: ignore[method-assign]
-            core.acks_dropped_for_test = 1
+            cases.lose_acks(core, 1)
             target = await client.delay("record", "cancelled")
             await poll(lambda: len(submits) > 1, timeout=5, what="a re-send refused")
             assert core.pending[target].sent is False

@@ -16,7 +16,7 @@ from fastworker._io import Inbound
 from fastworker.control._internal import DeclaredSchedules, WorkerJoined, WorkerLost
 from fastworker.control.discovery import Discovery, DiscoveryConfig
 from fastworker.control.gateway import MAX_STATS_QUERIES, Gateway
-from fastworker.runtime import MailboxFull
+from fastworker.runtime import GetStatistics, MailboxFull
 from fastworker.transport import TransportConfig
 from fastworker.wire import (
     DeclareSchedules,
@@ -92,7 +92,7 @@ async def test_declared_schedules_wait_compacted_and_only_a_member_declares() ->
         WorkerJoined("w", frozenset({"t"}), 1),
         DeclaredSchedules("w", [wire]),
     ]
-    assert discovery.receive("stats")["rejected"] == {"invalid": 1}
+    assert discovery.receive(GetStatistics())["rejected"] == {"invalid": 1}
 
 
 class _AnyWorkerKey:
@@ -123,7 +123,7 @@ async def test_only_the_key_that_registered_a_worker_declares_its_schedules() ->
     assert scheduler.told == [WorkerJoined("w", frozenset({"t"}), 1, key=b"key-a")]
     discovery.receive(Inbound([[b"peer", encode(DeclareSchedules("w", [wire])), b"key-a"]]))
     assert scheduler.told[-1] == DeclaredSchedules("w", [wire])
-    assert discovery.receive("stats")["rejected"] == {"forbidden": 1}
+    assert discovery.receive(GetStatistics())["rejected"] == {"forbidden": 1}
 
 
 async def test_an_unregister_after_a_crash_is_a_death_and_an_odd_reason_is_refused() -> None:
@@ -133,15 +133,16 @@ async def test_an_unregister_after_a_crash_is_a_death_and_an_odd_reason_is_refus
     discovery.receive(_frame(b"peer", Unregister("w", "exploded")))
     discovery.receive(_frame(b"peer", Unregister("w", "crashed")))
     assert scheduler.told[-1] == WorkerLost("w", "crashed")
-    assert discovery.receive("stats")["rejected"] == {"invalid": 1}
+    assert discovery.receive(GetStatistics())["rejected"] == {"invalid": 1}
 
 
 class _Wire:
     def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
 
-    def send_multipart_nowait(self, frames: list[bytes]) -> None:
+    def try_send(self, frames: list[bytes]) -> bool:
         self.sent.append(frames)
+        return True
 
 
 async def test_stats_queries_beyond_the_bound_are_refused_at_once() -> None:

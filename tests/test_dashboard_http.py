@@ -25,6 +25,7 @@ from fastworker.dashboard import (
     check_http_address,
 )
 from fastworker.node._cli import main as node_main
+from fastworker.runtime import GetStatistics
 
 
 @task
@@ -255,7 +256,7 @@ async def test_a_failing_http_server_comes_back_and_the_control_plane_goes_on(
         response = await http.get("/api/overview")
         assert response.json()["totals"]["succeeded"] == 1
         assert calls == 2
-        stats = await cluster.control_plane.http.ref.ask("stats")
+        stats = await cluster.control_plane.http.ref.ask(GetStatistics())
         assert stats["restarts"] == 1
         assert (await client.submit_task(task_name="dash_add", args=(4, 4))).result == 8
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from fastworker.control._deadletters import DeadLetters, DeadLettersConfig
+from fastworker.control._journal_state import restore
+from fastworker.control._schedules import SchedulesConfig
 from fastworker.control._taskbook import TaskBook, TaskBookConfig
 from fastworker.tasks.models import TaskStatus
 from fastworker.wire import ResultRecord, TaskEnvelope
@@ -70,6 +72,47 @@ def test_state_round_trip_drops_unreadable_letters() -> None:
     assert again.stats["unreadable"] == 2
     with pytest.raises(ValueError, match="version"):
         DeadLetters.from_state({"version": 0}, DeadLettersConfig())
+
+
+@pytest.mark.timeout(10)
+def test_the_journal_keeps_what_the_store_keeps_evictions_and_retries_deleted() -> None:
+    store = DeadLetters(DeadLettersConfig(max_letters=3))
+    store.watch()
+    journal: dict[str, object] = {}
+
+    def commit() -> None:
+        for task_id, document in store.take_changes():
+            if document is None:
+                journal.pop(task_id, None)
+            else:
+                journal[task_id] = document
+
+    for i in range(5):  # the first two are evicted
+        store.add(envelope(f"t{i}"), "retries_exhausted", f"boom {i}", 1, 100.0 + i)
+    commit()
+    assert set(journal) == {"t2", "t3", "t4"}
+    taken = store.take("t3")  # retried
+    commit()
+    assert set(journal) == {"t2", "t4"}
+    assert taken is not None
+    store.put_back(taken)  # the retry was refused: dead again
+    commit()
+    again = DeadLetters.from_states(journal.values(), store.config)
+    assert [x.envelope.task_id for x in store.newest(10)] == ["t3", "t4", "t2"]  # put back last
+    # Read back, they stand by failure time, newest first.
+    assert again.newest(10) == sorted(store.newest(10), key=lambda x: -x.failed_at)
+    # Read back under a lower bound: the oldest failures go, and their keys are named stale.
+    state = {f"dead/{k}": v for k, v in journal.items()}
+    state["dead/junk"] = {"version": 1, "letters": ["junk"]}
+    state["schedule/s"] = {"version": 99}
+    state["someone-else"] = [1]
+    restored = restore(
+        state, SchedulesConfig(), DeadLettersConfig(max_letters=2), wall_clock=lambda: 0.0
+    )
+    assert [x.envelope.task_id for x in restored.dead_letters.newest(10)] == ["t4", "t3"]
+    assert sorted(restored.stale) == ["dead/junk", "dead/t2", "schedule/s"]
+    assert restored.dead_letters.stats["unreadable"] == 1
+    assert restored.schedules.stats["unreadable"] == 1
 
 
 def _dead(b: TaskBook) -> list[tuple[str, str]]:

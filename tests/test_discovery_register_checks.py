@@ -15,6 +15,7 @@ import pytest
 from fastworker._io import Inbound
 from fastworker.control._register_checks import MAX_NAMES_COST, MAX_TOTAL_NAMES_COST, names_cost
 from fastworker.control.discovery import Discovery, DiscoveryConfig
+from fastworker.runtime import GetStatistics
 from fastworker.wire import ErrorReply, Register, Registered, Unregister, decode, encode
 
 pytestmark = pytest.mark.timeout(30)
@@ -31,8 +32,9 @@ class _Wire:
     def __init__(self) -> None:
         self.sent: list[list[bytes]] = []
 
-    def send_multipart_nowait(self, frames: list[bytes]) -> None:
+    def try_send(self, frames: list[bytes]) -> bool:
         self.sent.append(frames)
+        return True
 
 
 def _discovery() -> tuple[Discovery, _Wire]:
@@ -62,7 +64,7 @@ async def test_a_register_with_over_a_mebibyte_of_names_is_refused() -> None:
     assert isinstance(reply, ErrorReply)
     assert reply.reason == "invalid"
     assert "bytes" in reply.message
-    assert discovery.receive("stats")["workers_alive"] == 0
+    assert discovery.receive(GetStatistics())["workers_alive"] == 0
     # Within the bound it is fine.
     assert isinstance(
         _register(discovery, wire, Register("ok", _long_names("b", 1000), 1, 1, "h")), Registered
@@ -111,7 +113,7 @@ async def test_worker_ids_and_hostnames_that_cannot_be_routed_or_would_forge_log
     assert isinstance(reply, ErrorReply)
     assert reply.reason == "invalid"
     assert says in reply.message
-    assert discovery.receive("stats")["workers_alive"] == 0
+    assert discovery.receive(GetStatistics())["workers_alive"] == 0
     assert "joined" not in caplog.text
 
 

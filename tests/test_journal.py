@@ -29,6 +29,16 @@ def triple(x: int) -> int:
     return 3 * x
 
 
+_flaky = {"fail": True}
+
+
+@task(name="journal_flaky", max_retries=0)
+def journal_flaky(x: int) -> int:
+    if _flaky["fail"]:
+        raise RuntimeError(f"flaky {x}")
+    return 2 * x
+
+
 def _envelope(n: int) -> TaskEnvelope:
     return TaskEnvelope(f"t-{n}", "triple", 2, 0, b"[[1],{}]", None)
 
@@ -141,6 +151,75 @@ async def test_state_documents_go_in_the_next_commit_and_come_back_at_replay(
         assert cluster.control_plane.recovered_state == {
             "schedules": {"every-minute": {"cron": "* * * * *"}}
         }
+
+
+def test_a_state_key_written_twice_before_a_commit_is_one_entry() -> None:
+    queue = JournalQueue(JournalConfig("unused"))
+    for tick in range(100):  # a schedule ticking while the disk cannot write
+        queue.put_state("schedule/s", {"next": tick})
+    queue.put_state("dead/t", {"x": 1})
+    queue.put_state("dead/t", None)
+    assert queue.statistics()["pending_entries"] == 2
+    pending = queue.take()
+    assert pending.batch.ops == [
+        ("state", ("schedule/s", cbor2.dumps({"next": 99}))),
+        ("state", ("dead/t", None)),
+    ]
+    queue.committed(pending)
+    assert queue.statistics() == {"pending_entries": 0, "pending_bytes": 0}
+
+
+def _state_keys(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        return {key for (key,) in db.execute("SELECT key FROM state")}
+
+
+async def _fail_twice_and_schedule(client: Client) -> tuple[Any, Any, str]:
+    failed = await client.submit_task("journal_flaky", args=(21,))
+    other = await client.submit_task("journal_flaky", args=(1,))
+    assert failed.status is other.status is TaskStatus.FAILURE
+    return failed, other, await client.schedule("journal_flaky", repeat_interval=3600, args=[5])
+
+
+async def test_dead_letters_survive_a_restart_and_a_retried_one_leaves_the_journal(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.db"
+    _flaky["fail"] = True
+    async with Cluster(tasks=[journal_flaky], journal=str(path)) as cluster:
+        failed, other, sid = await _submit(cluster, _fail_twice_and_schedule)
+    assert _state_keys(path) == {
+        f"dead/{failed.task_id}",
+        f"dead/{other.task_id}",
+        f"schedule/{sid}",
+    }
+
+    _flaky["fail"] = False
+    async with (
+        Cluster(tasks=[journal_flaky], journal=str(path)) as cluster,
+        Client(discovery_address=cluster.discovery_address) as client,
+    ):
+        letters = {letter.task_id: letter for letter in await client.dead_letters()}
+        assert set(letters) == {failed.task_id, other.task_id}
+        letter = letters[failed.task_id]
+        assert (letter.reason, letter.args, letter.error) == (
+            "retries_exhausted",
+            (21,),
+            "RuntimeError: flaky 21",
+        )
+        (info,) = await client.schedules()
+        assert (info.schedule_id, info.source, info.args) == (sid, "client", (5,))
+        assert await client.retry_dead_letter(failed.task_id)
+        await client.join(timeout=10)
+        result = client.get_result(failed.task_id)
+        assert result is not None
+        assert (result.status, result.result) == (TaskStatus.SUCCESS, 42)
+        assert await client.remove_schedule(sid)
+    # The retried letter and the removed schedule left the file; the other letter stays.
+    assert _state_keys(path) == {f"dead/{other.task_id}"}
+    recovered = _open(path)[1]
+    assert recovered.tasks == []
+    assert {r.task_id: r.status for r, _ in recovered.results}[failed.task_id] == "success"
 
 
 def test_the_queue_refuses_new_tasks_past_its_bounds() -> None:

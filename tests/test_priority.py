@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from fastworker import Client, Cluster, TaskPriority
 from fastworker.control._queues import PriorityQueues
+from fastworker.runtime import GetStatistics
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,7 +64,7 @@ async def test_a_critical_task_overtakes_a_backlog_of_low_ones(
             worker = cluster.workers[0]
 
             async def worker_stats() -> dict[str, Any]:
-                return await worker.ref.ask("stats")
+                return await worker.ref.ask(GetStatistics())
 
             await client.delay("hold")
             await gate.entered()

@@ -17,6 +17,7 @@ from fastworker import Client, Cluster, TaskStatus
 from fastworker.control import ControlPlaneConfig
 from fastworker.control._internal import QueryResults, StoreResults
 from fastworker.control.result_cache import ResultCache, ResultCacheConfig
+from fastworker.runtime import GetStatistics
 from fastworker.wire import ResultRecord, ResultReply, Results, decode
 
 pytestmark = pytest.mark.timeout(30)
@@ -99,12 +100,12 @@ async def test_the_running_cache_frees_results_nobody_reads_again(
         async with trio.open_nursery() as nursery:
             await nursery.start(cache.run)
             cache.ref.tell(StoreResults([done("a"), done("b")]))
-            assert (await cache.ref.ask("stats"))["size"] == 2
+            assert (await cache.ref.ask(GetStatistics()))["size"] == 2
             await trio.sleep(29.0)
-            assert (await cache.ref.ask("stats"))["size"] == 2
+            assert (await cache.ref.ask(GetStatistics()))["size"] == 2
             # The sweep runs every min(ttl, 60 s): by ttl + one period, both are gone.
             await trio.sleep(31.0)
-            stats = await cache.ref.ask("stats")
+            stats = await cache.ref.ask(GetStatistics())
             cache.ref.stop()
     assert (stats["size"], stats["expired"]) == (0, 2)
 

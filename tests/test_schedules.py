@@ -264,6 +264,8 @@ class SchedulesMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = Clock()
         self.store = Schedules(SchedulesConfig(max_schedules=3), wall_clock=self.clock)
+        self.store.watch()
+        self.journal: dict[str, Any] = {}  # what a journal would hold: take_changes applied
         # id -> (rule, anchor, expected next tick); ticks already run per id
         self.model: dict[str, tuple[tuple[str | None, float | None], float, float]] = {}
         self.ran: dict[str, set[float]] = {}
@@ -312,6 +314,19 @@ class SchedulesMachine(RuleBasedStateMachine):
         assert self.store.audit() == []
         listing = {entry[0][0]: entry[1] for entry in self.store.listing()}
         assert listing == {sid: nxt for sid, (_, _, nxt) in self.model.items()}
+
+    @invariant()
+    def journal_mirrors_the_store(self) -> None:
+        for sid, document in self.store.take_changes():
+            if document is None:
+                self.journal.pop(sid, None)
+            else:
+                self.journal[sid] = document
+        assert set(self.journal) == set(self.model)  # removed ones deleted, none left behind
+        again = Schedules.from_states(
+            self.journal.values(), self.store.config, wall_clock=self.clock
+        )
+        assert list(again.listing()) == list(self.store.listing())
 
     @invariant()
     def state_round_trips(self) -> None:
@@ -385,3 +400,24 @@ def test_a_crowd_of_due_schedules_is_handed_out_in_bounded_turns() -> None:
     assert store.stats["runs"] == 100
     assert store.next_due() == T0 + 120
     assert store.audit() == []
+
+
+@pytest.mark.timeout(10)
+def test_changes_are_recorded_only_once_watched_and_a_spent_schedule_is_deleted() -> None:
+    clock = Clock()
+    store = Schedules(SchedulesConfig(), wall_clock=clock)
+    store.add(spec("a", interval=5.0))
+    assert store.take_changes() == []  # no journal: nothing recorded
+    store.watch()
+    store.add(spec("a", interval=5.0))  # the same schedule again: no change
+    assert store.take_changes() == []
+    store.add(spec("b", cron="0 0 29 2 *"))  # 29 February: years apart
+    clock.now += 5
+    store.due()
+    changes = dict(store.take_changes())
+    assert set(changes) == {"a", "b"}
+    assert changes["a"] is not None
+    assert changes["a"]["schedules"][0][4] == T0 + 5  # its last run
+    assert store.take_changes() == []
+    assert store.remove("b")
+    assert store.take_changes() == [("b", None)]

@@ -589,6 +589,23 @@ async def test_router_send_to_unknown_identity_raises_peer_unreachable(sockets: 
         assert await dealer.recv_multipart() == [b"reply"]
 
 
+async def test_try_send_counts_what_it_could_not_hand_over(sockets: Sockets) -> None:
+    router = sockets(zmq.ROUTER)
+    dealer = sockets(zmq.DEALER, TINY_QUEUES, identity=b"known")
+    endpoint = router.bind(LOOPBACK)
+    assert not dealer.try_send([b"before connect"])  # IMMEDIATE: no peer yet
+    dealer.connect(endpoint)
+    with trio.fail_after(5):
+        await dealer.wait_writable()
+        assert dealer.try_send([b"hi"])
+        assert await router.recv_multipart() == [b"known", b"hi"]
+        assert not router.try_send([b"ghost", b"lost"])
+        assert router.try_send([b"known", b"reply"])
+        assert await dealer.recv_multipart() == [b"reply"]
+    assert (dealer.statistics().sent, dealer.statistics().unsent) == (1, 1)
+    assert (router.statistics().sent, router.statistics().unsent) == (1, 1)
+
+
 @pytest.mark.timeout(15)  # the old bug spun without a checkpoint: only this could stop it
 async def test_router_send_to_a_full_peer_waits_while_other_peers_are_served(
     sockets: Sockets,
@@ -876,7 +893,7 @@ async def test_close_wakes_every_waiting_task_with_closed_resource_error(
             lonely.close()
     assert sorted(woken) == ["batch", "recv-1", "recv-2", "send"]
     assert lonely.statistics() == ZSocketStatistics(
-        sent=0, received=0, waiting_readers=0, waiting_writers=0
+        sent=0, received=0, waiting_readers=0, waiting_writers=0, unsent=0
     )
 
 
@@ -1039,7 +1056,7 @@ async def test_statistics_count_messages_and_waiting_tasks(sockets: Sockets) -> 
     b = sockets(zmq.PAIR)
     b.connect(a.bind(sockets.inproc()))
     assert a.statistics() == ZSocketStatistics(
-        sent=0, received=0, waiting_readers=0, waiting_writers=0
+        sent=0, received=0, waiting_readers=0, waiting_writers=0, unsent=0
     )
     with pytest.raises(trio.WouldBlock):
         a.recv_multipart_nowait()  # failures count for nothing
@@ -1056,10 +1073,10 @@ async def test_statistics_count_messages_and_waiting_tasks(sockets: Sockets) -> 
         assert len(await a.recv_batch()) == 4
         await a.send_multipart([b"back"])
     assert a.statistics() == ZSocketStatistics(
-        sent=1, received=6, waiting_readers=0, waiting_writers=0
+        sent=1, received=6, waiting_readers=0, waiting_writers=0, unsent=0
     )
     assert b.statistics() == ZSocketStatistics(
-        sent=6, received=0, waiting_readers=0, waiting_writers=0
+        sent=6, received=0, waiting_readers=0, waiting_writers=0, unsent=0
     )
 
 

@@ -33,7 +33,18 @@ from typing import IO
 from ._options import BenchError
 from ._tasks import MODULE
 
-__all__ = ["LocalNode", "NoFirstLine", "read_first_line", "spawn_logged", "start_node", "stop_all"]
+__all__ = [
+    "READY",
+    "LocalNode",
+    "NoFirstLine",
+    "exit_code_unreaped",
+    "kill_group",
+    "read_first_line",
+    "spawn_logged",
+    "start_node",
+    "stop_all",
+    "wait_exit",
+]
 
 READY = re.compile(
     r"^fastworker node ready: role=(?P<role>\S+) discovery=(?P<discovery>\S+) "
@@ -65,6 +76,22 @@ def wait_exit(exited: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def exit_code_unreaped(process: subprocess.Popen[bytes]) -> int | None:
+    """The exit code once ``process`` exited (minus the signal if killed), else None.
+
+    ``waitid`` with ``WNOWAIT`` leaves it unreaped, so its pid (the group id of
+    a node and its workers) cannot be reused while we may still signal the
+    group.  Where ``waitid`` is missing (macOS) reaping is the only way to know.
+    """
+    if not hasattr(os, "waitid"):
+        return process.poll()
+    info = os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    if info is None:
+        return None
+    killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
+    return -info.si_status if killed else info.si_status
 
 
 def kill_group(pid: int) -> None:
@@ -178,19 +205,9 @@ class LocalNode:
 
     def _exited(self) -> bool:
         """True once the node has exited; does not reap it (see the module docstring)."""
-        if self.exit_code is not None:
-            return True
-        if not hasattr(os, "waitid"):  # macOS: reaping is the only way to know
-            code = self.process.poll()
-            if code is not None:
-                self.exit_code = code
-            return code is not None
-        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-        if info is None:
-            return False
-        killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
-        self.exit_code = -info.si_status if killed else info.si_status
-        return True
+        if self.exit_code is None:
+            self.exit_code = exit_code_unreaped(self.process)
+        return self.exit_code is not None
 
     def _wait_exit(self, timeout: float) -> bool:
         return wait_exit(self._exited, timeout)

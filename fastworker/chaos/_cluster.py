@@ -22,13 +22,18 @@ from typing import IO
 
 import trio
 
-from ..bench._nodes import NoFirstLine, kill_group, read_first_line, spawn_logged, wait_exit
+from ..bench._nodes import (
+    READY,
+    NoFirstLine,
+    exit_code_unreaped,
+    kill_group,
+    read_first_line,
+    spawn_logged,
+    wait_exit,
+)
 
 __all__ = ["NodeProcess", "NodeStartError", "children_of", "log_events", "rss_kib"]
 
-_READY = re.compile(
-    r"^fastworker node ready: role=\S+ discovery=\S+ workers=\d+ pid=(\d+)(?: http=\S+)?$"
-)
 _LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 _KILL_WAIT = 5.0
 
@@ -65,22 +70,17 @@ class NodeProcess:
         except NoFirstLine as exc:
             tail = self.log_text()[-3000:]
             raise NodeStartError(f"{self.name}: {exc}; stderr:\n{tail}") from None
-        match = _READY.match(line)
-        if match is None or int(match[1]) != self.pid:
+        match = READY.match(line)
+        if match is None or int(match["pid"]) != self.pid:
             raise NodeStartError(f"{self.name}: unexpected first line {line!r}")
 
     # -- observing -------------------------------------------------------------
 
     def exited(self) -> bool:
         """True once the node exited; never reaps it (see the module docstring)."""
-        if self.exit_code is not None:
-            return True
-        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
-        if info is None:
-            return False
-        killed = info.si_code in (os.CLD_KILLED, os.CLD_DUMPED)
-        self.exit_code = -info.si_status if killed else info.si_status
-        return True
+        if self.exit_code is None:
+            self.exit_code = exit_code_unreaped(self.process)
+        return self.exit_code is not None
 
     def children(self) -> list[int]:
         """The node's live worker processes, oldest pid first."""

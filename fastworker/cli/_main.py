@@ -21,6 +21,7 @@ import trio
 from .. import __version__
 from .. import keys as _keys
 from .._argtypes import _address, _non_negative_float, _positive_float
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..client import AuthenticationError
 from ._commands import cancel, result, status, submit, workers
 from ._exits import EXIT_UNREACHABLE, CliFailure
@@ -41,9 +42,9 @@ With --json every client command prints one JSON document on stdout;
 errors go to stderr as one line.
 """
 
-_CLIENT_EPILOG = """\
+_CLIENT_EPILOG = f"""\
 The control plane is found at --discovery-address, else
-$FASTWORKER_DISCOVERY_ADDRESS, else tcp://127.0.0.1:5550.  The Client also
+$FASTWORKER_DISCOVERY_ADDRESS, else {DEFAULT_DISCOVERY_ADDRESS}.  The Client also
 reads $FASTWORKER_SERIALIZATION_FORMAT, $FASTWORKER_RETRIES,
 $FASTWORKER_CURVE_SECRET_KEY and $FASTWORKER_CURVE_SERVER_KEY, and
 $FASTWORKER_TIMEOUT when --timeout is not given.
@@ -58,7 +59,7 @@ def _client_options() -> argparse.ArgumentParser:
         default=None,
         metavar="ADDRESS",
         help="the control plane's discovery endpoint "
-        "(default: $FASTWORKER_DISCOVERY_ADDRESS or tcp://127.0.0.1:5550)",
+        f"(default: $FASTWORKER_DISCOVERY_ADDRESS or {DEFAULT_DISCOVERY_ADDRESS})",
     )
     common.add_argument(
         "--timeout",

@@ -230,7 +230,6 @@ class ClientCore(Actor):
         self._heartbeat = 1.0
         self._last_reply = 0.0
         self.connected = trio.Event()
-        self.acks_dropped_for_test = 0  # tests set this to lose acknowledgements on purpose
         self.resubmitted = 0
         self.failure: Exception | None = None  # set when the actor is gone for good
         self._starts = 0
@@ -562,11 +561,7 @@ class ClientCore(Actor):
     def _send_gateway(self, message: Any) -> bool:
         if self._gateway is None:
             return False
-        try:
-            self._gateway.send_multipart_nowait([encode(message)])
-        except trio.WouldBlock:
-            return False
-        return True
+        return self._gateway.try_send([encode(message)])
 
     def _send_unsent(self) -> None:
         if self._gateway is None or not self.connected.is_set():
@@ -619,10 +614,8 @@ class ClientCore(Actor):
     def _lookup(self) -> None:
         if self._discovery is None:
             return
-        try:
-            self._discovery.send_multipart_nowait([encode(Lookup(self._new_request_id()))])
-        except trio.WouldBlock:
-            pass  # discovery not reachable yet: the next tick asks again
+        # Discovery not reachable yet: the next tick asks again.
+        self._discovery.try_send([encode(Lookup(self._new_request_id()))])
 
     def _on_tick(self) -> None:
         now = trio.current_time()
@@ -839,9 +832,6 @@ class ClientCore(Actor):
         self._gateway_endpoint = endpoint
 
     def _on_ack(self, ack: SubmitAck) -> None:
-        if self.acks_dropped_for_test > 0:
-            self.acks_dropped_for_test -= 1
-            return
         request = self._requests.pop(ack.request_id, None)
         if not ack.rejected:
             self._queue_full_until = 0.0

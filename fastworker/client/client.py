@@ -22,7 +22,8 @@ from typing import Any
 import trio
 
 from .._callback_address import parse_callback_address
-from ..security import load_public_key, load_secret_key
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
+from ..security import callback_key, load_public_key, load_secret_key
 from ..tasks.models import DeadLetter, ScheduleInfo, TaskPriority, TaskResult, TaskStatus
 from ..tasks.options import MAX_WAIT as _MAX_WAIT
 from ..tasks.options import check_eta, check_seconds, check_task_options
@@ -71,8 +72,6 @@ log = logging.getLogger("fastworker.client")
 _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
 _EAGER_WAKE = 1024
 _NORMAL = TaskPriority.NORMAL.rank
-
-DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
 
 
 def _env(name: str) -> str | None:
@@ -169,7 +168,7 @@ class Client:
             )
         self.max_pending = max_pending
         self.allow_pickle = allow_pickle
-        self.client_id = f"client-{secrets.token_hex(8)}"
+        self.client_id = f"client-{secrets.token_hex(16)}"
         self._format_code = self.serialization_format.code
         curve, server_key = _curve_options(curve_secret_key, curve_server_key)
         transport = TransportConfig(
@@ -212,7 +211,7 @@ class Client:
             return
         library = current_library()
         if self._stopped:
-            self.client_id = f"client-{secrets.token_hex(8)}"
+            self.client_id = f"client-{secrets.token_hex(16)}"
             self._core = self._core.successor(self.client_id)
         self._on_trio = library == "trio"
         if self._on_trio:
@@ -250,7 +249,7 @@ class Client:
         if host is None:
             return
         self._stopped = True
-        heir_id = f"client-{secrets.token_hex(8)}"
+        heir_id = f"client-{secrets.token_hex(16)}"
         if isinstance(host, TrioHost):
             left = self._stop_trio_host(host, wait, heir_id)
         else:
@@ -385,6 +384,7 @@ class Client:
         eta: dt.datetime | None = None,
         callback_address: str | None = None,
         callback_data: Any = None,
+        callback_server_key: str | os.PathLike[str] | bytes | None = None,
         options: Mapping[str, Any] | None = None,
     ) -> tuple[str, list[Any]]:
         """Check and encode one task in the caller's thread: every error surfaces here.
@@ -418,6 +418,10 @@ class Client:
             opts["cb"] = callback_address
             if callback_data is not None:
                 opts["cbd"] = dumps(fmt, callback_data)
+            if callback_server_key is not None:
+                opts["cbk"] = callback_key(callback_server_key)
+        elif callback_server_key is not None:
+            raise ValueError("callback_server_key goes with a callback address")
         if options:
             opts = opts or {}
             opts.update(options)
@@ -554,12 +558,18 @@ class Client:
         *args: Any,
         callback_address: str | None = None,
         callback_data: Any = None,
+        callback_server_key: str | os.PathLike[str] | bytes | None = None,
         priority: TaskPriority | str = TaskPriority.NORMAL,
         countdown: float | None = None,
         eta: dt.datetime | None = None,
         **kwargs: Any,
     ) -> str:
         """Like ``delay``; the finished task's callback document goes to the callback address.
+
+        ``callback_server_key`` (the receiver's public ``.key`` file, or its
+        Z85 key): the control plane delivers over CURVE, encrypted, to a
+        receiver holding the matching secret key (``CallbackReceiver(...,
+        curve_secret_key=...)``); without it the document travels in clear.
 
         Two spellings: the address as the second positional argument
         (``delay_with_callback("name", "tcp://127.0.0.1:6000", arg, ...)``), or
@@ -596,6 +606,7 @@ class Client:
             eta=eta,
             callback_address=callback_address,
             callback_data=callback_data,
+            callback_server_key=callback_server_key,
         )
         return self._enqueue([item])[0]
 
@@ -610,6 +621,7 @@ class Client:
         eta: dt.datetime | None = None,
         callback_address: str | None = None,
         callback_data: Any = None,
+        callback_server_key: str | os.PathLike[str] | bytes | None = None,
         time_limit: float | None = None,
         max_retries: int | None = None,
         retry_delay: float | None = None,
@@ -627,6 +639,7 @@ class Client:
             eta=eta,
             callback_address=callback_address,
             callback_data=callback_data,
+            callback_server_key=callback_server_key,
             options=_call_options(
                 time_limit, max_retries, retry_delay, retry_backoff, retry_backoff_max
             ),

@@ -12,6 +12,7 @@ task book's effects and answers the Client's queries from it.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
@@ -65,6 +66,17 @@ class DeadLetter:
         ]
 
 
+def _letter_state(letter: DeadLetter) -> list[Any]:
+    return [list(letter.envelope), *letter.to_wire()[5:]]
+
+
+def _failed_at(item: Any) -> float:
+    """A saved letter's failure time, for ordering; 0 for one too broken to say."""
+    if type(item) is list and len(item) == 5 and type(item[4]) in (int, float):
+        return float(item[4])
+    return 0.0
+
+
 @attrs.frozen
 class DeadLettersConfig:
     max_letters: int = 10_000
@@ -77,6 +89,9 @@ class DeadLetters:
         self._letters: OrderedDict[str, DeadLetter] = OrderedDict()  # oldest first
         self._bytes = 0
         self.stats: Counter[str] = Counter()
+        # Ids whose letter came, went or was evicted since take_changes(), once watch() is
+        # called (a journal); a dict, so they are written in the order they changed.
+        self._changed: dict[str, None] | None = None
 
     def __len__(self) -> int:
         return len(self._letters)
@@ -102,24 +117,34 @@ class DeadLetters:
         self.stats[reason] += 1
 
     def _put(self, letter: DeadLetter) -> None:
-        self.take(letter.envelope.task_id)
+        task_id = letter.envelope.task_id
+        self.take(task_id)
         if letter.weight > self.config.max_bytes:
             self.stats["evicted"] += 1
             return
         letters = self._letters
-        letters[letter.envelope.task_id] = letter
+        letters[task_id] = letter
         self._bytes += letter.weight
+        self._note(task_id)
         while len(letters) > self.config.max_letters or self._bytes > self.config.max_bytes:
-            _, oldest = letters.popitem(last=False)
+            evicted, oldest = letters.popitem(last=False)
             self._bytes -= oldest.weight
             self.stats["evicted"] += 1
+            self._note(evicted)
 
     def take(self, task_id: str) -> DeadLetter | None:
         """Remove and return a letter (to queue its task again)."""
         letter = self._letters.pop(task_id, None)
         if letter is not None:
             self._bytes -= letter.weight
+            self._note(task_id)
         return letter
+
+    def _note(self, task_id: str) -> None:
+        changed = self._changed
+        if changed is not None:
+            changed.pop(task_id, None)
+            changed[task_id] = None
 
     def put_back(self, letter: DeadLetter) -> None:
         """A letter taken for a retry that could not be queued (queue full) stays dead."""
@@ -139,10 +164,34 @@ class DeadLetters:
         """Every letter, oldest first, as plain CBOR-able values."""
         return {
             "version": _STATE_VERSION,
-            "letters": [
-                [list(letter.envelope), *letter.to_wire()[5:]] for letter in self._letters.values()
-            ],
+            "letters": [_letter_state(letter) for letter in self._letters.values()],
         }
+
+    def watch(self) -> None:
+        """Record which letters change from now on, for ``take_changes`` (a journal)."""
+        self._changed = {}
+
+    def take_changes(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """``(task id, state)`` per letter added, taken or evicted since the last call: a
+        ``to_state`` holding that one letter, or None when it is gone.
+
+        Only after ``watch()``; the changes are forgotten once taken.
+        """
+        changed = self._changed
+        if not changed:
+            return []
+        self._changed = {}
+        letters = self._letters
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        for task_id in changed:
+            letter = letters.get(task_id)
+            state = (
+                None
+                if letter is None
+                else {"version": _STATE_VERSION, "letters": [_letter_state(letter)]}
+            )
+            out.append((task_id, state))
+        return out
 
     @classmethod
     def from_state(cls, state: Any, config: DeadLettersConfig) -> DeadLetters:
@@ -150,7 +199,27 @@ class DeadLetters:
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError("not a dead-letters state this version can read")
         store = cls(config)
-        for item in state.get("letters") or []:
+        store._load(state.get("letters") or [])
+        return store
+
+    @classmethod
+    def from_states(cls, states: Iterable[Any], config: DeadLettersConfig) -> DeadLetters:
+        """``from_state`` over several saved states (one per letter, as a journal keeps
+        them), oldest failure first: the order they are kept in, so the oldest go first
+        past a bound.  A state of another version counts as unreadable."""
+        store = cls(config)
+        items: list[Any] = []
+        for state in states:
+            if isinstance(state, dict) and state.get("version") == _STATE_VERSION:
+                items.extend(state.get("letters") or [])
+            else:
+                store.stats["unreadable"] += 1
+        items.sort(key=_failed_at)
+        store._load(items)
+        return store
+
+    def _load(self, items: Iterable[Any]) -> None:
+        for item in items:
             try:
                 raw, reason, error, attempts, failed_at = item
                 envelope = TaskEnvelope.from_wire(list(raw))
@@ -159,10 +228,9 @@ class DeadLetters:
                 if type(failed_at) not in (int, float):
                     raise ValueError("bad failure time")
             except (ValueError, TypeError, WireError):
-                store.stats["unreadable"] += 1
+                self.stats["unreadable"] += 1
                 continue
-            store._put(DeadLetter(envelope, reason, error, attempts, float(failed_at)))
-        return store
+            self._put(DeadLetter(envelope, reason, error, attempts, float(failed_at)))
 
     def audit(self) -> list[str]:
         problems = []

@@ -17,6 +17,8 @@ __all__ = [
     "ClientRequest",
     "ClientSubmits",
     "DeclaredSchedules",
+    "EvictRevoked",
+    "EvictWorker",
     "HeldAcks",
     "LookupTask",
     "MetricsQuery",
@@ -84,9 +86,10 @@ class ResendResults:
 
 @attrs.frozen
 class CallbackJobs:
-    """Callback documents to deliver: ``(address, encoded payload)`` each."""
+    """Callback documents to deliver: ``(address, encoded payload, receiver's CURVE key)`` each
+    (the key is None for a receiver without CURVE)."""
 
-    jobs: list[tuple[str, bytes]]
+    jobs: list[tuple[str, bytes, bytes | None]]
 
 
 @attrs.frozen
@@ -95,6 +98,20 @@ class WorkerJoined:
     task_names: frozenset[str]
     concurrency: int
     key: bytes = b""  # the CURVE key it registered with (b"" without CURVE)
+
+
+@attrs.frozen
+class EvictWorker:
+    """To Discovery: drop this member (its connection speaks with another key, or its
+    key was revoked); it joins again with its next heartbeat if it still may."""
+
+    worker_id: str
+    reason: str
+
+
+@attrs.frozen
+class EvictRevoked:
+    """To Discovery, after a key reload: drop every member whose key is no longer allowed."""
 
 
 @attrs.frozen

@@ -21,7 +21,7 @@ import datetime as dt
 import heapq
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -130,6 +130,10 @@ class _Entry:
     ticks: Any = None  # a cron schedule's croniter, positioned at next_due (made lazily)
 
 
+def _entry_state(e: _Entry) -> list[Any]:
+    return [e.spec.to_wire(), e.spec.source, e.anchor, e.next_due, e.last_run]
+
+
 @attrs.frozen
 class SchedulesConfig:
     max_schedules: int = 10_000
@@ -146,9 +150,14 @@ class Schedules:
         self._heap: list[tuple[float, int, str]] = []
         self._tokens = 0
         self.stats: Counter[str] = Counter()
+        # Ids whose state changed since take_changes(), once watch() is called (a journal).
+        self._changed: set[str] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __contains__(self, schedule_id: object) -> bool:
+        return schedule_id in self._entries
 
     def add(self, spec: ScheduleSpec) -> str | None:
         """Add or replace a schedule; None when done, else why it was refused.
@@ -181,6 +190,7 @@ class Schedules:
             return f"schedule {spec.schedule_id} has no next tick: {exc}"
         self._bytes += spec.weight - freed
         self._place(_Entry(spec, now, next_due, ticks=ticks))
+        self._note(spec.schedule_id)
         return None
 
     def _place(self, entry: _Entry) -> None:
@@ -206,6 +216,7 @@ class Schedules:
             return False
         self._bytes -= entry.spec.weight
         self._prune()
+        self._note(schedule_id)
         return True
 
     def next_due(self) -> float:
@@ -236,6 +247,7 @@ class Schedules:
             except Exception:  # croniter found no later tick: the schedule is spent
                 entry.next_due = math.inf
             self._place(entry)
+            self._note(schedule_id)
         self._prune()
         self.stats["runs"] += len(runs)
         return runs
@@ -276,11 +288,38 @@ class Schedules:
         return {
             "version": _STATE_VERSION,
             "schedules": [
-                [e.spec.to_wire(), e.spec.source, e.anchor, e.next_due, e.last_run]
-                for e in self._entries.values()
-                if e.next_due != math.inf
+                _entry_state(e) for e in self._entries.values() if e.next_due != math.inf
             ],
         }
+
+    def watch(self) -> None:
+        """Record which schedules change from now on, for ``take_changes`` (a journal)."""
+        self._changed = set()
+
+    def _note(self, schedule_id: str) -> None:
+        if self._changed is not None:
+            self._changed.add(schedule_id)
+
+    def take_changes(self) -> list[tuple[str, dict[str, Any] | None]]:
+        """``(id, state)`` per schedule changed since the last call: a ``to_state`` holding
+        that one schedule, or None when it is gone (removed, or spent: no tick left).
+
+        Only after ``watch()``; the changes are forgotten once taken.
+        """
+        changed = self._changed
+        if not changed:
+            return []
+        self._changed = set()
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        for schedule_id in changed:
+            entry = self._entries.get(schedule_id)
+            if entry is None or entry.next_due == math.inf:
+                out.append((schedule_id, None))
+            else:
+                out.append(
+                    (schedule_id, {"version": _STATE_VERSION, "schedules": [_entry_state(entry)]})
+                )
+        return out
 
     @classmethod
     def from_state(
@@ -291,10 +330,24 @@ class Schedules:
         An entry that no longer passes the checks (say, a time zone this
         machine does not know) is dropped and counted, not fatal.
         """
-        schedules = cls(config, wall_clock=wall_clock)
         if not isinstance(state, dict) or state.get("version") != _STATE_VERSION:
             raise ValueError("not a schedules state this version can read")
-        for item in state.get("schedules") or []:
+        return cls.from_states([state], config, wall_clock=wall_clock)
+
+    @classmethod
+    def from_states(
+        cls, states: Iterable[Any], config: SchedulesConfig, *, wall_clock: Callable[[], float]
+    ) -> Schedules:
+        """``from_state`` over several saved states (one per schedule, as a journal keeps
+        them); a state of another version counts as unreadable, it does not stop the rest."""
+        schedules = cls(config, wall_clock=wall_clock)
+        items: list[Any] = []
+        for state in states:
+            if isinstance(state, dict) and state.get("version") == _STATE_VERSION:
+                items.extend(state.get("schedules") or [])
+            else:
+                schedules.stats["unreadable"] += 1
+        for item in items:
             try:
                 wire, source, anchor, next_due, last_run = item
                 spec = ScheduleSpec.from_wire(wire, source)

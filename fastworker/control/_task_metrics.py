@@ -100,8 +100,8 @@ class TaskMetrics:
     ) -> None:
         """Final results leaving the book; ``now`` is the book's clock, ``wall`` epoch seconds.
 
-        On the Scheduler's hot path (about 1 µs a result): the tables of each name are
-        looked up once per batch, not once per result.
+        On the Scheduler's hot path: the tables of each name are looked up once
+        per batch, not once per result.
         """
         by_name: dict[str, tuple[dict[str, int], _Histogram, _Histogram]] = {}
         succeeded = failed = 0

@@ -147,7 +147,8 @@ class Effects:
     # Final results to push to each submitting client.
     pushes: dict[bytes, list[ResultRecord]] = attrs.Factory(dict)
     # (callback address, final result, encoded callback data) per task asking for one.
-    callbacks: list[tuple[str, ResultRecord, bytes | None]] = attrs.Factory(list)
+    # (address, record, callback data, the receiver's CURVE key or None)
+    callbacks: list[tuple[str, ResultRecord, bytes | None, bytes | None]] = attrs.Factory(list)
     # Tasks to send to each worker, in dispatch order, with their total weight
     # (an upper bound of their encoded size: the binding splits only what needs it).
     dispatches: list[tuple[bytes, list[TaskEnvelope], int]] = attrs.Factory(list)
@@ -628,7 +629,9 @@ class TaskBook:
         options = job.envelope.options
         address = None if options is None else options.get("cb")
         if address is not None:
-            out.callbacks.append((address, record, options.get("cbd")))  # type: ignore[union-attr]
+            out.callbacks.append(
+                (address, record, options.get("cbd"), options.get("cbk"))  # type: ignore[union-attr]
+            )
         if record.status == "failure":
             out.dead.append((job.envelope, record, dead or reason_for(record)))
 

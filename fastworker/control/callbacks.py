@@ -35,11 +35,12 @@ from typing import Any
 import attrs
 import trio
 import zmq
+from zmq.utils import z85
 
 from .._callback_address import CallbackAddress, parse_callback_address
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW, CallbackAllowList
-from ..runtime import Actor
-from ..transport import TransportConfig, ZSocket, open_socket
+from ..runtime import Actor, GetStatistics
+from ..transport import CurveKeys, TransportConfig, ZSocket, open_socket
 from ._internal import CallbackJobs
 
 __all__ = ["CallbackConfig", "CallbackDispatcher"]
@@ -72,9 +73,13 @@ class CallbackDispatcher(Actor):
         self._senders: dict[str, trio.MemorySendChannel[bytes]] = {}
         self._nursery: trio.Nursery | None = None
         self._counts: Counter[str] = Counter()
+        self._dropped: Counter[str] = Counter()  # by reason
         # Delivery ids: unique per control-plane process, never reused.
         self._id_prefix = uuid.uuid4().hex[:16].encode()
         self._ids = itertools.count(1)
+        # Our CURVE pair towards receivers with a key: the control plane's own, or one made
+        # for this dispatcher when the control plane runs without CURVE.
+        self._own_keys: CurveKeys | None = None
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -85,29 +90,27 @@ class CallbackDispatcher(Actor):
             # One log line per refused address and reason per batch, not per
             # document: a client's burst to a refused address must not flood the log.
             refused: Counter[tuple[str, str, str]] = Counter()
-            for address, payload in message.jobs:
-                refusal = self._enqueue(address, payload)
+            for address, payload, key in message.jobs:
+                refusal = self._enqueue(address, payload, key)
                 if refusal is not None:
                     refused[refusal] += 1
             for (reason, address, detail), count in refused.items():
                 self._drop(reason, address, count, detail)
             return None
-        if message == "stats":
+        if type(message) is GetStatistics:
             return {
                 "handed_to_zmq": self._counts["handed_to_zmq"],
                 "acknowledged": self._counts["acknowledged"],
                 "resent": self._counts["resent"],
-                "dropped": sum(v for k, v in self._counts.items() if k.startswith("dropped")),
-                "dropped_by_reason": {
-                    k[8:]: v for k, v in self._counts.items() if k.startswith("dropped_")
-                },
+                "dropped": self._dropped.total(),
+                "dropped_by_reason": dict(self._dropped),
                 "addresses": len(self._senders),
             }
         raise TypeError(f"callback dispatcher got an unexpected message {message!r}")
 
     def _drop(self, reason: str, address: str, count: int = 1, detail: str = "") -> None:
         if count:
-            self._counts[f"dropped_{reason}"] += count
+            self._dropped[reason] += count
             log.warning(
                 "%d callback document(s) to %r dropped (%s%s)",
                 count,
@@ -116,9 +119,17 @@ class CallbackDispatcher(Actor):
                 f": {detail}" if detail else "",
             )
 
-    def _enqueue(self, address: str, payload: bytes) -> tuple[str, str, str] | None:
-        """Queue ``payload`` for ``address``; a refusal to count is returned, not counted."""
-        sender = self._senders.get(address)
+    def _enqueue(
+        self, address: str, payload: bytes, key: bytes | None = None
+    ) -> tuple[str, str, str] | None:
+        """Queue ``payload`` for ``address``; a refusal to count is returned, not counted.
+
+        With ``key`` (the receiver's CURVE public key) the document goes over a
+        CURVE connection of its own: one sender per address and key, so a
+        document never travels in clear to an address another task gave a key.
+        """
+        slot = address if key is None else f"{address}\x00{key.hex()}"
+        sender = self._senders.get(slot)
         if sender is None:
             try:
                 parsed = parse_callback_address(address)
@@ -128,9 +139,11 @@ class CallbackDispatcher(Actor):
                 return ("not_allowed", address, "no --callback-allow pattern matches it")
             if len(self._senders) >= self.config.max_addresses or self._nursery is None:
                 return ("too_many_addresses", address, "")
+            if key is not None and len(key) != 32:
+                return ("bad_address", address, "a CURVE key (option cbk) must be 32 bytes")
             sender, receiver = trio.open_memory_channel[bytes](self.config.max_pending_per_address)
-            self._senders[address] = sender
-            self._nursery.start_soon(self._deliver, address, parsed, receiver)
+            self._senders[slot] = sender
+            self._nursery.start_soon(self._deliver, address, parsed, receiver, key, slot)
         try:
             sender.send_nowait(payload)
         except trio.WouldBlock:
@@ -138,24 +151,30 @@ class CallbackDispatcher(Actor):
         return None
 
     async def _deliver(
-        self, address: str, parsed: CallbackAddress, inbox: trio.MemoryReceiveChannel[bytes]
+        self,
+        address: str,
+        parsed: CallbackAddress,
+        inbox: trio.MemoryReceiveChannel[bytes],
+        key: bytes | None = None,
+        slot: str | None = None,
     ) -> None:
         """Own one socket to ``address`` and drain its queue in order."""
+        slot = slot or address
         endpoints = [parsed.endpoint]
         if parsed.is_name:
             endpoints = []  # stays so when the name does not resolve in time
             with trio.move_on_after(self.config.resolve_timeout):
                 endpoints = await _resolve(parsed)
             if not endpoints:
-                self._give_up(address, inbox, "unresolved")
+                self._give_up(slot, inbox, "unresolved", address)
                 return
         try:
-            sock = open_socket(zmq.DEALER if parsed.ack else zmq.PUSH, self.config.transport)
+            sock = open_socket(zmq.DEALER if parsed.ack else zmq.PUSH, self._transport(key))
         except zmq.ZMQError as exc:
             # Out of sockets or file descriptors: these documents cannot go now,
             # and the dispatcher must live on (counted, never silent).
             log.warning("no socket for callback address %s: %s", address, exc)
-            self._give_up(address, inbox, "no_socket")
+            self._give_up(slot, inbox, "no_socket", address)
             return
         try:
             try:
@@ -165,39 +184,59 @@ class CallbackDispatcher(Actor):
                     sock.connect(endpoint)
             except zmq.ZMQError as exc:
                 log.warning("bad callback address %s: %s", address, exc)
-                self._give_up(address, inbox, "bad_address")
+                self._give_up(slot, inbox, "bad_address", address)
                 return
             if parsed.ack:
-                await _AckedDelivery(self, address, sock, inbox).run()
+                await _AckedDelivery(self, address, sock, inbox, slot).run()
             else:
-                await self._deliver_plain(address, sock, inbox)
+                await self._deliver_plain(address, sock, inbox, slot)
         finally:
             sock.close(linger_ms=0)
 
-    def _give_up(self, address: str, inbox: trio.MemoryReceiveChannel[bytes], reason: str) -> None:
-        """Drop every queued document of ``address`` (counted before closing, which
+    def _transport(self, key: bytes | None) -> TransportConfig:
+        """Plain, or a CURVE client of the receiver's ``key``: with the control plane's own
+        pair when it has one, else a pair made for this dispatcher."""
+        transport = self.config.transport
+        if key is None:
+            return attrs.evolve(transport, curve_server_key=None)
+        if self._own_keys is None:
+            self._own_keys = transport.curve or CurveKeys.generate()
+        return attrs.evolve(transport, curve=self._own_keys, curve_server_key=z85.encode(key))
+
+    def _give_up(
+        self,
+        slot: str,
+        inbox: trio.MemoryReceiveChannel[bytes],
+        reason: str,
+        address: str | None = None,
+    ) -> None:
+        """Drop every queued document of ``slot`` (counted before closing, which
         would hide them) and retire its sender."""
-        self._senders.pop(address, None)
-        self._drop(reason, address, _discard_queued(inbox))
+        self._senders.pop(slot, None)
+        self._drop(reason, address or slot, _discard_queued(inbox))
         inbox.close()
 
-    def _retire(self, address: str, inbox: trio.MemoryReceiveChannel[bytes]) -> bool:
+    def _retire(self, slot: str, inbox: trio.MemoryReceiveChannel[bytes]) -> bool:
         """An idle address gives up its sender, unless a document raced in."""
         if inbox.statistics().current_buffer_used:
             return False
-        self._senders.pop(address, None)
+        self._senders.pop(slot, None)
         inbox.close()
         return True
 
     async def _deliver_plain(
-        self, address: str, sock: ZSocket, inbox: trio.MemoryReceiveChannel[bytes]
+        self,
+        address: str,
+        sock: ZSocket,
+        inbox: trio.MemoryReceiveChannel[bytes],
+        slot: str,
     ) -> None:
         while True:
             payload = None
             with trio.move_on_after(self.config.idle_close):
                 payload = await inbox.receive()
             if payload is None:
-                if self._retire(address, inbox):
+                if self._retire(slot, inbox):
                     return
                 continue
             with trio.move_on_after(self.config.delivery_timeout) as scope:
@@ -207,7 +246,7 @@ class CallbackDispatcher(Actor):
                 # only wait as long again, one by one.  Drop the queue now
                 # (counted), and give later documents a fresh chance.
                 self._drop("unreachable", address, 1 + _discard_queued(inbox))
-                if self._retire(address, inbox):
+                if self._retire(slot, inbox):
                     return  # its socket goes back at once: dead addresses must not starve live ones
             else:
                 self._counts["handed_to_zmq"] += 1
@@ -229,11 +268,13 @@ class _AckedDelivery:
         address: str,
         sock: ZSocket,
         inbox: trio.MemoryReceiveChannel[bytes],
+        slot: str,
     ) -> None:
         self._dispatcher = dispatcher
         self._config = dispatcher.config
         self._counts = dispatcher._counts
         self._address = address
+        self._slot = slot  # its key among the dispatcher's senders
         self._sock = sock
         self._inbox = inbox
         # delivery id -> [document, deadline, next re-send]; oldest first.
@@ -290,7 +331,7 @@ class _AckedDelivery:
             elif (
                 not outstanding
                 and trio.current_time() >= wake_at
-                and self._dispatcher._retire(self._address, self._inbox)
+                and self._dispatcher._retire(self._slot, self._inbox)
             ):
                 return
 
@@ -301,11 +342,8 @@ class _AckedDelivery:
         self._send(delivery_id, payload)
 
     def _send(self, delivery_id: bytes, payload: bytes) -> bool:
-        try:
-            self._sock.send_multipart_nowait([delivery_id, payload])
-        except trio.WouldBlock:
-            return False  # not connected (IMMEDIATE) or full: the re-send timer retries
-        return True
+        # False when not connected (IMMEDIATE) or full: the re-send timer retries.
+        return self._sock.try_send([delivery_id, payload])
 
     async def _read_acks(self) -> None:
         while True:

@@ -1,4 +1,4 @@
-"""The control plane: five actors under one supervisor, and the config that shapes them.
+"""The control plane: its actors under one supervisor, and the config that shapes them.
 
 Supervision tree (one-for-one; see design/architecture.md)::
 
@@ -33,11 +33,13 @@ import trio
 import zmq
 
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..dashboard import HttpStartError, check_http_address
 from ..dashboard._address import is_loopback
 from ..runtime import Actor, Supervisor
 from ..security import KeyRing, ReloadKeys, ZapHandler
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, CurveKeys, TransportConfig
+from ._internal import EvictRevoked
 from ._task_metrics import TaskMetrics
 from ._taskbook import default_max_queued_bytes
 from .callbacks import CallbackConfig, CallbackDispatcher
@@ -51,8 +53,6 @@ if TYPE_CHECKING:
     from ..dashboard._server import HttpServer
 
 __all__ = ["ControlPlane", "ControlPlaneConfig", "sibling_address"]
-
-DEFAULT_DISCOVERY_ADDRESS = "tcp://127.0.0.1:5550"
 
 log = logging.getLogger("fastworker.control")
 
@@ -198,6 +198,7 @@ class ControlPlane:
             endpoints=self._endpoints,
             keys=self.keys,
         )
+        self.scheduler.discovery = self.discovery.ref  # evictions of hijacked workers
         self.gateway.stats_sources = [
             self.scheduler.ref,
             self.results.ref,
@@ -298,12 +299,16 @@ class ControlPlane:
         self.scheduler.restore(recovered)
         self.results.restore(recovered.results)
         self.recovered_state = recovered.state
-        if recovered.tasks or recovered.results:
+        schedules, letters = len(self.scheduler.schedules), len(self.scheduler.dead_letters)
+        if recovered.tasks or recovered.results or schedules or letters:
             log.info(
-                "journal %s: %d unfinished tasks queued again, %d results restored in %.2f s",
+                "journal %s: %d unfinished tasks queued again, %d results, %d schedules and "
+                "%d dead letters restored in %.2f s",
                 journal.config.path,
                 len(recovered.tasks),
                 len(recovered.results),
+                schedules,
+                letters,
                 recovered.seconds,
             )
 
@@ -312,7 +317,11 @@ class ControlPlane:
         (the old keys stay in force) or CURVE is off."""
         if self.zap is None:
             return False
-        return bool(await self.zap.ref.ask(ReloadKeys()))
+        if not await self.zap.ref.ask(ReloadKeys()):
+            return False
+        # Workers whose key went: no more tasks for them, theirs go back to the queue.
+        self.discovery.ref.tell(EvictRevoked())
+        return True
 
     def stop(self) -> None:
         self.supervisor.stop()

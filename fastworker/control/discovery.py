@@ -18,10 +18,11 @@ import attrs
 import trio
 import zmq
 
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, bind_again, pump_socket, tick
-from ..runtime import Actor, ActorRef, MailboxFull
+from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
 from ..security import DISCOVERY, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     DeclareSchedules,
     ErrorReply,
@@ -36,7 +37,7 @@ from ..wire import (
     decode,
     encode,
 )
-from ._internal import DeclaredSchedules, WorkerJoined, WorkerLost
+from ._internal import DeclaredSchedules, EvictRevoked, EvictWorker, WorkerJoined, WorkerLost
 from ._register_checks import (
     MAX_NAMES_COST,
     MAX_TOTAL_NAMES_COST,
@@ -55,7 +56,7 @@ _MAX_NAME_LENGTH = 512
 
 @attrs.frozen
 class DiscoveryConfig:
-    address: str = "tcp://127.0.0.1:5550"
+    address: str = DEFAULT_DISCOVERY_ADDRESS
     heartbeat_interval: float = 1.0
     liveness: int = 3  # missed heartbeats before a worker is dead
     max_workers: int = 4096  # registered at once; more are refused
@@ -128,12 +129,16 @@ class Discovery(Actor):
         elif type(message) is _Reap:
             self._deliver()
             self._reap()
-        elif message == "stats":
+        elif type(message) is EvictWorker:
+            self._remove(message.worker_id, message.reason)
+        elif type(message) is EvictRevoked:
+            self._evict_revoked()
+        elif type(message) is GetStatistics:
             now = trio.current_time()
             return {
                 "workers_alive": len(self._members),
                 "workers": {
-                    m.worker_id: {
+                    self._shown_id(m.worker_id): {
                         "tasks": sorted(m.names),
                         "concurrency": m.concurrency,
                         "pid": m.pid,
@@ -152,9 +157,7 @@ class Discovery(Actor):
     def _reply(self, identity: bytes, body: bytes) -> None:
         if self._sock is None:
             return
-        try:
-            self._sock.send_multipart_nowait([identity, body])
-        except (trio.WouldBlock, PeerUnreachable):
+        if not self._sock.try_send([identity, body]):
             self._rejected["reply_dropped"] += 1
 
     def _on_frame(self, parts: list[bytes]) -> None:
@@ -217,6 +220,27 @@ class Discovery(Actor):
                 self._reply(identity, encode(err))
                 return
             self._remove(message.worker_id, message.reason)
+
+    def _shown_id(self, worker_id: str) -> str:
+        """A worker's id as statistics show it: whole without CURVE; with it, cut.
+
+        With CURVE the id is a secret: it is the worker's routing id at the
+        Scheduler, and any worker key that knew it could take that connection
+        over.  Statistics go to every client key.
+        """
+        if self.keys is None:
+            return worker_id
+        keep = max(4, len(worker_id) - 24)
+        return worker_id[:keep] + "…"
+
+    def _evict_revoked(self) -> None:
+        keys = self.keys
+        if keys is None:
+            return
+        for member in list(self._members.values()):
+            if not keys.is_worker(member.key):
+                log.warning("worker %s: its key was revoked; its tasks go back", member.worker_id)
+                self._remove(member.worker_id, "revoked")
 
     def _owns(self, worker_id: str, key: bytes) -> bool:
         """Without CURVE every peer is trusted (loopback only); with it, the registrant's key."""

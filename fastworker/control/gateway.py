@@ -8,9 +8,9 @@ task state itself, which keeps the Scheduler free of client I/O.
 Plain acknowledgements (nothing rejected) wait up to ``ACK_DELAY_SECONDS``
 for the next message to the same client and go out ahead of it, as leading
 frames of the same ZeroMQ message.  A trivial task's result follows its ack
-within a millisecond or two, and on a small machine a separate ack woke the
-client's threads at the very moment the worker needed the CPU (steps 16-17 in
-design/performance.md).  Whatever else a client gets after its submission
+closely, and on a small machine a separate ack woke the client's threads at
+the very moment the worker needed the CPU (design/performance.md, "Second
+session").  Whatever else a client gets after its submission
 was accepted still comes after the ack.
 """
 
@@ -26,9 +26,9 @@ import trio
 import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
-from ..runtime import Actor, ActorError, ActorRef
+from ..runtime import Actor, ActorError, ActorRef, GetStatistics
 from ..security import CLIENT, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     MAX_QUERY_IDS,
     Cancel,
@@ -133,7 +133,7 @@ class Gateway(Actor):
             self._send_held_acks()
         elif type(message) is Inbound:
             self._on_frames(message.frames)
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return {"rejected": dict(self._rejected), "dropped_replies": self._dropped}
         else:
             raise TypeError(f"gateway got an unexpected message {message!r}")
@@ -152,9 +152,7 @@ class Gateway(Actor):
                 frames = [frames[0], *held.pop(frames[0]), *frames[1:]]
                 if not held:
                     self._ack_timer.set(math.inf)
-            try:
-                sock.send_multipart_nowait(frames)
-            except (trio.WouldBlock, PeerUnreachable):
+            if not sock.try_send(frames):
                 # The client left or stopped reading.  Everything it could miss
                 # here stays available: results in the cache, acks by re-sending.
                 self._dropped += 1
@@ -294,11 +292,11 @@ class Gateway(Actor):
 
 
 async def gather_stats(sources: list[ActorRef], timeout: float = 2.0) -> dict[str, Any]:
-    """Ask each actor for "stats"; an actor that cannot answer shows as an error string."""
+    """Ask each actor for its statistics; one that cannot answer shows as an error string."""
     stats: dict[str, Any] = {}
     for ref in sources:
         try:
-            stats[ref.name] = await ref.ask("stats", timeout=timeout)
+            stats[ref.name] = await ref.ask(GetStatistics(), timeout=timeout)
         except ActorError as exc:
             stats[ref.name] = {"error": str(exc)}
     return stats

@@ -45,7 +45,7 @@ import attrs
 import cbor2
 import trio
 
-from ..runtime import Actor, ActorError, ActorRef
+from ..runtime import Actor, ActorError, ActorRef, GetStatistics
 from ..wire import ResultRecord, TaskEnvelope
 from ._internal import HeldAcks, Outgoing
 from ._journal_store import JournalError, JournalStore, Recovered, WriteBatch
@@ -85,6 +85,8 @@ class _Pending:
     acks: list[list[bytes]] = attrs.Factory(list)
     entries: int = 0
     bytes: int = 0
+    # Where each state key's latest write sits in batch.ops (only while open).
+    state_at: dict[str, int] = attrs.Factory(dict)
 
     def __bool__(self) -> bool:
         return bool(self.batch.ops or self.held_acks or self.acks)
@@ -141,7 +143,9 @@ class JournalQueue:
 
         For socket-free state that must survive a restart beside the tasks
         (schedules, dead letters: ``to_state()``); read back at replay in
-        ``Recovered.state``.
+        ``Recovered.state``.  A key written again before the next commit
+        takes one entry, not two: while the disk cannot write, a schedule
+        ticking every second queues one write, not one per tick.
         """
         if not isinstance(key, str) or not key:
             raise ValueError("a journal state key must be non-empty text")
@@ -150,7 +154,19 @@ class JournalQueue:
             blob = None if document is None else cbor2.dumps(document)
         except cbor2.CBOREncodeError as exc:
             raise TypeError(f"journal state {key!r} is not CBOR-able: {exc}") from None
-        self._add(("state", (key, blob)), 1, len(key) + len(blob or b"") + _OVERHEAD)
+        size = len(key) + len(blob or b"") + _OVERHEAD
+        pending = self._next
+        index = pending.state_at.get(key)
+        if index is None:
+            pending.state_at[key] = len(pending.batch.ops)
+            self._add(("state", (key, blob)), 1, size)
+            return
+        # Same transaction either way: the earlier write's place holds the newer value.
+        _, (_, older) = pending.batch.ops[index]
+        pending.batch.ops[index] = ("state", (key, blob))
+        grown = size - (len(key) + len(older or b"") + _OVERHEAD)
+        pending.bytes += grown
+        self._bytes += grown
 
     def add_acks(self, held: list[list[bytes]], now: list[list[bytes]]) -> None:
         """SubmitAcks to hand to the Gateway once everything queued before them is committed."""
@@ -278,7 +294,7 @@ class Journal(Actor):
             log.error("journal: the last commit failed (%s); its tasks stay unacknowledged", exc)
 
     def receive(self, message: Any) -> Any:
-        if message == "stats":
+        if type(message) is GetStatistics:
             return self.statistics_dict()
         raise TypeError(f"journal got an unexpected message {message!r}")
 

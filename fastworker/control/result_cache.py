@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from .._io import tick
-from ..runtime import Actor, ActorRef, MailboxFull
+from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
 from ..tasks.models import TaskStatus
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE
 from ..wire import (
@@ -103,7 +103,7 @@ class ResultCache(Actor):
             self.sweep()
         elif isinstance(message, LookupTask):
             return self.peek(message.task_id)
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return self.statistics_dict()
         else:
             raise TypeError(f"result cache got an unexpected message {message!r}")

@@ -24,7 +24,10 @@ With a journal (``--journal``, design/durability.md), the tasks a message
 accepted and the results it decided are added to the ``JournalQueue``, and
 that message's acks go out only after the journal's next commit; while the
 journal is behind or cannot write, new tasks are refused (``queue_full``).
-Nothing else here waits for the disk.
+What changed in the schedules and dead letters goes in the same commit
+(``_journal_state.py``), and so does each tick's task; replies to
+``ScheduleAdd``/``ScheduleRemove`` wait for it.  Nothing else here waits for
+the disk.
 
 An exception while handling one message is logged and counted
 (``internal_errors``) and the actor keeps serving: bookkeeping must never
@@ -44,18 +47,22 @@ import trio
 import zmq
 
 from .._io import DeadlineTimer, Inbound, bind_again, pump_socket
-from ..runtime import Actor, ActorRef, MailboxFull
+from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
 from ..security import WORKER, KeyRing
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
     CancelReply,
     CancelRunning,
+    DeadLetterRetry,
+    DeadLetterRetryReply,
     Dispatch,
     Done,
     Ready,
     Release,
     ResultRecord,
     Results,
+    ScheduleAdd,
+    ScheduleRemove,
     SubmitAck,
     TaskEnvelope,
     WireError,
@@ -74,6 +81,7 @@ from ._internal import (
     ClientRequest,
     ClientSubmits,
     DeclaredSchedules,
+    EvictWorker,
     HeldAcks,
     LookupTask,
     MetricsQuery,
@@ -83,6 +91,8 @@ from ._internal import (
     WorkerJoined,
     WorkerLost,
 )
+from ._journal_state import restore as restore_state
+from ._journal_state import save as save_state
 from ._requests import answer
 from ._schedules import Schedules, SchedulesConfig, ScheduleSpec
 from ._task_metrics import TaskMetrics
@@ -92,6 +102,11 @@ from .journal import JournalError, JournalQueue, Recovered
 __all__ = ["Scheduler", "SchedulerConfig"]
 
 log = logging.getLogger("fastworker.scheduler")
+
+# Requests whose reply, with a journal, waits for the commit of what they changed.  Not
+# DeadLetterRetry: its task runs at once, and its result must not reach the client
+# before the reply that makes the client hold it (design/durability.md).
+_CHANGING_REQUESTS = (ScheduleAdd, ScheduleRemove)
 
 
 @attrs.frozen
@@ -143,6 +158,8 @@ class Scheduler(Actor):
         # With CURVE: the key each registered worker id joined with; its
         # connection counts only when it speaks with that key.
         self._worker_keys: dict[bytes, bytes] = {}
+        self._evicting: set[bytes] = set()  # told to Discovery, until they join again
+        self.discovery: ActorRef | None = None  # set before the run starts
         self.config = config
         self._gateway = gateway
         self._results = results
@@ -154,6 +171,10 @@ class Scheduler(Actor):
         self._budget = message_budget(config.transport.max_message_size)
         self.schedules = Schedules(config.schedules, wall_clock=time.time)
         self.dead_letters = DeadLetters(config.dead_letters)
+        if journal is not None:
+            # Their changes go in the journal's commits (_journal_state.py).
+            self.schedules.watch()
+            self.dead_letters.watch()
         # eta, retries, the unserved check, the next schedule tick
         self._timer = DeadlineTimer(self.ref, _Due())
         self._sock: ZSocket | None = None
@@ -181,6 +202,21 @@ class Scheduler(Actor):
                 )
         book.remember_finished([record.task_id for record, _ in recovered.results])
         book.take()  # nothing to send: no worker and no client is connected yet
+        restored = restore_state(
+            recovered.state,
+            self.config.schedules,
+            self.config.dead_letters,
+            wall_clock=time.time,
+        )
+        self.schedules, self.dead_letters = restored.schedules, restored.dead_letters
+        if restored.stale and self._journal is not None:
+            log.warning(
+                "journal: %d schedules or dead letters could not be taken back "
+                "(unreadable, or past the bounds); they are deleted from it",
+                len(restored.stale),
+            )
+            for key in restored.stale:
+                self._journal.put_state(key, None)
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         sock = open_socket(
@@ -200,7 +236,7 @@ class Scheduler(Actor):
     # -- messages -----------------------------------------------------------
 
     def receive(self, message: Any) -> Any:
-        if message == "stats":
+        if type(message) is GetStatistics:
             return self.statistics_dict()
         if type(message) is MetricsQuery:
             return self._metrics_snapshot()
@@ -218,9 +254,11 @@ class Scheduler(Actor):
             elif type(message) is WorkerJoined:
                 if self.keys is not None:
                     self._worker_keys[message.worker_id.encode()] = message.key
+                self._evicting.discard(message.worker_id.encode())
                 self.book.worker_joined(message.worker_id.encode(), message.task_names)
             elif type(message) is WorkerLost:
                 self._worker_keys.pop(message.worker_id.encode(), None)
+                self._evicting.discard(message.worker_id.encode())
                 self.book.worker_lost(message.worker_id.encode(), died=message.reason != "left")
                 log.log(
                     logging.INFO if message.reason == "left" else logging.WARNING,
@@ -269,6 +307,8 @@ class Scheduler(Actor):
                     record.attempts,
                     record.completed_at or time.time(),
                 )
+        if self._journal is not None:
+            save_state(self._journal, self.schedules, self.dead_letters)
 
     def _send_dispatches(self, out: Effects) -> None:
         book = self.book
@@ -290,6 +330,15 @@ class Scheduler(Actor):
                     self._unreachable(worker, [e.task_id for rest in chunks[i:] for e in rest])
                     break
 
+    def _evict(self, worker: bytes, reason: str) -> None:
+        if worker in self._evicting or self.discovery is None:
+            return
+        self._evicting.add(worker)
+        log.warning("worker %r: %s; evicted, its tasks requeued", worker, reason)
+        self._tell(
+            self.discovery, EvictWorker(worker.decode(errors="replace"), reason), "evictions"
+        )
+
     def _unreachable(self, worker: bytes, task_ids: list[str]) -> None:
         """The worker vanished between its last message and now: its tasks go back to
         the queue until it announces itself again."""
@@ -304,11 +353,7 @@ class Scheduler(Actor):
     def _send_worker(self, worker: bytes, message: Any) -> bool:
         if self._sock is None:
             return False
-        try:
-            self._sock.send_multipart_nowait([worker, encode(message)])
-        except (trio.WouldBlock, PeerUnreachable):
-            return False
-        return True
+        return self._sock.try_send([worker, encode(message)])
 
     def _send_results(self, out: Effects) -> None:
         if out.records and self.metrics is not None:
@@ -326,8 +371,8 @@ class Scheduler(Actor):
             self._tell(self._gateway, Outgoing(messages), "result pushes")
         if out.callbacks:
             jobs = [
-                (address, build_callback_payload(record, data))
-                for address, record, data in out.callbacks
+                (address, build_callback_payload(record, data), key)
+                for address, record, data, key in out.callbacks
             ]
             self._tell(self._callbacks, CallbackJobs(jobs), "callbacks")
         for client, task_ids in out.resends.items():
@@ -446,7 +491,11 @@ class Scheduler(Actor):
                     continue
                 bound = self._worker_keys.get(parts[0]) if parts else None
                 if bound is not None and bound != key:
-                    book.rejected["forbidden"] += 1  # another key speaking for that worker
+                    # Another key holds that worker's routing id: the worker was cut
+                    # off (what we dispatch goes to the impostor). Drop it: its tasks
+                    # go back, and it joins again with its next heartbeat.
+                    book.rejected["forbidden"] += 1
+                    self._evict(parts[0], "its connection was taken by another key")
                     continue
             if len(parts) != 2:
                 book.rejected["bad_frames"] += 1
@@ -481,25 +530,60 @@ class Scheduler(Actor):
                 book.rejected["unexpected"] += 1
 
     def _run_schedules(self) -> None:
-        """Submit one task per schedule whose tick came (no client: results go to the cache)."""
+        """Submit one task per schedule whose tick came (no client: results go to the cache).
+
+        With a journal a tick's task is journaled in the commit that moves its
+        schedule past the tick: after a crash either both are in the file (the
+        task runs from it) or neither (the tick comes due again, same task id).
+        """
+        book = self.book
+        journal = self._journal
+        journaled: list[tuple[bytes, TaskEnvelope]] = []
         for spec, tick in self.schedules.due():
-            verdict = self.book.submit(b"", spec.envelope(tick))
+            envelope = spec.envelope(tick)
+            new = journal is not None and (
+                book.status_of(envelope.task_id) is None and not book.is_finished(envelope.task_id)
+            )
+            refusal = None if not new or journal is None else journal.refusal()
+            verdict = ("queue_full", refusal) if refusal else book.submit(b"", envelope)
             if verdict is not None:
                 self.schedules.stats["runs_refused"] += 1
                 log.warning("schedule %s: its run was refused: %s", spec.schedule_id, verdict[1])
+            elif new:
+                journaled.append((b"", envelope))
+        if journaled and journal is not None:
+            journal.add_tasks(journaled)
 
     def _on_request(self, message: ClientRequest) -> None:
-        reply = answer(
-            message.identity,
-            message.message,
-            book=self.book,
-            schedules=self.schedules,
-            dead=self.dead_letters,
-            budget=self._budget,
-        )
+        request = message.message
+        journal = self._journal
+        refusal = None
+        if journal is not None and isinstance(request, DeadLetterRetry):
+            refusal = journal.refusal()  # a retry is a new task for the journal
+        if refusal is not None:
+            assert isinstance(request, DeadLetterRetry)
+            reply: Any = DeadLetterRetryReply(request.request_id, False, refusal, None)
+        else:
+            reply = answer(
+                message.identity,
+                request,
+                book=self.book,
+                schedules=self.schedules,
+                dead=self.dead_letters,
+                budget=self._budget,
+            )
+        if journal is not None and isinstance(reply, DeadLetterRetryReply) and reply.task:
+            # Journaled in the commit that deletes its letter: the retry survives a crash.
+            journal.add_tasks([(message.identity, TaskEnvelope.from_wire(reply.task))])
         # A retried dead letter's acceptance is decided: send its effects first.
         self._send_effects()
-        self._tell(self._gateway, Outgoing([[message.identity, encode(reply)]]), "replies")
+        out = [message.identity, encode(reply)]
+        if journal is not None and isinstance(request, _CHANGING_REQUESTS):
+            # "Added" and "removed" must hold after a crash: the reply waits
+            # for the commit of what the request changed.
+            journal.add_acks([], [out])
+            return
+        self._tell(self._gateway, Outgoing([out]), "replies")
 
     def _on_declared(self, message: DeclaredSchedules) -> None:
         """Schedules a worker's ``@task``s declare: an upsert each, so N workers make one."""

@@ -20,7 +20,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from ..runtime import Actor
+from ..runtime import Actor, GetStatistics
 from ._address import HttpStartError
 from ._app import LOOPBACK_HOSTS, build_app
 from ._view import ControlPlaneView
@@ -127,6 +127,6 @@ class HttpServer(Actor):
             await self._started.wait()
 
     def receive(self, message: Any) -> Any:
-        if message == "stats":
+        if type(message) is GetStatistics:
             return {"url": self.url, "restarts": self._restarts}
         raise TypeError(f"http server got an unexpected message {message!r}")

@@ -43,6 +43,7 @@ from .._argtypes import (
     _positive_int,
 )
 from .._callback_allow import DEFAULT_CALLBACK_ALLOW, check_pattern
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
 from ..control.journal import JournalError
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--discovery-address",
         type=_address,
-        default="tcp://127.0.0.1:5550",
+        default=DEFAULT_DISCOVERY_ADDRESS,
         help="where Discovery listens (control plane) or is reached (worker); "
         "tcp://127.0.0.1:* picks a free port, printed when ready",
     )
@@ -279,11 +280,19 @@ async def _wait_for_signal(*, also_when: trio.Event | None = None) -> str:
         return result
 
 
-async def _reload_keys_on_sighup(control_plane: ControlPlane, scope: trio.CancelScope) -> None:
+async def _reload_keys_on_sighup(
+    control_plane: ControlPlane,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """SIGHUP: read --client-keys and --worker-keys again; a removed key is refused from now.
 
-    Runs until ``scope`` is cancelled (at shutdown)."""
+    Runs until ``scope`` is cancelled (at shutdown).  Started before the
+    ready line: a SIGHUP that came before the receiver was open would end
+    the process (its default action)."""
     with scope, trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
         async for _ in signals:
             if await control_plane.reload_keys():
                 log.info("SIGHUP: CURVE keys reloaded")
@@ -332,7 +341,7 @@ async def _run_node(args: argparse.Namespace, security: NodeSecurity) -> int:
             control_plane = _control_plane(args, security)
             await nursery.start(control_plane.run)
             if control_plane.keys is not None:
-                nursery.start_soon(_reload_keys_on_sighup, control_plane, reloading)
+                await nursery.start(_reload_keys_on_sighup, control_plane, reloading)
             discovery_address = control_plane.discovery_address
         processes: WorkerProcesses | None = None
         if args.role in ("all", "worker") and args.workers > 0:

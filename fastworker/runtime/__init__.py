@@ -7,6 +7,7 @@ from ._actor import ActorStatistics as ActorStatistics
 from ._actor import ActorStopped as ActorStopped
 from ._actor import AskTimeout as AskTimeout
 from ._actor import Feed as Feed
+from ._actor import GetStatistics as GetStatistics
 from ._actor import MailboxFull as MailboxFull
 from ._supervisor import Supervisor as Supervisor
 from ._supervisor import SupervisorStatistics as SupervisorStatistics
@@ -19,6 +20,7 @@ __all__ = [
     "ActorStopped",
     "AskTimeout",
     "Feed",
+    "GetStatistics",
     "MailboxFull",
     "Supervisor",
     "SupervisorStatistics",

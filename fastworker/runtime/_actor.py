@@ -45,6 +45,7 @@ __all__ = [
     "ActorStopped",
     "AskTimeout",
     "Feed",
+    "GetStatistics",
     "MailboxFull",
 ]
 
@@ -82,6 +83,15 @@ class ActorStatistics:
     queued: int
     processed: int
     restarts: int
+
+
+@attrs.frozen
+class GetStatistics:
+    """Asks an actor for its counters; the reply is a JSON-ready dict.
+
+    One message type that every actor of a node answers, so a gatherer asks
+    them all alike, and a typo is a ``TypeError`` instead of a silent miss.
+    """
 
 
 class _Ask:

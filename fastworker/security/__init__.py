@@ -4,6 +4,7 @@ from ._bind import is_loopback_endpoint
 from ._certs import (
     CertificateError,
     CurveKeys,
+    callback_key,
     generate_certificate,
     load_public_key,
     load_public_keys,
@@ -22,6 +23,7 @@ __all__ = [
     "KeyRing",
     "ReloadKeys",
     "ZapHandler",
+    "callback_key",
     "generate_certificate",
     "is_loopback_endpoint",
     "load_public_key",

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import datetime
 import os
+import struct
 from pathlib import Path
 
 import zmq.auth
+from zmq.utils import z85
 
 from ..transport import CurveKeys
 
 __all__ = [
     "CertificateError",
     "CurveKeys",
+    "callback_key",
     "generate_certificate",
     "load_public_key",
     "load_public_keys",
@@ -145,3 +148,26 @@ def secret_file_warning(path: str | os.PathLike[str]) -> str | None:
             f"reads it can pose as this node; chmod 600 {path}"
         )
     return None
+
+
+def callback_key(key: str | os.PathLike[str] | bytes) -> bytes:
+    """A callback receiver's public key as the ``cbk`` option carries it (32 raw bytes).
+
+    Takes the receiver's public certificate file, or its key in Z85 (40
+    characters, as ``CallbackReceiver.public_key`` gives it).
+    """
+    if isinstance(key, bytes) and len(key) == 40:
+        z85_key = key
+    elif isinstance(key, str) and len(key) == 40 and not os.path.exists(key):
+        z85_key = key.encode()
+    elif isinstance(key, (str, os.PathLike)):
+        z85_key = load_public_key(key)
+    else:
+        raise TypeError("callback_server_key must be a certificate path or a 40-character Z85 key")
+    try:
+        raw = z85.decode(z85_key)
+    except (ValueError, KeyError, struct.error):
+        raise CertificateError(f"{z85_key!r} is not a Z85 CURVE key") from None
+    if len(raw) != 32:
+        raise CertificateError("a CURVE public key is 32 bytes (40 Z85 characters)")
+    return raw

@@ -24,8 +24,8 @@ import zmq
 from zmq.auth.base import Authenticator
 
 from .._io import Inbound, pump_socket
-from ..runtime import Actor
-from ..transport import PeerUnreachable, TransportConfig, ZSocket, open_socket
+from ..runtime import Actor, GetStatistics
+from ..transport import TransportConfig, ZSocket, open_socket
 from ._certs import CertificateError
 from ._keyring import CLIENT, DISCOVERY, WORKER, KeyRing
 
@@ -54,9 +54,7 @@ class _ReplySocket:
         if self.sock is None:
             return
         self.outcomes["accepted" if reply[2] == b"200" else "refused"] += 1
-        try:
-            self.sock.send_multipart_nowait([*self.envelope, *reply])
-        except (trio.WouldBlock, PeerUnreachable):
+        if not self.sock.try_send([*self.envelope, *reply]):
             # The handshake waiting for it times out and the peer retries.
             self.dropped += 1
 
@@ -112,7 +110,7 @@ class ZapHandler(Actor):
                 log.error("CURVE keys not reloaded, the old ones stay in force: %s", exc)
                 return False
             return True
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return {
                 "handshakes": dict(self._reply.outcomes),
                 "replies_dropped": self._reply.dropped,

@@ -66,8 +66,8 @@ class ScheduleRule:
     def cron_ticks(self, after: float) -> Any:
         """A croniter positioned at ``after``: each ``get_next(float)`` is the following tick.
 
-        Stepping one costs a fifth of building one (about 30-50 µs against
-        250 µs here), so the store keeps one per cron schedule.
+        Stepping one costs a fraction of building one (design/performance.md),
+        so the store keeps one per cron schedule.
         """
         assert self.cron is not None
         return croniter(self.cron, dt.datetime.fromtimestamp(after, self._zone()))

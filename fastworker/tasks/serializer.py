@@ -104,9 +104,10 @@ _json_encoder = json.JSONEncoder(
 )
 _json_decoder = json.JSONDecoder(object_hook=_json_object_hook)
 # The C scanner without the object hook or the whitespace regexes of
-# JSONDecoder.decode: 0.8 µs instead of 3.2 for a small payload, and each
-# task's arguments and result are decoded once each.  Used only when the text
-# cannot hold a $datetime (nor an escape that could spell one).
+# JSONDecoder.decode: several times cheaper for a small payload, and each
+# task's arguments and result are decoded once each (design/performance.md).
+# Used only when the text cannot hold a $datetime (nor an escape that could
+# spell one).
 _plain_json_decoder: Any = json.JSONDecoder()  # scan_once is not in the type stubs
 _scan_plain_json: Callable[[str, int], tuple[Any, int]] = _plain_json_decoder.scan_once
 
@@ -127,7 +128,7 @@ def _make_json_encode() -> Callable[[Any], str]:
     """One JSON encoder built once: ``JSONEncoder.encode`` rebuilds its C encoder per call.
 
     Payloads are encoded once per task at each end, so this is on the hot
-    path (profiling: 4 µs → 1 µs per small payload).  The cached encoder has
+    path (design/performance.md has the figures).  The cached encoder has
     no circular-reference table (it would be shared between calls); a
     circular value ends in RecursionError instead, which ``dumps`` reports as
     the TypeError it is.  Where the C encoder is missing, use the stdlib path.

@@ -50,8 +50,7 @@ _PEER_RETRY_FIRST_SECONDS = 0.001
 _PEER_RETRY_MAX_SECONDS = 0.05
 
 # Plain ints: pyzmq's constants are enums, and every ``events & zmq.POLLIN`` on
-# an enum builds a new enum member (a few microseconds, several times per
-# message on the hot path).
+# an enum builds a new enum member, several times per message on the hot path.
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -92,6 +91,7 @@ class ZSocketStatistics:
     received: int
     waiting_readers: int
     waiting_writers: int
+    unsent: int  # messages try_send could not hand over (full, or no such peer)
 
 
 class ZSocket:
@@ -114,6 +114,7 @@ class ZSocket:
         "_recv",
         "_sent",
         "_sock",
+        "_unsent",
         "_watch_scope",
         "_writers",
         "endpoint",
@@ -137,6 +138,7 @@ class ZSocket:
         self._closed = False
         self._sent = 0
         self._received = 0
+        self._unsent = 0
         self.endpoint: str | None = None
 
     # -- set-up -------------------------------------------------------------
@@ -210,6 +212,22 @@ class ZSocket:
         finally:
             # Also after a failure: the attempt may have processed pending commands.
             self._after_io()
+
+    def try_send(self, frames: Sequence[bytes]) -> bool:
+        """Hand a message to ZeroMQ if it can take it now; ``False`` if not.
+
+        For owners that must never stall on one peer (an actor's loop answering
+        many): a message that would block, or whose ROUTER peer is gone, is not
+        sent and is counted in :attr:`ZSocketStatistics.unsent`.  The caller
+        decides what is lost, and says why it can afford it: a later tick
+        re-sends, or the peer asks again.
+        """
+        try:
+            self.send_multipart_nowait(frames)
+        except (trio.WouldBlock, PeerUnreachable):
+            self._unsent += 1
+            return False
+        return True
 
     async def send_multipart(self, frames: Sequence[bytes]) -> None:
         """Send one multipart message, waiting for room if the socket is full.
@@ -303,8 +321,8 @@ class ZSocket:
         batch: list[list[bytes]] = []
         yielded = False
         # Ask EVENTS before receiving: on an idle socket a failing recv costs
-        # a raised zmq.Again (~7 µs) where the read costs ~2.5 µs, and every
-        # wake-up of a latency-bound reader starts on an empty socket.
+        # a raised zmq.Again, dearer than the read, and every wake-up of a
+        # latency-bound reader starts on an empty socket.
         ready = self._events()
         self._hand_off(ready & ~_POLLIN)  # the read may have swallowed a writer's edge
         while True:
@@ -459,6 +477,7 @@ class ZSocket:
             received=self._received,
             waiting_readers=self._readers,
             waiting_writers=self._writers + self._peer_writers,
+            unsent=self._unsent,
         )
 
     def __repr__(self) -> str:

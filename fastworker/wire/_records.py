@@ -34,6 +34,7 @@ __all__ = [
 TASK_OPTIONS: dict[str, tuple[type, ...]] = {
     "cb": (str,),  # callback address
     "cbd": (bytes,),  # callback data, encoded in the task's format
+    "cbk": (bytes,),  # the callback receiver's CURVE public key (32 bytes): deliver with CURVE
     "eta": (float, int),  # do not start before this time (epoch seconds, UTC)
     "timeout": (float, int),  # seconds a run may take
     "max_retries": (int,),

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
-import uuid
 from typing import Any
 
 import attrs
 import trio
 
+from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, connect_dealer, tell_own_actor, tick
-from ..runtime import Actor
+from ..runtime import Actor, GetStatistics
 from ..tasks.models import TaskPriority
 from ..tasks.registry import TaskRegistry
 from ..tasks.schedule import rule_fields
@@ -76,12 +77,14 @@ _PREFETCH_TARGET_SECONDS = 0.05
 
 
 def _new_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # 128 random bits: the id is the worker's routing id at the Scheduler, and
+    # a peer that knew it could take over that connection (design/security.md).
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(16)}"
 
 
 @attrs.frozen
 class WorkerConfig:
-    discovery_address: str = "tcp://127.0.0.1:5550"
+    discovery_address: str = DEFAULT_DISCOVERY_ADDRESS
     concurrency: int = 8
     # Tasks held beyond concurrency.  None: adaptive, from max(concurrency, 64)
     # while tasks are slow up to _MAX_PREFETCH while they are very short.
@@ -246,6 +249,25 @@ class Worker(Actor):
         log.warning("worker %s restarted as %s", previous, self.worker_id)
         return previous
 
+    def _rejoin_as_new(self) -> None:
+        """Register again under a new id, with new sockets (the old routing id is lost).
+
+        What runs keeps running: its results are reported under the new id, and
+        the control plane takes a final result from any registered worker.
+        """
+        previous = self.worker_id
+        self.worker_id = _new_worker_id()
+        self.instance_id = None
+        self._connected = False
+        for sock in (self._discovery, self._scheduler):
+            if sock is not None:
+                sock.close()
+        self._scheduler = None
+        self._scheduler_endpoint = None
+        self._open_discovery()
+        self._send_discovery(self._register_message())
+        log.warning("worker %s: id refused; joining again as %s", previous, self.worker_id)
+
     async def on_stop(self) -> None:
         for sock in (self._discovery, self._scheduler):
             if sock is not None:
@@ -273,7 +295,7 @@ class Worker(Actor):
                 self._send_discovery(self._register_message())
         elif type(message) is _Handshake:
             self._on_handshake(message)
-        elif message == "stats":
+        elif type(message) is GetStatistics:
             return self.statistics_dict()
         else:
             raise TypeError(f"worker got an unexpected message {message!r}")
@@ -298,6 +320,10 @@ class Worker(Actor):
             self.executor.cancel(ids)
         elif isinstance(message, ErrorReply):
             log.error("control plane rejected a worker message: %s", message.message)
+            if message.reason == "forbidden" and "worker id" in message.message:
+                # Our id is held by another key (taken while we were thought dead):
+                # join again under a fresh one rather than be refused forever.
+                self._rejoin_as_new()
 
     def _on_dispatch(self, raw_tasks: list[Any]) -> None:
         envelopes = []
@@ -446,10 +472,7 @@ class Worker(Actor):
     def _send_discovery(self, message: Any) -> None:
         if self._discovery is None:
             return
-        try:
-            self._discovery.send_multipart_nowait([encode(message)])
-        except trio.WouldBlock:
-            pass  # not connected yet: the next tick tries again
+        self._discovery.try_send([encode(message)])  # not connected yet: the next tick re-sends
 
     def _send_scheduler(self, message: Any) -> bool:
         return self._send_scheduler_frame(encode(message))
@@ -457,11 +480,7 @@ class Worker(Actor):
     def _send_scheduler_frame(self, frame: bytes) -> bool:
         if self._scheduler is None:
             return False
-        try:
-            self._scheduler.send_multipart_nowait([frame])
-        except trio.WouldBlock:
-            return False
-        return True
+        return self._scheduler.try_send([frame])
 
     def _on_results(self, records: list[ResultRecord]) -> None:
         """Report results, coalescing them while the worker is busy.

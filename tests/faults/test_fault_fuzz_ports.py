@@ -55,6 +55,9 @@ from fastworker.wire import (
     PROTOCOL_VERSION,
     WIRE_ERROR_REASONS,
     Cancel,
+    DeadLetterQuery,
+    DeadLetterRetry,
+    DeclareSchedules,
     Done,
     Heartbeat,
     Lookup,
@@ -67,6 +70,9 @@ from fastworker.wire import (
     ResultRecord,
     ResultReply,
     Results,
+    ScheduleAdd,
+    ScheduleList,
+    ScheduleRemove,
     StatsQuery,
     Submit,
     TaskEnvelope,
@@ -84,8 +90,18 @@ OVERSIZE = 100 * 1024
 REAL_TASKS = 1000
 
 ACCEPTS: dict[str, tuple[type, ...]] = {
-    "discovery": (Heartbeat, Lookup, Register, Unregister),
-    "gateway": (Submit, ResultQuery, Cancel, StatsQuery),
+    "discovery": (Heartbeat, Lookup, Register, Unregister, DeclareSchedules),
+    "gateway": (
+        Submit,
+        ResultQuery,
+        Cancel,
+        StatsQuery,
+        ScheduleAdd,
+        ScheduleRemove,
+        ScheduleList,
+        DeadLetterQuery,
+        DeadLetterRetry,
+    ),
     "scheduler": (Done, Ready, Release),
 }
 
@@ -109,6 +125,8 @@ def verdict(endpoint: str, frames: list[bytes]) -> Counter[str]:
         invalid = int(not names_ok or message.concurrency < 1)
     elif isinstance(message, Unregister):
         invalid = int(message.reason not in ("left", "crashed"))
+    elif isinstance(message, DeclareSchedules):
+        invalid = 1  # only a registered worker declares: the fuzzer never is one
     elif isinstance(message, Submit):
         invalid = sum(1 for raw in message.tasks if not _valid(TaskEnvelope.from_wire, raw))
     elif isinstance(message, ResultQuery):

@@ -10,6 +10,7 @@ key, the way an attacker would.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -65,6 +66,11 @@ def _raw(curve: CurveFiles, key: str, address: str, identity: bytes | None = Non
 def _ask(sock: Any, message: Any) -> Any:
     sock.send(encode(message))
     return decode(sock.recv())
+
+
+def _joined_ids(node: Any) -> list[str]:
+    """Worker ids in the order the node's log says they joined."""
+    return re.findall(r"worker '([^']+)' joined \(pid", node.stderr_text())  # quoted: %r
 
 
 async def _refused(client: Client, match: str) -> float:
@@ -172,20 +178,26 @@ async def test_spoofed_heartbeats_and_unregisters_for_another_worker_count_for_n
         client_for(node, **curve_files.client_kwargs()) as client,
     ):
         workers = await wait_for_workers(client, 1)
-        (victim,) = workers
+        (shown,) = workers
         (pid,) = worker_pids(workers)
+        # With CURVE, statistics cut worker ids (a worker's id is its routing id);
+        # the attacker here is assumed to have learnt it anyway, from the node's log.
+        victim = _joined_ids(node)[0]
+        assert shown.endswith("…")
+        assert victim.startswith(shown[:-1])
+        assert len(victim) > len(shown)
         spoofer = _raw(curve_files, "worker", node.discovery_address)
         try:
             # A live worker is not evicted by somebody else's Unregister …
             reply = await trio.to_thread.run_sync(_ask, spoofer, Unregister(victim, "crashed"))
             assert isinstance(reply, ErrorReply)
             assert reply.reason == "forbidden"
-            assert victim in (await stats(client))["discovery"]["workers"]
+            assert shown in (await stats(client))["discovery"]["workers"]
             # … and a dead one is not kept alive by somebody else's heartbeats.
             os.kill(pid, signal.SIGSTOP)
             try:
                 with trio.fail_after(15):
-                    while victim in (await stats(client))["discovery"]["workers"]:
+                    while shown in (await stats(client))["discovery"]["workers"]:
                         reply = await trio.to_thread.run_sync(_ask, spoofer, Heartbeat(victim))
                         assert isinstance(reply, ErrorReply)
                         assert reply.reason == "forbidden"
@@ -229,3 +241,80 @@ async def test_done_from_a_peer_that_did_not_register_changes_nothing(
         result = client.get_result(task_id)
         assert result is not None
         assert result.result[0] == 14  # the real run's, not the forged 666
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_whose_key_is_removed_and_sighup_gets_no_more_tasks_and_its_go_back(
+    curve_files: CurveFiles, tmp_path: Any
+) -> None:
+    cp_args = ("--role", "control-plane", "--discovery-address", ANY_PORT)
+    cp_args += ("--heartbeat-interval", "0.3")
+    async with (
+        fault_node(*cp_args, *TASKS, *curve_files.node_args()) as control,
+        client_for(control, **curve_files.client_kwargs()) as client,
+    ):
+        worker_args = ("--role", "worker", "--discovery-address", control.discovery_address)
+        async with fault_node(*worker_args, *TASKS, *curve_files.worker_args()):
+            await wait_for_workers(client, 1)
+            # A task the revoked worker holds when its key goes: it runs elsewhere.
+            held = await client.delay("work", 5, 3.0, str(tmp_path))
+
+            async def running() -> bool:
+                return bool((await stats(client))["scheduler"]["running"] == 1)
+
+            await poll(running, timeout=10, what="the task running")
+            os.remove(curve_files.workers / "worker.key")
+            control.signal(signal.SIGHUP)
+
+            async def evicted() -> bool:
+                return bool((await stats(client))["discovery"]["workers_alive"] == 0)
+
+            await poll(evicted, timeout=10, what="the revoked worker evicted")
+            later = await client.delay("add", 2, 3)
+            await client.flush()
+            scheduler = (await stats(client))["scheduler"]
+            assert scheduler["running"] == 0  # nothing dispatched to the revoked worker
+            assert scheduler["queued_total"] == 2  # its task went back, the new one waits
+        async with fault_node(*worker_args, *TASKS, *curve_files.worker_args("fuzz")):
+            with trio.fail_after(30):
+                result = await client.submit_task("add", [1, 1])
+            with trio.fail_after(10):
+                await client.join()
+        assert result.result == 2
+        assert client.get_result(later).result == 5
+        assert client.get_result(held).result[0] == 10  # ran again, on the other worker
+
+
+@pytest.mark.timeout(60)
+async def test_a_worker_whose_id_was_taken_while_it_was_paused_joins_again_under_a_new_one(
+    curve_files: CurveFiles,
+) -> None:
+    node_args = ("--discovery-address", ANY_PORT, "--heartbeat-interval", "0.3", *TASKS)
+    async with (
+        fault_node(*node_args, *curve_files.node_args()) as node,
+        client_for(node, **curve_files.client_kwargs()) as client,
+    ):
+        (pid,) = worker_pids(await wait_for_workers(client, 1))
+        victim = _joined_ids(node)[0]
+        squatter = _raw(curve_files, "worker", node.discovery_address)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+
+                async def gone() -> bool:
+                    return bool((await stats(client))["discovery"]["workers_alive"] == 0)
+
+                await poll(gone, timeout=10, what="the paused worker declared dead")
+                reply = await trio.to_thread.run_sync(
+                    _ask, squatter, Register(victim, ["add"], 1, 1, "squat")
+                )
+                assert isinstance(reply, Registered)  # the id was free: taken
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            # The real worker is refused under its old id and joins under a new one.
+            await poll(lambda: len(_joined_ids(node)) >= 3, timeout=15, what="a fresh id joined")
+            with trio.fail_after(20):
+                results = [await client.submit_task("add", [i, i]) for i in range(3)]
+            assert [r.result for r in results] == [0, 2, 4]
+        finally:
+            squatter.close()
