@@ -537,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _deliver_queued_messages()
         return code
     except CliError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 1
     except KeyboardInterrupt:
         return 0
@@ -545,19 +545,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Raised inside the run's nursery, a CliError arrives in an ExceptionGroup.
         cli_error = _find(exc, CliError)
         if cli_error is not None:
-            print(f"{PROG}: error: {cli_error}", file=sys.stderr)
+            _print_error(cli_error)
             return 1
         journal_error = _find(exc, JournalError)
         if journal_error is not None:
             # Not worth restarting: the same file gives the same error
             # (systemd: RestartPreventExitStatus=78).
-            print(f"{PROG}: error: {journal_error}", file=sys.stderr)
+            _print_error(journal_error)
             return JOURNAL_EXIT_CODE
         message = _describe_startup_error(exc, args)
         if message is None:
             raise
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        _print_error(message)
         return 1
+
+
+def _print_error(error: object) -> None:
+    """The one error line, after every log line queued before it (they go out from a thread)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
 
 
 def _deliver_queued_messages(timeout: float = 2.0) -> None:
