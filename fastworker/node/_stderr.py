@@ -66,21 +66,22 @@ class ThreadedStderrHandler(logging.Handler):
             with self._cond:
                 while not self._lines and not self._closed:
                     self._cond.wait()
-                if not self._lines:
-                    return
-                line = self._lines.popleft()
-                self._writing = True
+                line = self._lines.popleft() if self._lines else None
+                self._writing = line is not None
                 dropped = self.dropped
             try:
                 if dropped > reported:
-                    note = (
-                        f"fastworker: {dropped - reported} log lines dropped: stderr was not read\n"
+                    lost = dropped - reported
+                    self._write(
+                        f"fastworker: {lost} log lines dropped: stderr was not read\n".encode()
                     )
-                    self._write(note.encode())
                     reported = dropped
-                self._write(line)
+                if line is not None:
+                    self._write(line)
             except OSError:
                 pass  # stderr closed under us: nowhere left to say it
+            if line is None:
+                return  # closed, and everything queued is out
             with self._cond:
                 self._queued_bytes -= len(line)
                 self._writing = False
