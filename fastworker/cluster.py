@@ -18,7 +18,6 @@ from typing import Any
 import trio
 
 from .control import ControlPlane, ControlPlaneConfig
-from .runtime import Supervisor
 from .tasks.registry import TaskRegistry, registry_from
 from .transport import CurveKeys, TransportConfig
 from .worker import Worker, WorkerConfig
@@ -108,11 +107,9 @@ class Cluster:
             discovery_address=self.discovery_address, **{**self._worker_options, **options}
         )
         worker = Worker(self.registry, config)
-        supervisor = Supervisor(f"supervisor {worker.name}", [worker])
-        await self._nursery.start(supervisor.run)
-        self.workers.append(worker)
         with trio.fail_after(10):
-            await worker.registered.wait()
+            await self._nursery.start(worker.serve)  # started: registered
+        self.workers.append(worker)
         return worker
 
     async def __aexit__(

@@ -425,26 +425,33 @@ async def _run_worker_process(
         ),
     )
     leave = trio.Event()
+    recycling = False
 
-    async def watch() -> None:
-        # Leave when our node died under us (no orphan workers) or when a task
-        # thread is stuck and nothing else runs (the process must be replaced).
+    async def watch_parent() -> None:
+        # Leave when our node died under us (no orphan workers).  The parent
+        # sends us nothing when it dies, so this is the one thing we poll.
         while True:
             await trio.sleep(min(args.heartbeat_interval, 1.0))
-            ex = worker.executor
             if not parent_alive(parent):
-                log.warning("worker %s: parent node gone; leaving", worker.worker_id)
                 break
-            if ex.stuck_threads and not ex.running:
-                log.warning("worker %s: recycling (a task thread is stuck)", worker.worker_id)
-                break
+        log.warning("worker %s: parent node gone; leaving", worker.worker_id)
+        leave.set()
+
+    async def watch_recycle() -> None:
+        # The worker retired (a run stuck in user code; its work handed back):
+        # this process must be replaced.
+        nonlocal recycling
+        await worker.recycle.wait()
+        log.warning("worker %s: recycling (a task thread is stuck)", worker.worker_id)
+        recycling = True
         leave.set()
 
     supervisor = Supervisor("worker-process", [worker], max_restarts=5, within=10.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(supervisor.run)
         async with trio.open_nursery() as watchers:
-            watchers.start_soon(watch)
+            watchers.start_soon(watch_parent)
+            watchers.start_soon(watch_recycle)
             why = await _wait_for_signal(also_when=leave)
             watchers.cancel_scope.cancel()
         _exit_if_stuck_after(args.grace + _EXIT_MARGIN, worker.worker_id)
@@ -453,8 +460,7 @@ async def _run_worker_process(
             log.info("worker %s handed back %d tasks", worker.worker_id, handed_back)
         supervisor.stop()
         nursery.cancel_scope.deadline = trio.current_time() + 5.0
-    stuck = worker.executor.stuck_threads > 0
-    if why == "recycle" and stuck:
+    if why == "recycle" and recycling:
         return RECYCLE_EXIT_CODE
     return 0
 

@@ -4,9 +4,9 @@ A task's exception is user code: its ``__str__`` may raise, return something
 that is not a string, or fall back to an argument's ``__repr__`` that raises;
 its text may hold lone surrogates, which no UTF-8 encoder accepts (so the
 ``Done`` message carrying it could not be encoded).  These texts are built in
-the executor's bookkeeping, where an exception would escape into trio's
-``run_sync_soon`` and end the worker process; so every step here has a
-fallback that still names the exception's type.
+the executor's bookkeeping (``Executor.collect``, in the Worker's ``receive``),
+where an exception would crash the Worker actor and lose every result of the
+batch; so every step here has a fallback that still names the exception's type.
 """
 
 from __future__ import annotations

@@ -9,9 +9,17 @@
 
 At most ``concurrency`` plain functions run at once (one per thread), and at
 most ``concurrency`` coroutines; tasks beyond that wait here, in priority
-order.  Finished runs come back to the trio thread through one deque; the
-first finisher after a drain schedules a single ``run_sync_soon`` and the
-drain takes everything that finished meanwhile, so reporting is batched too.
+order.
+
+The executor is part of its Worker's state: only the Worker's ``receive``
+changes it.  Threads, the asyncio loop, trio tasks and the time-limit timer
+do not call into the worker: they append to deques (runs finished, thread
+runs started, time limits due) and wake the worker with one ``_ExecutorWake``
+message per batch (``run_sync_soon`` from another thread), the way callers
+wake a ClientCore.  The worker then calls :meth:`Executor.collect`, which
+takes everything that happened meanwhile, so reporting is batched too.  A
+full mailbox loses nothing: the wake then waits for room in a helper task,
+and the deques keep what it stands for.
 
 Nothing a task does may reach trio's ``run_sync_soon`` or this worker's loop:
 every outcome is turned into a record under a guard (an exception whose text
@@ -32,12 +40,15 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
+import attrs
 import trio
 
+from .._io import tell_own_actor
 from .._task_context import CURRENT_TASK_ID
+from ..runtime import ActorRef, ActorStopped, MailboxFull
 from ..tasks.models import TaskStatus
 from ..tasks.registry import TaskDefinition, TaskRegistry
 from ..tasks.serializer import SerializationFormat, dumps, loads
@@ -46,7 +57,7 @@ from ._deadlines import Deadlines
 from ._errors import error_text, message_text, traceback_text
 from ._threadpool import Outcome, TaskThreads
 
-__all__ = ["Executor", "TaskTimeout"]
+__all__ = ["Collected", "Executor", "ExecutorWake", "TaskTimeout"]
 
 log = logging.getLogger("fastworker.worker")
 
@@ -60,6 +71,21 @@ _MAX_RETRY_DELAY = 1e9
 _THREAD_LIMIT = 0  # a thread task is past its limit: report it, replace the thread
 _PROBE = 1  # an asyncio task is past its limit: ask its loop whether it still turns
 _STUCK = 2  # a coroutine still runs a grace period past its limit: report, abandon
+
+
+@attrs.frozen(eq=False)
+class ExecutorWake:
+    """To the worker: ``executor`` has news; call its ``collect()`` (one per batch)."""
+
+    executor: Executor
+
+
+@attrs.frozen
+class Collected:
+    """What :meth:`Executor.collect` found: records to report, runs newly abandoned."""
+
+    records: list[ResultRecord]
+    stuck: int
 
 
 class TaskTimeout(Exception):
@@ -127,34 +153,37 @@ class _Run:
 
 
 class Executor:
-    """Runs the tasks a worker accepted and hands their records to ``report``.
+    """Runs the tasks a worker accepted; tells ``owner`` an ``ExecutorWake`` when runs end.
 
-    ``on_stuck`` is called (on the trio thread) each time a run is abandoned
-    because it could not be stopped at its time limit: the worker decides
-    whether to recycle its process.
+    The owner answers a wake with :meth:`collect`: the records to report and
+    how many runs were abandoned because they could not be stopped at their
+    time limit (the worker decides whether to recycle its process).
+    ``submit`` and ``cancel`` return the records they settle at once.
     """
 
     def __init__(
         self,
         registry: TaskRegistry,
         concurrency: int,
-        report: Callable[[list[ResultRecord]], None],
+        owner: ActorRef,
         *,
         allow_pickle: bool = False,
-        on_stuck: Callable[[], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.registry = registry
         self.concurrency = concurrency
-        self._report = report
-        self._on_stuck = on_stuck
+        self._owner = owner
+        self._wake_message = ExecutorWake(self)
         self._allow_pickle = allow_pickle
         self._held: dict[str, _Run] = {}  # every run accepted and not yet reported
         self._async_waiting: list[collections.deque[_Run]] = [collections.deque() for _ in range(4)]
         self._async_running = 0
+        # Filled by threads, the asyncio loop and timers; emptied by collect().
         self._done: collections.deque[Outcome] = collections.deque()
-        self._drain_scheduled = False
+        self._started: collections.deque[_Run] = collections.deque()  # thread runs with a limit
+        self._expired: collections.deque[tuple[_Run, int]] = collections.deque()
+        self._wake_scheduled = False
         self._token: trio.lowlevel.TrioToken | None = None
         self._nursery: trio.Nursery | None = None
         self._threads = TaskThreads(concurrency, self._thread_started, self._finished)
@@ -165,13 +194,6 @@ class Executor:
         self.completed = 0
         # How long a coroutine may run past its limit before it counts as stuck.
         self.stop_grace = 1.0
-        self._idle = trio.Event()
-        self._idle.set()
-
-    @property
-    def stuck_threads(self) -> int:
-        """Runs abandoned in user code (the node recycles a worker process that has any)."""
-        return self.stuck_runs
 
     @property
     def armed_deadlines(self) -> int:
@@ -220,11 +242,8 @@ class Executor:
     def running(self) -> int:
         return max(0, len(self._held) - self.waiting)
 
-    async def wait_idle(self) -> None:
-        """Return once every accepted task has been reported."""
-        await self._idle.wait()
-
-    def submit(self, envelopes: list[TaskEnvelope]) -> None:
+    def submit(self, envelopes: list[TaskEnvelope]) -> list[ResultRecord]:
+        """Accept tasks; returns the records of those that failed at once (unknown, undecodable)."""
         failed: list[ResultRecord] = []
         for_threads: list[_Run] = []
         held = self._held
@@ -263,13 +282,10 @@ class Executor:
                 for_threads.append(run)
             else:
                 self._async_waiting[run.priority].append(run)
-        if self._held:
-            self._idle = trio.Event() if self._idle.is_set() else self._idle
         if for_threads:
             self._threads.put_many(for_threads)
         self._start_coroutines()
-        if failed:
-            self._report_safely(failed)
+        return failed
 
     def release_waiting(self) -> list[str]:
         """Give up every task not started yet (draining): their ids, for the scheduler."""
@@ -280,7 +296,6 @@ class Executor:
         for run in released:
             run.abandoned = True
             self._held.pop(run.task_id, None)
-        self._check_idle()
         return [run.task_id for run in released]
 
     def abandon_all(self) -> list[str]:
@@ -298,10 +313,10 @@ class Executor:
             elif run.future is not None:
                 run.future.cancel()
         self._held.clear()
-        self._check_idle()
         return ids
 
-    def cancel(self, task_ids: list[str]) -> None:
+    def cancel(self, task_ids: list[str]) -> list[ResultRecord]:
+        """Cancel runs; returns the records of those that had not started (CANCELLED now)."""
         cancelled: list[ResultRecord] = []
         for task_id in task_ids:
             run = self._held.get(task_id)
@@ -322,22 +337,18 @@ class Executor:
                 run.future.cancel()
             # A running thread cannot be interrupted: it finishes, and its
             # result is reported as CANCELLED (see design/reliability.md).
-        self._check_idle()
-        if cancelled:
-            self._report_safely(cancelled)
+        return cancelled
 
     # -- time limits ----------------------------------------------------------
 
     def _thread_started(self, run: _Run) -> None:
-        """Called in the task's thread as it starts: arm the time limit if there is one."""
-        if run.timeout is not None and self._token is not None:
-            try:
-                self._token.run_sync_soon(self._arm_thread_deadline, run)
-            except trio.RunFinishedError:
-                pass
+        """Called in the task's thread as it starts: its time limit, if any, is armed in collect."""
+        if run.timeout is not None:
+            self._started.append(run)
+            self._wake()
 
     def _arm_thread_deadline(self, run: _Run) -> None:
-        """On the trio thread (run_sync_soon: must not raise): watch a thread's time limit."""
+        """Watch a thread's time limit (in collect)."""
         if run.finished or run.abandoned or run.timeout is None:
             return
         # The thread took its start time on the wall clock; the heap runs on trio's.
@@ -345,10 +356,15 @@ class Executor:
         run.deadline = self._deadlines.arm(trio.current_time() + left, run, _THREAD_LIMIT)
 
     def _expire(self, run: _Run, stage: int) -> None:
-        """A time limit came due (called by the Deadlines task, on the trio thread)."""
+        """A time limit came due (called by the Deadlines task): handled in collect."""
+        self._expired.append((run, stage))
+        self._wake_here()
+
+    def _expire_now(self, run: _Run, stage: int, records: list[ResultRecord]) -> int:
+        """Act on a time limit that came due; returns 1 when the run is abandoned as stuck."""
         run.deadline = None
         if run.finished or run.abandoned or self._held.get(run.task_id) is not run:
-            return
+            return 0
         assert run.timeout is not None
         limit = f"task exceeded its time limit of {run.timeout:g} s"
         if stage == _PROBE:
@@ -359,7 +375,7 @@ class Executor:
                 except RuntimeError:
                     pass  # the loop is closed: it will not answer
             run.deadline = self._deadlines.arm(trio.current_time() + self.stop_grace, run, _STUCK)
-            return
+            return 0
         if stage == _THREAD_LIMIT:
             # A thread cannot be stopped: report now and keep capacity with a
             # fresh thread; the late value is dropped.
@@ -383,12 +399,10 @@ class Executor:
         run.abandoned = True
         self.stuck_runs += 1
         del self._held[run.task_id]
-        outcome: Outcome = (run, False, TaskTimeout(limit), None, time.time())
-        self._report_safely([self._record_safely(outcome)])
-        self._start_coroutines()
-        self._check_idle()
-        if self._on_stuck is not None:
-            self._on_stuck()
+        records.append(
+            self._record_safely(Outcome(run, False, TaskTimeout(limit), None, time.time()))
+        )
+        return 1
 
     # -- coroutines ---------------------------------------------------------
 
@@ -424,22 +438,20 @@ class Executor:
             except (trio.Cancelled, KeyboardInterrupt):
                 raise
             except BaseException as exc:  # SystemExit too: a task fails, the worker stays
-                outcome = (run, False, exc, traceback_text(exc), time.time())
+                outcome = Outcome(run, False, exc, traceback_text(exc), time.time())
             else:
-                outcome = (run, True, value, None, time.time())
-        if outcome is None or (scope.cancel_called and not outcome[1]):
+                outcome = Outcome(run, True, value, None, time.time())
+        if outcome is None or (scope.cancel_called and not outcome.ok):
             # Our scope was cancelled: by request, or at the time limit.
             if run.cancel_requested:
-                outcome = (run, False, _Cancelled(), None, time.time())
+                outcome = Outcome(run, False, _Cancelled(), None, time.time())
             else:
                 limit = TaskTimeout(f"task exceeded its time limit of {run.timeout:g} s")
-                outcome = (run, False, limit, None, time.time())
-        # Already on the trio thread: report now rather than through
-        # run_sync_soon's wake-up (measured at ~60 µs here); the drain still
-        # takes everything that finished meanwhile.
+                outcome = Outcome(run, False, limit, None, time.time())
+        # Already on the trio thread: tell the worker now rather than through
+        # run_sync_soon's wake-up (measured at ~60 µs here).
         self._done.append(outcome)
-        if not self._drain_scheduled:
-            self._drain()
+        self._wake_here()
 
     def _run_asyncio(self, run: _Run) -> None:
         coro: Any = None
@@ -450,7 +462,7 @@ class Executor:
         except Exception as exc:
             if asyncio.iscoroutine(coro):
                 coro.close()
-            self._finished((run, False, exc, traceback_text(exc), time.time()))
+            self._finished(Outcome(run, False, exc, traceback_text(exc), time.time()))
             return
         run.future = future
         future.add_done_callback(functools.partial(self._asyncio_future_done, run))
@@ -469,23 +481,23 @@ class Executor:
             else:
                 value = await asyncio.wait_for(coro, timeout)
         except asyncio.CancelledError:
-            outcome = (run, False, _Cancelled(), None, time.time())
+            outcome = Outcome(run, False, _Cancelled(), None, time.time())
         except TimeoutError as exc:
             if timeout is not None:
                 limit = TaskTimeout(f"task exceeded its time limit of {timeout:g} s")
-                outcome = (run, False, limit, None, time.time())
+                outcome = Outcome(run, False, limit, None, time.time())
             else:
-                outcome = (run, False, exc, traceback_text(exc), time.time())
+                outcome = Outcome(run, False, exc, traceback_text(exc), time.time())
         except BaseException as exc:  # SystemExit must not stop the loop for everyone
-            outcome = (run, False, exc, traceback_text(exc), time.time())
+            outcome = Outcome(run, False, exc, traceback_text(exc), time.time())
         else:
-            outcome = (run, True, value, None, time.time())
+            outcome = Outcome(run, True, value, None, time.time())
         self._finished(outcome)
 
     def _asyncio_future_done(self, run: _Run, future: concurrent.futures.Future[Any]) -> None:
         """A run cancelled before its coroutine started never reports: say CANCELLED here."""
         if future.cancelled():
-            self._finished((run, False, _Cancelled(), None, time.time()))
+            self._finished(Outcome(run, False, _Cancelled(), None, time.time()))
 
     def _ensure_asyncio_loop(self) -> asyncio.AbstractEventLoop:
         if self._asyncio_loop is None:
@@ -500,43 +512,87 @@ class Executor:
     # -- completion ---------------------------------------------------------
 
     def _finished(self, outcome: Outcome) -> None:
-        """Called from any thread: queue the outcome and wake the trio side once."""
+        """Called from any thread: queue the outcome and wake the worker once."""
         self._done.append(outcome)
-        if not self._drain_scheduled:
-            self._drain_scheduled = True
-            token = self._token
-            if token is None:
-                return
-            try:
-                token.run_sync_soon(self._drain)
-            except trio.RunFinishedError:
-                pass  # shutting down: nobody is left to report to
+        self._wake()
 
-    def _drain(self) -> None:
-        """Turn finished runs into records (a run_sync_soon callback: it must never raise)."""
-        self._drain_scheduled = False
-        done = self._done
+    def _wake(self) -> None:
+        """From any thread: one ``ExecutorWake`` to the worker per collect."""
+        if self._wake_scheduled:
+            return
+        self._wake_scheduled = True
+        token = self._token
+        if token is None:
+            return  # not running: the next run's collect takes what is queued
+        try:
+            token.run_sync_soon(self._tell_wake)
+        except trio.RunFinishedError:
+            pass  # shutting down: nobody is left to report to
+
+    def _wake_here(self) -> None:
+        """On the trio thread: as ``_wake`` without the hop through ``run_sync_soon``."""
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            self._tell_wake()
+
+    def _tell_wake(self) -> None:
+        """On the trio thread (a run_sync_soon callback: it must never raise)."""
+        try:
+            self._owner.tell(self._wake_message)
+        except MailboxFull:
+            # Wait for room in a helper rather than drop the wake: until the
+            # worker collects, nothing else would wake it for these results.
+            nursery = self._nursery
+            if nursery is not None:
+                nursery.start_soon(self._send_wake)
+            else:
+                self._wake_scheduled = False
+        except ActorStopped:
+            self._wake_scheduled = False  # the worker is gone: nobody to report to
+
+    async def _send_wake(self) -> None:
+        if not await tell_own_actor(self._owner, self._wake_message):
+            self._wake_scheduled = False
+
+    def collect(self) -> Collected:
+        """Settle what happened since the last wake (the worker's answer to ``ExecutorWake``).
+
+        Runs that ended become records; thread runs that started get their
+        time limit armed; limits that came due are acted on.  Never raises: a
+        run whose bookkeeping fails is reported as failed, alone.
+        """
+        self._wake_scheduled = False  # before taking: a later append wakes again
         records: list[ResultRecord] = []
+        done = self._done
         while done:
             outcome = done.popleft()
             try:
                 record = self._settle(outcome)
             except Exception as exc:
-                record = self._bookkeeping_failure(outcome[0], exc)
+                record = self._bookkeeping_failure(outcome.run, exc)
             if record is not None:
                 records.append(record)
         self.completed += len(records)
+        started = self._started
+        while started:
+            self._arm_thread_deadline(started.popleft())
+        stuck = 0
+        expired = self._expired
+        while expired:
+            run, stage = expired.popleft()
+            try:
+                stuck += self._expire_now(run, stage, records)
+            except Exception:  # bookkeeping: the run stays held, its thread may still end it
+                log.exception("worker: handling a time limit failed")
         try:
             self._start_coroutines()
         except Exception:
             log.exception("worker: starting queued coroutines failed")
-        self._check_idle()
-        if records:
-            self._report_safely(records)
+        return Collected(records, stuck)
 
     def _settle(self, outcome: Outcome) -> ResultRecord | None:
         """The record for a finished run, or None when it was reported already."""
-        run: _Run = outcome[0]
+        run: _Run = outcome.run
         if run.finished:
             return None  # a second outcome (cancelled asyncio run), or a stuck run's late end
         run.finished = True
@@ -546,10 +602,10 @@ class Executor:
         run.deadline = None
         if run.abandoned or self._held.pop(run.envelope.task_id, None) is None:
             return None  # reported already (deadline, cancel, release): late value dropped
-        if outcome[1] and not run.cancel_requested:
+        if outcome.ok and not run.cancel_requested:
             envelope = run.envelope
             try:
-                encoded = dumps(_FORMATS[envelope.format], outcome[2])
+                encoded = dumps(_FORMATS[envelope.format], outcome.value)
             except Exception:
                 return self._outcome_record(outcome)  # the slow path explains
             return ResultRecord(
@@ -558,7 +614,7 @@ class Executor:
                 encoded,
                 None,
                 run.started,
-                outcome[4],
+                outcome.completed,
                 run.attempt,
                 None,
                 envelope.format,
@@ -587,20 +643,11 @@ class Executor:
         try:
             return self._outcome_record(outcome)
         except Exception as exc:
-            return self._bookkeeping_failure(outcome[0], exc)
-
-    def _report_safely(self, records: list[ResultRecord]) -> None:
-        try:
-            self._report(records)
-        except Exception:
-            log.exception("worker: reporting %d results failed", len(records))
-
-    def _check_idle(self) -> None:
-        if not self._held:
-            self._idle.set()
+            return self._bookkeeping_failure(outcome.run, exc)
 
     def _outcome_record(self, outcome: Outcome) -> ResultRecord:
-        run, ok, value, tb, completed = outcome
+        run, ok, value = outcome.run, outcome.ok, outcome.value
+        tb, completed = outcome.traceback, outcome.completed
         if run.cancel_requested or isinstance(value, _Cancelled):
             return _record(run, TaskStatus.CANCELLED, error="cancelled", completed=completed)
         if ok:

@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import attrs
+
 from .._task_context import CURRENT_TASK_ID
 from ._errors import traceback_text
 
-__all__ = ["TaskThreads"]
+__all__ = ["Outcome", "TaskThreads"]
 
 log = logging.getLogger("fastworker.worker")
 
@@ -36,8 +38,19 @@ class ThreadRun(Protocol):
     def call(self) -> Any: ...
 
 
-# (run, ok, value-or-exception, traceback text, completed epoch)
-Outcome = tuple[Any, bool, Any, str | None, float]
+@attrs.frozen
+class Outcome:
+    """How one run ended, handed from the thread that ran it to the worker's mailbox.
+
+    ``value`` is the return value when ``ok``, else the exception; ``completed``
+    is the wall-clock time it ended (the record's ``completed_at``).
+    """
+
+    run: Any
+    ok: bool
+    value: Any
+    traceback: str | None
+    completed: float
 
 
 class TaskThreads:
@@ -123,9 +136,9 @@ class TaskThreads:
                 try:
                     value = run.call()
                 except BaseException as exc:  # a task's SystemExit must not end this thread
-                    outcome = (run, False, exc, traceback_text(exc), time.time())
+                    outcome = Outcome(run, False, exc, traceback_text(exc), time.time())
                 else:
-                    outcome = (run, True, value, None, time.time())
+                    outcome = Outcome(run, True, value, None, time.time())
                 finally:
                     CURRENT_TASK_ID.reset(token)
                 self._on_done(outcome)

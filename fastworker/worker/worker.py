@@ -11,6 +11,13 @@ missed heartbeats; the worker treats the control plane as gone after the
 same number of unanswered ones, and re-registers when it answers again — with
 a new instance id after a restart, at which point unreported results go to
 the new instance (which accepts them if a client re-submitted those tasks).
+
+The worker owns its state: the executor's threads and timers report through
+the mailbox (``ExecutorWake``), a drain is a message (``drain()`` sends it
+and waits for the ``drained`` event the worker sets), retirement ends with
+the ``recycle`` event, and a starter learns that the worker registered from
+``nursery.start(worker.serve)``.  Nobody else reads or writes its fields to
+drive it.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import trio
 
 from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, connect_dealer, tell_own_actor, tick
-from ..runtime import Actor, GetStatistics
+from ..runtime import Actor, ActorStopped, GetStatistics, Supervisor
 from ..tasks.models import TaskPriority
 from ..tasks.registry import TaskRegistry
 from ..tasks.schedule import rule_fields
@@ -56,7 +63,7 @@ from ..wire import (
     text_bytes,
 )
 from ._errors import type_name
-from ._executor import Executor
+from ._executor import Executor, ExecutorWake
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -140,6 +147,18 @@ class _RetireNow:
     """The recycle grace is over: hand back what still runs."""
 
 
+@attrs.frozen
+class _Drain:
+    """Stop taking work; running tasks get ``grace`` seconds (see ``Worker.drain``)."""
+
+    grace: float
+
+
+@attrs.frozen
+class _DrainOver:
+    """The drain's grace is over: hand back what still runs."""
+
+
 class Worker(Actor):
     def __init__(self, registry: TaskRegistry, config: WorkerConfig | None = None) -> None:
         cfg = config or WorkerConfig()
@@ -149,7 +168,7 @@ class Worker(Actor):
         self.registry = registry
         self.executor = self._new_executor()
         self.instance_id: str | None = None
-        self.registered = trio.Event()  # set on every (re)registration's first success
+        self._registered = trio.Event()  # set by the first Registered (see serve)
         self._discovery: ZSocket | None = None
         self._scheduler: ZSocket | None = None
         self._scheduler_endpoint: str | None = None
@@ -162,6 +181,8 @@ class Worker(Actor):
         self._draining = False
         self._retiring = False
         self.recycle = trio.Event()  # set once a stuck worker handed back all its work
+        self.drained = trio.Event()  # set once a drain handed back what it did not finish
+        self.handed_back = 0  # tasks the drain handed back
         self._outbox: list[ResultRecord] = []
         self._flush_armed = False
         self._starts = 0
@@ -184,7 +205,38 @@ class Worker(Actor):
             self._send_discovery(Unregister(previous, "crashed"))
         await nursery.start(self.executor.run)
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
+        if self._draining:
+            # Crashed while draining: the old identity left above, nothing runs here.
+            self._finish_drain()
+            return
         self._send_discovery(self._register_message())
+
+    async def serve(
+        self,
+        *,
+        max_restarts: int = 3,
+        within: float = 5.0,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run this worker under its own supervisor; started once it first registered.
+
+        ``await nursery.start(worker.serve)`` is how a starter waits for a
+        worker that can take tasks, without reading its fields.
+        """
+        supervisor = Supervisor(
+            f"supervisor {self.name}", [self], max_restarts=max_restarts, within=within
+        )
+
+        async def announce() -> None:
+            await self._registered.wait()
+            task_status.started()
+
+        async with trio.open_nursery() as nursery:
+            # A worker stopped before it registered ends serve unstarted: the
+            # starter's nursery.start raises rather than wait forever.
+            nursery.start_soon(announce)
+            await supervisor.run()
+            nursery.cancel_scope.cancel()
 
     def _open_discovery(self) -> None:
         assert self._nursery is not None
@@ -226,9 +278,8 @@ class Worker(Actor):
         return Executor(
             self.registry,
             self.config.concurrency,
-            self._on_results,
+            self.ref,
             allow_pickle=self.config.allow_pickle,
-            on_stuck=self._on_stuck,
         )
 
     def _restart(self) -> str | None:
@@ -277,7 +328,9 @@ class Worker(Actor):
     # -- messages -----------------------------------------------------------
 
     def receive(self, message: Any) -> Any:
-        if type(message) is Inbound:
+        if type(message) is ExecutorWake:
+            self._on_executor(message)
+        elif type(message) is Inbound:
             for parts in message.frames:
                 self._on_frame(parts)
         elif type(message) is _Tick:
@@ -287,10 +340,14 @@ class Worker(Actor):
             self._flush()
         elif type(message) is _RetireNow:
             self._give_up_running()
+        elif type(message) is _Drain:
+            self._start_drain(message.grace)
+        elif type(message) is _DrainOver:
+            self._finish_drain()
         elif type(message) is _Connected:
             if message.sock is self._scheduler and self._connected:
                 self._announce()
-            elif message.sock is self._discovery and not self._connected:
+            elif message.sock is self._discovery and not (self._connected or self._draining):
                 # The Register sent at start usually found no connection yet.
                 self._send_discovery(self._register_message())
         elif type(message) is _Handshake:
@@ -317,7 +374,8 @@ class Worker(Actor):
             self._on_registered(message)
         elif isinstance(message, CancelRunning):
             ids = [i for i in message.task_ids if type(i) is str]
-            self.executor.cancel(ids)
+            self._report(self.executor.cancel(ids))
+            self._check_idle()
         elif isinstance(message, ErrorReply):
             log.error("control plane rejected a worker message: %s", message.message)
             if message.reason == "forbidden" and "worker id" in message.message:
@@ -335,7 +393,7 @@ class Worker(Actor):
         if self._draining or self._retiring:
             self._send_scheduler(Release([e.task_id for e in envelopes]))
             return
-        self.executor.submit(envelopes)
+        self._report(self.executor.submit(envelopes))
 
     def _on_ack(self, ack: HeartbeatAck) -> None:
         self._last_ack = trio.current_time()
@@ -362,7 +420,7 @@ class Worker(Actor):
         # and every tick announce the window again.
         self._announce()
         self._declare_schedules()
-        self.registered.set()
+        self._registered.set()
 
     def _declare_schedules(self) -> None:
         """Tell the control plane our tasks' schedules, after every registration.
@@ -439,6 +497,8 @@ class Worker(Actor):
             self._announce()
 
     def _on_tick(self) -> None:
+        if self.drained.is_set():
+            return  # unregistered: a heartbeat now would only make us join again
         self._reopen_refused()
         now = trio.current_time()
         silent = now - self._last_ack
@@ -482,15 +542,27 @@ class Worker(Actor):
             return False
         return self._scheduler.try_send([frame])
 
-    def _on_results(self, records: list[ResultRecord]) -> None:
+    def _on_executor(self, message: ExecutorWake) -> None:
+        """The executor has news: results to report, perhaps runs stuck in user code."""
+        if message.executor is not self.executor:
+            return  # the executor of a run that crashed: its work was handed back
+        collected = self.executor.collect()
+        self._report(collected.records)
+        if collected.stuck:
+            self._on_stuck()
+        self._check_idle()
+
+    def _report(self, records: list[ResultRecord]) -> None:
         """Report results, coalescing them while the worker is busy.
 
         An idle worker reports at once (latency); a busy one holds results up
         to ``_COALESCE_SECONDS`` or ``_MAX_RESULTS_PER_MESSAGE`` so that one
         Done carries many — and so does the scheduler's next Dispatch, since
-        credits come back together.  Called by the executor's bookkeeping,
-        so it must not raise.
+        credits come back together.  The records are in the outbox before
+        anything can fail, so a failure here loses none of them.
         """
+        if not records:
+            return
         self._outbox.extend(records)
         try:
             self._adapt_prefetch(records)
@@ -501,6 +573,15 @@ class Worker(Actor):
                 self._flush_armed = True
         except Exception:
             log.exception("worker %s: reporting results failed", self.worker_id)
+
+    def _check_idle(self) -> None:
+        """Nothing left running: a drain or a retirement need not wait for its grace."""
+        if not (self._draining or self._retiring) or self.executor.held:
+            return
+        if self._draining and not self.drained.is_set():
+            self._finish_drain()
+        elif self._retiring and not self.recycle.is_set():
+            self._give_up_running()
 
     async def _flush_soon(self) -> None:
         await trio.sleep(_COALESCE_SECONDS)
@@ -532,7 +613,7 @@ class Worker(Actor):
     # -- recycling ----------------------------------------------------------
 
     def _on_stuck(self) -> None:
-        """A run could not be stopped at its time limit (called by the executor).
+        """A run could not be stopped at its time limit (the executor's collect said so).
 
         With ``recycle_grace`` the worker retires: no new work (``Ready(0)``,
         unstarted tasks handed back at once, later dispatches released), the
@@ -553,14 +634,16 @@ class Worker(Actor):
         waiting = self.executor.release_waiting()
         if waiting:
             self._send_scheduler(Release(waiting))
-        self._nursery.start_soon(self._retire_after, max(0.0, grace))
+        # Retired at once when nothing runs any more (_check_idle), else at the grace's end.
+        self._nursery.start_soon(self._tell_after, max(0.0, grace), _RetireNow())
 
-    async def _retire_after(self, grace: float) -> None:
-        with trio.move_on_after(grace):
-            await self.executor.wait_idle()
-        await tell_own_actor(self.ref, _RetireNow())
+    async def _tell_after(self, seconds: float, message: Any) -> None:
+        await trio.sleep(seconds)
+        await tell_own_actor(self.ref, message)
 
     def _give_up_running(self) -> None:
+        if self.recycle.is_set():
+            return  # retired already (nothing ran any more before the grace ended)
         self._flush()  # what finished within the grace period
         given_up = self.executor.abandon_all()
         if given_up:
@@ -578,8 +661,19 @@ class Worker(Actor):
         """Stop taking work, let running tasks finish within ``grace``, hand back the rest.
 
         Returns how many tasks were handed back.  The worker then unregisters;
-        stop the actor afterwards.
+        stop the actor afterwards.  The drain itself is the worker's: this
+        sends it a message and waits for the ``drained`` event it sets.
         """
+        try:
+            await self.ref.send(_Drain(grace))
+        except ActorStopped:
+            return 0  # not running: nothing held, nothing to hand back
+        await self.drained.wait()
+        return self.handed_back
+
+    def _start_drain(self, grace: float) -> None:
+        if self._draining:
+            return
         self._draining = True
         self._send_scheduler(Ready(0))
         # Unstarted tasks go back at once, so other workers start them now
@@ -587,16 +681,23 @@ class Worker(Actor):
         waiting = self.executor.release_waiting()
         if waiting:
             self._send_scheduler(Release(waiting))
-        with trio.move_on_after(grace):
-            await self.executor.wait_idle()
+        self.handed_back += len(waiting)
+        if self.executor.held and self._nursery is not None:
+            self._nursery.start_soon(self._tell_after, max(0.0, grace), _DrainOver())
+        else:
+            self._finish_drain()
+
+    def _finish_drain(self) -> None:
+        """Hand back what still runs, unregister, and say so with ``drained``."""
+        if self.drained.is_set():
+            return
         self._flush()  # what finished within the grace period
         given_up = self.executor.abandon_all()
         if given_up:
             self._send_scheduler(Release(given_up))
-        released = waiting + given_up
+        self.handed_back += len(given_up)
         self._send_discovery(Unregister(self.worker_id, "left"))
-        await trio.lowlevel.checkpoint()
-        return len(released)
+        self.drained.set()
 
     def statistics_dict(self) -> dict[str, Any]:
         return {
@@ -623,7 +724,7 @@ def _shrink(record: ResultRecord, budget: int) -> ResultRecord:
     size = result_weight(record)
     log.warning(
         "task %s: result of %d bytes exceeds the %d-byte limit",
-        record[0],
+        record.task_id,
         size,
         budget,
         extra={"task_id": record[0]},
@@ -647,7 +748,7 @@ def _cut(text: str | None, keep: int) -> str | None:
 
 
 def _impossible(record: ResultRecord) -> None:
-    raise AssertionError(f"a shrunk result record is still too large: {record[0]}")
+    raise AssertionError(f"a shrunk result record is still too large: {record.task_id}")
 
 
 def _encode_done(records: list[ResultRecord]) -> bytes:
