@@ -34,10 +34,12 @@ async def test_a_document_reaches_a_curve_receiver_given_its_key(
     if control_plane_curve:
         server, clients = tmp_path / "server", tmp_path / "clients"
         generate_certificate("server", server)
-        generate_certificate("client", clients)
+        public, secret = generate_certificate("client", tmp_path / "client")
+        clients.mkdir()
+        public.rename(clients / public.name)  # a secret key there is refused
         options = {"curve": CurveKeys.generate(), "client_keys_dir": clients}
         client_options = {
-            "curve_secret_key": str(clients / "client.key_secret"),
+            "curve_secret_key": str(secret),
             "curve_server_key": options["curve"].public,
         }
     receiver = CallbackReceiver(

@@ -117,13 +117,15 @@ def spec_cluster(
     if request.param == "curve":
         keys = tmp_path_factory.mktemp("keys")
         generate_certificate("server", keys / "server")
-        generate_certificate("client", keys / "clients")
+        public, _ = generate_certificate("client", keys / "client")
+        (keys / "clients").mkdir()
+        public.rename(keys / "clients" / public.name)  # a secret there is refused
         options = {
             "curve": load_secret_key(keys / "server" / "server.key_secret"),
             "client_keys_dir": keys / "clients",
         }
         env = {
-            "FASTWORKER_CURVE_SECRET_KEY": str(keys / "clients" / "client.key_secret"),
+            "FASTWORKER_CURVE_SECRET_KEY": str(keys / "client" / "client.key_secret"),
             "FASTWORKER_CURVE_SERVER_KEY": str(keys / "server" / "server.key"),
         }
     with cluster(

@@ -38,6 +38,9 @@ def test_generate_writes_a_pair_zmq_auth_reads_with_the_secret_file_private(
     assert zmq.curve_public(secret) == public
     assert stat.S_IMODE((tmp_path / "server.key_secret").stat().st_mode) == 0o600
     assert load_secret_key(tmp_path / "server.key_secret").public == public
+    with pytest.raises(CertificateError, match="a secret key in a public directory"):
+        load_public_keys(tmp_path)  # generate's own directory is not yet one to deploy
+    (tmp_path / "server.key_secret").rename(tmp_path / "server.secret")
     assert load_public_keys(tmp_path) == {public}
 
 
@@ -97,7 +100,9 @@ def test_a_curve_node_keys_its_own_workers_and_hands_them_the_keys_in_the_enviro
     tmp_path: Path,
 ) -> None:
     generate_certificate("server", tmp_path)
+    generate_certificate("client", tmp_path / "secret")
     (tmp_path / "clients").mkdir()
+    (tmp_path / "secret" / "client.key").rename(tmp_path / "clients" / "client.key")
     security = node_security(
         _args(
             curve_secret_key=str(tmp_path / "server.key_secret"),

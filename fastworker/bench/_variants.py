@@ -39,7 +39,10 @@ def curve_variant(directory: Path | None = None) -> Variant:
     """Keys for one bench run: the control plane's pair and one client's."""
     root = Path(directory or tempfile.mkdtemp(prefix="fastworker-bench-keys-"))
     generate_certificate("server", root)
-    generate_certificate("bench", root / "clients")
+    public, _ = generate_certificate("bench", root / "bench")
+    # Only the public file in --client-keys: the node refuses a secret there.
+    (root / "clients").mkdir(exist_ok=True)
+    public.rename(root / "clients" / public.name)
     return Variant(
         "curve",
         node_args=(
@@ -49,11 +52,11 @@ def curve_variant(directory: Path | None = None) -> Variant:
             str(root / "clients"),
         ),
         client_options={
-            "curve_secret_key": str(root / "clients" / "bench.key_secret"),
+            "curve_secret_key": str(root / "bench" / "bench.key_secret"),
             "curve_server_key": str(root / "server.key"),
         },
         server_public=load_secret_key(root / "server.key_secret").public,
-        client_keys_file=root / "clients" / "bench.key_secret",
+        client_keys_file=root / "bench" / "bench.key_secret",
     )
 
 

@@ -52,8 +52,12 @@ def current_library() -> str:
 
 
 async def _hand_over(core: ClientCore, timeout: float) -> int:
-    """Wait (at most ``timeout`` s) until no returned id is unacknowledged; how many still are."""
-    if timeout > 0 and core.failure is None and core.outstanding():
+    """Wait (at most ``timeout`` s) until no returned id is unacknowledged; how many still are.
+
+    Not at all while the control plane refuses our key: nothing could be
+    acknowledged, and stop() would only sit out its timeout.
+    """
+    if timeout > 0 and core.failure is None and core.refused is None and core.outstanding():
         waiter = TrioWaiter()
         core.inbox.append(Command("flush", waiter))
         core.wake_here()

@@ -38,6 +38,13 @@ from ..wire import (
     encode,
 )
 from ._internal import DeclaredSchedules, EvictRevoked, EvictWorker, WorkerJoined, WorkerLost
+from ._register_checks import (
+    MAX_NAMES_COST,
+    MAX_TOTAL_NAMES_COST,
+    bad_hostname,
+    bad_worker_id,
+    names_cost,
+)
 
 __all__ = ["Discovery", "DiscoveryConfig"]
 
@@ -65,6 +72,7 @@ class _Member:
     hostname: str
     last_seen: float
     key: bytes  # the CURVE key that registered it (b"" without CURVE)
+    names_cost: int = 0  # bytes its names hold (_register_checks.names_cost)
 
 
 @attrs.frozen
@@ -93,6 +101,7 @@ class Discovery(Actor):
         self.endpoint: str | None = None
         self._sock: ZSocket | None = None
         self._members: dict[str, _Member] = {}
+        self._names_cost = 0  # over all members
         self._rejected: Counter[str] = Counter()
         self._lost = 0
         # Membership news the Scheduler's full mailbox could not take yet, per
@@ -258,6 +267,16 @@ class Discovery(Actor):
             )
             self._reply(identity, encode(err))
             return
+        problem = bad_worker_id(message.worker_id) or bad_hostname(message.hostname)
+        if problem is not None:
+            self._refuse(identity, "invalid", problem)
+            return
+        cost = names_cost(frozenset(names))
+        if cost > MAX_NAMES_COST:
+            self._refuse(
+                identity, "invalid", f"task names hold {cost} bytes: at most {MAX_NAMES_COST}"
+            )
+            return
         if not self._owns(message.worker_id, key):
             self._refuse(identity, "forbidden", "that worker id was registered by another key")
             return
@@ -266,6 +285,13 @@ class Discovery(Actor):
             err = ErrorReply(0, "overloaded", f"{len(self._members)} workers registered: the limit")
             self._reply(identity, encode(err))
             return
+        old = self._members.get(message.worker_id)
+        held = self._names_cost - (old.names_cost if old is not None else 0)
+        if held + cost > MAX_TOTAL_NAMES_COST:
+            text = f"workers' task names hold {held} bytes: the limit is {MAX_TOTAL_NAMES_COST}"
+            self._refuse(identity, "overloaded", text)
+            return
+        self._names_cost = held + cost
         member = _Member(
             message.worker_id,
             frozenset(names),
@@ -274,12 +300,13 @@ class Discovery(Actor):
             message.hostname,
             now,
             key,
+            cost,
         )
         known = message.worker_id in self._members
         self._members[message.worker_id] = member
         if not known:
-            log.info(
-                "worker %s joined (pid %d on %s, %d tasks)",
+            log.info(  # %r: the id and host name are the worker's to choose
+                "worker %r joined (pid %d on %r, %d tasks)",
                 message.worker_id,
                 message.pid,
                 message.hostname,
@@ -311,7 +338,9 @@ class Discovery(Actor):
                 self._remove(member.worker_id, "died")
 
     def _remove(self, worker_id: str, reason: str) -> None:
-        if self._members.pop(worker_id, None) is not None:
+        member = self._members.pop(worker_id, None)
+        if member is not None:
+            self._names_cost -= member.names_cost
             self._lost += reason != "left"
             self._tell_scheduler(WorkerLost(worker_id, reason))
 

@@ -22,6 +22,7 @@ import gc
 import importlib
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -279,11 +280,19 @@ async def _wait_for_signal(*, also_when: trio.Event | None = None) -> str:
         return result
 
 
-async def _reload_keys_on_sighup(control_plane: ControlPlane, scope: trio.CancelScope) -> None:
+async def _reload_keys_on_sighup(
+    control_plane: ControlPlane,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
     """SIGHUP: read --client-keys and --worker-keys again; a removed key is refused from now.
 
-    Runs until ``scope`` is cancelled (at shutdown)."""
+    Runs until ``scope`` is cancelled (at shutdown).  Started before the
+    ready line: a SIGHUP that came before the receiver was open would end
+    the process (its default action)."""
     with scope, trio.open_signal_receiver(signal.SIGHUP) as signals:
+        task_status.started()
         async for _ in signals:
             if await control_plane.reload_keys():
                 log.info("SIGHUP: CURVE keys reloaded")
@@ -332,7 +341,7 @@ async def _run_node(args: argparse.Namespace, security: NodeSecurity) -> int:
             control_plane = _control_plane(args, security)
             await nursery.start(control_plane.run)
             if control_plane.keys is not None:
-                nursery.start_soon(_reload_keys_on_sighup, control_plane, reloading)
+                await nursery.start(_reload_keys_on_sighup, control_plane, reloading)
             discovery_address = control_plane.discovery_address
         processes: WorkerProcesses | None = None
         if args.role in ("all", "worker") and args.workers > 0:
@@ -470,6 +479,23 @@ def _tune_gc() -> None:
     gc.set_threshold(100_000, 50, 1000)
 
 
+def _raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one; the soft limit now in force.
+
+    Every connection costs the control plane a descriptor, and the soft
+    limit (often 1024) is what an unauthenticated connection flood exhausts
+    first; the hard limit is ours to take.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return soft
+        return hard
+    return soft
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -501,6 +527,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(
         args.log_level, args.log_format, process="worker" if args.worker_process else "node"
     )
+    for warning in security.warnings:
+        log.warning("%s", warning)
+    open_files = _raise_open_file_limit()
+    if not args.worker_process:
+        log.info("open-file limit: %d descriptors", open_files)
     try:
         if args.worker_process:
             registry = _load_registry(args.task_modules)
@@ -512,22 +543,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         _deliver_queued_messages()
         return code
     except CliError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(exc)
         return 1
     except KeyboardInterrupt:
         return 0
     except BaseException as exc:
+        # Raised inside the run's nursery, a CliError arrives in an ExceptionGroup.
+        cli_error = _find(exc, CliError)
+        if cli_error is not None:
+            _print_error(cli_error)
+            return 1
         journal_error = _find(exc, JournalError)
         if journal_error is not None:
             # Not worth restarting: the same file gives the same error
             # (systemd: RestartPreventExitStatus=78).
-            print(f"{PROG}: error: {journal_error}", file=sys.stderr)
+            _print_error(journal_error)
             return JOURNAL_EXIT_CODE
         message = _describe_startup_error(exc, args)
         if message is None:
             raise
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        _print_error(message)
         return 1
+
+
+def _print_error(error: object) -> None:
+    """The one error line, after every log line queued before it (they go out from a thread)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    print(f"{PROG}: error: {error}", file=sys.stderr, flush=True)
 
 
 def _deliver_queued_messages(timeout: float = 2.0) -> None:

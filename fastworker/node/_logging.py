@@ -19,6 +19,7 @@ import json
 import logging
 
 from .._task_context import CURRENT_TASK_ID
+from ._stderr import ThreadedStderrHandler
 
 __all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
 
@@ -62,15 +63,20 @@ def _actor_of(logger_name: str) -> str:
 
 
 def configure_logging(level: str, log_format: str, *, process: str) -> None:
-    """Install the root handler on stderr for a node (``process="node"``) or worker process."""
+    """Install the root handler on stderr for a node (``process="node"``) or worker process.
+
+    Lines go out from a writer thread (:mod:`._stderr`): a stderr nobody
+    reads must not freeze the trio loop that logged.
+    """
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, got {log_format!r}")
+    handler = ThreadedStderrHandler()
     if log_format == "json":
-        handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter(process))
-        logging.basicConfig(level=level, handlers=[handler])
     else:
-        logging.basicConfig(
-            level=level,
-            format=f"%(asctime)s %(levelname)s [{process} %(process)d] %(name)s: %(message)s",
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s %(levelname)s [{process} %(process)d] %(name)s: %(message)s"
+            )
         )
+    logging.basicConfig(level=level, handlers=[handler])

@@ -12,7 +12,14 @@ from collections.abc import Mapping
 
 import attrs
 
-from ..security import CertificateError, is_loopback_endpoint, load_public_key, load_secret_key
+from ..security import (
+    CertificateError,
+    is_loopback_endpoint,
+    load_public_key,
+    load_public_keys,
+    load_secret_key,
+    secret_file_warning,
+)
 from ..transport import CurveKeys
 
 __all__ = ["NodeSecurity", "SecurityError", "add_security_arguments", "node_security"]
@@ -70,6 +77,8 @@ class NodeSecurity:
     worker: CurveKeys | None = None  # the worker processes' pair
     server_public: bytes | None = None  # what the workers check the control plane against
     own_workers: bool = False  # worker.public is trusted without a --worker-keys file
+    # Problems worth a warning at start, not a refusal (a secret file others can read).
+    warnings: tuple[str, ...] = ()
 
     def worker_env(self) -> dict[str, str]:
         """Environment entries that give this node's worker processes their keys."""
@@ -93,10 +102,25 @@ def _public(path: str, flag: str) -> bytes:
         raise SecurityError(f"{flag}: {exc}") from None
 
 
-def _directory(path: str | None, flag: str) -> str | None:
-    if path is not None and not os.path.isdir(path):
-        raise SecurityError(f"{flag}: {path} is not a directory of public certificates")
+def _directory(path: str | None, flag: str, *, if_empty: str | None) -> str | None:
+    """``path`` once its keys load (the control plane loads them again, as at each reload).
+
+    ``if_empty``: why an empty directory is refused (None: it is not).
+    """
+    if path is None:
+        return None
+    try:
+        keys = load_public_keys(path)
+    except CertificateError as exc:
+        raise SecurityError(f"{flag}: {exc}") from None
+    if not keys and if_empty is not None:
+        raise SecurityError(f"{flag}: {path} holds no public certificate (*.key): {if_empty}")
     return path
+
+
+def _warnings(*secret_files: str) -> tuple[str, ...]:
+    found = (secret_file_warning(path) for path in secret_files)
+    return tuple(warning for warning in found if warning is not None)
 
 
 def node_security(
@@ -119,6 +143,7 @@ def node_security(
         return NodeSecurity(
             worker=_secret(args.curve_secret_key, "--curve-secret-key"),
             server_public=_public(args.curve_server_key, "--curve-server-key"),
+            warnings=_warnings(args.curve_secret_key),
         )
     if args.curve_server_key:
         raise SecurityError(
@@ -143,12 +168,19 @@ def node_security(
     server = _secret(args.curve_secret_key, "--curve-secret-key")
     return NodeSecurity(
         server=server,
-        client_keys_dir=_directory(args.client_keys, "--client-keys"),
-        worker_keys_dir=_directory(args.worker_keys, "--worker-keys"),
+        client_keys_dir=_directory(
+            args.client_keys, "--client-keys", if_empty="no client could connect"
+        ),
+        worker_keys_dir=_directory(
+            args.worker_keys,
+            "--worker-keys",
+            if_empty=None if own else "no worker could join",
+        ),
         # A fresh pair per node start for its own worker processes: nothing on disk.
         worker=CurveKeys.generate() if own else None,
         server_public=server.public if own else None,
         own_workers=own,
+        warnings=_warnings(args.curve_secret_key),
     )
 
 

@@ -9,6 +9,7 @@ from ._certs import (
     load_public_key,
     load_public_keys,
     load_secret_key,
+    secret_file_warning,
 )
 from ._keyring import CLIENT, DISCOVERY, WORKER, KeyRing
 from ._zap import ReloadKeys, ZapHandler
@@ -28,4 +29,5 @@ __all__ = [
     "load_public_key",
     "load_public_keys",
     "load_secret_key",
+    "secret_file_warning",
 ]

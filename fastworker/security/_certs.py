@@ -27,6 +27,7 @@ __all__ = [
     "load_public_key",
     "load_public_keys",
     "load_secret_key",
+    "secret_file_warning",
 ]
 
 _BANNER = """#   ****  Generated on {when} by fastworker  ****
@@ -85,7 +86,7 @@ def generate_certificate(
         _write(secret_path, _certificate(keys, secret=True), 0o600, force)
         _write(public_path, _certificate(keys, secret=False), 0o644, force)
     except FileExistsError as exc:
-        raise CertificateError(f"{exc.filename} exists; pass force to replace it") from None
+        raise CertificateError(f"{exc.filename} exists; pass --force to replace it") from None
     return public_path, secret_path
 
 
@@ -119,12 +120,34 @@ def load_public_keys(directory: str | os.PathLike[str]) -> frozenset[bytes]:
 
     A missing directory is an error (a typo must not mean "nobody"); an
     unreadable file in it is an error too, so a bad deploy is noticed at
-    start or at reload rather than as refused peers.
+    start or at reload rather than as refused peers.  So is a secret
+    certificate (``*.key_secret``): a directory of public keys is copied and
+    shared, and a secret there has leaked, or is about to.
     """
     folder = Path(directory)
     if not folder.is_dir():
         raise CertificateError(f"{folder} is not a directory of public certificates")
+    secrets = sorted(folder.glob("*.key_secret"))
+    if secrets:
+        raise CertificateError(
+            f"a secret key in a public directory: {secrets[0]}; move every *.key_secret "
+            "to its owner (only public *.key files belong here)"
+        )
     return frozenset(load_public_key(path) for path in sorted(folder.glob("*.key")))
+
+
+def secret_file_warning(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path``'s permissions let others read a secret key; None when they do not."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # reading it fails, with its own message
+    if mode & 0o077:
+        return (
+            f"{path} can be read by group or others (mode {mode & 0o777:o}): anyone who "
+            f"reads it can pose as this node; chmod 600 {path}"
+        )
+    return None
 
 
 def callback_key(key: str | os.PathLike[str] | bytes) -> bytes:

@@ -54,6 +54,11 @@ class TransportConfig:
     recv_hwm: int = 100_000
     linger_ms: int = 0
     heartbeat_ivl_ms: int = 0
+    # Sockets that serve (opened with ``zap_domain``: the control plane's
+    # ROUTERs) drop a connection that has not finished its ZMTP/CURVE
+    # handshake within this time (libzmq's default is 30 s), so idle
+    # connections that never greet cannot pile up and exhaust descriptors.
+    handshake_ivl_ms: int = 5000
     # CURVE: our own key pair; with it a socket opened with ``zap_domain``
     # is a CURVE server, any other a CURVE client of ``curve_server_key``.
     curve: CurveKeys | None = None
@@ -119,6 +124,8 @@ def open_socket(
         if immediate and kind in (zmq.DEALER, zmq.PUSH):
             # Queue only to connected peers, so a dead address cannot swallow messages.
             sock.setsockopt(zmq.IMMEDIATE, 1)
+        if zap_domain is not None and cfg.handshake_ivl_ms:
+            sock.setsockopt(zmq.HANDSHAKE_IVL, cfg.handshake_ivl_ms)
         curve_server = False
         if cfg.curve is not None and zap_domain is not None:
             curve_server = True

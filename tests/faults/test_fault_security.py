@@ -70,7 +70,7 @@ def _ask(sock: Any, message: Any) -> Any:
 
 def _joined_ids(node: Any) -> list[str]:
     """Worker ids in the order the node's log says they joined."""
-    return re.findall(r"worker (\S+) joined \(pid", node.stderr_text())
+    return re.findall(r"worker '([^']+)' joined \(pid", node.stderr_text())  # quoted: %r
 
 
 async def _refused(client: Client, match: str) -> float:
