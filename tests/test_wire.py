@@ -295,6 +295,7 @@ GOOD_TASK: list[Any] = ["task-1", "add", 2, 0, b"[[1,2],{}]", None]
 ALL_OPTIONS: dict[str, Any] = {
     "cb": "tcp://127.0.0.1:6000",
     "cbd": b"\xa0",
+    "cbk": bytes(32),
     "eta": 1_700_000_000.5,
     "timeout": 30,
     "max_retries": 3,
