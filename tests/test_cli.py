@@ -131,6 +131,9 @@ def test_result_of_an_unfinished_task_and_a_wait_that_times_out_exit_4(node: Nod
     pending = on(node, "result", task_id)
     assert pending.returncode == 4
     assert pending.stdout == ""
+    as_json = on(node, "result", task_id, "--json")  # still one JSON document on stdout
+    assert as_json.returncode == 4
+    assert json.loads(as_json.stdout) == {"task_id": task_id, "found": False}
     assert on(node, "cancel", task_id).returncode == 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -105,6 +106,8 @@ async def result(args: argparse.Namespace, timeout: float | None) -> int:
         except TypeError as exc:
             raise CliFailure(str(exc), EXIT_USAGE) from None
     if outcome is None:
+        if args.json:  # still one JSON document on stdout, as for every other answer
+            print(json.dumps({"task_id": args.task_id, "found": False}))
         raise CliFailure(
             f"no result for task {args.task_id}: it has not finished, the id is unknown, "
             "or its result left the cache (--result-ttl, --result-cache-size)",
