@@ -79,10 +79,17 @@ async def _all_ran(log_dir: Path, keys: set[str], timeout: float = 30.0) -> Any:
     )
 
 
+def _journal_and_runs(tmp_path: Path) -> tuple[Path, Path, str]:
+    """The journal's path, a directory for the tasks' run logs, and a fixed discovery address
+    (a restarted node must come back where its clients look)."""
+    log_dir = tmp_path / "runs"
+    log_dir.mkdir()
+    return tmp_path / "journal.db", log_dir, f"tcp://127.0.0.1:{free_tcp_port()}"
+
+
 @pytest.mark.timeout(60)
 async def test_1000_queued_tasks_run_after_a_kill_9_with_no_client_alive(tmp_path: Path) -> None:
-    journal, log_dir = tmp_path / "journal.db", tmp_path / "runs"
-    log_dir.mkdir()
+    journal, log_dir, _ = _journal_and_runs(tmp_path)
     async with contextlib.AsyncExitStack() as nodes:
         control = await nodes.enter_async_context(
             fault_node(*_control_plane(ANY_PORT, journal), *FAST)
@@ -118,9 +125,7 @@ async def _settled(client: Any) -> dict[str, Any] | None:
 async def test_tasks_running_at_the_kill_run_again_and_results_from_before_it_are_kept(
     tmp_path: Path,
 ) -> None:
-    journal, log_dir = tmp_path / "journal.db", tmp_path / "runs"
-    log_dir.mkdir()
-    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    journal, log_dir, address = _journal_and_runs(tmp_path)
     async with contextlib.AsyncExitStack() as nodes:
         control = await nodes.enter_async_context(
             fault_node(*_control_plane(address, journal), *FAST)
@@ -161,9 +166,7 @@ async def test_tasks_running_at_the_kill_run_again_and_results_from_before_it_ar
 async def test_a_client_alive_across_the_kill_gets_every_result_it_waits_for(
     tmp_path: Path,
 ) -> None:
-    journal, log_dir = tmp_path / "journal.db", tmp_path / "runs"
-    log_dir.mkdir()
-    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    journal, log_dir, address = _journal_and_runs(tmp_path)
     async with contextlib.AsyncExitStack() as nodes:
         control = await nodes.enter_async_context(
             fault_node(*_control_plane(address, journal), *FAST)
@@ -223,8 +226,7 @@ def _burst(endpoint: str, log_dir: Path, killed: threading.Event, kill: Any) -> 
 
 @pytest.mark.timeout(60)
 async def test_every_task_acknowledged_before_a_kill_9_during_a_burst_runs(tmp_path: Path) -> None:
-    journal, log_dir = tmp_path / "journal.db", tmp_path / "runs"
-    log_dir.mkdir()
+    journal, log_dir, _ = _journal_and_runs(tmp_path)
     client_endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     cp_args = (*_control_plane(ANY_PORT, journal), "--client-address", client_endpoint, *FAST)
     async with contextlib.AsyncExitStack() as nodes:
@@ -256,9 +258,7 @@ async def test_every_task_acknowledged_before_a_kill_9_during_a_burst_runs(tmp_p
 async def test_a_client_schedule_and_a_dead_letter_survive_a_kill_9_and_missed_ticks_run_once(
     tmp_path: Path,
 ) -> None:
-    journal, log_dir = tmp_path / "journal.db", tmp_path / "runs"
-    log_dir.mkdir()
-    address = f"tcp://127.0.0.1:{free_tcp_port()}"
+    journal, log_dir, address = _journal_and_runs(tmp_path)
     start = time.time()
     async with contextlib.AsyncExitStack() as nodes:
         control = await nodes.enter_async_context(

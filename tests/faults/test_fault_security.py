@@ -9,10 +9,12 @@ key, the way an attacker would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -46,6 +48,17 @@ pytestmark = [pytest.mark.multiprocess]
 
 # Refusals must reach the caller this fast (the issue: "within a second or two").
 REFUSAL_SECONDS = 2.0
+
+
+@contextlib.asynccontextmanager
+async def curve_node(curve: CurveFiles, *extra: str) -> AsyncIterator[tuple[Any, Client]]:
+    """A ``--role all`` CURVE node serving the fault tasks, and an allowed client of it."""
+    node_args = ("--discovery-address", ANY_PORT, *TASKS, *extra, *curve.node_args())
+    async with (
+        fault_node(*node_args) as node,
+        client_for(node, **curve.client_kwargs()) as client,
+    ):
+        yield node, client
 
 
 def _raw(curve: CurveFiles, key: str, address: str, identity: bytes | None = None) -> Any:
@@ -172,11 +185,7 @@ async def test_workers_without_a_worker_key_get_no_task(curve_files: CurveFiles)
 async def test_spoofed_heartbeats_and_unregisters_for_another_worker_count_for_nothing(
     curve_files: CurveFiles,
 ) -> None:
-    node_args = ("--discovery-address", ANY_PORT, "--heartbeat-interval", "0.3", *TASKS)
-    async with (
-        fault_node(*node_args, *curve_files.node_args()) as node,
-        client_for(node, **curve_files.client_kwargs()) as client,
-    ):
+    async with curve_node(curve_files, "--heartbeat-interval", "0.3") as (node, client):
         workers = await wait_for_workers(client, 1)
         (shown,) = workers
         (pid,) = worker_pids(workers)
@@ -212,11 +221,7 @@ async def test_spoofed_heartbeats_and_unregisters_for_another_worker_count_for_n
 async def test_done_from_a_peer_that_did_not_register_changes_nothing(
     curve_files: CurveFiles, tmp_path: Any
 ) -> None:
-    node_args = ("--discovery-address", ANY_PORT, *TASKS, *curve_files.node_args())
-    async with (
-        fault_node(*node_args) as node,
-        client_for(node, **curve_files.client_kwargs()) as client,
-    ):
+    async with curve_node(curve_files) as (node, client):
         await wait_for_workers(client, 1)
         task_id = await client.delay("work", 7, 1.0, str(tmp_path))
         await client.flush()
@@ -289,11 +294,7 @@ async def test_a_worker_whose_key_is_removed_and_sighup_gets_no_more_tasks_and_i
 async def test_a_worker_whose_id_was_taken_while_it_was_paused_joins_again_under_a_new_one(
     curve_files: CurveFiles,
 ) -> None:
-    node_args = ("--discovery-address", ANY_PORT, "--heartbeat-interval", "0.3", *TASKS)
-    async with (
-        fault_node(*node_args, *curve_files.node_args()) as node,
-        client_for(node, **curve_files.client_kwargs()) as client,
-    ):
+    async with curve_node(curve_files, "--heartbeat-interval", "0.3") as (node, client):
         (pid,) = worker_pids(await wait_for_workers(client, 1))
         victim = _joined_ids(node)[0]
         squatter = _raw(curve_files, "worker", node.discovery_address)
