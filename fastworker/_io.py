@@ -223,10 +223,9 @@ def _monitor(sock: ZSocket) -> ZSocket | None:
     one yet: each monitor gets a name of its own here.
     """
     address = f"inproc://fastworker-monitor-{os.getpid()}-{next(_monitor_ids)}"
-    raw = sock.zmq_socket
     try:
-        raw.monitor(address, _HANDSHAKE_EVENTS)
-        pair: zmq.Socket[bytes] = raw.context.socket(zmq.PAIR)
+        sock.monitor(address, _HANDSHAKE_EVENTS)
+        pair: zmq.Socket[bytes] = sock.zmq_socket.context.socket(zmq.PAIR)
     except zmq.ZMQError as exc:
         log.warning("no handshake monitor for a socket (%s): refusals surface as timeouts", exc)
         return None

@@ -108,6 +108,7 @@ class ZSocket:
         "_closed",
         "_fd",
         "_lot",
+        "_monitored",
         "_peer_writers",
         "_readers",
         "_received",
@@ -126,6 +127,7 @@ class ZSocket:
         gave the connection), so the owner checks each message against the
         sender's role.  Only for sockets with a ZAP domain (CURVE servers)."""
         self._sock = sock
+        self._monitored = False  # a socket monitor publishes its events (see close)
         self._recv = (
             functools.partial(_recv_with_peer_key, sock) if with_peer_key else sock.recv_multipart
         )
@@ -155,6 +157,16 @@ class ZSocket:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def monitor(self, address: str, events: int) -> None:
+        """Publish ``events`` of this socket on the PAIR endpoint ``address``.
+
+        Never ask for ``zmq.EVENT_MONITOR_STOPPED``: it would be sent, blocking,
+        when this socket closes.
+        """
+        self._check_open()
+        self._sock.monitor(address, events)
+        self._monitored = True
 
     def bind(self, address: str) -> str:
         """Bind and return the real endpoint (``tcp://127.0.0.1:*`` resolves its port)."""
@@ -459,6 +471,13 @@ class ZSocket:
         with contextlib.suppress(RuntimeError):
             trio.lowlevel.notify_closing(self._fd)
         self._lot.unpark_all()
+        if self._monitored:
+            # libzmq sends monitor events with a blocking send: an event for
+            # this socket arriving after the watcher closed its end would hang
+            # the context's I/O thread.  Stopping the monitor first sends
+            # nothing (EVENT_MONITOR_STOPPED is never asked for).
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
         self._sock.close(linger=linger_ms)
 
     async def aclose(self) -> None:
