@@ -11,8 +11,8 @@ import argparse
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import trio
 
@@ -97,14 +97,22 @@ async def submit(args: argparse.Namespace, timeout: float | None) -> int:
         return _exit_code(outcome)
 
 
+T = TypeVar("T")
+
+
+async def _ask(client: Client, question: Awaitable[T], unanswered: str = "") -> T:
+    """One request about a task id: unreachable is exit 3, a bad id (TypeError) exit 2."""
+    try:
+        return await question
+    except ControlPlaneUnavailableError:
+        raise _unreachable(client, unanswered) from None
+    except TypeError as exc:
+        raise CliFailure(str(exc), EXIT_USAGE) from None
+
+
 async def result(args: argparse.Namespace, timeout: float | None) -> int:
     async with _client(args, timeout) as client:
-        try:
-            outcome = await client.get_task_result(args.task_id)
-        except ControlPlaneUnavailableError:
-            raise _unreachable(client, "") from None
-        except TypeError as exc:
-            raise CliFailure(str(exc), EXIT_USAGE) from None
+        outcome = await _ask(client, client.get_task_result(args.task_id))
     if outcome is None:
         if args.json:  # still one JSON document on stdout, as for every other answer
             print(json.dumps({"task_id": args.task_id, "found": False}))
@@ -119,12 +127,7 @@ async def result(args: argparse.Namespace, timeout: float | None) -> int:
 
 async def cancel(args: argparse.Namespace, timeout: float | None) -> int:
     async with _client(args, timeout) as client:
-        try:
-            cancelled = await client.cancel_task(args.task_id)
-        except ControlPlaneUnavailableError:
-            raise _unreachable(client, "; nothing was cancelled") from None
-        except TypeError as exc:
-            raise CliFailure(str(exc), EXIT_USAGE) from None
+        cancelled = await _ask(client, client.cancel_task(args.task_id), "; nothing was cancelled")
     _render.cancelled(args.task_id, cancelled, as_json=args.json)
     return EXIT_OK if cancelled else EXIT_NOT_DONE
 
