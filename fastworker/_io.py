@@ -20,9 +20,11 @@ from .transport import TransportConfig, ZSocket, open_socket
 
 __all__ = [
     "DeadlineTimer",
+    "HandshakeJudge",
     "Inbound",
     "bind_again",
     "connect_dealer",
+    "handshake_monitor",
     "pump_socket",
     "tell_own_actor",
     "tick",
@@ -180,7 +182,7 @@ def connect_dealer(
     an error at once, not a silent wait until a timeout.
     """
     sock = open_socket(zmq.DEALER, transport, identity=identity, immediate=not keep_unread)
-    monitor = _monitor(sock) if on_handshake is not None else None
+    monitor = handshake_monitor(sock) if on_handshake is not None else None
     if monitor is not None and on_handshake is not None:
         nursery.start_soon(
             _watch_handshakes,
@@ -214,7 +216,7 @@ _MECHANISM_MISMATCH = 0x11000002  # ZMQ_PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
 _monitor_ids = itertools.count(1)
 
 
-def _monitor(sock: ZSocket) -> ZSocket | None:
+def handshake_monitor(sock: ZSocket) -> ZSocket | None:
     """A PAIR socket receiving ``sock``'s handshake events; None if libzmq refused one.
 
     Set up before ``connect``, so the first handshake's events are not
@@ -275,6 +277,38 @@ def describe_handshake(event: int, value: int, *, curve: bool) -> tuple[str | No
     ), False
 
 
+class HandshakeJudge:
+    """Turns one socket's handshake events into what its owner should be told.
+
+    A certain refusal is told at once; an ambiguous failure only when
+    ``_AMBIGUOUS_FAILURES`` come in a row (a wrong server key fails every
+    reconnection, a cut connection once), and never for a socket without
+    CURVE, where it means "not a fastworker control plane" and the caller's
+    timeout says it better.  Shared by the trio watcher below and the
+    client's asyncio binding.
+    """
+
+    __slots__ = ("_ambiguous", "_curve")
+
+    def __init__(self, *, curve: bool) -> None:
+        self._curve = curve
+        self._ambiguous = 0
+
+    def judge(self, frames: list[bytes]) -> tuple[bool, str | None]:
+        """(whether to tell, the problem or None for a success) for one monitor message."""
+        event = parse_monitor_message(frames)
+        problem, certain = describe_handshake(
+            int(event["event"]), int(event["value"]), curve=self._curve
+        )
+        if not certain:
+            self._ambiguous += 1
+            if not self._curve or self._ambiguous < _AMBIGUOUS_FAILURES:
+                return False, None
+        else:
+            self._ambiguous = 0
+        return True, problem
+
+
 async def _watch_handshakes(
     sock: ZSocket,
     monitor: ZSocket,
@@ -282,15 +316,9 @@ async def _watch_handshakes(
     on_handshake: Callable[[str | None], object],
     curve: bool,
 ) -> None:
-    """Tell ``owner`` how handshakes of ``sock`` go; ends within a second of its close.
-
-    A certain refusal is told at once; an ambiguous failure only when
-    ``_AMBIGUOUS_FAILURES`` come in a row (a wrong server key fails every
-    reconnection, a cut connection once), and never for a socket without
-    CURVE, where it means "not a fastworker control plane" and the caller's
-    timeout says it better.
-    """
-    ambiguous = 0
+    """Tell ``owner`` how handshakes of ``sock`` go (see HandshakeJudge); ends within a
+    second of the socket's close."""
+    judge = HandshakeJudge(curve=curve)
     try:
         while not sock.closed:
             frames: list[bytes] | None = None
@@ -298,17 +326,8 @@ async def _watch_handshakes(
                 frames = await monitor.recv_multipart()
             if frames is None:
                 continue
-            event = parse_monitor_message(frames)
-            problem, certain = describe_handshake(
-                int(event["event"]), int(event["value"]), curve=curve
-            )
-            if not certain:
-                ambiguous += 1
-                if not curve or ambiguous < _AMBIGUOUS_FAILURES:
-                    continue
-            else:
-                ambiguous = 0
-            if not await tell_own_actor(owner, on_handshake(problem)):
+            tell, problem = judge.judge(frames)
+            if tell and not await tell_own_actor(owner, on_handshake(problem)):
                 return
     finally:
         if not sock.closed:

@@ -1,34 +1,39 @@
-"""The client's actor: the trio side of ``Client``, owner of its two sockets.
+"""The client's core, sans I/O: every decision of ``Client``, no socket, no loop, no thread.
 
-Callers (on asyncio in another thread, or on trio in this one) never touch a
-socket.  They put work on ``inbox`` (a deque: appending is thread-safe) and
-call ``wake()``; the first wake after a drain schedules one message to this
-actor, which then takes everything queued at once and sends it as few
-``Submit`` messages as the size bound allows.  That is where the client's
-throughput comes from.
+In the spirit of h11 and pyzmq's ``_future.py``: events go in as method calls
+(frames a socket read, a tick, a wake-up, a handshake's outcome), frames go out
+through a :class:`Link` the binding implements (one ``send`` that says whether
+the frame went), and completions go out through the callers' waiters.  The
+clock is injected.  The bindings — ``_trio_binding`` (a trio actor) and
+``_asyncio_binding`` (an asyncio task) — own the sockets and the timers and
+run this core on the caller's own loop.
 
-The actor keeps every task it submitted until its result arrives.  It
-re-sends a request whose ack did not come (same task ids, so the control
-plane deduplicates), and when Discovery reports a new control-plane instance
-it re-submits everything unfinished.
+Callers never touch a socket.  They put work on ``inbox`` and call ``wake()``;
+the first wake after a drain asks the binding for one ``on_wake()``, which
+takes everything queued at once and sends it as few ``Submit`` messages as the
+size bound allows.  That is where the client's throughput comes from.
+
+The core keeps every task it submitted until its result arrives.  It re-sends
+a request whose ack did not come (same task ids, so the control plane
+deduplicates), and when Discovery reports a new control-plane instance it
+re-submits everything unfinished.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import logging
+import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 import attrs
-import trio
 
-from .._io import Inbound, connect_dealer, tick
-from ..runtime import Actor
 from ..tasks.models import TaskStatus
-from ..transport import TransportConfig, ZSocket, resolve_endpoint
+from ..transport import TransportConfig, resolve_endpoint
 from ..wire import (
     MAX_QUERY_IDS,
     Cancel,
@@ -61,7 +66,20 @@ from ..wire import (
 from ._errors import AuthenticationError, ClientStoppedError, QueueFullError
 from ._waiters import Waiter
 
-__all__ = ["ClientCore", "Command", "PendingTask"]
+__all__ = [
+    "AdminRequest",
+    "CancelTask",
+    "Channel",
+    "ClientCore",
+    "Command",
+    "Flush",
+    "Join",
+    "Link",
+    "PendingTask",
+    "Query",
+    "StatsRequest",
+    "task_wire",
+]
 
 log = logging.getLogger("fastworker.client")
 
@@ -76,6 +94,7 @@ _PLAIN_REPLIES = (
     DeadLetterReply,
     DeadLetterRetryReply,
 )
+_REPLIES = (ResultReply, CancelReply, *_PLAIN_REPLIES)
 # A result push can be lost (the client was reconnecting, a queue overflowed).
 # Tasks acknowledged this long ago without a result are looked up in the
 # control plane's cache, so nothing waits forever on a lost push.  A task the
@@ -97,21 +116,39 @@ _QUEUE_FULL_HOLD = 1.0
 _REFUSED_RETRY = 2.0
 
 
-class _SweepReply:
-    """Receives the answer to a sweep query on the actor's own thread."""
+def task_wire(
+    task_id: str, name: str, rank: int, fmt: int, payload: bytes, options: dict[str, Any] | None
+) -> list[Any]:
+    """The one place a task's wire array is built (protocol.md, TaskWire).
 
-    __slots__ = ("_core", "_task_ids")
+    A list rather than a ``TaskEnvelope``: the client fills in the id of a
+    batch entry after validation, and the array is encoded as it is.
+    """
+    return [task_id, name, rank, fmt, payload, options]
 
-    def __init__(self, core: ClientCore, task_ids: list[str]) -> None:
-        self._core = core
-        self._task_ids = task_ids
 
-    def set(self, value: Any) -> None:
-        if isinstance(value, list):
-            self._core._on_sweep_reply(self._task_ids, value)
+class Channel(enum.Enum):
+    """The core's two connections."""
 
-    async def wait(self, timeout: float | None) -> tuple[bool, Any]:
-        raise NotImplementedError("sweep replies are never awaited")
+    DISCOVERY = "discovery"
+    GATEWAY = "gateway"
+
+
+class Link(Protocol):
+    """What a binding does for the core: the sockets, and scheduling a wake-up."""
+
+    def send(self, channel: Channel, body: bytes) -> bool:
+        """Hand one frame to ``channel`` without waiting; False when it cannot go now."""
+
+    def open(self, channel: Channel, endpoint: str, max_message_size: int) -> None:
+        """(Re)connect ``channel`` to ``endpoint``, closing what it had; the gateway's
+        routing id is the core's ``client_id``."""
+
+    def close(self, linger_ms: int) -> None:
+        """Close both connections."""
+
+    def wake_soon(self) -> bool:
+        """Have ``on_wake`` called soon on the core's loop; False when it cannot be."""
 
 
 class PendingTask:
@@ -139,17 +176,60 @@ class PendingTask:
         self.misses = 0  # sweep answers "not in the cache"
 
 
+# -- commands: what a caller asks of the core besides submitting ---------------
+
+
 @attrs.define(eq=False, slots=True)
 class Command:
-    """A request from a caller other than a submission: query, cancel, stats, join."""
+    """A caller's request; ``waiter`` gets the answer.  ``deadline`` (on the
+    core's clock): after it nobody waits for the answer, and the entry goes."""
 
-    kind: str
     waiter: Waiter
+    deadline: float = math.inf
+
+
+@attrs.define(eq=False, slots=True)
+class Join(Command):
+    """Answered (None) once no task of this client is unfinished."""
+
+
+@attrs.define(eq=False, slots=True)
+class Flush(Command):
+    """Answered (None) once every id returned so far was acknowledged."""
+
+
+@attrs.define(eq=False, slots=True)
+class Query(Command):
+    """The control plane's cached records of ``task_ids`` (a list, None where unknown)."""
+
     task_ids: list[str] = attrs.Factory(list)
-    # time.monotonic() after which nobody waits for the answer: the entry goes.
-    deadline: float = float("inf")
-    # kind "request": the message to send, given its request id (schedules, dead letters).
-    request: Callable[[int], Message] | None = None
+
+
+@attrs.define(eq=False, slots=True)
+class CancelTask(Command):
+    """A CancelReply for ``task_id``."""
+
+    task_id: str = ""
+
+
+@attrs.define(eq=False, slots=True)
+class StatsRequest(Command):
+    """The control plane's StatsReply."""
+
+
+@attrs.define(eq=False, slots=True)
+class AdminRequest(Command):
+    """A schedules or dead-letters request: ``build(request_id)`` is the message."""
+
+    build: Callable[[int], Message] | None = None
+
+
+@attrs.define(eq=False, slots=True)
+class _Sweep:
+    """A ResultQuery the core asked itself, for tasks whose result push never came."""
+
+    task_ids: list[str]
+    deadline: float
 
 
 @attrs.define(eq=False, slots=True)
@@ -159,30 +239,13 @@ class _Request:
     tries: int = 1
 
 
-@attrs.frozen
-class _Wake:
-    pass
+class ClientCore:
+    """The client's bookkeeping; see the module docstring for how it is driven.
 
+    Every method runs on one loop — the binding's — and raises only on a bug:
+    the binding's supervision restarts it with :meth:`restart`.
+    """
 
-@attrs.frozen
-class _Tick:
-    pass
-
-
-@attrs.frozen
-class _LookupNow:
-    """The discovery connection is up: ask at once, not a tick later."""
-
-
-@attrs.frozen
-class _Handshake:
-    """A CURVE handshake of one of our sockets ended (``problem`` None: accepted)."""
-
-    sock: ZSocket
-    problem: str | None
-
-
-class ClientCore(Actor):
     def __init__(
         self,
         *,
@@ -192,115 +255,87 @@ class ClientCore(Actor):
         ack_timeout: float,
         result_cache_size: int,
         transport: TransportConfig,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__("client", mailbox_size=4096)
         self.client_id = client_id
         self.discovery_address = discovery_address
         self.retries = retries
         self.ack_timeout = ack_timeout
         self.transport = transport
+        self.clock = clock
+        self.link: Link | None = None
         # The control plane's limit once a LookupReply said it, our own until then.
         self.max_message_size = transport.max_message_size
-        # Shared with the caller side (plain dict/deque operations only).
+        # Filled by callers, drained by on_wake (plain deque operations only).
         self.inbox: collections.deque[str | Command] = collections.deque()
         self.pending: dict[str, PendingTask] = {}
         self.finished: OrderedDict[str, ResultRecord] = OrderedDict()
         self.result_cache_size = result_cache_size
-        self._queue_full_until = 0.0  # time.monotonic(); see queue_full
-        self.token: trio.lowlevel.TrioToken | None = None
+        self._queue_full_until = 0.0  # see queue_full
         self._wake_scheduled = False
-        # Trio side only.
         self._unsent: collections.deque[str] = collections.deque()
         self._requests: dict[int, _Request] = {}
-        self._queries: dict[int, Command] = {}
-        self._joiners: list[Command] = []
+        self._queries: dict[int, Command | _Sweep] = {}
+        self._joiners: list[Join] = []
         # flush() callers: the ids each still waits to see acknowledged
-        self._flushers: list[tuple[set[str], Command]] = []
+        self._flushers: list[tuple[set[str], Flush]] = []
         self._parked: list[Command] = []  # commands waiting for a connection
         # (acknowledged at, task ids), oldest first: candidates for the lost-push sweep
         self._watch: collections.deque[tuple[float, list[str]]] = collections.deque()
         self._next_request = 1
-        self._discovery: ZSocket | None = None
-        self._gateway: ZSocket | None = None
         self._gateway_endpoint: str | None = None
-        self._gateway_limit = 0  # the MAXMSGSIZE of the gateway socket
-        self._nursery: trio.Nursery | None = None
+        self._gateway_limit = 0  # the MAXMSGSIZE of the gateway connection
         self.instance_id: str | None = None
-        self._interval = 0.1
+        self.interval = 0.1  # seconds until the binding's next on_tick
         self._heartbeat = 1.0
         self._last_reply = 0.0
-        self.connected = trio.Event()
+        self.connected = False  # a LookupReply came and the control plane is not silent
         self.resubmitted = 0
-        self.failure: Exception | None = None  # set when the actor is gone for good
-        self._starts = 0
+        self.failure: Exception | None = None  # set when the core is gone for good
         # Why the control plane refused our CURVE handshake; None while it accepts.
         self.refused: str | None = None
         self._refused_at = 0.0
 
-    # -- caller side (any thread) -------------------------------------------
+    # -- caller side --------------------------------------------------------
 
     @property
     def queue_full(self) -> bool:
         """True for ``_QUEUE_FULL_HOLD`` s after the control plane rejected a task as queue_full."""
-        return time.monotonic() < self._queue_full_until
+        return self.clock() < self._queue_full_until
 
     def wake(self) -> None:
-        """From another thread: ask the actor to look at ``inbox``, once per drain."""
-        if not self._wake_scheduled and self.token is not None:
+        """Have the inbox drained soon: one wake-up per drain, however many callers."""
+        if not self._wake_scheduled and self.link is not None:
             self._wake_scheduled = True
-            try:
-                self.token.run_sync_soon(self._tell_wake)
-            except trio.RunFinishedError:
+            if not self.link.wake_soon():
+                # The binding cannot schedule it now (a full mailbox, a loop
+                # ending): the next tick drains the inbox anyway.
                 self._wake_scheduled = False
 
-    def wake_here(self) -> None:
-        """From the actor's own thread (a trio caller): no thread hop needed."""
-        if not self._wake_scheduled:
-            self._wake_scheduled = True
-            self._tell_wake()
+    # -- life cycle (the binding's side) -------------------------------------
 
-    def _tell_wake(self) -> None:
-        try:
-            self.ref.tell(_Wake())
-        except Exception:
-            # Mailbox full (or the actor restarting): the next tick drains the
-            # inbox anyway, so nothing queued there is lost.
-            self._wake_scheduled = False
-
-    # -- life cycle ---------------------------------------------------------
-
-    async def on_start(self, nursery: trio.Nursery) -> None:
-        self.token = trio.lowlevel.current_trio_token()
-        self._nursery = nursery
-        self._starts += 1
-        if self._starts > 1:
-            # Restarted after a crash: the old sockets are closed and replies to
-            # what we sent are lost; reconnect and send everything unfinished again
-            # (the control plane deduplicates by task id).
-            self._gateway = None
-            self._gateway_endpoint = None
-            self.connected = trio.Event()
-            self._resubmit_all()
-        self._open_discovery()
-        nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
+    def start(self, link: Link) -> None:
+        """Begin talking through ``link``: connect to Discovery and ask it."""
+        self.link = link
+        self._wake_scheduled = False
+        link.open(Channel.DISCOVERY, self.discovery_address, self.transport.max_message_size)
         self._lookup()
 
-    def _open_discovery(self) -> None:
-        assert self._nursery is not None
-        self._discovery = connect_dealer(
-            self._nursery,
-            self.ref,
-            self.discovery_address,
-            self.transport,
-            when_up=lambda _: _LookupNow(),
-            on_handshake=_Handshake,
-        )
+    def restart(self, link: Link) -> None:
+        """Begin again after the binding's supervision caught a crash.
 
-    async def on_stop(self) -> None:
-        self.close_now(linger_ms=500)
+        The old connections are closed and replies to what was sent are lost:
+        reconnect and send everything unfinished again (the control plane
+        deduplicates by task id).
+        """
+        self._gateway_endpoint = None
+        self._gateway_limit = 0
+        self.connected = False
+        self._resubmit_all()
+        self.start(link)
 
     def close_now(self, linger_ms: int) -> int:
-        """Close the sockets; returns what is left unsent.
+        """Close the connections; returns what is left unsent.
 
         With a linger, what can be sent without waiting goes first; with none
         (``stop()``, which hands over by waiting for acks instead) nothing does.
@@ -310,10 +345,10 @@ class ClientCore(Actor):
             self._drain_inbox()
             self._send_unsent()
         left = len(self._unsent)
-        for sock in (self._gateway, self._discovery):
-            if sock is not None:
-                sock.close(linger_ms=linger_ms)
-        self._gateway = self._discovery = None
+        if self.link is not None:
+            self.link.close(linger_ms)
+        self._gateway_endpoint = None
+        self.connected = False
         return left
 
     def outstanding(self) -> int:
@@ -322,7 +357,7 @@ class ClientCore(Actor):
         return sum(1 for entry in list(self.pending.values()) if entry.status is pending)
 
     def successor(self, client_id: str, *, hand_over: bool = False) -> ClientCore:
-        """A new actor for this client's tasks, under a new identity.
+        """A new core for this client's tasks, under a new identity.
 
         It shares ``pending`` and ``finished``: for a client started again it
         re-submits everything unfinished when it meets the control plane (so
@@ -337,6 +372,7 @@ class ClientCore(Actor):
             ack_timeout=self.ack_timeout,
             result_cache_size=self.result_cache_size,
             transport=self.transport,
+            clock=self.clock,
         )
         heir.pending = self.pending
         heir.finished = self.finished
@@ -352,7 +388,6 @@ class ClientCore(Actor):
 
     def fail_waiters(self, message: str) -> None:
         """The client stopped: every caller still waiting gets ClientStoppedError now."""
-        # list(): callers in other threads may add to pending while we look.
         waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
         waiters += [command.waiter for command in self._joiners]
         waiters += [command.waiter for _, command in self._flushers]
@@ -360,33 +395,55 @@ class ClientCore(Actor):
         for entry in list(self.pending.values()):
             entry.waiters = None  # released here; a result after a restart wakes nobody
         waiters += [command.waiter for command in self._parked]
-        waiters += [command.waiter for command in self._queries.values()]
+        waiters += [c.waiter for c in self._queries.values() if isinstance(c, Command)]
         waiters += [item.waiter for item in list(self.inbox) if isinstance(item, Command)]
         self._joiners, self._parked = [], []
         self._queries.clear()
         for waiter in waiters:
             waiter.set(ClientStoppedError(message))
 
-    # -- messages -----------------------------------------------------------
+    # -- events (the binding's side) ------------------------------------------
 
-    def receive(self, message: Any) -> Any:
-        if type(message) is Inbound:
-            for parts in message.frames:
-                self._on_frame(parts)
-        elif type(message) is _Wake:
-            self._wake_scheduled = False  # before draining: a later append wakes again
-            self._drain_inbox()
-            self._send_unsent()
-        elif type(message) is _Tick:
-            self._on_tick()
-        elif type(message) is _LookupNow:
-            if not self.connected.is_set():
-                self._lookup()
-        elif type(message) is _Handshake:
-            self._on_handshake(message)
-        else:
-            raise TypeError(f"client got an unexpected message {message!r}")
-        return None
+    def on_frames(self, frames: Iterable[list[bytes]]) -> None:
+        """Messages one connection delivered, in order."""
+        for parts in frames:
+            # One message per frame; the gateway puts held acks in front of the
+            # message they ride with (protocol.md, §1): handle them in order.
+            for body in parts:
+                self._on_body(body)
+
+    def on_wake(self) -> None:
+        """The wake-up ``wake()`` asked for: send what callers queued."""
+        self._wake_scheduled = False  # before draining: a later append wakes again
+        self._drain_inbox()
+        self._send_unsent()
+
+    def on_discovery_up(self) -> None:
+        """The Discovery connection is up: ask at once, not a tick later."""
+        if not self.connected:
+            self._lookup()
+
+    def on_gateway_up(self) -> None:
+        """The gateway connection is up: send what waited for it."""
+        self._drain_inbox()
+        self._send_unsent()
+
+    def on_tick(self) -> None:
+        """Every ``interval`` seconds: retries, sweeps, expiries, reconnection."""
+        self._on_tick()
+
+    def wake_lost(self) -> None:
+        """The binding could not deliver a wake-up it had scheduled: the next wake asks again."""
+        self._wake_scheduled = False
+
+    def on_handshake(self, problem: str | None) -> None:
+        """A CURVE handshake of one of the current connections ended (None: accepted)."""
+        if problem is None:
+            if self.refused is not None:
+                log.info("client: the control plane accepts our CURVE key again")
+                self.refused = None
+            return
+        self._on_refused(problem)
 
     def _drain_inbox(self) -> None:
         inbox = self.inbox
@@ -403,30 +460,20 @@ class ClientCore(Actor):
 
     # -- CURVE handshakes ---------------------------------------------------
 
-    def _on_handshake(self, message: _Handshake) -> None:
-        if message.sock is not self._discovery and message.sock is not self._gateway:
-            return  # a socket closed since
-        if message.problem is None:
-            if self.refused is not None:
-                log.info("client: the control plane accepts our CURVE key again")
-                self.refused = None
-            return
-        self._on_refused(message.problem)
-
     def _on_refused(self, problem: str) -> None:
         if self.refused is None:
             log.error("client: %s", problem)
         self.refused = problem
-        self._refused_at = trio.current_time()
+        self._refused_at = self.clock()
         # Everybody waiting learns it now, not at their timeout.  The tasks
         # stay: they go out if the key is accepted later (see _on_tick).
         waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
         waiters += [command.waiter for command in self._joiners]
         waiters += [command.waiter for _, command in self._flushers]
         waiters += [command.waiter for command in self._parked]
-        waiters += [command.waiter for command in self._queries.values()]
+        waiters += [c.waiter for c in self._queries.values() if isinstance(c, Command)]
         self._joiners, self._flushers, self._parked = [], [], []
-        self._queries.clear()
+        self._queries = {k: c for k, c in self._queries.items() if isinstance(c, _Sweep)}
         self._refuse_waiters(waiters)
 
     def _refuse_waiters(self, waiters: list[Waiter]) -> None:
@@ -436,37 +483,36 @@ class ClientCore(Actor):
             )
 
     def _reopen_refused(self, now: float) -> None:
-        """Open both sockets again: libzmq gives up on a connection whose key was refused."""
-        if self.refused is None or now - self._refused_at < _REFUSED_RETRY:
+        """Open both connections again: libzmq gives up on one whose key was refused."""
+        if self.refused is None or now - self._refused_at < _REFUSED_RETRY or self.link is None:
             return
         self._refused_at = now
-        if self._discovery is not None:
-            self._discovery.close()
-        self._open_discovery()
-        if self._gateway is not None and self._gateway_endpoint is not None:
+        self.link.open(Channel.DISCOVERY, self.discovery_address, self.transport.max_message_size)
+        if self._gateway_endpoint is not None:
             self._open_gateway(self._gateway_endpoint)
 
     def _on_command(self, command: Command) -> None:
         if self.refused is not None:
             self._refuse_waiters([command.waiter])
             return
-        if command.kind == "join":
+        kind = type(command)
+        if kind is Join:
             if self.pending:
-                self._joiners.append(command)
+                self._joiners.append(command)  # type: ignore[arg-type]
             else:
                 command.waiter.set(None)
             return
-        if command.kind == "flush":
+        if kind is Flush:
             # Every id returned before flush() was called is in pending by now.
             unacked = TaskStatus.PENDING
             waiting = {t for t, entry in self.pending.items() if entry.status is unacked}
             if waiting:
-                self._flushers.append((waiting, command))
+                self._flushers.append((waiting, command))  # type: ignore[arg-type]
             else:
                 command.waiter.set(None)
             return
-        if command.kind == "cancel":
-            entry = self.pending.get(command.task_ids[0])
+        if isinstance(command, CancelTask):
+            entry = self.pending.get(command.task_id)
             if entry is not None and not entry.ever_sent:
                 # Never left this process: cancel here, it will never run.
                 self._cancel_here(entry)
@@ -477,21 +523,22 @@ class ClientCore(Actor):
                 # will run.  Until then it is not re-sent, so that an answer of
                 # "unknown" means it never will be.
                 entry.cancelling = True
-        if self._gateway is None or not self.connected.is_set():
+        if self._gateway_endpoint is None or not self.connected:
             self._park_command(command)
             return
         self._send_unsent()  # a request never overtakes a task submitted before it
         request_id = self._new_request_id()
-        if command.kind == "query":
-            message: Any = ResultQuery(request_id, command.task_ids)
-        elif command.kind == "cancel":
-            message = Cancel(request_id, command.task_ids[0])
-        elif command.kind == "stats":
+        message: Message
+        if isinstance(command, Query):
+            message = ResultQuery(request_id, command.task_ids)
+        elif isinstance(command, CancelTask):
+            message = Cancel(request_id, command.task_id)
+        elif kind is StatsRequest:
             message = StatsQuery(request_id)
-        elif command.kind == "request" and command.request is not None:
-            message = command.request(request_id)
+        elif isinstance(command, AdminRequest) and command.build is not None:
+            message = command.build(request_id)
         else:
-            raise ValueError(f"unknown client command {command.kind!r}")
+            raise TypeError(f"unknown client command {command!r}")
         self._queries[request_id] = command
         if not self._send_gateway(message):
             del self._queries[request_id]
@@ -508,9 +555,9 @@ class ClientCore(Actor):
         )
         self._finish([record], None)
 
-    def _on_cancel_reply(self, command: Command, reply: CancelReply) -> CancelReply:
+    def _on_cancel_reply(self, command: CancelTask, reply: CancelReply) -> CancelReply:
         """True only when the task will not run: cancelled there, or unknown there and held here."""
-        entry = self.pending.get(command.task_ids[0])
+        entry = self.pending.get(command.task_id)
         if entry is None or reply.cancelled:
             return reply
         entry.cancelling = False
@@ -521,19 +568,19 @@ class ClientCore(Actor):
             return CancelReply(reply.request_id, True, TaskStatus.CANCELLED.value)
         return reply
 
-    def _abandon(self, command: Command) -> None:
+    def _abandon(self, command: Command | _Sweep) -> None:
         """Nobody waits for this answer any more; a held-back task may be sent again."""
-        if command.kind != "cancel":
+        if not isinstance(command, CancelTask):
             return
-        entry = self.pending.get(command.task_ids[0])
+        entry = self.pending.get(command.task_id)
         if entry is not None and entry.cancelling:
             entry.cancelling = False
             if not entry.sent:
-                self._unsent.append(command.task_ids[0])
+                self._unsent.append(command.task_id)
 
     def _expire_commands(self) -> None:
         """Forget queries whose callers stopped waiting (timeout, cancellation, lost reply)."""
-        now = time.monotonic()
+        now = self.clock()
         for request_id, command in list(self._queries.items()):
             if command.deadline < now:
                 del self._queries[request_id]
@@ -559,12 +606,12 @@ class ClientCore(Actor):
     # -- sending ------------------------------------------------------------
 
     def _send_gateway(self, message: Any) -> bool:
-        if self._gateway is None:
+        if self._gateway_endpoint is None or self.link is None:
             return False
-        return self._gateway.try_send([encode(message)])
+        return self.link.send(Channel.GATEWAY, encode(message))
 
     def _send_unsent(self) -> None:
-        if self._gateway is None or not self.connected.is_set():
+        if self._gateway_endpoint is None or not self.connected:
             return
         unsent = self._unsent
         pending = self.pending
@@ -582,7 +629,7 @@ class ClientCore(Actor):
     def _submit(self, wires: list[Any], tries: int) -> bool:
         """Send tasks as Submits under the message limit; False (and requeued) when blocked."""
         pending = self.pending
-        now = trio.current_time()
+        now = self.clock()
         chunks = split_by_bytes(
             wires, task_weight, message_budget(self.max_message_size), self._too_large
         )
@@ -612,27 +659,27 @@ class ClientCore(Actor):
         )
 
     def _lookup(self) -> None:
-        if self._discovery is None:
+        if self.link is None:
             return
         # Discovery not reachable yet: the next tick asks again.
-        self._discovery.try_send([encode(Lookup(self._new_request_id()))])
+        self.link.send(Channel.DISCOVERY, encode(Lookup(self._new_request_id())))
 
     def _on_tick(self) -> None:
-        now = trio.current_time()
+        now = self.clock()
         self._reopen_refused(now)
-        if self.connected.is_set() and now - self._last_reply > self._heartbeat * 3:
+        if self.connected and now - self._last_reply > self._heartbeat * 3:
             log.warning("client: control plane silent for %.1f s", now - self._last_reply)
-            self.connected = trio.Event()
-            self._interval = 0.1
-        if not self.connected.is_set():
-            self._interval = min(self._interval * 2, self._heartbeat)
+            self.connected = False
+            self.interval = 0.1
+        if not self.connected:
+            self.interval = min(self.interval * 2, self._heartbeat)
         self._lookup()
         if self.inbox:
-            self._drain_inbox()  # in case a wake was lost to a full mailbox
+            self._drain_inbox()  # in case a wake was lost
         self._retry_unacked(now)
         self._expire_commands()
         self._sweep(now)
-        if self._parked and self.connected.is_set():
+        if self._parked and self.connected:
             parked, self._parked = self._parked, []
             for command in parked:
                 self._on_command(command)
@@ -640,7 +687,7 @@ class ClientCore(Actor):
 
     def _sweep(self, now: float) -> None:
         """Look up tasks acknowledged long ago whose result push never came."""
-        if not self.connected.is_set() or self._gateway is None:
+        if not self.connected or self._gateway_endpoint is None:
             return
         watch = self._watch
         pending = self.pending
@@ -655,14 +702,14 @@ class ClientCore(Actor):
             if missing:
                 stale.extend(missing)
                 watch.append((now, missing))  # look again later if still missing
-        deadline = time.monotonic() + _SWEEP_REPLY_WAIT
+        deadline = now + _SWEEP_REPLY_WAIT
         budget = message_budget(self.max_message_size)
         chunks = split_by_bytes(stale, _id_weight, budget, _not_asked)
         for ids in (
             c[i : i + MAX_QUERY_IDS] for c in chunks for i in range(0, len(c), MAX_QUERY_IDS)
         ):
             request_id = self._new_request_id()
-            self._queries[request_id] = Command("sweep", _SweepReply(self, ids), ids, deadline)
+            self._queries[request_id] = _Sweep(ids, deadline)
             if not self._send_gateway(ResultQuery(request_id, ids)):
                 del self._queries[request_id]
                 return
@@ -705,55 +752,65 @@ class ClientCore(Actor):
 
     # -- receiving ----------------------------------------------------------
 
-    def _on_frame(self, parts: list[bytes]) -> None:
-        # One message per frame; the gateway puts held acks in front of the
-        # message they ride with (protocol.md, §1): handle them in order.
-        for body in parts:
-            self._on_body(body)
-
     def _on_body(self, body: bytes) -> None:
         try:
             message = decode(body)
         except WireError as exc:
             log.warning("client ignored a bad frame from the control plane: %s", exc)
             return
-        self._last_reply = trio.current_time()
+        self._last_reply = self.clock()
         if isinstance(message, Results):
             self._on_results(message.results)
         elif isinstance(message, SubmitAck):
             self._on_ack(message)
         elif isinstance(message, LookupReply):
             self._on_lookup(message)
-        elif isinstance(message, ResultReply):
+        elif isinstance(message, ErrorReply):
+            self._on_error_reply(message)
+        elif isinstance(message, _REPLIES):
             command = self._queries.pop(message.request_id, None)
             if command is not None:
-                ids = command.task_ids
-                records = [
-                    self._reply_entry(raw, ids[i] if i < len(ids) else None)
-                    for i, raw in enumerate(message.results)
-                ]
-                command.waiter.set(records)
-        elif isinstance(message, CancelReply):
-            command = self._queries.pop(message.request_id, None)
-            if command is not None:
-                command.waiter.set(self._on_cancel_reply(command, message))
-        elif isinstance(message, _PLAIN_REPLIES):
-            command = self._queries.pop(message.request_id, None)
-            if command is not None:
-                command.waiter.set(message)
+                self._answer(command, message)
             if isinstance(message, DeadLetterRetryReply) and message.task is not None:
                 self._hold_revived(message.task)
-        elif isinstance(message, ErrorReply):
-            if message.reason == "unauthorized":
-                # Our key was removed while connected: as a refused handshake.
-                self._on_refused(message.message)
-                return
-            command = self._queries.pop(message.request_id, None)
-            error = RuntimeError(f"control plane rejected a request: {message.message}")
-            if command is not None:
-                command.waiter.set(error)
+
+    def _answer(self, command: Command | _Sweep, reply: Message) -> None:
+        """Give a reply to the command it answers, if it is the kind that command expects."""
+        if isinstance(reply, ResultReply) and isinstance(command, Query | _Sweep):
+            ids = command.task_ids
+            records = [
+                self._reply_entry(raw, ids[i] if i < len(ids) else None)
+                for i, raw in enumerate(reply.results)
+            ]
+            if isinstance(command, _Sweep):
+                self._on_sweep_reply(ids, records)
             else:
-                log.error("%s", error)
+                command.waiter.set(records)
+        elif isinstance(reply, CancelReply) and isinstance(command, CancelTask):
+            command.waiter.set(self._on_cancel_reply(command, reply))
+        elif isinstance(reply, _PLAIN_REPLIES) and isinstance(command, StatsRequest | AdminRequest):
+            command.waiter.set(reply)
+        else:
+            self._abandon(command)
+            if isinstance(command, Command):
+                command.waiter.set(
+                    RuntimeError(
+                        f"the control plane answered with a {type(reply).__name__}, "
+                        "which does not answer this request"
+                    )
+                )
+
+    def _on_error_reply(self, message: ErrorReply) -> None:
+        if message.reason == "unauthorized":
+            # Our key was removed while connected: as a refused handshake.
+            self._on_refused(message.message)
+            return
+        command = self._queries.pop(message.request_id, None)
+        error = RuntimeError(f"control plane rejected a request: {message.message}")
+        if isinstance(command, Command):
+            command.waiter.set(error)
+        else:
+            log.error("%s", error)
 
     def _hold_revived(self, wire: list[Any]) -> None:
         """A dead letter's task queued again for us: hold it like a task we submitted.
@@ -773,12 +830,12 @@ class ClientCore(Actor):
         entry.status = TaskStatus.QUEUED
         entry.sent = entry.ever_sent = entry.watched = True
         self.pending[task_id] = entry
-        self._watch.append((trio.current_time(), [task_id]))
+        self._watch.append((self.clock(), [task_id]))
 
     def _on_lookup(self, reply: LookupReply) -> None:
         self.max_message_size = reply.max_message_size
         self._heartbeat = reply.heartbeat_interval
-        self._interval = reply.heartbeat_interval
+        self.interval = reply.heartbeat_interval
         endpoint = resolve_endpoint(reply.client_endpoint, self.discovery_address)
         if reply.instance_id != self.instance_id:
             if self.instance_id is not None:
@@ -792,8 +849,7 @@ class ClientCore(Actor):
             self._resubmit_all()
         if endpoint != self._gateway_endpoint or self._gateway_limit < reply.max_message_size:
             self._open_gateway(endpoint)
-        if not self.connected.is_set():
-            self.connected.set()
+        self.connected = True
         self._send_unsent()
 
     def _resubmit_all(self) -> None:
@@ -808,27 +864,17 @@ class ClientCore(Actor):
             self._unsent.append(task_id)
         # Replies to questions asked of the old instance will never come.
         for command in self._queries.values():
-            if command.kind != "sweep":
+            if isinstance(command, Command):
                 self._parked.append(command)
         self._queries.clear()
 
     def _open_gateway(self, endpoint: str) -> None:
-        assert self._nursery is not None
-        if self._gateway is not None:
-            self._gateway.close()
+        if self.link is None:
+            return
         # Whatever the control plane sends is cut under its own limit: accept up to
         # that, or one large result would cost the connection every time it is sent.
         self._gateway_limit = max(self.transport.max_message_size, self.max_message_size)
-        self._gateway = connect_dealer(
-            self._nursery,
-            self.ref,
-            endpoint,
-            attrs.evolve(self.transport, max_message_size=self._gateway_limit),
-            identity=self.client_id.encode(),
-            when_up=lambda _: _Wake(),  # send what waited for the connection
-            keep_unread=True,  # results pushed just before the control plane exits
-            on_handshake=_Handshake,
-        )
+        self.link.open(Channel.GATEWAY, endpoint, self._gateway_limit)
         self._gateway_endpoint = endpoint
 
     def _on_ack(self, ack: SubmitAck) -> None:
@@ -842,7 +888,7 @@ class ClientCore(Actor):
                 continue
             task_id, reason, text = item
             if reason == "queue_full":
-                self._queue_full_until = time.monotonic() + _QUEUE_FULL_HOLD
+                self._queue_full_until = self.clock() + _QUEUE_FULL_HOLD
             self._fail_locally(
                 [task_id],
                 f"rejected by the control plane ({reason}): {text}",
@@ -861,7 +907,7 @@ class ClientCore(Actor):
                     entry.watched = True
                     watch.append(task_id)
         if watch:
-            self._watch.append((trio.current_time(), watch))
+            self._watch.append((self.clock(), watch))
 
     def _fail_locally(
         self, task_ids: list[str], error: str, error_type: type[Exception] | None = None

@@ -1,13 +1,13 @@
-"""Where the client's actor runs: a trio thread for asyncio callers, or the caller's trio run.
+"""Where the client's core runs: on the caller's own loop, or (rarely) a thread.
 
-* Under asyncio (``asyncio.run``, FastAPI) the actor gets a thread with its
-  own ``trio.run``; ``stop()`` asks it to hand over what is unacknowledged,
-  then to finish, and joins the thread.
-* Under trio it runs as a system task of the caller's run: no extra thread,
-  and it ends with that run at the latest.  ``stop()`` is synchronous and the
-  actor shares the caller's thread, so it cannot wait for acks there: when
-  something is unacknowledged it hands those tasks to a successor actor in a
-  thread of its own and joins that.
+* Under trio the core's actor (``_trio_binding``) is a system task of the
+  caller's run; under asyncio the core runs as callbacks on the caller's
+  loop (``_asyncio_binding``).  No extra thread, no hop per request.
+* ``stop()`` is synchronous and shares the caller's thread with the core, so
+  it cannot wait for acks there: when something is unacknowledged it hands
+  those tasks to a successor core run by a trio actor in a thread of its own
+  (``ThreadHost``) and joins that.  The same thread host serves asyncio loops
+  that cannot watch a file descriptor (Windows' proactor loop).
 
 Either way ``stop()`` blocks its caller only while the hand-over needs it:
 not at all beyond closing sockets when nothing is outstanding, and at most
@@ -25,11 +25,13 @@ from collections.abc import Callable
 import trio
 
 from ..runtime import Supervisor
-from ._core import ClientCore, Command
+from ._asyncio_binding import AsyncioBinding
+from ._core import ClientCore, Flush
 from ._errors import AuthenticationError, ClientError
+from ._trio_binding import TrioClientActor
 from ._waiters import TrioWaiter
 
-__all__ = ["ThreadHost", "TrioHost", "current_library"]
+__all__ = ["AsyncioHost", "ThreadHost", "TrioHost", "current_library"]
 
 log = logging.getLogger("fastworker.client")
 
@@ -59,8 +61,8 @@ async def _hand_over(core: ClientCore, timeout: float) -> int:
     """
     if timeout > 0 and core.failure is None and core.refused is None and core.outstanding():
         waiter = TrioWaiter()
-        core.inbox.append(Command("flush", waiter))
-        core.wake_here()
+        core.inbox.append(Flush(waiter))
+        core.wake()
         try:
             await waiter.wait(timeout)
         except AuthenticationError:
@@ -78,8 +80,22 @@ def _failed(core: ClientCore, exc: BaseException) -> None:
     core.fail_waiters(str(core.failure))
 
 
+def _stop_here(core: ClientCore, timeout: float, heir_id: str) -> int:
+    """Release the callers, close the core's sockets; hand over what is unacknowledged.
+
+    Called on the core's own thread with its loop not running the core (a
+    synchronous ``stop()``): the hand-over runs a successor in a thread.
+    """
+    core.fail_waiters(_STOPPED)
+    core.close_now(linger_ms=0)  # before the successor takes over what is unacknowledged
+    left = core.outstanding()
+    if left and timeout > 0:
+        left = ThreadHost(core.successor(heir_id, hand_over=True)).hand_over(timeout)
+    return left
+
+
 class TrioHost:
-    """Runs the actor inside the caller's trio run."""
+    """Runs the core's actor inside the caller's trio run."""
 
     def __init__(self, core: ClientCore) -> None:
         self.core = core
@@ -88,11 +104,12 @@ class TrioHost:
 
     async def start(self) -> None:
         started = trio.Event()
+        actor = TrioClientActor(self.core)
 
         async def main() -> None:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                supervisor = Supervisor("client", [self.core], max_restarts=5, within=10.0)
+                supervisor = Supervisor("client", [actor], max_restarts=5, within=10.0)
                 try:
                     async with trio.open_nursery() as nursery:
                         await nursery.start(supervisor.run)
@@ -112,22 +129,33 @@ class TrioHost:
 
     def stop(self, timeout: float, heir_id: str) -> int:
         """Hand over, close, end the actor; how many tasks were not handed over."""
-        core = self.core
-        core.fail_waiters(_STOPPED)
-        core.close_now(linger_ms=0)  # before the successor takes over what is unacknowledged
-        left = core.outstanding()
-        heir = core.successor(heir_id, hand_over=True) if left and timeout > 0 else None
         if self._scope is not None:
             self._scope.cancel()
-        if heir is not None:
-            # This thread is the caller's trio thread: the successor waits for
-            # its acks in a thread of its own, and this one blocks until then.
-            left = ThreadHost(heir).hand_over(timeout)
-        return left
+        return _stop_here(self.core, timeout, heir_id)
+
+
+class AsyncioHost:
+    """Runs the core as callbacks on the caller's asyncio loop."""
+
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+        self._binding: AsyncioBinding | None = None
+
+    async def start(self) -> None:
+        """Raises NotImplementedError on a loop that cannot watch a file descriptor."""
+        binding = AsyncioBinding(self.core, asyncio.get_running_loop())
+        binding.on_failure = lambda exc: _failed(self.core, exc)
+        self._binding = binding
+        binding.start()
+
+    def stop(self, timeout: float, heir_id: str) -> int:
+        if self._binding is not None:
+            self._binding.shutdown(0)
+        return _stop_here(self.core, timeout, heir_id)
 
 
 class ThreadHost:
-    """Runs the actor in a thread of its own with its own trio run."""
+    """Runs the core's actor in a thread of its own with its own trio run."""
 
     def __init__(self, core: ClientCore) -> None:
         self.core = core
@@ -177,7 +205,8 @@ class ThreadHost:
             self._stop = trio.Event()
             if stop_at_once:
                 self._stop.set()
-            supervisor = Supervisor("client", [self.core], max_restarts=5, within=10.0)
+            actor = TrioClientActor(self.core, cross_thread=True)
+            supervisor = Supervisor("client", [actor], max_restarts=5, within=10.0)
             async with trio.open_nursery() as nursery:
                 await nursery.start(supervisor.run)
                 signal(None)

@@ -1,7 +1,7 @@
-"""One-shot replies from the client's trio side to a caller on asyncio or trio.
+"""One-shot replies from the client's core to a caller on asyncio or trio.
 
-The client's actor runs on trio; callers may be on asyncio in another thread
-(FastAPI) or on trio in the same thread.  A waiter is how the actor hands a
+The core runs on the caller's own loop (or, for a hand-over or a loop that
+cannot watch a file descriptor, in a trio thread).  A waiter is how it hands a
 value to one awaiting caller without knowing which.
 """
 
@@ -17,7 +17,7 @@ __all__ = ["AsyncioWaiter", "TrioWaiter", "Waiter", "new_waiter"]
 
 class Waiter(Protocol):
     def set(self, value: Any) -> None:
-        """Deliver the value; called on the client's trio thread, at most once."""
+        """Deliver the value; called on the core's loop, at most once."""
 
     async def wait(self, timeout: float | None) -> tuple[bool, Any]:
         """(True, value) once set, or (False, None) after ``timeout`` seconds."""
@@ -46,6 +46,15 @@ class AsyncioWaiter:
         self._future: asyncio.Future[Any] = loop.create_future()
 
     def set(self, value: Any) -> None:
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is self._loop:
+            # The core runs on the caller's loop: no thread to cross, and no
+            # self-pipe write per reply.
+            _resolve(self._future, value)
+            return
         try:
             self._loop.call_soon_threadsafe(_resolve, self._future, value)
         except RuntimeError:

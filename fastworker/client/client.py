@@ -48,7 +48,18 @@ from ..wire import (
     task_weight,
 )
 from ._admin import dead_letter, schedule_info, schedule_wire
-from ._core import ClientCore, Command, PendingTask
+from ._core import (
+    AdminRequest,
+    CancelTask,
+    ClientCore,
+    Command,
+    Flush,
+    Join,
+    PendingTask,
+    Query,
+    StatsRequest,
+    task_wire,
+)
 from ._errors import (
     AuthenticationError,
     ClientLoopError,
@@ -58,7 +69,7 @@ from ._errors import (
     PendingLimitError,
     QueueFullError,
 )
-from ._host import ThreadHost, TrioHost, current_library
+from ._host import AsyncioHost, ThreadHost, TrioHost, current_library
 from ._ids import new_task_id
 from ._waiters import Waiter, new_waiter
 
@@ -70,7 +81,6 @@ log = logging.getLogger("fastworker.client")
 # Priority ranks by enum member and by lowercase name (TaskPriority is a StrEnum,
 # so members hash like their values): the hot path's one dict lookup.
 _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
-_EAGER_WAKE = 1024
 _NORMAL = TaskPriority.NORMAL.rank
 
 
@@ -184,12 +194,11 @@ class Client:
             result_cache_size=result_cache_size,
             transport=transport,
         )
-        self._host: TrioHost | ThreadHost | None = None
+        self._host: TrioHost | AsyncioHost | ThreadHost | None = None
         self._on_trio = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trio_token: trio.lowlevel.TrioToken | None = None
         self._stopped = False
-        self._wake_pending = False
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "started" if self._host else "new"
@@ -220,12 +229,18 @@ class Client:
         else:
             self._loop = asyncio.get_running_loop()
             self._trio_token = None
-        self._wake_pending = False
-        host = TrioHost(self._core) if self._on_trio else ThreadHost(self._core)
+        host: TrioHost | AsyncioHost | ThreadHost
+        host = TrioHost(self._core) if self._on_trio else AsyncioHost(self._core)
         self._host = host  # before awaiting: a concurrent start() finds it and returns
         self._stopped = False
         try:
-            await host.start()
+            try:
+                await host.start()
+            except NotImplementedError:
+                # An asyncio loop that cannot watch a file descriptor (Windows'
+                # proactor loop): the core runs in a thread of its own instead.
+                host = self._host = ThreadHost(self._core)
+                await host.start()
         except BaseException:
             self._host = None
             raise
@@ -252,6 +267,8 @@ class Client:
         heir_id = f"client-{secrets.token_hex(16)}"
         if isinstance(host, TrioHost):
             left = self._stop_trio_host(host, wait, heir_id)
+        elif isinstance(host, AsyncioHost):
+            left = host.stop(wait, heir_id)
         else:
             left = host.stop(wait)
         if left:
@@ -286,7 +303,7 @@ class Client:
                 "thread, not from another trio run"
             ) from None
 
-    async def _wait_for(self, kind: str, timeout: float | None) -> bool:
+    async def _wait_for(self, kind: type[Join | Flush], timeout: float | None) -> bool:
         """Wait for the actor to answer a ``flush`` or ``join``; False when ``timeout`` passed.
 
         The command carries its deadline, so the actor forgets it then either way.
@@ -295,10 +312,10 @@ class Client:
         deadline = math.inf
         if timeout is not None:
             timeout = check_seconds("timeout", timeout, positive=True)
-            deadline = time.monotonic() + timeout
+            deadline = self._core.clock() + timeout
         waiter = new_waiter(self._on_trio)
-        self._core.inbox.append(Command(kind, waiter, [], deadline))
-        self._wake_now()
+        self._core.inbox.append(kind(waiter, deadline))
+        self._core.wake()
         done, _ = await waiter.wait(timeout)
         return bool(done)
 
@@ -309,7 +326,7 @@ class Client:
         ControlPlaneUnavailableError (a TimeoutError) after ``timeout``
         seconds (default: wait as long as it takes).
         """
-        done = await self._wait_for("flush", timeout)
+        done = await self._wait_for(Flush, timeout)
         if not done:
             raise ControlPlaneUnavailableError(
                 f"{self._core.outstanding()} tasks not acknowledged by the control plane at "
@@ -426,7 +443,7 @@ class Client:
             opts = opts or {}
             opts.update(options)
         task_id = new_task_id()
-        wire = [task_id, task_name, rank, self._format_code, payload, opts]
+        wire = task_wire(task_id, task_name, rank, self._format_code, payload, opts)
         self._check_size(wire)
         return task_id, wire
 
@@ -472,35 +489,8 @@ class Client:
             pending[task_id] = PendingTask(wire, [waiter] if waiter is not None else None)
             inbox.append(task_id)
             ids.append(task_id)
-        self._wake()
-        if not self._on_trio and len(inbox) >= _EAGER_WAKE:
-            core.wake()  # see _delay_now
+        core.wake()
         return ids
-
-    def _wake(self) -> None:
-        """Get the actor to send what is queued — once per event-loop turn, not per task.
-
-        On asyncio the wake-up (a thread hop into the actor's trio thread) is
-        deferred to the end of the current loop iteration, so a burst of
-        ``delay`` calls costs one hop; profiling showed a hop per few tasks
-        as the client's largest cost.  On trio the actor is in this thread.
-        """
-        if self._on_trio:
-            self._core.wake_here()
-        elif not self._wake_pending:
-            self._wake_pending = True
-            asyncio.get_running_loop().call_soon(self._wake_from_loop)
-
-    def _wake_now(self) -> None:
-        """Wake the actor without deferring to the end of the loop turn (a caller waits)."""
-        if self._on_trio:
-            self._core.wake_here()
-        else:
-            self._core.wake()
-
-    def _wake_from_loop(self) -> None:
-        self._wake_pending = False
-        self._core.wake()
 
     async def delay(
         self,
@@ -538,18 +528,12 @@ class Client:
             return self._enqueue([self._prepare(task_name, args, kwargs, priority)])[0]
         payload = dumps(self.serialization_format, [args, kwargs])
         task_id = new_task_id()
-        wire = [task_id, task_name, rank, self._format_code, payload, None]
+        wire = task_wire(task_id, task_name, rank, self._format_code, payload, None)
         if len(payload) > self._fast_payload_limit:
             self._check_size(wire)
         pending[task_id] = PendingTask(wire)
-        inbox = core.inbox
-        inbox.append(task_id)
-        if not self._wake_pending or self._on_trio:
-            self._wake()
-        elif len(inbox) >= _EAGER_WAKE:
-            # A caller looping over delay() without yielding never gives the loop
-            # its turn: hand over every _EAGER_WAKE tasks so sending overlaps.
-            core.wake()
+        core.inbox.append(task_id)
+        core.wake()  # once per drain: a burst of delay() calls costs one wake-up
         return task_id
 
     async def delay_with_callback(
@@ -697,7 +681,7 @@ class Client:
                 # The common shape: encode directly (what _prepare does, minus options).
                 payload = dumps(fmt, [args, kwargs or {}])
                 if len(payload) <= self._fast_payload_limit:
-                    items.append(("", [None, name, _NORMAL, code, payload, None]))
+                    items.append(("", task_wire("", name, _NORMAL, code, payload, None)))
                     continue
             items.append(self._prepare(name, args, kwargs, TaskPriority.NORMAL))
         return self._enqueue(items)
@@ -738,7 +722,6 @@ class Client:
         )
         waiter = new_waiter(self._on_trio)
         task_id = self._enqueue([item], waiter)[0]
-        self._wake_now()  # the caller waits on this one: no reason to wait for the loop's turn
         done, record = await waiter.wait(wait)
         if not done:
             return TaskResult(
@@ -777,25 +760,28 @@ class Client:
         return None if entry is None else entry.status
 
     async def _command(
-        self,
-        kind: str,
-        task_ids: list[str],
-        timeout: float | None,
-        request: Callable[[int], Message] | None = None,
+        self, make: Callable[[Waiter, float], Command], timeout: float | None
     ) -> Any:
+        """Queue the command ``make(waiter, deadline)`` for the core and await its answer."""
         self._check_running()
         wait = _wait_seconds(timeout, self.timeout)
         waiter = new_waiter(self._on_trio)
-        # The actor forgets the request at its deadline, whether or not an answer came.
-        deadline = time.monotonic() + wait
-        self._core.inbox.append(Command(kind, waiter, task_ids, deadline, request))
-        self._wake_now()
+        # The core forgets the request at its deadline, whether or not an answer came.
+        deadline = self._core.clock() + wait
+        self._core.inbox.append(make(waiter, deadline))
+        self._core.wake()
         done, value = await waiter.wait(wait)
         if not done:
             raise ControlPlaneUnavailableError(
                 f"the control plane at {self.discovery_address} did not answer within {wait:g} s"
             )
         return value
+
+    async def _admin(self, build: Callable[[int], Message], timeout: float | None) -> Any:
+        """A schedules or dead-letters request: ``build(request_id)`` is its message."""
+        return await self._command(
+            lambda waiter, deadline: AdminRequest(waiter, deadline, build), timeout
+        )
 
     async def get_task_result(
         self, task_id: str, *, timeout: float | None = None
@@ -810,7 +796,9 @@ class Client:
         client's) without an answer.
         """
         _check_task_id(task_id)
-        records = await self._command("query", [task_id], timeout)
+        records = await self._command(
+            lambda waiter, deadline: Query(waiter, deadline, [task_id]), timeout
+        )
         record = records[0] if records else None
         # An expired or evicted result is "not found" to the caller, as documented.
         return None if record is None or record.is_expired else self._decode(record)
@@ -825,12 +813,14 @@ class Client:
         ControlPlaneUnavailableError when no answer comes within ``timeout``.
         """
         _check_task_id(task_id)
-        reply: CancelReply = await self._command("cancel", [task_id], timeout)
+        reply: CancelReply = await self._command(
+            lambda waiter, deadline: CancelTask(waiter, deadline, task_id), timeout
+        )
         return reply.cancelled
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The control plane's statistics (workers, queues, cache, callbacks, rejections)."""
-        reply: StatsReply = await self._command("stats", [], timeout)
+        reply: StatsReply = await self._command(StatsRequest, timeout)
         return reply.stats
 
     # -- schedules and dead letters (design/schedules.md) ---------------------
@@ -877,8 +867,8 @@ class Client:
                 f"schedule {schedule_id!r} encodes to {size} bytes, more than one message to "
                 "the control plane may carry; pass a reference to the data instead"
             )
-        reply: ScheduleReply = await self._command(
-            "request", [], timeout, lambda request_id: ScheduleAdd(request_id, wire)
+        reply: ScheduleReply = await self._admin(
+            lambda request_id: ScheduleAdd(request_id, wire), timeout
         )
         if not reply.ok:
             raise ValueError(f"the control plane refused the schedule: {reply.message}")
@@ -886,7 +876,7 @@ class Client:
 
     async def schedules(self, *, timeout: float | None = None) -> list[ScheduleInfo]:
         """Every schedule the control plane holds, by id (as many as one reply carries)."""
-        reply: ScheduleListReply = await self._command("request", [], timeout, ScheduleList)
+        reply: ScheduleListReply = await self._admin(ScheduleList, timeout)
         infos = (schedule_info(raw, self.allow_pickle) for raw in reply.schedules)
         return [info for info in infos if info is not None]
 
@@ -898,8 +888,8 @@ class Client:
         """
         if not isinstance(schedule_id, str) or not schedule_id:
             raise TypeError(f"schedule_id must be a non-empty string, got {schedule_id!r:.60}")
-        reply: ScheduleReply = await self._command(
-            "request", [], timeout, lambda request_id: ScheduleRemove(request_id, schedule_id)
+        reply: ScheduleReply = await self._admin(
+            lambda request_id: ScheduleRemove(request_id, schedule_id), timeout
         )
         return reply.ok
 
@@ -913,8 +903,8 @@ class Client:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
             raise ValueError(f"limit must be an integer from 1 to 10000, got {limit!r}")
-        reply: DeadLetterReply = await self._command(
-            "request", [], timeout, lambda request_id: DeadLetterQuery(request_id, limit)
+        reply: DeadLetterReply = await self._admin(
+            lambda request_id: DeadLetterQuery(request_id, limit), timeout
         )
         letters = (dead_letter(raw, self.allow_pickle) for raw in reply.letters)
         return [letter for letter in letters if letter is not None]
@@ -928,8 +918,8 @@ class Client:
         the control plane could not queue it (the letter stays).
         """
         _check_task_id(task_id)
-        reply: DeadLetterRetryReply = await self._command(
-            "request", [], timeout, lambda request_id: DeadLetterRetry(request_id, task_id)
+        reply: DeadLetterRetryReply = await self._admin(
+            lambda request_id: DeadLetterRetry(request_id, task_id), timeout
         )
         if not reply.requeued:
             log.info("dead letter %s not retried: %s", task_id, reply.message)
@@ -940,7 +930,7 @@ class Client:
 
         Raises TimeoutError after ``timeout`` seconds (default: wait as long as it takes).
         """
-        done = await self._wait_for("join", timeout)
+        done = await self._wait_for(Join, timeout)
         if not done:
             raise TimeoutError(
                 f"{len(self._core.pending)} tasks still unfinished after {timeout:g} s"

@@ -42,6 +42,8 @@ from fastworker.wire import Submit, SubmitAck, decode, encode
 pytestmark = [pytest.mark.multiprocess]
 
 FAST = ("--heartbeat-interval", "0.5")
+# How long the control plane stays down after its kill -9 (ticks fall meanwhile).
+OUTAGE_SECONDS = 2.5
 
 
 def _control_plane(address: str, journal: Path) -> tuple[str, ...]:
@@ -275,7 +277,7 @@ async def test_a_client_schedule_and_a_dead_letter_survive_a_kill_9_and_missed_t
         await poll(lambda: read_runs(log_dir).counts["7"] >= 2, timeout=10, what="two ticks run")
         await _kill_9(control)
         killed = time.time()
-        await trio.sleep(2.5)  # the outage itself: ticks fall while nobody can run them
+        await trio.sleep(OUTAGE_SECONDS)  # the outage itself: ticks fall while nobody can run them
         await nodes.enter_async_context(fault_node(*_control_plane(address, journal), *FAST))
         async with client_for(address) as client:
             (info,) = await client.schedules()
@@ -299,11 +301,13 @@ async def test_a_client_schedule_and_a_dead_letter_survive_a_kill_9_and_missed_t
     runs = read_runs(log_dir).counts["7"]
     gaps = [(a, b) for a, b in itertools.pairwise(found) if b - a > 1]
     print(f"\nticks with a result: {found}; killed at {killed:.2f}; runs {runs}")
-    # One run stood for the ticks that fell while the control plane was down (and while
-    # the new one started): one gap, as long as the outage.
+    # One run (the first missed tick's, run late) stood for the ticks that fell while the
+    # control plane was down and while the new one started: one gap, from a tick at most a
+    # second after the kill to the first tick after the restart.  Its length depends on
+    # where in its second the kill fell (2 or more), so it is bounded by the times.
     assert len(gaps) == 1
-    assert gaps[0][1] - gaps[0][0] >= 3
-    assert gaps[0][0] <= killed + 1 < gaps[0][1]
+    assert gaps[0][0] <= killed + 1
+    assert gaps[0][1] > killed + OUTAGE_SECONDS
     assert after["scheduler"]["schedules"]["collapsed"] == 1
     # Every run has its tick's result; a tick running at the kill may run twice.
     assert len(found) <= runs <= len(found) + 1
