@@ -1,4 +1,4 @@
-"""The Client under asyncio: its actor runs in a thread of its own, the caller on ``asyncio.run``.
+"""The Client under asyncio: its core runs on the caller's own loop, with no thread of its own.
 
 Each test is a plain function running one ``asyncio.run`` against a
 thread-backed embedded cluster on random loopback ports.  Tasks that must
@@ -109,6 +109,90 @@ def examples_cluster() -> Iterator[ClusterThread]:
 
 def test_delay_get_result_status_and_join(examples_cluster: ClusterThread) -> None:
     run_with_client(examples_cluster.discovery_address, cases.delay_get_result_status_and_join)
+
+
+def test_the_client_runs_on_the_callers_loop_with_no_thread_of_its_own(
+    examples_cluster: ClusterThread,
+) -> None:
+    """No thread is started, and replies are handled on the loop's own thread."""
+    address = examples_cluster.discovery_address
+
+    async def main() -> tuple[int, int, set[int]]:
+        before = threading.active_count()
+        async with started(address) as client:
+            during = threading.active_count()
+            handled_on: set[int] = set()
+            core = client._core
+            on_body = core._on_body
+
+            def spy(body: bytes) -> None:
+                handled_on.add(threading.get_ident())
+                on_body(body)
+
+            core._on_body = spy  # type: ignore[method-assign]
+            results = await asyncio.gather(*(client.submit_task("add", [i, 1]) for i in range(200)))
+            assert [r.result for r in results] == [i + 1 for i in range(200)]
+        return before, during, handled_on
+
+    before, during, handled_on = run(main)
+
+    assert during == before
+    assert handled_on == {threading.get_ident()}
+    assert client_threads() == []
+
+
+def test_sequential_round_trips_never_miss_a_reply(
+    examples_cluster: ClusterThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request at a time: every reply arrives on a socket the client just sent on.
+
+    A send may consume the edge of the fd that announces the reply.  With the
+    tick's safety net (a look at every socket) turned off, a client that
+    relied on the edge alone would wait forever on the first such reply.
+    """
+    from fastworker.client import _asyncio_binding
+
+    def tick_without_safety_net(self: Any) -> None:
+        self._timer = None
+        self._run(self.core.on_tick)
+        self._schedule_tick()
+
+    monkeypatch.setattr(_asyncio_binding.AsyncioBinding, "_tick", tick_without_safety_net)
+    address = examples_cluster.discovery_address
+
+    async def main() -> None:
+        async with started(address) as client:
+            for i in range(300):
+                assert (await client.submit_task("add", [i, 1], timeout=10)).result == i + 1
+                assert await client.get_task_result(f"{i:032x}", timeout=10) is None
+
+    run(main)
+
+
+def test_stop_from_another_thread_while_the_loop_runs_hands_over(
+    examples_cluster: ClusterThread,
+) -> None:
+    """``stop()`` works from anywhere: from a thread, it runs on the client's loop."""
+    address = examples_cluster.discovery_address
+
+    async def main() -> list[Any]:
+        client = Client(address)
+        await client.start()
+        ids = [await client.delay("add", i, 1) for i in range(50)]
+        await asyncio.to_thread(client.stop)  # the loop keeps running meanwhile
+        async with started(address) as other:
+            records = []
+            for task_id in ids:
+                result = None
+                while result is None:  # handed over: each runs, and its result is cached
+                    result = await other.get_task_result(task_id)
+                    if result is None:
+                        await asyncio.sleep(0.01)
+                records.append(result.result)
+            return records
+
+    assert run(main) == [i + 1 for i in range(50)]
+    assert client_threads() == []
 
 
 def test_submit_task_success_and_failure(examples_cluster: ClusterThread) -> None:

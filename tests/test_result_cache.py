@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 from fastworker import Client, Cluster, TaskStatus
+from fastworker.client._core import Query
 from fastworker.control import ControlPlaneConfig
 from fastworker.control._internal import QueryResults, StoreResults
 from fastworker.control.result_cache import ResultCache, ResultCacheConfig
@@ -292,6 +293,6 @@ async def test_a_client_query_whose_results_overflow_one_reply_gets_them_all() -
         ):
             ids = [await writer.delay("blob", 40_000) for _ in range(6)]
             await writer.join()
-            records = await reader._command("query", ids, 5)
+            records = await reader._command(lambda w, deadline: Query(w, deadline, ids), 5)
     assert [r.task_id for r in records] == ids
     assert all(r.status == "success" for r in records)

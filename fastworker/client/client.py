@@ -10,6 +10,7 @@ with it and ``_host.py`` for where the actor runs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
 import logging
 import math
@@ -82,6 +83,8 @@ log = logging.getLogger("fastworker.client")
 # so members hash like their values): the hot path's one dict lookup.
 _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
 _NORMAL = TaskPriority.NORMAL.rank
+# stop() from another thread waits this long beyond its timeout for the client's loop to run it.
+_LOOP_STOP_GRACE = 5.0
 
 
 def _env(name: str) -> str | None:
@@ -268,7 +271,7 @@ class Client:
         if isinstance(host, TrioHost):
             left = self._stop_trio_host(host, wait, heir_id)
         elif isinstance(host, AsyncioHost):
-            left = host.stop(wait, heir_id)
+            left = self._stop_asyncio_host(host, wait, heir_id)
         else:
             left = host.stop(wait)
         if left:
@@ -279,6 +282,40 @@ class Client:
                 self.discovery_address,
                 wait,
             )
+
+    def _stop_asyncio_host(self, host: AsyncioHost, wait: float, heir_id: str) -> int:
+        """The core runs on its loop's callbacks: stop it on that loop's thread.
+
+        Directly when called there, or when the loop no longer runs; from any
+        other thread through ``call_soon_threadsafe``, waiting for it.
+        """
+        loop = self._loop
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if loop is None or here is loop or loop.is_closed() or not loop.is_running():
+            return host.stop(wait, heir_id)
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def stop_there() -> None:
+            try:
+                done.set_result(host.stop(wait, heir_id))
+            except BaseException as exc:
+                done.set_exception(exc)
+
+        try:
+            loop.call_soon_threadsafe(stop_there)
+        except RuntimeError:  # closed meanwhile
+            return host.stop(wait, heir_id)
+        try:
+            return done.result(timeout=wait + _LOOP_STOP_GRACE)
+        except concurrent.futures.TimeoutError:
+            log.error(
+                "client: its event loop did not run stop() within %g s (is it blocked?)",
+                wait + _LOOP_STOP_GRACE,
+            )
+            return self._core.outstanding()
 
     def _stop_trio_host(self, host: TrioHost, wait: float, heir_id: str) -> int:
         """The trio host's actor lives in the starting run: stop it from there.
