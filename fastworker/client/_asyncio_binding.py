@@ -37,10 +37,11 @@ log = logging.getLogger("fastworker.client")
 _MAX_BATCH = 1024  # messages per wake-up before the loop gets a turn
 _RESTARTS = 5
 _RESTART_WINDOW = 10.0
-_NOBLOCK = zmq.NOBLOCK
-_POLLIN = zmq.POLLIN
-_POLLOUT = zmq.POLLOUT
-_EVENTS = zmq.EVENTS
+# Plain ints: pyzmq's enum flags cost microseconds per operation (design/performance.md).
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_EVENTS = int(zmq.EVENTS)
 
 
 class _AioSocket:
@@ -79,19 +80,24 @@ class _AioSocket:
         sock = self._sock
         if sock.closed:
             return
-        events = cast(int, sock.get(_EVENTS))
+        get = sock.get
+        events = cast(int, get(_EVENTS))
         if events & _POLLIN:
             batch: list[list[bytes]] = []
             recv = sock.recv_multipart
-            while len(batch) < _MAX_BATCH:
+            # EVENTS between receives rather than receiving until zmq.Again: a raised
+            # Again costs more than the read (design/performance.md, step 13).
+            while events & _POLLIN and len(batch) < _MAX_BATCH:
                 try:
                     batch.append(recv(_NOBLOCK))
                 except zmq.Again:
                     break
-            events = cast(int, sock.get(_EVENTS))
+                events = cast(int, get(_EVENTS))
             if events & _POLLIN:
                 self.check_soon()  # more than one batch: the loop's other work goes first
             self._on_frames(batch)
+            if sock.closed:
+                return  # the core closed it while handling the batch
         if events & _POLLOUT and self._on_up is not None:
             on_up, self._on_up = self._on_up, None
             on_up()
