@@ -27,6 +27,7 @@ from fastworker import (
 from fastworker.transport import ZSocket, open_socket
 from fastworker.wire import (
     ErrorReply,
+    ResultRecord,
     Results,
     StatsQuery,
     StatsReply,
@@ -298,7 +299,8 @@ async def test_a_held_back_ack_comes_before_any_later_reply_and_without_a_result
             [results] = await _bodies(raw, 1)
 
     assert isinstance(results, Results)
-    assert [r[0:2] for r in results.results] == [["held-1", "success"]]
+    records = [ResultRecord.from_wire(r) for r in results.results]
+    assert [(r.task_id, r.status) for r in records] == [("held-1", "success")]
 
 
 async def test_a_quick_tasks_ack_rides_just_ahead_of_its_result() -> None:
@@ -315,7 +317,8 @@ async def test_a_quick_tasks_ack_rides_just_ahead_of_its_result() -> None:
 
     assert ack == SubmitAck(7, [])
     assert isinstance(pushed, Results)
-    assert [tuple(r[0:3]) for r in pushed.results] == [("quick-1", "success", b"5")]
+    records = [ResultRecord.from_wire(r) for r in pushed.results]
+    assert [(r.task_id, r.status, r.result) for r in records] == [("quick-1", "success", b"5")]
 
 
 def _open_fds() -> int:

@@ -77,6 +77,19 @@ def test_tasks_results_and_state_come_back_in_order(tmp_path: Path) -> None:
     assert recovered.state == {"cron": {"every": [1, 2]}}
 
 
+def test_results_are_stored_in_the_full_form_that_both_protocol_versions_read(
+    tmp_path: Path,
+) -> None:
+    # A plain success goes compact on the wire (protocol 2), never in the file: a
+    # journal stays readable by the fastworker that wrote it before the upgrade.
+    store, _ = _open(tmp_path / "j.db")
+    store.write([WriteBatch([("results", [_result(1)])])])
+    store.close()
+    with sqlite3.connect(tmp_path / "j.db") as db:
+        [(blob,)] = db.execute("SELECT record FROM results").fetchall()
+    assert cbor2.loads(blob) == list(_result(1))
+
+
 def test_results_are_bounded_by_count_and_ttl(tmp_path: Path) -> None:
     store, _ = _open(tmp_path / "j.db", max_results=5)
     for n in range(20):

@@ -119,12 +119,14 @@ def test_frame_is_a_plain_cbor_array_of_version_tag_and_fields(cls: type[Message
 
 
 def test_a_frame_built_by_hand_decodes() -> None:
-    assert decode(frame(1, 1, 42)) == Lookup(request_id=42)
-    assert decode(frame(1, 13, "inst", False)) == HeartbeatAck(instance_id="inst", known=False)
+    assert decode(frame(PROTOCOL_VERSION, 1, 42)) == Lookup(request_id=42)
+    assert decode(frame(PROTOCOL_VERSION, 13, "inst", False)) == HeartbeatAck(
+        instance_id="inst", known=False
+    )
 
 
 def test_float_fields_accept_integers() -> None:
-    reply = decode(frame(1, LookupReply.TAG, 5, "i", "tcp://h:1", 3, 1 << 20))
+    reply = decode(frame(PROTOCOL_VERSION, LookupReply.TAG, 5, "i", "tcp://h:1", 3, 1 << 20))
     assert reply == LookupReply(5, "i", "tcp://h:1", 3, 1 << 20)
 
 
@@ -150,28 +152,28 @@ def test_cbor_that_is_not_a_version_tag_array_is_malformed(body: Any) -> None:
     assert reason_of(cbor2.dumps(body)) == "malformed"
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, "1", 1.0, True, None, [1], 2**70], ids=repr)
+@pytest.mark.parametrize("version", [0, 1, 3, -1, "2", 2.0, True, None, [2], 2**70], ids=repr)
 def test_wrong_version_is_rejected(version: Any) -> None:
     assert reason_of(frame(version, Lookup.TAG, 1)) == "version"
 
 
 @pytest.mark.parametrize("tag", [0, 3, 99, -1, "1", 1.0, True, None, 2**70], ids=repr)
 def test_unknown_tag_is_rejected(tag: Any) -> None:
-    assert reason_of(frame(1, tag, 1)) == "unknown_type"
+    assert reason_of(frame(PROTOCOL_VERSION, tag, 1)) == "unknown_type"
 
 
 def test_a_bignum_version_or_tag_is_still_a_wire_error() -> None:
     # repr() of an int past 4300 digits raises ValueError; it must not escape.
     huge = 10**5000
     assert reason_of(frame(huge, 1, 1)) == "version"
-    assert reason_of(frame(1, huge, 1)) == "unknown_type"
+    assert reason_of(frame(PROTOCOL_VERSION, huge, 1)) == "unknown_type"
 
 
 @pytest.mark.parametrize("cls", list(MESSAGE_TYPES.values()), ids=lambda c: c.__name__)
 def test_wrong_field_count_is_bad_fields(cls: type[Message]) -> None:
     values = [SAMPLES[types] for _, types in cls.FIELDS]
-    assert reason_of(frame(1, cls.TAG, *values[:-1])) == "bad_fields"
-    assert reason_of(frame(1, cls.TAG, *values, 0)) == "bad_fields"
+    assert reason_of(frame(PROTOCOL_VERSION, cls.TAG, *values[:-1])) == "bad_fields"
+    assert reason_of(frame(PROTOCOL_VERSION, cls.TAG, *values, 0)) == "bad_fields"
 
 
 _WRONG_CASES = [
@@ -187,14 +189,14 @@ def test_wrong_field_type_is_bad_fields(cls: type[Message], index: int, bad: Any
     values = [SAMPLES[types] for _, types in cls.FIELDS]
     values[index] = bad
     with pytest.raises(WireError) as info:
-        decode(frame(1, cls.TAG, *values))
+        decode(frame(PROTOCOL_VERSION, cls.TAG, *values))
     assert info.value.reason == "bad_fields"
     assert cls.FIELDS[index][0] in str(info.value)
 
 
 def test_bool_is_not_accepted_as_a_request_id() -> None:
     with pytest.raises(WireError, match=r"Lookup\.request_id has type bool") as info:
-        decode(frame(1, Lookup.TAG, True))
+        decode(frame(PROTOCOL_VERSION, Lookup.TAG, True))
     assert info.value.reason == "bad_fields"
 
 
@@ -207,7 +209,7 @@ def test_bool_is_not_accepted_as_a_request_id() -> None:
         b"\xbb" + b"\xff" * 8,  # map of 2**64-1 pairs
         b"\x9a\x7f\xff\xff\xff" + b"\x01" * 64,  # 2**31 items, 64 present
         b"\x5a\x7f\xff\xff\xff" + b"\x00" * 64,  # 2 GiB byte string, 64 bytes present
-        b"\x83\x01\x14\x9b" + b"\x00\x00\x00\x10\x00\x00\x00\x00",  # Submit with 2**36 tasks
+        b"\x83\x02\x14\x9b" + b"\x00\x00\x00\x10\x00\x00\x00\x00",  # Submit with 2**36 tasks
     ],
     ids=["array", "bytes", "text", "map", "array-2G", "bytes-2G", "nested"],
 )
@@ -267,7 +269,7 @@ def test_random_cbor_values_decode_to_message_or_wire_error(body: Any) -> None:
 
 @settings(max_examples=100, deadline=None, database=None)
 @given(
-    version=st.sampled_from([1, 1, 1, 0, 2, True, 1.0]),
+    version=st.sampled_from([2, 2, 2, 0, 1, 3, True, 2.0]),
     tag=st.sampled_from(sorted(MESSAGE_TYPES)) | st.integers(-2, 40),
     fields=st.lists(_cbor_values, max_size=5),
 )
@@ -434,8 +436,113 @@ def result_item(**changes: Any) -> list[Any]:
 def test_result_record_round_trips(changes: dict[str, Any]) -> None:
     item = result_item(**changes)
     record = ResultRecord.from_wire(item)
-    assert list(record.to_wire()) == item
+    assert list(record) == item
     assert ResultRecord.from_wire(cbor2.loads(cbor2.dumps(item))) == record
+    # Whatever form it takes on the wire, it comes back the same record.
+    assert ResultRecord.from_wire(cbor2.loads(cbor2.dumps(record.to_wire()))) == record
+
+
+# A success with no error, traceback or retry delay, and each way to be anything else.
+_NOT_PLAIN_SUCCESS: dict[str, dict[str, Any]] = {
+    "failure": {"status": "failure", "result": None, "error": "ValueError: x"},
+    "cancelled": {"status": "cancelled", "result": None},
+    "retrying": {"status": "retrying", "result": None, "retry_delay": 0.0},
+    "success-with-error": {"error": ""},
+    "success-with-traceback": {"traceback": ""},
+    "success-with-retry-delay": {"retry_delay": 0.0},
+}
+
+
+def test_a_plain_success_goes_on_the_wire_in_the_compact_form() -> None:
+    record = ResultRecord.from_wire(result_item())
+    form = record.to_wire()
+    assert list(form) == [
+        "task-1",
+        record.result,
+        STARTED,
+        COMPLETED,
+        1,
+        SerializationFormat.CBOR.code,
+        "add",
+    ]
+    # Also with nothing known but its id: null result and timestamps, no name.
+    bare = ResultRecord("t", "success")
+    assert list(bare.to_wire()) == ["t", None, None, None, 0, 0, ""]
+    assert ResultRecord.from_wire(list(bare.to_wire())) == bare
+
+
+@pytest.mark.parametrize("changes", _NOT_PLAIN_SUCCESS.values(), ids=_NOT_PLAIN_SUCCESS.keys())
+def test_anything_else_keeps_the_full_form(changes: dict[str, Any]) -> None:
+    # Empty texts and a zero delay count as present: the compact form must lose nothing.
+    record = ResultRecord.from_wire(result_item(**changes))
+    assert record.to_wire() is record
+    results = cbor2.loads(encode(wire.Results([record])))[2]
+    assert results == [list(record)]
+
+
+def test_messages_carry_each_record_in_its_wire_form() -> None:
+    plain = ResultRecord.from_wire(result_item())
+    failed = ResultRecord.from_wire(result_item(**_NOT_PLAIN_SUCCESS["failure"]))
+    for message in (wire.Results([plain, failed]), wire.Done([plain, failed])):
+        sent = cbor2.loads(encode(message))[2]
+        assert [len(item) for item in sent] == [7, 11]
+        back = decode(encode(message))
+        assert [ResultRecord.from_wire(item) for item in back.results] == [plain, failed]  # type: ignore[attr-defined]
+    reply = cbor2.loads(encode(wire.ResultReply(4, [plain, None, True, failed])))
+    assert reply[3] == [list(plain.to_wire()), None, True, list(failed)]
+    # An array that is not a ResultRecord is sent as it was given (tests build bad ones).
+    junk = ["t", "success", b"1", None, None, None, 1, None, 0, "n", None, "extra"]
+    assert cbor2.loads(encode(wire.Done([junk, "x"])))[2] == [junk, "x"]
+
+
+def test_the_compact_form_saves_bytes_on_a_typical_result() -> None:
+    record = ResultRecord(
+        "9f86d081884c7d659a2feaa0c55ad015",
+        "success",
+        b"5",
+        None,
+        1_700_000_000.25,
+        1_700_000_000.5,
+        1,
+        None,
+        0,
+        "add",
+        None,
+    )
+    assert (len(cbor2.dumps(record)), len(cbor2.dumps(record.to_wire()))) == (72, 61)
+
+
+def _compact(index: int, value: Any) -> list[Any]:
+    item = list(ResultRecord.from_wire(result_item()).to_wire())
+    item[index] = value
+    return item
+
+
+BAD_COMPACT_RESULTS = {
+    "too-short": _compact(0, "task-1")[:6],
+    "eight-items": [*_compact(0, "task-1"), None],
+    "tuple": tuple(_compact(0, "task-1")),
+    "empty-id": _compact(0, ""),
+    "int-id": _compact(0, 5),
+    "result-str": _compact(1, "3"),
+    "status-in-place-of-result": _compact(1, "success"),
+    "started-str": _compact(2, "2024-01-01"),
+    "started-nan": _compact(2, float("nan")),
+    "started-bool": _compact(2, True),
+    "completed-out-of-range": _compact(3, 1e300),
+    "attempts-float": _compact(4, 1.0),
+    "attempts-none": _compact(4, None),
+    "format-3": _compact(5, 3),
+    "format-bool": _compact(5, False),
+    "name-none": _compact(6, None),
+}
+
+
+@pytest.mark.parametrize("item", BAD_COMPACT_RESULTS.values(), ids=BAD_COMPACT_RESULTS.keys())
+def test_result_record_rejects_malformed_compact_items(item: Any) -> None:
+    with pytest.raises(WireError) as info:
+        ResultRecord.from_wire(item)
+    assert info.value.reason == "invalid"
 
 
 def test_result_record_field_order_is_the_documented_layout() -> None:
@@ -565,7 +672,9 @@ def _check_record(parse: Any, item: Any) -> None:
     if reason is not None:
         assert reason == "invalid"
         return
-    assert list(parsed.to_wire()) == item
+    on_the_wire = list(parsed.to_wire())
+    assert parse(on_the_wire) == parsed
+    assert (on_the_wire if len(item) == 7 else list(parsed)) == item
     if isinstance(parsed, ResultRecord):
         converted = parsed.to_task_result()  # accepted records always convert
         assert converted.task_id == item[0]
@@ -577,6 +686,14 @@ def test_result_record_with_one_random_field_is_accepted_or_invalid(index: int, 
     item = result_item()
     item[index] = value
     _check_record(ResultRecord.from_wire, item)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(index=st.integers(0, 6), value=_cbor_values)
+def test_compact_result_with_one_random_field_is_accepted_or_invalid(
+    index: int, value: Any
+) -> None:
+    _check_record(ResultRecord.from_wire, _compact(index, value))
 
 
 @settings(max_examples=100, deadline=None, database=None)

@@ -14,6 +14,7 @@ from ._records import ResultRecord as ResultRecord
 from ._records import TaskEnvelope as TaskEnvelope
 from ._records import epoch as epoch
 from ._records import from_epoch as from_epoch
+from ._records import results_to_wire as results_to_wire
 from ._split import MESSAGE_OVERHEAD as MESSAGE_OVERHEAD
 from ._split import message_budget as message_budget
 from ._split import result_chunks as result_chunks
@@ -39,6 +40,7 @@ __all__ = [
     "message_budget",
     "result_chunks",
     "result_weight",
+    "results_to_wire",
     "split_by_bytes",
     "task_weight",
     "text_bytes",

@@ -12,11 +12,13 @@ from typing import Any
 import cbor2
 
 from ._errors import WireError, preview
-from ._messages import MESSAGE_TYPES, Message
+from ._messages import MESSAGE_TYPES, Done, Message, ResultReply, Results
+from ._records import results_to_wire
 
 __all__ = ["PROTOCOL_VERSION", "decode", "encode"]
 
-PROTOCOL_VERSION = 1
+# 2: the compact ResultWire of a plain success (protocol.md §4.2).
+PROTOCOL_VERSION = 2
 
 _GETTERS = {cls: attrgetter(*(name for name, _ in cls.FIELDS)) for cls in MESSAGE_TYPES.values()}
 
@@ -37,10 +39,16 @@ _NO_REFERENCES = {
 
 
 def encode(message: Message) -> bytes:
+    """One frame; every ResultRecord inside goes in its wire form (compact when it can)."""
     cls = type(message)
     values = _GETTERS[cls](message)
     if len(cls.FIELDS) == 1:
+        if cls is Results or cls is Done:
+            return cbor2.dumps([PROTOCOL_VERSION, cls.TAG, results_to_wire(values)])
         return cbor2.dumps([PROTOCOL_VERSION, cls.TAG, values])
+    if cls is ResultReply:
+        request_id, results = values
+        return cbor2.dumps([PROTOCOL_VERSION, cls.TAG, request_id, results_to_wire(results)])
     return cbor2.dumps([PROTOCOL_VERSION, cls.TAG, *values])
 
 

@@ -14,6 +14,8 @@ hop; everything else in the project is attrs.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
@@ -28,6 +30,7 @@ __all__ = [
     "TaskEnvelope",
     "epoch",
     "from_epoch",
+    "results_to_wire",
 ]
 
 # Option keys a TaskWire may carry, with the types they accept.
@@ -147,11 +150,16 @@ class TaskEnvelope(NamedTuple):
 class ResultRecord(NamedTuple):
     """A result with its value still encoded, as the control plane stores and forwards it.
 
-    Wire form: ``[task_id, status, result, error, started_at, completed_at,
-    attempts, traceback, format, name, retry_delay]``: status is a TaskStatus
-    value, result the encoded return value or null, timestamps epoch seconds
-    (UTC) or null, retry_delay the seconds to wait before the next attempt
-    (only with status "retrying").
+    Full wire form: ``[task_id, status, result, error, started_at,
+    completed_at, attempts, traceback, format, name, retry_delay]``: status is
+    a TaskStatus value, result the encoded return value or null, timestamps
+    epoch seconds (UTC) or null, retry_delay the seconds to wait before the
+    next attempt (only with status "retrying").
+
+    Compact wire form, for a success with no error, traceback or retry delay
+    (nearly every result): ``[task_id, result, started_at, completed_at,
+    attempts, format, name]``.  It leaves out exactly the four fields such a
+    record holds as constants, so it decodes back into the same record.
     """
 
     task_id: str
@@ -166,14 +174,52 @@ class ResultRecord(NamedTuple):
     name: str = ""
     retry_delay: float | None = None
 
-    def to_wire(self) -> ResultRecord:
+    def to_wire(self) -> tuple[Any, ...]:
+        if _is_plain_success(self):
+            compact: tuple[Any, ...] = _compact(self)
+            return compact
         return self
 
     @classmethod
     def from_wire(cls, item: Any) -> ResultRecord:
-        """Validate one untrusted ResultWire; raises WireError("invalid", …)."""
-        if type(item) is not list or len(item) != 11:
-            raise WireError("invalid", "a result must be an array of 11 items")
+        """Validate one untrusted ResultWire, full or compact; raises WireError("invalid", …).
+
+        The compact form is checked first and inline: it is nearly every result.
+        """
+        if type(item) is not list:
+            raise WireError("invalid", _SHAPE)
+        size = len(item)
+        if size == 7:
+            tid, result, started, completed, attempts, fmt, name = item
+            if type(tid) is not str or not tid:
+                raise WireError("invalid", "result task id must be a non-empty string")
+            ok = (
+                (result is None or type(result) is bytes)
+                and (started is None or _epoch_ok(started))
+                and (completed is None or _epoch_ok(completed))
+                and type(attempts) is int
+                and type(fmt) is int
+                and 0 <= fmt <= 2
+                and type(name) is str
+            )
+            if not ok:
+                raise WireError("invalid", f"result {tid}: a field has the wrong type")
+            full = (
+                tid,
+                _SUCCESS,
+                result,
+                None,
+                started,
+                completed,
+                attempts,
+                None,
+                fmt,
+                name,
+                None,
+            )
+            return _new_tuple(cls, full)
+        if size != 11:
+            raise WireError("invalid", _SHAPE)
         tid, status, result, error, started, completed, attempts, tb, fmt, name, retry = item
         if type(tid) is not str or not tid:
             raise WireError("invalid", "result task id must be a non-empty string")
@@ -239,3 +285,34 @@ class ResultRecord(NamedTuple):
             attempts=self.attempts,
             traceback=self.traceback,
         )
+
+
+_SUCCESS = TaskStatus.SUCCESS.value
+# Positions the compact form keeps: all but status, error, traceback and retry_delay.
+_compact = itemgetter(0, 2, 4, 5, 6, 8, 9)
+_SHAPE = "a result must be an array of 11 items, or 7 for a plain success"
+
+
+def _is_plain_success(record: ResultRecord) -> bool:
+    return record[1] == _SUCCESS and record[3] is None and record[7] is None and record[10] is None
+
+
+def results_to_wire(items: Iterable[Any]) -> list[Any]:
+    """Each ResultRecord in ``items`` in its wire form; anything else as it is.
+
+    The one place records go compact on their way out (``encode`` calls it for
+    Done, Results and ResultReply).  The test is written out rather than
+    calling ``to_wire``: it runs once per result on every hop, and a call per
+    record would cost more than the four fields it saves cbor2.
+    """
+    compact, record_type, success = _compact, ResultRecord, _SUCCESS
+    return [
+        compact(r)
+        if type(r) is record_type
+        and r[1] == success
+        and r[3] is None
+        and r[7] is None
+        and r[10] is None
+        else r
+        for r in items
+    ]

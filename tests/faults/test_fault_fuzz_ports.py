@@ -189,7 +189,7 @@ class Fuzz:
 
     def wrong_version(self) -> list[bytes]:
         message = self.rng.choice(self.samples())
-        version = self.rng.choice([0, 2, -1, 255, 2**70, "1", 1.0, None, True, b"\x01"])
+        version = self.rng.choice([0, 1, 3, -1, 255, 2**70, "2", 2.0, None, True, b"\x02"])
         fields = list(cbor2.loads(encode(message))[2:])
         return [cbor2.dumps([version, message.TAG, *fields])]
 
@@ -237,16 +237,16 @@ class Fuzz:
         prefix = self.rng.choice(
             [
                 b"",
-                b"\x83\x01\x14",  # [1, Submit, <here>
-                b"\x84\x01\x14\x07\x81\x86\x66fuzz-0\x63add\x02\x00",  # ... a task's payload
-                b"\x83\x01\x20",  # [1, Done, <here>
+                b"\x83\x02\x14",  # [2, Submit, <here>
+                b"\x84\x02\x14\x07\x81\x86\x66fuzz-0\x63add\x02\x00",  # ... a task's payload
+                b"\x83\x02\x20",  # [2, Done, <here>
             ]
         )
         return [prefix + head + self.rng.randbytes(self.rng.randint(0, 16))]
 
     def invalid_utf8_text(self) -> list[bytes]:
         """A CBOR text string (a task name) that is not UTF-8."""
-        return [b"\x86\x01\x14\x07\x81\x86\x66fuzz-0\x63\xff\xfe\xfd"]
+        return [b"\x86\x02\x14\x07\x81\x86\x66fuzz-0\x63\xff\xfe\xfd"]
 
     def utf8_submit(self) -> list[bytes]:
         """A valid Submit whose JSON payload is not UTF-8: accepted, fails on the worker."""
