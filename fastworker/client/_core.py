@@ -811,6 +811,12 @@ class ClientCore:
             command.waiter.set(error)
         else:
             log.error("%s", error)
+        if message.reason == "version":
+            # Another protocol version (protocol.md §8): calls parked for a connection
+            # that cannot come fail now, naming both versions, not at their timeout.
+            parked, self._parked = self._parked, []
+            for waiting in parked:
+                waiting.waiter.set(error)
 
     def _hold_revived(self, wire: list[Any]) -> None:
         """A dead letter's task queued again for us: hold it like a task we submitted.

@@ -36,6 +36,7 @@ from ..wire import (
     WireError,
     decode,
     encode,
+    error_reply,
 )
 from ._internal import DeclaredSchedules, EvictRevoked, EvictWorker, WorkerJoined, WorkerLost
 from ._register_checks import (
@@ -45,6 +46,7 @@ from ._register_checks import (
     bad_worker_id,
     names_cost,
 )
+from ._version_log import VersionLog
 
 __all__ = ["Discovery", "DiscoveryConfig"]
 
@@ -103,6 +105,7 @@ class Discovery(Actor):
         self._members: dict[str, _Member] = {}
         self._names_cost = 0  # over all members
         self._rejected: Counter[str] = Counter()
+        self._versions = VersionLog(log, "discovery")
         self._lost = 0
         # Membership news the Scheduler's full mailbox could not take yet, per
         # worker id, compacted (see _tell_scheduler): at most three per id.
@@ -175,7 +178,8 @@ class Discovery(Actor):
             message = decode(body)
         except WireError as exc:
             self._rejected[exc.reason] += 1
-            self._reply(identity, encode(ErrorReply(0, exc.reason, str(exc))))
+            self._versions.note(exc)
+            self._reply(identity, error_reply(exc))
             return
         now = trio.current_time()
         if isinstance(message, Lookup):

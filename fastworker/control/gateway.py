@@ -34,7 +34,6 @@ from ..wire import (
     Cancel,
     DeadLetterQuery,
     DeadLetterRetry,
-    ErrorReply,
     ResultQuery,
     ScheduleAdd,
     ScheduleList,
@@ -45,6 +44,7 @@ from ..wire import (
     WireError,
     decode,
     encode,
+    error_reply,
     message_budget,
 )
 from ._internal import (
@@ -55,6 +55,7 @@ from ._internal import (
     Outgoing,
     QueryResults,
 )
+from ._version_log import VersionLog
 
 __all__ = ["Gateway"]
 
@@ -102,6 +103,7 @@ class Gateway(Actor):
         self._sock: ZSocket | None = None
         self._nursery: trio.Nursery | None = None
         self._rejected: Counter[str] = Counter()
+        self._versions = VersionLog(log, "gateway")
         self._dropped = 0
         self._stats_queries = 0
         self._held_acks: dict[bytes, list[bytes]] = {}  # identity -> SubmitAck bodies
@@ -178,7 +180,8 @@ class Gateway(Actor):
 
     def _error(self, identity: bytes, request_id: int, exc: WireError) -> None:
         self._rejected[exc.reason] += 1
-        self._send([[identity, encode(ErrorReply(request_id, exc.reason, str(exc)))]])
+        self._versions.note(exc)
+        self._send([[identity, error_reply(exc, request_id)]])
 
     def _on_frames(self, frames: list[list[bytes]]) -> None:
         submits: list[tuple[bytes, int, list[Any]]] = []

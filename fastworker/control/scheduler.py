@@ -68,6 +68,7 @@ from ..wire import (
     WireError,
     decode,
     encode,
+    error_reply,
     message_budget,
     result_chunks,
     split_by_bytes,
@@ -97,6 +98,7 @@ from ._requests import answer
 from ._schedules import Schedules, SchedulesConfig, ScheduleSpec
 from ._task_metrics import TaskMetrics
 from ._taskbook import Effects, TaskBook, TaskBookConfig, default_max_queued_bytes
+from ._version_log import VersionLog
 from .journal import JournalError, JournalQueue, Recovered
 
 __all__ = ["Scheduler", "SchedulerConfig"]
@@ -181,6 +183,7 @@ class Scheduler(Actor):
         self.endpoint: str | None = None
         self._dropped: Counter[str] = Counter()
         self._internal_errors = 0
+        self._versions = VersionLog(log, "scheduler")
 
     # -- life cycle ---------------------------------------------------------
 
@@ -505,6 +508,11 @@ class Scheduler(Actor):
                 message = decode(body)
             except WireError as exc:
                 book.rejected[exc.reason] += 1
+                if exc.reason == "version" and self._sock is not None:
+                    # The one refusal answered here: a worker of another version
+                    # cannot find out otherwise why it is never sent work.
+                    self._versions.note(exc)
+                    self._sock.try_send([identity, error_reply(exc)])
                 continue
             if isinstance(message, Done):
                 for raw in message.results:

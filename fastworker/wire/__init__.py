@@ -1,8 +1,10 @@
 """The wire protocol: message records, the CBOR codec and its one error type."""
 
 from ._codec import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._codec import VersionError as VersionError
 from ._codec import decode as decode
 from ._codec import encode as encode
+from ._codec import error_reply as error_reply
 from ._errors import WIRE_ERROR_REASONS as WIRE_ERROR_REASONS
 from ._errors import WireError as WireError
 from ._messages import *  # noqa: F403  (the message classes; listed in _messages.__all__)
@@ -32,10 +34,12 @@ __all__ = [
     "WIRE_ERROR_REASONS",
     "ResultRecord",
     "TaskEnvelope",
+    "VersionError",
     "WireError",
     "decode",
     "encode",
     "epoch",
+    "error_reply",
     "from_epoch",
     "message_budget",
     "result_chunks",
