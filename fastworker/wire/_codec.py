@@ -84,9 +84,11 @@ def error_reply(exc: WireError, request_id: int = 0) -> bytes:
     its request id when it had one: ErrorReply's shape is the same in every
     version, so the sender's own decoder reads it.
     """
-    if isinstance(exc, VersionError) and exc.peer_version is not None:
-        reply = [exc.peer_version, ErrorReply.TAG, exc.request_id, exc.reason, str(exc)]
-        return cbor2.dumps(reply)
+    if isinstance(exc, VersionError):
+        request_id = exc.request_id
+        if exc.peer_version is not None:
+            reply = [exc.peer_version, ErrorReply.TAG, request_id, exc.reason, str(exc)]
+            return cbor2.dumps(reply)
     return encode(ErrorReply(request_id, exc.reason, str(exc)))
 
 
