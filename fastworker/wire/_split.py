@@ -70,7 +70,11 @@ def task_weight(task: Sequence[Any]) -> int:
 
 
 def result_weight(result: Sequence[Any]) -> int:
-    """Upper bound of a ResultWire's CBOR size (11 fields: id, status, result, error, ...)."""
+    """Upper bound of a ResultWire's CBOR size in either form: the 11 fields of the full one.
+
+    The compact form of a plain success (protocol.md §4.2) is those fields minus four, so
+    one weight bounds both and a chunk never depends on the form its records take.
+    """
     return (
         12 * _HEAD
         + text_bytes(result[0])
