@@ -1,10 +1,11 @@
-"""The compact success record must not cost more per record than the full form it replaced.
+"""What the compact success record costs per record against the full form it replaced.
 
-A micro-benchmark, so it runs only under ``-m soak`` (timings on a shared
-machine are noisy): 10 000 success records, encoded in one Results message
-and decoded back through ``from_wire``, in the compact form that ``encode``
-writes and in the 11-item form every record took in protocol version 1.
-``python tests/test_wire_records_speed.py`` prints the figures.
+A micro-benchmark, not a test (benchmarks are never asserted): 10 000
+success records, encoded in one Results message and decoded back through
+``from_wire``, in the compact form that ``encode`` writes and in the 11-item
+form every record took in protocol version 1.
+``python -m fastworker.bench._records_micro`` prints the figures
+(design/performance.md has the ones measured).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from collections.abc import Callable
 from typing import Any
 
 import cbor2
-import pytest
 
 from fastworker.wire import ResultRecord, Results, decode, encode
 
@@ -70,15 +70,6 @@ def measure() -> dict[str, float]:
     figures["full bytes"] = len(full) / RECORDS
     figures["compact bytes"] = len(compact) / RECORDS
     return figures
-
-
-@pytest.mark.soak
-@pytest.mark.timeout(120)
-def test_compact_records_cost_no_more_than_full_ones() -> None:
-    f = measure()
-    # 5 % for the noise of a shared machine, on the round trip every result makes.
-    assert f["compact encode"] + f["compact decode"] <= 1.05 * (f["full encode"] + f["full decode"])
-    assert f["compact bytes"] < f["full bytes"]
 
 
 if __name__ == "__main__":
