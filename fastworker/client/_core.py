@@ -455,6 +455,7 @@ class ClientCore:
                     self._unsent.append(item)
                     if self.refused is not None and entry.waiters:
                         self._refuse_waiters(entry.waiters)
+                        entry.waiters = None  # answered: its result, if it comes, wakes nobody
             else:
                 self._on_command(item)
 
@@ -466,8 +467,13 @@ class ClientCore:
         self.refused = problem
         self._refused_at = self.clock()
         # Everybody waiting learns it now, not at their timeout.  The tasks
-        # stay: they go out if the key is accepted later (see _on_tick).
-        waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
+        # stay: they go out if the key is accepted later (see _on_tick); their
+        # waiters are answered, so a result arriving then sets none a second time.
+        waiters: list[Waiter] = []
+        for entry in list(self.pending.values()):
+            if entry.waiters:
+                waiters += entry.waiters
+                entry.waiters = None
         waiters += [command.waiter for command in self._joiners]
         waiters += [command.waiter for _, command in self._flushers]
         waiters += [command.waiter for command in self._parked]
@@ -811,6 +817,12 @@ class ClientCore:
             command.waiter.set(error)
         else:
             log.error("%s", error)
+        if message.reason == "version":
+            # Another protocol version (protocol.md §8): calls parked for a connection
+            # that cannot come fail now, naming both versions, not at their timeout.
+            parked, self._parked = self._parked, []
+            for waiting in parked:
+                waiting.waiter.set(error)
 
     def _hold_revived(self, wire: list[Any]) -> None:
         """A dead letter's task queued again for us: hold it like a task we submitted.
