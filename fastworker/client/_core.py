@@ -394,11 +394,13 @@ class ClientCore:
         self._flushers = []
         for entry in list(self.pending.values()):
             entry.waiters = None  # released here; a result after a restart wakes nobody
-        waiters += [command.waiter for command in self._parked]
-        waiters += [c.waiter for c in self._queries.values() if isinstance(c, Command)]
+        dropped = [*self._parked, *(c for c in self._queries.values() if isinstance(c, Command))]
+        waiters += [command.waiter for command in dropped]
         waiters += [item.waiter for item in list(self.inbox) if isinstance(item, Command)]
         self._joiners, self._parked = [], []
         self._queries.clear()
+        for command in dropped:
+            self._abandon(command)  # a task held back for a Cancel goes to the successor
         for waiter in waiters:
             waiter.set(ClientStoppedError(message))
 
@@ -455,6 +457,7 @@ class ClientCore:
                     self._unsent.append(item)
                     if self.refused is not None and entry.waiters:
                         self._refuse_waiters(entry.waiters)
+                        entry.waiters = None  # answered: its result, if it comes, wakes nobody
             else:
                 self._on_command(item)
 
@@ -466,14 +469,21 @@ class ClientCore:
         self.refused = problem
         self._refused_at = self.clock()
         # Everybody waiting learns it now, not at their timeout.  The tasks
-        # stay: they go out if the key is accepted later (see _on_tick).
-        waiters = [w for entry in list(self.pending.values()) for w in entry.waiters or ()]
+        # stay: they go out if the key is accepted later (see _on_tick); their
+        # waiters are answered, so a result arriving then sets none a second time.
+        waiters: list[Waiter] = []
+        for entry in list(self.pending.values()):
+            if entry.waiters:
+                waiters += entry.waiters
+                entry.waiters = None
         waiters += [command.waiter for command in self._joiners]
         waiters += [command.waiter for _, command in self._flushers]
-        waiters += [command.waiter for command in self._parked]
-        waiters += [c.waiter for c in self._queries.values() if isinstance(c, Command)]
+        dropped = [*self._parked, *(c for c in self._queries.values() if isinstance(c, Command))]
+        waiters += [command.waiter for command in dropped]
         self._joiners, self._flushers, self._parked = [], [], []
         self._queries = {k: c for k, c in self._queries.items() if isinstance(c, _Sweep)}
+        for command in dropped:
+            self._abandon(command)  # a task held back for a Cancel is sent again
         self._refuse_waiters(waiters)
 
     def _refuse_waiters(self, waiters: list[Waiter]) -> None:
@@ -558,25 +568,41 @@ class ClientCore:
     def _on_cancel_reply(self, command: CancelTask, reply: CancelReply) -> CancelReply:
         """True only when the task will not run: cancelled there, or unknown there and held here."""
         entry = self.pending.get(command.task_id)
-        if entry is None or reply.cancelled:
+        if entry is None:
             return reply
-        entry.cancelling = False
-        if reply.status == "unknown":
-            # The control plane never got it (or lost it), and it was not re-sent
-            # since the Cancel went out: it will not run unless we send it.
+        if reply.cancelled:
+            # Finished there as CANCELLED.  The push saying so went first but
+            # may have been lost (a reconnect); nothing would ask for it again.
+            self._cancel_here(entry)
+            return reply
+        if reply.status == "unknown" and entry.cancelling:
+            # The control plane never got it (or lost it), and it was held back
+            # since this Cancel went out: it will not run unless we send it.
             self._cancel_here(entry)
             return CancelReply(reply.request_id, True, TaskStatus.CANCELLED.value)
+        self._release(command.task_id)
         return reply
 
     def _abandon(self, command: Command | _Sweep) -> None:
         """Nobody waits for this answer any more; a held-back task may be sent again."""
-        if not isinstance(command, CancelTask):
+        if isinstance(command, CancelTask):
+            self._release(command.task_id)
+
+    def _release(self, task_id: str) -> None:
+        """A Cancel of this task was answered or forgotten: send the task again if need be.
+
+        Not while another Cancel of it is out: that one's "unknown" means "will
+        not run" only if the task stayed held back since it left.
+        """
+        entry = self.pending.get(task_id)
+        if entry is None or not entry.cancelling:
             return
-        entry = self.pending.get(command.task_id)
-        if entry is not None and entry.cancelling:
-            entry.cancelling = False
-            if not entry.sent:
-                self._unsent.append(command.task_id)
+        for other in (*self._queries.values(), *self._parked):
+            if isinstance(other, CancelTask) and other.task_id == task_id:
+                return
+        entry.cancelling = False
+        if not entry.sent:
+            self._unsent.append(task_id)
 
     def _expire_commands(self) -> None:
         """Forget queries whose callers stopped waiting (timeout, cancellation, lost reply)."""
@@ -590,13 +616,10 @@ class ClientCore:
         if self._flushers:
             self._flushers = [f for f in self._flushers if f[1].deadline >= now]
         if self._parked:
-            live = []
-            for command in self._parked:
-                if command.deadline < now:
-                    self._abandon(command)
-                else:
-                    live.append(command)
-            self._parked = live
+            expired = [c for c in self._parked if c.deadline < now]
+            self._parked = [c for c in self._parked if c.deadline >= now]
+            for command in expired:
+                self._abandon(command)
 
     def _new_request_id(self) -> int:
         request_id = self._next_request
@@ -808,6 +831,7 @@ class ClientCore:
         command = self._queries.pop(message.request_id, None)
         error = RuntimeError(f"control plane rejected a request: {message.message}")
         if isinstance(command, Command):
+            self._abandon(command)
             command.waiter.set(error)
         else:
             log.error("%s", error)
