@@ -192,7 +192,11 @@ def connect_dealer(
             functools.partial(on_handshake, sock),
             transport.curve is not None,
         )
-    sock.connect(endpoint)
+    try:
+        sock.connect(endpoint)
+    except BaseException:
+        sock.close()  # its handshake watcher, if any, ends with it
+        raise
     nursery.start_soon(pump_socket, sock, owner)
     if when_up is not None:
         nursery.start_soon(_tell_when_writable, sock, owner, when_up)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -405,9 +406,13 @@ def test_calls_from_another_loop_raise_before_anything_is_queued(loop: str, othe
 
 @pytest.mark.parametrize("loop", LOOPS)
 def test_stop_from_outside_after_the_starting_run_ended_still_hands_over(loop: str) -> None:
-    """A script that forgot stop() inside its run can still call it afterwards, from plain code."""
+    """A script that forgot stop() inside its run can still call it afterwards, from plain code.
+
+    The run's end tried to hand over already (for the client's 1 s timeout,
+    with no control plane yet); the later stop() tries again and succeeds.
+    """
     with control_plane("embedded") as late:
-        client = Client(late.address)
+        client = Client(late.address, timeout=1)
 
         async def main() -> list[str]:
             await client.start()
@@ -423,3 +428,81 @@ def test_stop_from_outside_after_the_starting_run_ended_still_hands_over(loop: s
     assert not stopper.is_alive()
     assert [results[i].result for i in ids] == [i + 3 for i in range(10)]
     assert client_threads() == []
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_loop_that_ends_without_stop_hands_over_what_it_was_given(loop: str) -> None:
+    """A script that never calls stop(): the ids it got still run, and the next run
+    of either library can start the client again (or stop it: nothing left to do)."""
+    with control_plane("embedded") as up:
+        up.start_now()
+        client = Client(up.address)
+
+        async def forgetful() -> list[str]:
+            await client.start()
+            return [await client.delay("add", i, 3) for i in range(20)]  # and no stop()
+
+        ids = run_on(loop, forgetful)
+        results = read_results(up.address, ids)
+
+        async def again() -> int:
+            await client.start()  # the ended run's client is not "started elsewhere"
+            return (await client.submit_task("add", (1, 1))).result
+
+        assert run_on(loop, again) == 2
+        client.stop()
+        client.stop()  # again: nothing left
+
+    assert [results[i].result for i in ids] == [i + 3 for i in range(20)]
+    assert client_threads() == []
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_stop_from_a_thread_returns_near_its_timeout_while_the_loop_is_blocked(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """stop(timeout) from another thread waits for the client's loop only that long; the
+    loop, once free again, stops the client itself and hands over what it holds."""
+    with control_plane("embedded") as up:
+        up.start_now()
+        client = Client(up.address)
+        elapsed: list[float] = []
+
+        def stop_from_thread() -> None:
+            began = time.monotonic()
+            client.stop(timeout=0.5)
+            elapsed.append(time.monotonic() - began)
+
+        async def main() -> str:
+            await client.start()
+            task_id = await client.delay("add", 4, 3)
+            stopper = threading.Thread(target=stop_from_thread)
+            stopper.start()
+            time.sleep(2.5)  # noqa: ASYNC251 -- the loop is blocked: the point of this test
+            stopper.join(10)
+            await sleep_on(loop, 0)  # the loop runs the stop it was asked for
+            return task_id
+
+        task_id = run_on(loop, main)
+        results = read_results(up.address, [task_id])
+
+    assert elapsed
+    assert elapsed[0] < 1.5
+    assert "did not finish stop()" in caplog.text
+    assert results[task_id].result == 7
+
+
+def test_constructor_settings_the_client_could_not_work_with_are_refused() -> None:
+    bad: list[tuple[dict[str, Any], type[Exception], str]] = [
+        ({"result_cache_size": -1}, ValueError, "result_cache_size must be at least 1"),
+        ({"result_cache_size": 0}, ValueError, "result_cache_size must be at least 1"),
+        ({"ack_timeout": 0}, ValueError, "ack_timeout must be > 0"),
+        ({"ack_timeout": math.nan}, ValueError, "ack_timeout must be > 0"),
+        ({"retries": 2.5}, TypeError, "retries must be an integer"),
+        ({"max_message_size": 0}, ValueError, "max_message_size must be at least 4096"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number of seconds"),
+        ({"discovery_address": "tcp://127.0.0.1"}, ValueError, "tcp://HOST:PORT"),
+    ]
+    for options, error, message in bad:
+        with pytest.raises(error, match=message):
+            Client(**options)

@@ -224,7 +224,7 @@ def test_environment_fills_unpassed_parameters(monkeypatch: pytest.MonkeyPatch) 
         ("FASTWORKER_TIMEOUT", "soon", "FASTWORKER_TIMEOUT='soon' is not a valid float"),
         ("FASTWORKER_RETRIES", "2.5", "FASTWORKER_RETRIES='2.5' is not a valid int"),
         ("FASTWORKER_TIMEOUT", "0", "timeout must be > 0"),
-        ("FASTWORKER_RETRIES", "-1", "retries >= 0"),
+        ("FASTWORKER_RETRIES", "-1", "retries must be at least 0"),
         ("FASTWORKER_SERIALIZATION_FORMAT", "xml", "unknown serialization format 'xml'"),
     ],
 )

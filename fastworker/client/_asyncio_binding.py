@@ -225,7 +225,11 @@ class AsyncioBinding:
                 monitor,
                 lambda frames: self._on_handshakes(channel, sock, judge, frames),
             )
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except BaseException:
+            self._close_channel(channel, 0)
+            raise
 
     def _on_handshakes(
         self,

@@ -111,6 +111,13 @@ _SWEEP_REPLY_WAIT = 30.0
 # for this long; then the next one goes out and the control plane decides again.
 # Without the expiry nothing would ever be sent again to clear the flag.
 _QUEUE_FULL_HOLD = 1.0
+# Bounds of the heartbeat interval a LookupReply may set (the tick follows it).
+_MIN_INTERVAL = 0.05
+_MAX_INTERVAL = 60.0
+# The control plane's message limit as a LookupReply may set it (MAXMSGSIZE is an int64,
+# but a limit past 2³¹ − 1 buys nothing and one below a few KiB carries no task).
+_MIN_MESSAGE_SIZE = 4096
+_MAX_MESSAGE_SIZE = 2**31 - 1
 # libzmq does not reconnect after a server refused our key; we open the
 # sockets again this often, so a key added back on the server works again.
 _REFUSED_RETRY = 2.0
@@ -757,11 +764,7 @@ class ClientCore:
             del self._requests[request_id]
             live = [t for t in request.task_ids if t in self.pending]
             if request.tries > self.retries:
-                self._fail_locally(
-                    live,
-                    f"the control plane did not acknowledge the submission after "
-                    f"{request.tries} attempts",
-                )
+                self._hold_for_next_connection(live, request.tries)
                 continue
             wires = []
             for task_id in live:
@@ -772,6 +775,33 @@ class ClientCore:
                     wires.append(entry.wire)
             if wires:
                 self._submit(wires, request.tries + 1)
+
+    def _hold_for_next_connection(self, task_ids: list[str], tries: int) -> None:
+        """``retries`` re-sends went unacknowledged: the control plane is gone or frozen.
+
+        An id the caller holds is a promise that the task runs, so nothing is
+        failed here: the tasks wait for the next connection (a LookupReply
+        sends them again; the control plane deduplicates any it already
+        holds), and the client looks Discovery up at once rather than waiting
+        for three silent heartbeats.
+        """
+        held = 0
+        for task_id in task_ids:
+            entry = self.pending[task_id]
+            if entry.sent:
+                entry.sent = False
+                if not entry.cancelling:
+                    self._unsent.append(task_id)
+                held += 1
+        if self.connected:
+            log.warning(
+                "client: %d tasks unacknowledged after %d attempts; holding them until the "
+                "control plane answers again",
+                held,
+                tries,
+            )
+            self.connected = False
+            self.interval = 0.1
 
     # -- receiving ----------------------------------------------------------
 
@@ -840,6 +870,7 @@ class ClientCore:
             # that cannot come fail now, naming both versions, not at their timeout.
             parked, self._parked = self._parked, []
             for waiting in parked:
+                self._abandon(waiting)
                 waiting.waiter.set(error)
 
     def _hold_revived(self, wire: list[Any]) -> None:
@@ -863,10 +894,19 @@ class ClientCore:
         self._watch.append((self.clock(), [task_id]))
 
     def _on_lookup(self, reply: LookupReply) -> None:
-        self.max_message_size = reply.max_message_size
-        self._heartbeat = reply.heartbeat_interval
-        self.interval = reply.heartbeat_interval
+        # Untrusted values, clamped where they are used: a heartbeat of 0 would
+        # spin the tick, a limit past 2³¹ − 1 cannot be set on a socket.
+        heartbeat = reply.heartbeat_interval
+        if not _MIN_INTERVAL <= heartbeat <= _MAX_INTERVAL:  # NaN included
+            heartbeat = _MAX_INTERVAL if heartbeat > _MAX_INTERVAL else _MIN_INTERVAL
+        limit = min(max(reply.max_message_size, _MIN_MESSAGE_SIZE), _MAX_MESSAGE_SIZE)
         endpoint = resolve_endpoint(reply.client_endpoint, self.discovery_address)
+        if not endpoint.startswith(("tcp://", "ipc://")):
+            log.warning("client ignored a LookupReply naming the endpoint %.80r", endpoint)
+            return
+        self.max_message_size = limit
+        self._heartbeat = heartbeat
+        self.interval = heartbeat
         if reply.instance_id != self.instance_id:
             if self.instance_id is not None:
                 log.warning(
@@ -877,8 +917,13 @@ class ClientCore:
                 )
             self.instance_id = reply.instance_id
             self._resubmit_all()
-        if endpoint != self._gateway_endpoint or self._gateway_limit < reply.max_message_size:
-            self._open_gateway(endpoint)
+        if endpoint != self._gateway_endpoint or self._gateway_limit < limit:
+            try:
+                self._open_gateway(endpoint)
+            except Exception as exc:  # libzmq refused the endpoint Discovery named
+                log.warning("client cannot connect to %.80r from Discovery: %s", endpoint, exc)
+                self._gateway_endpoint = None
+                return
         self.connected = True
         self._send_unsent()
 

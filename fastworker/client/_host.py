@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 
@@ -94,33 +95,68 @@ def _stop_here(core: ClientCore, timeout: float, heir_id: str) -> int:
     return left
 
 
+def _hand_over_at_loop_end(core: ClientCore, timeout: float, where: str) -> None:
+    """The caller's loop ended without ``stop()``: stop here, so that no id is a broken promise.
+
+    What the control plane has not acknowledged is handed over as ``stop()``
+    would (blocking the loop's last moments at most ``timeout`` s), and the
+    sockets are closed rather than left to the garbage collector.
+    """
+    outstanding = core.outstanding()
+    if outstanding:
+        log.warning(
+            "client: %s ended without client.stop(); handing over %d tasks now", where, outstanding
+        )
+    left = _stop_here(core, timeout, f"client-{secrets.token_hex(16)}")
+    if left:
+        log.error(
+            "client stopped at the end of its %s with %d tasks not handed over to the control "
+            "plane within %g s: they did not run; client.stop() or start() again sends them",
+            where,
+            left,
+            timeout,
+        )
+
+
 class TrioHost:
     """Runs the core's actor inside the caller's trio run."""
 
-    def __init__(self, core: ClientCore) -> None:
+    def __init__(self, core: ClientCore, end_timeout: float) -> None:
         self.core = core
+        self._end_timeout = end_timeout  # for the hand-over when the run ends first
         self._scope: trio.CancelScope | None = None
+        self._stopping = False
         self.done = trio.Event()  # the actor's system task has ended
+
+    @property
+    def ended(self) -> bool:
+        """The run ended (or the client was stopped): nothing is left to stop."""
+        return self.done.is_set()
 
     async def start(self) -> None:
         started = trio.Event()
         actor = TrioClientActor(self.core)
 
         async def main() -> None:
-            with trio.CancelScope() as scope:
-                self._scope = scope
-                supervisor = Supervisor("client", [actor], max_restarts=5, within=10.0)
-                try:
-                    async with trio.open_nursery() as nursery:
-                        await nursery.start(supervisor.run)
-                        started.set()
-                except Exception as exc:
-                    # A system task must not raise: that would crash the caller's
-                    # whole trio run.  The client fails instead, loudly and for good.
-                    _failed(self.core, exc)
-                finally:
-                    started.set()
-                    self.done.set()
+            try:
+                with trio.CancelScope() as scope:
+                    self._scope = scope
+                    supervisor = Supervisor("client", [actor], max_restarts=5, within=10.0)
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(supervisor.run)
+                            started.set()
+                    except Exception as exc:
+                        # A system task must not raise: that would crash the caller's
+                        # whole trio run.  The client fails instead, loudly and for good.
+                        _failed(self.core, exc)
+            finally:
+                started.set()
+                if not self._stopping and self.core.failure is None:
+                    # Cancelled without stop(): the run is ending (system tasks are
+                    # cancelled when its main task returns).
+                    _hand_over_at_loop_end(self.core, self._end_timeout, "trio run")
+                self.done.set()
 
         trio.lowlevel.spawn_system_task(main)
         await started.wait()
@@ -129,33 +165,63 @@ class TrioHost:
 
     def stop(self, timeout: float, heir_id: str) -> int:
         """Hand over, close, end the actor; how many tasks were not handed over."""
+        self._stopping = True
         if self._scope is not None:
             self._scope.cancel()
         return _stop_here(self.core, timeout, heir_id)
 
 
 class AsyncioHost:
-    """Runs the core as callbacks on the caller's asyncio loop."""
+    """Runs the core as callbacks on the caller's asyncio loop.
 
-    def __init__(self, core: ClientCore) -> None:
+    A sentinel task stands for the client on the loop: ``asyncio.run``
+    cancels it when its main coroutine returns, and a client not stopped by
+    then hands over and closes there (``_hand_over_at_loop_end``).
+    """
+
+    def __init__(self, core: ClientCore, end_timeout: float) -> None:
         self.core = core
+        self._end_timeout = end_timeout
         self._binding: AsyncioBinding | None = None
+        self._sentinel: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.ended = False
 
     async def start(self) -> None:
         """Raises NotImplementedError on a loop that cannot watch a file descriptor."""
-        binding = AsyncioBinding(self.core, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        binding = AsyncioBinding(self.core, loop)
         binding.on_failure = lambda exc: _failed(self.core, exc)
         self._binding = binding
         binding.start()
+        self._sentinel = loop.create_task(self._stand(), name="fastworker-client")
 
-    def stop(self, timeout: float, heir_id: str) -> int:
+    async def _stand(self) -> None:
+        try:
+            await asyncio.get_running_loop().create_future()
+        except asyncio.CancelledError:
+            if not self._stopping:
+                self._stop_binding()
+                _hand_over_at_loop_end(self.core, self._end_timeout, "event loop")
+            raise
+
+    def _stop_binding(self) -> None:
+        self.ended = True
         if self._binding is not None:
             self._binding.shutdown(0)
+
+    def stop(self, timeout: float, heir_id: str) -> int:
+        self._stopping = True
+        if self._sentinel is not None:
+            self._sentinel.cancel()
+        self._stop_binding()
         return _stop_here(self.core, timeout, heir_id)
 
 
 class ThreadHost:
     """Runs the core's actor in a thread of its own with its own trio run."""
+
+    ended = False  # the thread outlives its caller's loop: it is always stopped explicitly
 
     def __init__(self, core: ClientCore) -> None:
         self.core = core

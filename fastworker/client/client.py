@@ -84,7 +84,7 @@ log = logging.getLogger("fastworker.client")
 _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
 _NORMAL = TaskPriority.NORMAL.rank
 # stop() from another thread waits this long beyond its timeout for the client's loop to run it.
-_LOOP_STOP_GRACE = 5.0
+_LOOP_STOP_GRACE = 0.5
 
 
 def _env(name: str) -> str | None:
@@ -123,6 +123,45 @@ def _env_number(name: str, kind: type[int] | type[float]) -> Any:
         return kind(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def _check_settings(**settings: Any) -> None:
+    """ValueError or TypeError for a constructor setting the client could not work with.
+
+    Checked here rather than where each is used: a bad ``result_cache_size``
+    would otherwise crash the client's core on every result.
+    """
+    for name in ("timeout", "ack_timeout"):
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        if not 0 < value < math.inf:  # NaN fails too
+            raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    bounds = {"retries": 0, "max_pending": 1, "result_cache_size": 1, "max_message_size": 4096}
+    for name, least in bounds.items():
+        value = settings[name]
+        if value is None and name == "max_message_size":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}")
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    if settings["max_message_size"] is not None and settings["max_message_size"] >= 2**31:
+        raise ValueError("max_message_size must be below 2**31")
+
+
+def _check_address(address: str) -> None:
+    """ValueError unless ``address`` is ``tcp://HOST:PORT`` or ``ipc://PATH``."""
+    ok = False
+    if address.startswith("tcp://"):
+        host, _, port = address[6:].rpartition(":")
+        ok = bool(host) and port.isdigit() and 0 < int(port) < 65536
+    elif address.startswith("ipc://"):
+        ok = len(address) > 6
+    if not ok:
+        raise ValueError(
+            f"discovery_address must look like 'tcp://HOST:PORT' or 'ipc://PATH', got {address!r}"
+        )
 
 
 class Client:
@@ -172,13 +211,15 @@ class Client:
         self.retries: int = (
             retries if retries is not None else (env_retries if env_retries is not None else 3)
         )
-        if not 0 < self.timeout < math.inf or self.retries < 0 or max_pending < 1:
-            raise ValueError("timeout must be > 0 (and finite), retries >= 0 and max_pending >= 1")
-        if not self.discovery_address.startswith(("tcp://", "ipc://")):
-            raise ValueError(
-                f"discovery_address must look like 'tcp://HOST:PORT' or 'ipc://PATH', "
-                f"got {self.discovery_address!r}"
-            )
+        _check_settings(
+            timeout=self.timeout,
+            retries=self.retries,
+            max_pending=max_pending,
+            result_cache_size=result_cache_size,
+            ack_timeout=ack_timeout,
+            max_message_size=max_message_size,
+        )
+        _check_address(self.discovery_address)
         self.max_pending = max_pending
         self.allow_pickle = allow_pickle
         self.client_id = f"client-{secrets.token_hex(16)}"
@@ -218,6 +259,9 @@ class Client:
         plane under the new connection (deduplicated there by task id).
         Starting a client that runs on another loop raises ClientLoopError.
         """
+        if self._host is not None and self._host.ended:
+            # Its loop (or trio run) ended without stop(): it handed over and closed then.
+            self._host, self._stopped = None, True
         if self._host is not None:
             self._check_loop()  # started here already: nothing to do; elsewhere: an error
             return
@@ -233,7 +277,10 @@ class Client:
             self._loop = asyncio.get_running_loop()
             self._trio_token = None
         host: TrioHost | AsyncioHost | ThreadHost
-        host = TrioHost(self._core) if self._on_trio else AsyncioHost(self._core)
+        if self._on_trio:
+            host = TrioHost(self._core, end_timeout=self.timeout)
+        else:
+            host = AsyncioHost(self._core, end_timeout=self.timeout)
         self._host = host  # before awaiting: a concurrent start() finds it and returns
         self._stopped = False
         try:
@@ -268,7 +315,14 @@ class Client:
             return
         self._stopped = True
         heir_id = f"client-{secrets.token_hex(16)}"
-        if isinstance(host, TrioHost):
+        if host.ended:
+            # Its loop ended without stop(): it closed and handed over then; what it
+            # could not hand over (no control plane in time) gets another chance here.
+            left = self._core.outstanding()
+            if left and wait > 0:
+                heir = self._core.successor(heir_id, hand_over=True)
+                left = ThreadHost(heir).hand_over(wait)
+        elif isinstance(host, TrioHost):
             left = self._stop_trio_host(host, wait, heir_id)
         elif isinstance(host, AsyncioHost):
             left = self._stop_asyncio_host(host, wait, heir_id)
@@ -287,7 +341,7 @@ class Client:
         """The core runs on its loop's callbacks: stop it on that loop's thread.
 
         Directly when called there, or when the loop no longer runs; from any
-        other thread through ``call_soon_threadsafe``, waiting for it.
+        other thread through ``call_soon_threadsafe`` (``_stop_over_there``).
         """
         loop = self._loop
         try:
@@ -296,33 +350,16 @@ class Client:
             here = None
         if loop is None or here is loop or loop.is_closed() or not loop.is_running():
             return host.stop(wait, heir_id)
-        done: concurrent.futures.Future[int] = concurrent.futures.Future()
-
-        def stop_there() -> None:
-            try:
-                done.set_result(host.stop(wait, heir_id))
-            except BaseException as exc:
-                done.set_exception(exc)
-
         try:
-            loop.call_soon_threadsafe(stop_there)
-        except RuntimeError:  # closed meanwhile
+            return self._stop_over_there(loop.call_soon_threadsafe, host.stop, wait, heir_id)
+        except RuntimeError:  # the loop closed meanwhile
             return host.stop(wait, heir_id)
-        try:
-            return done.result(timeout=wait + _LOOP_STOP_GRACE)
-        except concurrent.futures.TimeoutError:
-            log.error(
-                "client: its event loop did not run stop() within %g s (is it blocked?)",
-                wait + _LOOP_STOP_GRACE,
-            )
-            return self._core.outstanding()
 
     def _stop_trio_host(self, host: TrioHost, wait: float, heir_id: str) -> int:
         """The trio host's actor lives in the starting run: stop it from there.
 
-        From that run's thread directly; from any other thread through the
-        run's token; after the run ended (its system task is gone already),
-        directly again.
+        From that run's thread directly; from any other thread (or another
+        trio run) through the run's token; after the run ended, directly.
         """
         try:
             here = trio.lowlevel.current_trio_token()
@@ -331,14 +368,49 @@ class Client:
         if here is self._trio_token or self._trio_token is None:
             return host.stop(wait, heir_id)
         try:
-            return trio.from_thread.run_sync(host.stop, wait, heir_id, trio_token=self._trio_token)
+            return self._stop_over_there(self._trio_token.run_sync_soon, host.stop, wait, heir_id)
         except trio.RunFinishedError:
             return host.stop(wait, heir_id)
-        except RuntimeError:  # called from inside another trio run
-            raise ClientLoopError(
-                "a client started under trio is stopped from its own run or from a plain "
-                "thread, not from another trio run"
-            ) from None
+
+    def _stop_over_there(
+        self,
+        schedule: Callable[[Callable[[], None]], object],
+        stop: Callable[[float, str], int],
+        wait: float,
+        heir_id: str,
+    ) -> int:
+        """Have ``stop`` run on the client's own loop; wait for it at most ``wait`` s.
+
+        A loop blocked for longer runs the stop when it resumes (and logs what
+        it could not hand over then); this call returns at ``wait`` meanwhile,
+        counting the tasks not acknowledged yet as not handed over.
+        """
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+
+        def stop_there() -> None:
+            try:
+                left = stop(wait, heir_id)
+            except Exception as exc:  # never raised into the loop: the caller gets it
+                if done.set_running_or_notify_cancel():
+                    done.set_exception(exc)
+                return
+            if not done.set_running_or_notify_cancel():
+                if left:  # the caller gave up waiting: say what happened after all
+                    log.error("client: %d tasks not handed over at its late stop()", left)
+                return
+            done.set_result(left)
+
+        schedule(stop_there)
+        try:
+            return done.result(timeout=wait + _LOOP_STOP_GRACE)
+        except concurrent.futures.TimeoutError:
+            done.cancel()
+            log.error(
+                "client: its loop did not finish stop() within %g s (is it blocked?); the client "
+                "stops when the loop runs again, handing over what it holds then",
+                wait + _LOOP_STOP_GRACE,
+            )
+            return self._core.outstanding()
 
     async def _wait_for(self, kind: type[Join | Flush], timeout: float | None) -> bool:
         """Wait for the actor to answer a ``flush`` or ``join``; False when ``timeout`` passed.
