@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+import trio.testing
 
 from fastworker._io import Inbound
 from fastworker.control._internal import DeclaredSchedules, WorkerJoined, WorkerLost
-from fastworker.control.discovery import Discovery, DiscoveryConfig
+from fastworker.control.discovery import Discovery, DiscoveryConfig, _Reap
 from fastworker.control.gateway import MAX_STATS_QUERIES, Gateway
 from fastworker.runtime import GetStatistics, MailboxFull
 from fastworker.transport import TransportConfig
@@ -176,3 +177,20 @@ async def test_a_stats_reply_always_fits_a_message() -> None:
     body = gateway._stats_reply(8, {"discovery": {"workers": huge}})
     assert len(body) <= limit
     assert "omitted" in decode(body).stats["discovery"]["workers"]  # type: ignore[attr-defined]
+
+
+async def test_a_control_plane_frozen_past_the_liveness_limit_declares_no_worker_dead(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """SIGSTOP of the control plane: at the thaw its workers' silence was its own."""
+    scheduler = _Scheduler()
+    discovery = _discovery(scheduler)
+    discovery._last_reap = trio.current_time()
+    discovery.receive(_frame(b"peer", Register("w", ["t"], 1, 1, "host")))
+    mock_clock.jump(10)  # frozen: no reap ran, no heartbeat was read
+    discovery.receive(_Reap())
+    assert not [m for m in scheduler.told if isinstance(m, WorkerLost)]
+    for _ in range(8):  # then truly silent, reaped every half heartbeat: dead past the limit
+        mock_clock.jump(0.5)
+        discovery.receive(_Reap())
+    assert [m for m in scheduler.told if isinstance(m, WorkerLost)] == [WorkerLost("w", "died")]

@@ -107,6 +107,7 @@ class Discovery(Actor):
         self._rejected: Counter[str] = Counter()
         self._versions = VersionLog(log, "discovery")
         self._lost = 0
+        self._last_reap = 0.0  # trio.current_time() of the last reap (see _reap)
         # Membership news the Scheduler's full mailbox could not take yet, per
         # worker id, compacted (see _tell_scheduler): at most three per id.
         self._undelivered: OrderedDict[str, list[WorkerJoined | WorkerLost | DeclaredSchedules]] = (
@@ -118,6 +119,7 @@ class Discovery(Actor):
         self.endpoint = await bind_again(sock, self.endpoint or self.config.address)
         self._sock = sock
         nursery.start_soon(pump_socket, sock, self.ref)
+        self._last_reap = trio.current_time()
         nursery.start_soon(tick, self.ref, lambda: self.config.heartbeat_interval / 2, _Reap())
 
     async def on_stop(self) -> None:
@@ -331,6 +333,17 @@ class Discovery(Actor):
     def _reap(self) -> None:
         limit = self.config.heartbeat_interval * self.config.liveness
         now = trio.current_time()
+        late = now - self._last_reap - self.config.heartbeat_interval / 2
+        self._last_reap = now
+        if late > self.config.heartbeat_interval and self._members:
+            # We could not read heartbeats meanwhile (the process was stopped, or
+            # its loop blocked): the silence was ours.  Members get that time
+            # back, or a thawed control plane declares every healthy worker dead
+            # and their tasks run twice; a worker that really died is found a
+            # liveness limit later.
+            log.warning("discovery: stalled for %.1f s; worker silence over it is forgiven", late)
+            for member in self._members.values():
+                member.last_seen += late
         for member in list(self._members.values()):
             if now - member.last_seen > limit:
                 log.warning(
