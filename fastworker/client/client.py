@@ -329,12 +329,17 @@ class Client:
         else:
             left = host.stop(wait)
         if left:
+            why = (
+                "it refuses this client's CURVE key"
+                if self._core.refused is not None
+                else f"within {wait:g} s"
+            )
             log.error(
-                "client stopped with %d tasks not handed over to the control plane at %s "
-                "within %g s: they did not run; start the client again to send them",
+                "client stopped with %d tasks not handed over to the control plane at %s (%s): "
+                "they did not run; start the client again to send them",
                 left,
                 self.discovery_address,
-                wait,
+                why,
             )
 
     def _stop_asyncio_host(self, host: AsyncioHost, wait: float, heir_id: str) -> int:
