@@ -32,7 +32,7 @@ from ._errors import AuthenticationError, ClientError
 from ._trio_binding import TrioClientActor
 from ._waiters import TrioWaiter
 
-__all__ = ["AsyncioHost", "ThreadHost", "TrioHost", "current_library"]
+__all__ = ["AsyncioHost", "ThreadHost", "TrioHost", "current_library", "hand_over_in_thread"]
 
 log = logging.getLogger("fastworker.client")
 
@@ -89,6 +89,15 @@ def _stop_here(core: ClientCore, timeout: float, heir_id: str) -> int:
     """
     core.fail_waiters(_STOPPED)
     core.close_now(linger_ms=0)  # before the successor takes over what is unacknowledged
+    return hand_over_in_thread(core, timeout, heir_id)
+
+
+def hand_over_in_thread(core: ClientCore, timeout: float, heir_id: str) -> int:
+    """Send what ``core`` holds unacknowledged from a successor in a thread of its own.
+
+    Blocks at most ``timeout`` s (plus the thread's wind-down); returns how
+    many tasks are still unacknowledged.  ``core``'s sockets must be closed.
+    """
     left = core.outstanding()
     if left and timeout > 0:
         left = ThreadHost(core.successor(heir_id, hand_over=True)).hand_over(timeout)

@@ -1,10 +1,11 @@
-"""``Client``: the documented coroutine API, as a proxy to the client actor.
+"""``Client``: the documented coroutine API, as a proxy to the client's core.
 
-Every method that submits work encodes the arguments in the caller's thread
-(so an argument the format cannot hold raises TypeError right at the call),
-records the task locally, and hands its id to the actor: ``delay`` returns
-without touching the network.  See ``_core.py`` for what the actor does
-with it and ``_host.py`` for where the actor runs.
+Every method that submits work encodes the arguments at the call (so an
+argument the format cannot hold raises TypeError right there), records the
+task locally, and hands its id to the core's inbox: ``delay`` returns without
+touching the network.  See ``_core.py`` for what the core does with it, its
+bindings for how it runs on the caller's loop, and ``_host.py`` for which
+binding runs and how ``stop()`` hands over.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from ._errors import (
     PendingLimitError,
     QueueFullError,
 )
-from ._host import AsyncioHost, ThreadHost, TrioHost, current_library
+from ._host import AsyncioHost, ThreadHost, TrioHost, current_library, hand_over_in_thread
 from ._ids import new_task_id
 from ._waiters import Waiter, new_waiter
 
@@ -251,7 +252,7 @@ class Client:
     # -- life cycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the client's actor; returns promptly even with no control plane up yet.
+        """Start the client's core; returns promptly even with no control plane up yet.
 
         A stopped client can be started again, on this event loop or another
         (a new ``asyncio.run``, a second FastAPI lifespan): it keeps its local
@@ -296,7 +297,7 @@ class Client:
             raise
 
     def stop(self, timeout: float | None = None) -> None:
-        """Hand over every task whose id was returned, close the sockets, end the actor.
+        """Hand over every task whose id was returned, close the sockets, end the core.
 
         Synchronous: it returns once the control plane has acknowledged every
         task this client returned an id for (at once when none is waiting for
@@ -318,10 +319,7 @@ class Client:
         if host.ended:
             # Its loop ended without stop(): it closed and handed over then; what it
             # could not hand over (no control plane in time) gets another chance here.
-            left = self._core.outstanding()
-            if left and wait > 0:
-                heir = self._core.successor(heir_id, hand_over=True)
-                left = ThreadHost(heir).hand_over(wait)
+            left = hand_over_in_thread(self._core, wait, heir_id)
         elif isinstance(host, TrioHost):
             left = self._stop_trio_host(host, wait, heir_id)
         elif isinstance(host, AsyncioHost):
@@ -418,9 +416,9 @@ class Client:
             return self._core.outstanding()
 
     async def _wait_for(self, kind: type[Join | Flush], timeout: float | None) -> bool:
-        """Wait for the actor to answer a ``flush`` or ``join``; False when ``timeout`` passed.
+        """Wait for the core to answer a ``flush`` or ``join``; False when ``timeout`` passed.
 
-        The command carries its deadline, so the actor forgets it then either way.
+        The command carries its deadline, so the core forgets it then either way.
         """
         self._check_running()
         deadline = math.inf
