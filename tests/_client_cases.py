@@ -268,6 +268,36 @@ async def tasks_delayed_before_the_control_plane_complete(
     assert [r.result if r else None for r in results] == [i + 1 for i in range(25)]
 
 
+async def a_lone_task_leaves_at_once_and_a_burst_in_one_more_message(
+    client: Client, settle: Callable[[], Awaitable[object]]
+) -> None:
+    """Needs ``add``.  ``settle`` lets the client's loop go idle (trio: all tasks blocked).
+
+    The first wake-up of a turn sends before the call returns; the calls
+    after it in the same turn leave together at the next turn.
+    """
+    await client.stats()  # connected: a round trip
+    await settle()
+    core = client._core
+    sizes: list[int] = []
+    send = core._send_gateway
+
+    def spy(message: Any) -> bool:
+        if isinstance(message, Submit):
+            sizes.append(len(message.tasks))
+        return send(message)
+
+    core._send_gateway = spy  # type: ignore[method-assign]
+    first = await client.delay("add", 0, 1)  # delay() does not yield
+    assert sizes == [1]
+    burst = [await client.delay("add", i, 1) for i in range(1, 51)]
+    assert sizes == [1]
+    await client.join(timeout=10)
+    assert sizes == [1, 50]
+    results = [client.get_result(task_id) for task_id in [first, *burst]]
+    assert [r.result if r else None for r in results] == [i + 1 for i in range(51)]
+
+
 def lose_acks(core: ClientCore, count: int) -> None:
     """Make ``core`` miss its next ``count`` acknowledgements, as a lossy network would."""
     on_ack = core._on_ack

@@ -169,6 +169,18 @@ def test_sequential_round_trips_never_miss_a_reply(
     run(main)
 
 
+def test_a_lone_task_leaves_at_once_and_a_burst_in_one_more_message(
+    examples_cluster: ClusterThread,
+) -> None:
+    run_with_client(
+        examples_cluster.discovery_address,
+        partial(
+            cases.a_lone_task_leaves_at_once_and_a_burst_in_one_more_message,
+            settle=partial(asyncio.sleep, 0),
+        ),
+    )
+
+
 def test_stop_from_another_thread_while_the_loop_runs_hands_over(
     examples_cluster: ClusterThread,
 ) -> None:

@@ -248,7 +248,8 @@ async def test_cancel_of_a_task_the_control_plane_holds_asks_it(gate: HeldGate) 
             target = ""
 
             def full_for_resends(message: Any) -> bool:
-                if isinstance(message, Submit) and any(w[0] == target for w in message.tasks):
+                # By name: delay() may send before it returns the id.
+                if isinstance(message, Submit) and any(w[1] == "record" for w in message.tasks):
                     submits.append(message)
                     if len(submits) > 1:
                         return False  # every re-send finds the socket full

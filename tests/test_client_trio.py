@@ -43,6 +43,13 @@ async def examples_cluster(**options: Any) -> AsyncIterator[Cluster]:
 # -- the API round trip -------------------------------------------------------
 
 
+async def test_a_lone_task_leaves_at_once_and_a_burst_in_one_more_message() -> None:
+    async with examples_cluster() as running, started(running.discovery_address) as client:
+        await cases.a_lone_task_leaves_at_once_and_a_burst_in_one_more_message(
+            client, trio.testing.wait_all_tasks_blocked
+        )
+
+
 async def test_client_runs_in_the_callers_trio_run() -> None:
     async with examples_cluster() as running, started(running.discovery_address) as client:
         assert isinstance(client._host, TrioHost)

@@ -216,15 +216,108 @@ async def test_queued_messages_are_handled_in_one_wake_up_in_fifo_order() -> Non
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
-            await nursery.start(actor.run)
+            # Queued before the run starts: the loop finds them all at its first wake-up.
             for n in range(10):
                 actor.ref.tell(n)
+            await nursery.start(actor.run)
             await actor.ref.ask("get")
             actor.ref.stop()
             nursery.cancel_scope.cancel()
     assert actor.seen == list(range(10))
     assert len(actor.ticks) == 11
-    assert len(set(actor.ticks)) == 1
+    assert len(set(actor.ticks[:10])) == 1
+
+
+class Relay(Recorder):
+    """Tells every message it gets to ``target`` (and to itself once, for "echo")."""
+
+    def __init__(self, name: str, target: Actor | None = None) -> None:
+        super().__init__(name)
+        self.target = target
+
+    def receive(self, message: Any) -> Any:
+        if message == "echo":
+            self.ref.tell("echoed")
+        if self.target is not None and message != "get":
+            self.target.ref.tell(message)
+        return super().receive(message)
+
+
+async def test_an_idle_actor_handles_a_told_message_before_tell_returns() -> None:
+    last = Recorder("last")
+    first = Relay("first", last)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(last.run)
+        await nursery.start(first.run)
+        await trio.testing.wait_all_tasks_blocked()
+        first.ref.tell("a")  # both idle: handled by both within this call
+        assert first.seen == ["a"]
+        assert last.seen == ["a"]
+        assert last.statistics().processed == 1
+        assert last.statistics().queued == 0
+        # A tell from inside receive to the actor itself waits in the mailbox,
+        # behind the message being handled: one message at a time, in order.
+        first.ref.tell("echo")
+        assert first.seen == ["a", "echo"]
+        assert await first.ref.ask("get") == ["a", "echo", "echoed"]
+        first.ref.stop()
+        last.ref.stop()
+
+
+async def test_post_and_a_busy_actor_go_through_the_mailbox_in_order() -> None:
+    actor = Recorder()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await trio.testing.wait_all_tasks_blocked()
+        actor.ref.post(0)  # never handled within the call, even by an idle actor
+        assert actor.seen == []
+        # The loop was handed 0 and is due to run: the actor is not idle.
+        actor.ref.tell(1)
+        actor.ref.tell(2)
+        assert actor.seen == []
+        assert actor.statistics().queued == 2
+        assert await actor.ref.ask("get") == [0, 1, 2]
+        actor.ref.stop()
+
+
+async def test_a_told_message_that_raises_when_idle_crashes_the_actor_not_the_teller() -> None:
+    actor = Hooked()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            run_ended: list[BaseException] = []
+
+            async def run() -> None:
+                try:
+                    await actor.run()
+                except Boom as exc:
+                    run_ended.append(exc)
+
+            nursery.start_soon(run)
+            await trio.testing.wait_all_tasks_blocked()
+            actor.ref.tell(("boom", "idle"))  # does not raise here
+            actor.ref.tell("kept")  # the actor is failing: this one waits in the mailbox
+            await trio.testing.wait_all_tasks_blocked()
+    assert [str(e) for e in run_ended] == ["idle"]
+    assert actor.events == ["on_start", "helper done", "on_stop"]
+    assert not actor.ref.stopped
+    assert actor.statistics().queued == 1
+    actor.ref.stop()
+    with trio.fail_after(5):
+        await actor.run()  # the next run (a supervisor's restart) gets what was told after
+    assert actor.seen == ["kept"]
+
+
+async def test_a_stopped_actor_takes_no_idle_delivery() -> None:
+    actor = Recorder()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        await trio.testing.wait_all_tasks_blocked()
+        feed = actor.ref.open_feed()
+        actor.ref.stop()
+        feed.tell("after stop")  # a reader's hand-over still arrives, through the mailbox
+        assert actor.seen == []
+        feed.close()
+    assert actor.seen == ["after stop"]
 
 
 class Hooked(Recorder):

@@ -337,3 +337,41 @@ async def test_a_result_from_a_peer_that_never_registered_changes_nothing() -> N
     real = ResultRecord("t1", "success", b"42", None, 1.0, 2.0, 1, None, 0, "t", None)
     _report(scheduler, "w", real)
     assert scheduler.statistics_dict()["succeeded"] == 1
+
+
+async def test_a_worker_leaving_on_its_own_connection_is_ordered_behind_its_results() -> None:
+    """Done, then Unregister on the same connection: the result counts, nothing is requeued.
+
+    Sent to Discovery instead, the goodbye could overtake a Done still on its
+    way, and the task would run again elsewhere.
+    """
+    from fastworker.control._internal import EvictWorker
+    from fastworker.wire import Done, ResultRecord, Unregister
+
+    scheduler, wire = _scheduler()
+    told: list[Any] = []
+
+    class _Discovery:
+        name = "discovery"
+
+        def tell(self, message: object) -> None:
+            told.append(message)
+
+    scheduler.discovery = _Discovery()  # type: ignore[assignment]
+    _join(scheduler, "a", 10)
+    _submit(scheduler, "done", "unreported")
+    assert sorted(wire.to(b"a")) == ["done", "unreported"]
+    record = ResultRecord("done", "success", b"42", None, 1.0, 2.0, 1, None, 0, "t", None)
+    goodbye = Unregister("a", "left")
+    scheduler.receive(Inbound([[b"a", encode(Done([record]))], [b"a", encode(goodbye)]]))
+    assert scheduler.book.is_finished("done")
+    assert scheduler.book.stats["requeued"] == 1  # "unreported" only, and not as a death
+    assert told == [EvictWorker("a", "left")]
+    _join(scheduler, "b", 10)
+    assert wire.to(b"b") == ["unreported"]
+    # Another connection cannot say goodbye for b, and "crashed" belongs to Discovery.
+    scheduler.receive(Inbound([[b"c", encode(Unregister("b", "left"))]]))
+    scheduler.receive(Inbound([[b"b", encode(Unregister("b", "crashed"))]]))
+    assert told == [EvictWorker("a", "left")]
+    assert scheduler.book.rejected["forbidden"] == 1
+    assert scheduler.book.rejected["invalid"] == 1

@@ -109,9 +109,17 @@ class _AioSocket:
         try:
             sock.send(body, _NOBLOCK)
         except zmq.Again:
+            self.check_soon()
             return False
-        finally:
-            self.check_soon()  # the send may have consumed the edge of a reply
+        except BaseException:
+            self.check_soon()
+            raise
+        # The send may have consumed the fd's edge of a reply: EVENTS says.
+        # Reading it re-arms the edge, so a reply arriving later wakes the
+        # reader; one already here is read on the next turn.
+        events = cast(int, sock.get(_EVENTS))
+        if events & _POLLIN or (events & _POLLOUT and self._on_up is not None):
+            self.check_soon()
         return True
 
     def close(self, linger_ms: int) -> None:
@@ -133,6 +141,9 @@ class AsyncioBinding:
         self._monitors: dict[Channel, _AioSocket] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._crashes: list[float] = []
+        # A wake-up already ran at once in this turn of the loop: later ones
+        # wait for the next turn, so that a burst of calls is sent as one.
+        self._woken_this_turn = False
         self.on_failure: Callable[[BaseException], None] | None = None
         self.running = False
 
@@ -256,8 +267,22 @@ class AsyncioBinding:
             monitor.close(0)
 
     def wake_soon(self) -> bool:
+        """The first wake-up of a loop turn runs at once, later ones at the next turn.
+
+        A lone ``submit_task`` goes out before its caller awaits (a turn of
+        the loop less per round trip), and a burst of ``delay`` calls in one
+        turn still leaves in one message, the first alone.
+        """
         try:
-            self._loop.call_soon(self._run, self.core.on_wake)
+            if self._woken_this_turn:
+                self._loop.call_soon(self._run, self.core.on_wake)
+                return True
+            self._loop.call_soon(self._end_turn)
         except RuntimeError:  # the loop is closed
             return False
+        self._woken_this_turn = True
+        self._run(self.core.on_wake)
         return True
+
+    def _end_turn(self) -> None:
+        self._woken_this_turn = False

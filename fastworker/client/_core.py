@@ -155,7 +155,9 @@ class Link(Protocol):
         """Close both connections."""
 
     def wake_soon(self) -> bool:
-        """Have ``on_wake`` called soon on the core's loop; False when it cannot be."""
+        """Have ``on_wake`` called on the core's loop, soon or before returning;
+        False when it cannot be.  Only the caller's side wakes the core, never
+        one of its own handlers, so running it at once is safe."""
 
 
 class PendingTask:

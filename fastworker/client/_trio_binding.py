@@ -34,6 +34,11 @@ class _Tick:
 
 
 @attrs.frozen
+class _NextTurn:
+    """The turn in which a wake-up was handled at once is over."""
+
+
+@attrs.frozen
 class _Up:
     """``channel``'s connection is up."""
 
@@ -60,6 +65,7 @@ class TrioClientActor(Actor):
         self._nursery: trio.Nursery | None = None
         self._sockets: dict[Channel, ZSocket] = {}
         self._starts = 0
+        self._woken_this_turn = False  # see _tell_wake
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -82,7 +88,10 @@ class TrioClientActor(Actor):
             core.on_frames(message.frames)
         elif kind is _Wake:
             core.on_wake()
+        elif kind is _NextTurn:
+            self._woken_this_turn = False
         elif kind is _Tick:
+            self._woken_this_turn = False  # a _NextTurn lost to a full mailbox
             core.on_tick()
         elif kind is _Up:
             if message.channel is Channel.DISCOVERY:
@@ -136,8 +145,20 @@ class TrioClientActor(Actor):
         return True
 
     def _tell_wake(self) -> bool:
+        """The first wake-up of a scheduling turn is handled at once, later ones next turn.
+
+        An idle actor handles a ``tell`` before it returns (idle delivery): a
+        lone ``submit_task`` goes out before its caller awaits.  Later wakes
+        are posted behind a ``_NextTurn``, so that a burst of ``delay`` calls
+        made without yielding leaves in one message, the first alone.
+        """
         try:
+            if self._woken_this_turn:
+                self.ref.post(_Wake())
+                return True
             self.ref.tell(_Wake())
+            self._woken_this_turn = True
+            self.ref.post(_NextTurn())
         except Exception:
             # Mailbox full (or the actor restarting): the next tick drains the
             # inbox anyway, so nothing queued there is lost.

@@ -645,7 +645,7 @@ class Client:
             self._check_size(wire)
         pending[task_id] = PendingTask(wire)
         core.inbox.append(task_id)
-        core.wake()  # once per drain: a burst of delay() calls costs one wake-up
+        core.wake()  # a burst of delay() calls in one turn leaves in one or two messages
         return task_id
 
     async def delay_with_callback(

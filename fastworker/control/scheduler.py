@@ -65,6 +65,7 @@ from ..wire import (
     ScheduleRemove,
     SubmitAck,
     TaskEnvelope,
+    Unregister,
     WireError,
     decode,
     encode,
@@ -363,15 +364,18 @@ class Scheduler(Actor):
             self.metrics.finished(out.records, out.accepted_at, trio.current_time(), time.time())
         if out.records and self._journal is not None:
             self._journal.add_results(out.records)
-        if out.records:
-            self._tell(self._results, StoreResults(out.records), "results")
         if out.pushes:
+            # Before the cache: an idle gateway sends them within this call
+            # (actor.py, idle delivery), and a query for these ids can only
+            # arrive after this handler, when the cache has them too.
             messages = [
                 [client, encode(Results(chunk))]
                 for client, records in out.pushes.items()
                 for chunk in result_chunks(records, self._budget)
             ]
             self._tell(self._gateway, Outgoing(messages), "result pushes")
+        if out.records:
+            self._tell(self._results, StoreResults(out.records), "results")
         if out.callbacks:
             jobs = [
                 (address, build_callback_payload(record, data), key)
@@ -534,8 +538,30 @@ class Scheduler(Actor):
                     book.holding(identity, [i for i in message.held if type(i) is str])
             elif isinstance(message, Release):
                 book.release(identity, [i for i in message.task_ids if type(i) is str])
+            elif isinstance(message, Unregister):
+                self._on_goodbye(identity, message)
             else:
                 book.rejected["unexpected"] += 1
+
+    def _on_goodbye(self, identity: bytes, message: Unregister) -> None:
+        """A worker leaving, on its own connection: after its last Done and Release.
+
+        Handled here rather than at Discovery because only this connection
+        orders it behind those: the tasks still in flight are requeued now,
+        none whose result was on its way.  Discovery forgets the member next.
+        """
+        book = self.book
+        if message.reason != "left":
+            book.rejected["invalid"] += 1  # "crashed" names an earlier id: Discovery's
+            return
+        if message.worker_id.encode() != identity or (
+            self.keys is not None and identity not in self._worker_keys
+        ):
+            book.rejected["forbidden"] += 1
+            return
+        book.worker_lost(identity, died=False)
+        if self.discovery is not None:
+            self._tell(self.discovery, EvictWorker(message.worker_id, "left"), "evictions")
 
     def _run_schedules(self) -> None:
         """Submit one task per schedule whose tick came (no client: results go to the cache).

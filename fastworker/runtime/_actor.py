@@ -19,6 +19,16 @@ no room in the mailbox: a stop on a full mailbox takes effect at once, lands
 exactly behind the messages already queued, and costs the loop no per-message
 check.
 
+**Idle delivery.** A ``tell`` to an actor that is idle (its loop waits
+for mail and nothing is queued) runs its ``receive`` at once, in the
+teller's task, instead of queueing the message and waking the loop a
+scheduling batch later.  Each hop between actors would otherwise cost a
+turn of trio's run loop, and a task's round trip crosses five of them
+(design/performance.md).  The actor sees the same thing either way: one
+message at a time, in the order told; a ``receive`` that raises crashes
+the actor, not the teller.  A busy actor, a stopped one, an ``ask`` and
+an awaited ``send`` and ``post`` always go through the mailbox.
+
 **Feeds.** A socket reader is a helper whose input was sent *before* a stop
 but may still sit in its socket. It takes a :class:`Feed` (``ref.open_feed()``),
 its own clone of the mailbox's sending side: a stop cancels the feed's pending
@@ -30,8 +40,10 @@ it instead of closing the socket on it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -92,6 +104,10 @@ class GetStatistics:
     One message type that every actor of a node answers, so a gatherer asks
     them all alike, and a typo is a ``TypeError`` instead of a silent miss.
     """
+
+
+# Told to a parked loop whose idle delivery failed: "raise it now".
+_WAKE_TO_FAIL = object()
 
 
 class _Ask:
@@ -186,6 +202,9 @@ class Feed:
 
     def tell(self, message: object) -> None:
         """As :meth:`ActorRef.tell`, also after the actor was asked to stop."""
+        handle_now = self._ref._handle_now
+        if handle_now is not None and handle_now(message):
+            return
         try:
             self._send.send_nowait(message)
         except trio.WouldBlock:
@@ -227,7 +246,7 @@ class ActorRef:
     Refs are created by :class:`Actor`; do not construct them yourself.
     """
 
-    __slots__ = ("_capacity", "_feeds", "_send", "_stopped", "_tail", "name")
+    __slots__ = ("_capacity", "_feeds", "_handle_now", "_send", "_stopped", "_tail", "name")
 
     def __init__(self, name: str, send: trio.MemorySendChannel[object], capacity: int) -> None:
         self.name = name
@@ -238,6 +257,9 @@ class ActorRef:
         # Messages helpers could not queue before a crash (Feed.keep): the next
         # run handles them once its mailbox is empty.
         self._tail: list[object] = []
+        # Set by the actor: handles a told message in the teller's task when
+        # the actor is idle (see "Idle delivery" in the module docstring).
+        self._handle_now: Callable[[object], bool] | None = None
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopped else "open"
@@ -253,6 +275,21 @@ class ActorRef:
         :class:`ActorStopped` if it is closed. If the actor's ``receive``
         raises for this message, the actor crashes (its supervisor decides
         what happens next); the sender is not told.
+
+        An idle actor handles the message before ``tell`` returns (see the
+        module docstring); otherwise it waits in the mailbox.
+        """
+        handle_now = self._handle_now
+        if handle_now is not None and handle_now(message):
+            return
+        self.post(message)
+
+    def post(self, message: object) -> None:
+        """As :meth:`tell`, but always through the mailbox: handled at the actor's next turn.
+
+        Never before this returns, even when the actor is idle: for a wake-up
+        that should gather what the caller does until it yields (a burst of
+        submissions sent as one message).
         """
         try:
             self._send.send_nowait(message)
@@ -363,6 +400,11 @@ class Actor:
         self.__processed = 0
         self.__runs = 0
         self.__running = False
+        # True while the run loop waits in ``inbox.receive()``: see __handle_now.
+        self.__parked = False
+        # What an idle delivery's ``receive`` raised, for the run loop to raise.
+        self.__failure_now: Exception | None = None
+        self.ref._handle_now = self.__handle_now
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
@@ -456,6 +498,7 @@ class Actor:
         clock = time.perf_counter
         tail = self.ref._tail
         while True:
+            self.__raise_failure_now()
             if self.__head is not None:
                 # What a crashed run left of its last message comes first.
                 message, self.__head = self.__head, None
@@ -467,12 +510,18 @@ class Actor:
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     message = tail.pop(0)
             else:
+                self.__parked = True
                 try:
                     message = await inbox.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
+                    self.__raise_failure_now()
                     return
+                finally:
+                    self.__parked = False
             deadline = clock() + _DRAIN_BUDGET
             while True:
+                if message is _WAKE_TO_FAIL:
+                    break  # the next turn raises the failure, if it is still there
                 if type(message) is _Ask:
                     try:
                         reply = handle(message.message)
@@ -500,6 +549,47 @@ class Actor:
                     if tail:
                         break
                     return
+
+    def __handle_now(self, message: object) -> bool:
+        """Handle a told ``message`` in the teller's task if this actor is idle; else False.
+
+        Idle: the run loop is parked in ``inbox.receive()`` and trio has not
+        handed it a message yet (so the mailbox is empty and nothing told
+        before is still on its way), no stop was asked, and no earlier
+        failure waits to be raised.  ``receive`` is synchronous, so nothing
+        else of this actor can run meanwhile: the result is what the loop
+        would have done one scheduling batch later.  An exception does not
+        reach the teller: it is kept, and the loop is woken to raise it in
+        the actor's own task, so the actor crashes as if it had handled the
+        message itself.
+        """
+        if (
+            not self.__parked
+            or self.ref._stopped
+            or self.__failure_now is not None
+            or self.__inbox.statistics().tasks_waiting_receive == 0
+        ):
+            return False
+        self.__parked = False  # a tell from inside receive goes to the mailbox
+        try:
+            self.receive(message)
+        except Exception as exc:
+            self.__keep_leftover(message)
+            self.__failure_now = exc
+            # Wake the parked loop; if that fails the mailbox is closing or
+            # full, and the loop wakes anyway and finds the failure.
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self.ref._send.send_nowait(_WAKE_TO_FAIL)
+        else:
+            self.__parked = True
+        self.__processed += 1
+        return True
+
+    def __raise_failure_now(self) -> None:
+        failure = self.__failure_now
+        if failure is not None:
+            self.__failure_now = None
+            raise failure
 
     def __keep_leftover(self, message: object) -> None:
         """A told batch whose handler raised: keep what it had not reached for the next run.

@@ -696,7 +696,12 @@ class Worker(Actor):
         if given_up:
             self._send_scheduler(Release(given_up))
         self.handed_back += len(given_up)
-        self._send_discovery(Unregister(self.worker_id, "left"))
+        goodbye = Unregister(self.worker_id, "left")
+        # On the scheduler's connection, behind our last Done and Release: sent
+        # to Discovery it could overtake them, and the control plane would
+        # requeue tasks whose results are on their way (protocol.md, §6).
+        if not (self._connected and self._send_scheduler(goodbye)):
+            self._send_discovery(goodbye)
         self.drained.set()
 
     def statistics_dict(self) -> dict[str, Any]:
