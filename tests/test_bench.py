@@ -486,3 +486,31 @@ def test_cpu_seconds_of_a_live_process_and_of_no_process() -> None:
     assert after > before
     assert read_cpu_seconds(None) is None
     assert read_cpu_seconds(2**22 + 12345) is None
+
+
+def test_latency_and_its_floor_run_alternately_so_both_see_the_same_machine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+    import types
+
+    from fastworker.bench import _runner
+
+    order: list[str] = []
+
+    def runner(name: str) -> Any:
+        async def run(ctx: Any) -> dict[str, Any]:
+            order.append(name)
+            return {"p50_ms": float(len(order))}
+
+        return run
+
+    monkeypatch.setattr(_runner, "RUNNERS", {n: runner(n) for n in ("latency", "floor")})
+    ctx = types.SimpleNamespace(options=types.SimpleNamespace(runs=3), run_note="")
+    results: dict[str, Any] = {}
+    asyncio.run(_runner._run_each(ctx, ["latency"], results, ["latency", "floor"]))  # type: ignore[arg-type]
+    assert order == ["latency", "floor"] * 3
+    assert [r["p50_ms"] for r in results["floor"]["runs"]] == [2.0, 4.0, 6.0]
+    order.clear()
+    asyncio.run(_runner._run_each(ctx, ["latency"], {}, ["latency"]))  # type: ignore[arg-type]
+    assert order == ["latency"] * 3  # no floor asked for: none run

@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ from ._variants import Variant, curve_variant, handshake_ms, http_variant, journ
 __all__ = ["run"]
 
 _SHARED_BY = frozenset({"throughput", "batch", "latency"})
+# Read as a ratio (latency over the machine's floor), so run alternately: the
+# speed of a shared VM drifts by a fifth within a minute, and three latency runs
+# followed by three floor runs compared two different machines.
+_PAIRED = {"latency": "floor"}
 
 
 def _meta(options: Options, ctx: Context) -> dict[str, Any]:
@@ -56,18 +61,32 @@ def _meta(options: Options, ctx: Context) -> dict[str, Any]:
     }
 
 
-async def _run_each(ctx: Context, names: list[str], results: dict[str, Any]) -> None:
+async def _run_each(
+    ctx: Context, names: list[str], results: dict[str, Any], partners: Sequence[str] = ()
+) -> None:
+    """Each scenario ``runs`` times; its partner (``_PAIRED``), if wanted, right after each run."""
     runs = ctx.options.runs
     for name in names:
-        figures = []
+        partner = _PAIRED.get(name)
+        if partner not in partners:
+            partner = None
+        figures, partner_figures = [], []
         for i in range(runs):
             ctx.run_note = f" (run {i + 1}/{runs})" if runs > 1 else ""
             figures.append(await RUNNERS[name](ctx))
+            if partner is not None:
+                partner_figures.append(await RUNNERS[partner](ctx))
         results[name] = combine_runs(figures)
+        if partner is not None:
+            results[partner] = combine_runs(partner_figures)
 
 
 async def _shared_scenarios(
-    ctx: Context, shared: list[str], results: dict[str, Any], variant: Variant | None = None
+    ctx: Context,
+    shared: list[str],
+    results: dict[str, Any],
+    variant: Variant | None = None,
+    partners: Sequence[str] = (),
 ) -> None:
     """One cluster for throughput, batch and latency, stopped before the scenarios
     that start their own so it does not compete for the CPUs."""
@@ -82,7 +101,7 @@ async def _shared_scenarios(
             ctx.shared = Cluster(options.discovery_address)
         try:
             results["idle"] = await idle_figures(ctx, ctx.shared)
-            await _run_each(ctx, shared, results)
+            await _run_each(ctx, shared, results, partners)
             if options.curve:  # the handshake, beside the other variant's
                 results["handshake"] = await asyncio.to_thread(
                     handshake_ms, ctx.shared.discovery_address, variant
@@ -98,7 +117,7 @@ async def _scenarios(ctx: Context, results: dict[str, Any]) -> None:
     wanted = [name for name in SCENARIOS if name in options.scenarios]
     shared = [name for name in wanted if name in _SHARED_BY]
     if shared:
-        await _shared_scenarios(ctx, shared, results)
+        await _shared_scenarios(ctx, shared, results, partners=wanted)
         if options.curve and options.local:
             results["curve"] = {}
             await _shared_scenarios(ctx, shared, results["curve"], curve_variant())

@@ -38,6 +38,15 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     future.exception()
 
 
+class _TimedOut(Exception):
+    """What an AsyncioWaiter's own timer settles its future with: distinct from any value."""
+
+
+def _time_out(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_TimedOut())
+
+
 class AsyncioWaiter:
     __slots__ = ("_future", "_loop")
 
@@ -61,18 +70,20 @@ class AsyncioWaiter:
             pass  # the caller's loop is closed: nobody is waiting any more
 
     async def wait(self, timeout: float | None) -> tuple[bool, Any]:
-        # The future itself, under asyncio.timeout: wait_for(shield(...)) chains
-        # three futures, each resolved one event-loop turn after the other, on
-        # every round trip (a late value after a timeout is harmless: _resolve
-        # skips a done future).
+        # The future itself, with one timer that settles it: wait_for(shield(...))
+        # chains three futures, each resolved one event-loop turn after the other,
+        # and asyncio.timeout cancels and un-cancels the task, on every round trip
+        # (a late value after a timeout is harmless: _resolve skips a done future).
         future = self._future
+        if timeout is None:
+            return True, await future
+        timer = self._loop.call_at(self._loop.time() + timeout, _time_out, future)
         try:
-            async with asyncio.timeout(timeout):
-                value = await future
-        except TimeoutError:
-            if future.done() and not future.cancelled():
-                return True, future.result()  # the value itself was a TimeoutError: raised
+            value = await future
+        except _TimedOut:
             return False, None
+        finally:
+            timer.cancel()
         return True, value
 
 

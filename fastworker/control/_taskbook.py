@@ -205,8 +205,10 @@ class TaskBook:
         self.rejected: Counter[str] = Counter()
 
     def take(self) -> Effects:
-        """What must be sent now; the book starts a fresh ``out``."""
-        out, self.out = self.out, Effects()
+        """What must be sent now; the book starts a fresh ``out`` (unless nothing was due)."""
+        out = self.out
+        if out:
+            self.out = Effects()
         return out
 
     # -- submissions --------------------------------------------------------

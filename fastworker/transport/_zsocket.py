@@ -337,15 +337,18 @@ class ZSocket:
         # latency-bound reader starts on an empty socket.
         ready = self._events()
         self._hand_off(ready & ~_POLLIN)  # the read may have swallowed a writer's edge
+        known: int | None = ready
         while True:
             if ready & _POLLIN:
                 try:
                     batch.append(recv(_NOBLOCK))
                 except zmq.Again:
                     self._after_io()  # the failed attempt may have swallowed an edge
+                    known = None
                 else:
                     break
-            yielded = await self._wait_for(_POLLIN) or yielded
+            yielded = await self._wait_for(_POLLIN, known) or yielded
+            known = None
             self._check_open()
             ready = _POLLIN  # _wait_for returns once EVENTS shows it
         # One message in hand.  Read EVENTS (which hands readiness on, as after
@@ -389,10 +392,12 @@ class ZSocket:
         if self._watch_scope is not None:
             self._watch_scope.cancel()
 
-    async def _wait_for(self, flag: int) -> bool:
+    async def _wait_for(self, flag: int, events: int | None = None) -> bool:
         """Return once ``EVENTS`` shows ``flag`` (POLLIN or POLLOUT) or the socket closed.
 
-        Returns whether it yielded to the scheduler on the way (a checkpoint).
+        ``events``: what the caller just read from ``EVENTS`` (and handed on),
+        with no zmq call since; it saves the first read.  Returns whether it
+        yielded to the scheduler on the way (a checkpoint).
         """
         reading = flag == _POLLIN
         if reading:
@@ -403,10 +408,11 @@ class ZSocket:
         try:
             while True:
                 self._check_open()
-                events = self._events()
-                # Reading EVENTS may itself have swallowed the edge that the other
-                # direction's watcher waits for: hand that readiness on.
-                self._hand_off(events & ~flag)
+                if events is None:
+                    events = self._events()
+                    # Reading EVENTS may itself have swallowed the edge that the other
+                    # direction's watcher waits for: hand that readiness on.
+                    self._hand_off(events & ~flag)
                 if events & flag:
                     return yielded
                 yielded = True
@@ -414,6 +420,7 @@ class ZSocket:
                     await self._watch_fd()
                 else:
                     await self._lot.park()
+                events = None
         finally:
             if reading:
                 self._readers -= 1
