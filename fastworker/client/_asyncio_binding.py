@@ -141,9 +141,8 @@ class AsyncioBinding:
         self._monitors: dict[Channel, _AioSocket] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._crashes: list[float] = []
-        # A wake-up already ran at once in this turn of the loop: later ones
-        # wait for the next turn, so that a burst of calls is sent as one.
-        self._woken_this_turn = False
+        # A wake-up ran at once and nothing came in since: see wake_soon.
+        self._woken_at_once = False
         self.on_failure: Callable[[BaseException], None] | None = None
         self.running = False
 
@@ -196,6 +195,7 @@ class AsyncioBinding:
 
     def _tick(self) -> None:
         self._timer = None
+        self._woken_at_once = False
         for sock in (*self._sockets.values(), *self._monitors.values()):
             sock.check_soon()  # the safety net (module docstring)
         self._run(self.core.on_tick)
@@ -222,7 +222,7 @@ class AsyncioBinding:
             sock = _AioSocket(
                 self._loop,
                 zsock,
-                lambda frames: self._run(self.core.on_frames, frames),
+                self._on_frames,
                 lambda: self._run(on_up),
             )
         except BaseException:
@@ -267,22 +267,29 @@ class AsyncioBinding:
             monitor.close(0)
 
     def wake_soon(self) -> bool:
-        """The first wake-up of a loop turn runs at once, later ones at the next turn.
+        """Run the wake-up at once, unless one ran at once and nothing came in since.
 
         A lone ``submit_task`` goes out before its caller awaits (a turn of
-        the loop less per round trip), and a burst of ``delay`` calls in one
-        turn still leaves in one message, the first alone.
+        the loop less per round trip).  The calls after it wait for the next
+        turn (``call_soon``), so a burst of ``delay`` calls in one turn leaves
+        in one more message.  What ends the wait: frames arriving, the
+        deferred wake-up itself, or a tick; within one turn none of these can
+        run, and a caller that waits for an answer gets one through a frame.
         """
-        try:
-            if self._woken_this_turn:
-                self._loop.call_soon(self._run, self.core.on_wake)
-                return True
-            self._loop.call_soon(self._end_turn)
-        except RuntimeError:  # the loop is closed
-            return False
-        self._woken_this_turn = True
+        if self._woken_at_once:
+            try:
+                self._loop.call_soon(self._run_deferred_wake)
+            except RuntimeError:  # the loop is closed
+                return False
+            return True
+        self._woken_at_once = True
         self._run(self.core.on_wake)
         return True
 
-    def _end_turn(self) -> None:
-        self._woken_this_turn = False
+    def _run_deferred_wake(self) -> None:
+        self._woken_at_once = False
+        self._run(self.core.on_wake)
+
+    def _on_frames(self, frames: list[list[bytes]]) -> None:
+        self._woken_at_once = False
+        self._run(self.core.on_frames, frames)

@@ -34,11 +34,6 @@ class _Tick:
 
 
 @attrs.frozen
-class _NextTurn:
-    """The turn in which a wake-up was handled at once is over."""
-
-
-@attrs.frozen
 class _Up:
     """``channel``'s connection is up."""
 
@@ -65,7 +60,7 @@ class TrioClientActor(Actor):
         self._nursery: trio.Nursery | None = None
         self._sockets: dict[Channel, ZSocket] = {}
         self._starts = 0
-        self._woken_this_turn = False  # see _tell_wake
+        self._woken_at_once = False  # see _tell_wake
 
     async def on_start(self, nursery: trio.Nursery) -> None:
         self._token = trio.lowlevel.current_trio_token()
@@ -85,13 +80,13 @@ class TrioClientActor(Actor):
         core = self.core
         kind = type(message)
         if kind is Inbound:
+            self._woken_at_once = False
             core.on_frames(message.frames)
         elif kind is _Wake:
+            self._woken_at_once = False
             core.on_wake()
-        elif kind is _NextTurn:
-            self._woken_this_turn = False
         elif kind is _Tick:
-            self._woken_this_turn = False  # a _NextTurn lost to a full mailbox
+            self._woken_at_once = False
             core.on_tick()
         elif kind is _Up:
             if message.channel is Channel.DISCOVERY:
@@ -145,20 +140,20 @@ class TrioClientActor(Actor):
         return True
 
     def _tell_wake(self) -> bool:
-        """The first wake-up of a scheduling turn is handled at once, later ones next turn.
+        """Handle the wake-up at once, unless one was and nothing came in since.
 
         An idle actor handles a ``tell`` before it returns (idle delivery): a
-        lone ``submit_task`` goes out before its caller awaits.  Later wakes
-        are posted behind a ``_NextTurn``, so that a burst of ``delay`` calls
-        made without yielding leaves in one message, the first alone.
+        lone ``submit_task`` goes out before its caller awaits.  The wakes
+        after it are posted (handled at the actor's next turn), so a burst of
+        ``delay`` calls made without yielding leaves in one more message.  The
+        posted ``_Wake``, frames arriving and ticks end the wait (as on asyncio).
         """
         try:
-            if self._woken_this_turn:
+            if self._woken_at_once:
                 self.ref.post(_Wake())
                 return True
             self.ref.tell(_Wake())
-            self._woken_this_turn = True
-            self.ref.post(_NextTurn())
+            self._woken_at_once = True  # after the tell: its receive cleared it
         except Exception:
             # Mailbox full (or the actor restarting): the next tick drains the
             # inbox anyway, so nothing queued there is lost.
