@@ -102,7 +102,7 @@ ACCEPTS: dict[str, tuple[type, ...]] = {
         DeadLetterQuery,
         DeadLetterRetry,
     ),
-    "scheduler": (Done, Ready, Release),
+    "scheduler": (Done, Ready, Release, Unregister),
 }
 
 
@@ -123,6 +123,9 @@ def verdict(endpoint: str, frames: list[bytes]) -> Counter[str]:
         names = message.task_names
         names_ok = len(names) <= 10_000 and all(type(n) is str and 0 < len(n) <= 512 for n in names)
         invalid = int(not names_ok or message.concurrency < 1)
+    elif isinstance(message, Unregister) and endpoint == "scheduler":
+        # A goodbye counts only as "left" and for the connection's own id: never the fuzzer's.
+        return Counter(invalid=1) if message.reason != "left" else Counter(forbidden=1)
     elif isinstance(message, Unregister):
         invalid = int(message.reason not in ("left", "crashed"))
     elif isinstance(message, DeclareSchedules):
