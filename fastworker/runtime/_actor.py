@@ -26,8 +26,8 @@ scheduling batch later.  Each hop between actors would otherwise cost a
 turn of trio's run loop, and a task's round trip crosses five of them
 (design/performance.md).  The actor sees the same thing either way: one
 message at a time, in the order told; a ``receive`` that raises crashes
-the actor, not the teller.  A busy actor, a stopped one, an ``ask`` and
-an awaited ``send`` and ``post`` always go through the mailbox.
+the actor, not the teller.  A busy actor, a stopped one, an ``ask``, an
+awaited ``send`` and ``post`` always go through the mailbox.
 
 **Feeds.** A socket reader is a helper whose input was sent *before* a stop
 but may still sit in its socket. It takes a :class:`Feed` (``ref.open_feed()``),
@@ -622,7 +622,7 @@ class Actor:
                 break
             if type(message) is _Ask:
                 message.fail(ActorStopped(f"actor {self.name!r} stopped before replying"))
-            dropped += 1
+            dropped += message is not _WAKE_TO_FAIL
         inbox.close()
         if dropped:
             logger.warning(
