@@ -255,11 +255,16 @@ async def test_an_idle_actor_handles_a_told_message_before_tell_returns() -> Non
         assert last.seen == ["a"]
         assert last.statistics().processed == 1
         assert last.statistics().queued == 0
-        # A tell from inside receive to the actor itself waits in the mailbox,
-        # behind the message being handled: one message at a time, in order.
+        # A tell from inside receive to the actor itself is handled right after
+        # the message in hand, in the same call: one message at a time, in order.
         first.ref.tell("echo")
-        assert first.seen == ["a", "echo"]
-        assert await first.ref.ask("get") == ["a", "echo", "echoed"]
+        assert first.seen == ["a", "echo", "echoed"]
+        assert last.seen == ["a", "echo", "echoed"]
+        # Once something waits in the mailbox (a post), later tells queue behind it.
+        first.ref.post("posted")
+        first.ref.tell("told")
+        assert first.seen == ["a", "echo", "echoed"]
+        assert await first.ref.ask("get") == ["a", "echo", "echoed", "posted", "told"]
         first.ref.stop()
         last.ref.stop()
 

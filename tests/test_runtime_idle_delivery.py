@@ -13,6 +13,7 @@ invariants are checked after every step, while messages are in flight.
 from __future__ import annotations
 
 from typing import Any
+from unittest import mock
 
 import pytest
 import trio
@@ -20,7 +21,7 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastworker.runtime import Actor, ActorRef
+from fastworker.runtime import Actor, ActorRef, _actor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,8 +30,21 @@ class Boom(Exception):
     pass
 
 
+class Batch:
+    """Several items in one message, like ``Inbound``: a crash keeps what it had not reached."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.handed = 0
+
+    def leftover(self) -> Batch | None:
+        return Batch(self.items[self.handed :]) if self.handed < len(self.items) else None
+
+
 class Target(Actor):
-    """Records what it handles; ``("boom", n)`` raises, ``("again", n)`` tells itself ``n``."""
+    """Records what it handles; ``("boom", n)`` raises; ``("again", n)`` tells itself
+    ``("self", n)``, ``("again2", n)`` two messages, ``("again-boom", n)`` a boom and
+    ``("again-batch", n)`` a batch that crashes, then one more."""
 
     def __init__(self, accepted: list[Any]) -> None:
         super().__init__("target", mailbox_size=10_000)
@@ -44,15 +58,34 @@ class Target(Actor):
         try:
             if message == "get":
                 return list(self.handled)
-            self.handled.append(message)
-            kind, n = message
-            if kind == "boom":
-                raise Boom(n)
-            if kind == "again":
-                tell_and_note(self.ref, self.accepted, ("self", n))
+            if isinstance(message, Batch):
+                for item in message.items[message.handed :]:
+                    message.handed += 1
+                    self._one(item)
+            else:
+                self._one(message)
             return None
         finally:
             self.in_receive = False
+
+    def _one(self, message: Any) -> None:
+        self.handled.append(message)
+        kind, n = message
+        if kind == "boom":
+            raise Boom(n)
+        if kind == "again":
+            tell_and_note(self.ref, self.accepted, ("self", n))
+        elif kind == "again2":
+            tell_and_note(self.ref, self.accepted, ("self", n))
+            tell_and_note(self.ref, self.accepted, ("self2", n))
+        elif kind == "again-boom":
+            tell_and_note(self.ref, self.accepted, ("boom", n))
+        elif kind == "again-batch":
+            # A batch that crashes on its first item, then one more message.
+            items = [("boom", n), ("self", n)]
+            self.accepted.extend(items)
+            self.ref.tell(Batch(items))
+            tell_and_note(self.ref, self.accepted, ("self2", n))
 
 
 class Relay(Actor):
@@ -73,13 +106,19 @@ def tell_and_note(ref: ActorRef, accepted: list[Any], message: Any) -> None:
     ref.tell(message)
 
 
-OPERATIONS = st.lists(
+OPERATIONS: st.SearchStrategy[list[tuple[str, Any]]] = st.lists(
     st.one_of(
         st.tuples(st.just("tell"), st.integers(0, 9)),
         st.tuples(st.just("post"), st.integers(0, 9)),
         st.tuples(st.just("relay"), st.integers(0, 9)),
         st.tuples(st.just("boom"), st.integers(0, 9)),
         st.tuples(st.just("again"), st.integers(0, 9)),
+        st.tuples(st.just("again-boom"), st.integers(0, 9)),
+        st.tuples(st.just("again2"), st.integers(0, 9)),
+        st.tuples(st.just("again-batch"), st.integers(0, 9)),
+        st.tuples(
+            st.just("batch"), st.lists(st.sampled_from(["tell", "boom", "again2"]), max_size=4)
+        ),
         st.tuples(st.just("ask"), st.just(0)),
         st.tuples(st.just("checkpoint"), st.just(0)),
         st.tuples(st.just("settle"), st.just(0)),
@@ -89,10 +128,12 @@ OPERATIONS = st.lists(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(OPERATIONS)
+@given(OPERATIONS, st.sampled_from([None, 0.0]))
 def test_idle_delivery_handles_every_accepted_message_once_in_order(
-    operations: list[tuple[str, int]],
+    operations: list[tuple[str, Any]], budget: float | None
 ) -> None:
+    """``budget`` 0: every message told during a delivery is left to the loop (``__owe``)."""
+
     async def main() -> None:
         accepted: list[Any] = []
         target = Target(accepted)
@@ -118,8 +159,14 @@ def test_idle_delivery_handles_every_accepted_message_once_in_order(
                 await nursery.start(relay.run)
                 await trio.testing.wait_all_tasks_blocked()
                 for seq, (kind, n) in enumerate(operations, 1):
+                    if kind == "batch":
+                        items = [(k, seq * 10 + i) for i, k in enumerate(n)]  # type: ignore[arg-type]
+                        accepted.extend(items)
+                        target.ref.tell(Batch(items))
+                        check()
+                        continue
                     message = (kind, seq * 10 + n)
-                    if kind in ("tell", "boom", "again"):
+                    if kind in ("tell", "boom", "again", "again-boom", "again2", "again-batch"):
                         tell_and_note(target.ref, accepted, message)
                     elif kind == "post":
                         accepted.append(message)
@@ -141,4 +188,7 @@ def test_idle_delivery_handles_every_accepted_message_once_in_order(
                 relay.ref.stop()
                 target.ref.stop()
 
-    trio.run(main)
+    with mock.patch.object(
+        _actor, "_DRAIN_BUDGET", _actor._DRAIN_BUDGET if budget is None else budget
+    ):
+        trio.run(main)

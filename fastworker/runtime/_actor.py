@@ -26,7 +26,9 @@ scheduling batch later.  Each hop between actors would otherwise cost a
 turn of trio's run loop, and a task's round trip crosses five of them
 (design/performance.md).  The actor sees the same thing either way: one
 message at a time, in the order told; a ``receive`` that raises crashes
-the actor, not the teller.  A busy actor, a stopped one, an ``ask``, an
+the actor, not the teller.  What is told to it during such a delivery (by
+itself, or by an actor it told) is handled right after, in the same call,
+for at most the drain budget.  A busy actor, a stopped one, an ``ask``, an
 awaited ``send`` and ``post`` always go through the mailbox.
 
 **Feeds.** A socket reader is a helper whose input was sent *before* a stop
@@ -40,6 +42,7 @@ it instead of closing the socket on it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import time
@@ -106,8 +109,9 @@ class GetStatistics:
     """
 
 
-# Told to a parked loop whose idle delivery failed: "raise it now".
-_WAKE_TO_FAIL = object()
+# Told to a parked loop after an idle delivery it must follow up: a failure to
+# raise, or messages told meanwhile that it owes before its mailbox.
+_WAKE = object()
 
 
 class _Ask:
@@ -395,13 +399,18 @@ class Actor:
         send, inbox = trio.open_memory_channel[object](mailbox_size)
         self.ref = ActorRef(name, send, mailbox_size)
         self.__inbox = inbox
-        self.__head: object = None  # see __keep_leftover
+        # Owed before the mailbox: a crashed batch's leftover (__keep_leftover), and
+        # what was told during an idle delivery that could not finish (__handle_now).
+        self.__first: collections.deque[object] = collections.deque()
         self.__mailbox_size = mailbox_size
         self.__processed = 0
         self.__runs = 0
         self.__running = False
         # True while the run loop waits in ``inbox.receive()``: see __handle_now.
         self.__parked = False
+        # An idle delivery is under way (further up the stack): see __handle_now.
+        self.__handling_now = False
+        self.__told_meanwhile: collections.deque[object] = collections.deque()
         # What an idle delivery's ``receive`` raised, for the run loop to raise.
         self.__failure_now: Exception | None = None
         self.ref._handle_now = self.__handle_now
@@ -497,11 +506,13 @@ class Actor:
         handle = self.receive
         clock = time.perf_counter
         tail = self.ref._tail
+        first = self.__first
         while True:
             self.__raise_failure_now()
-            if self.__head is not None:
-                # What a crashed run left of its last message comes first.
-                message, self.__head = self.__head, None
+            if first:
+                # What a crashed run left of its last message, or what an idle
+                # delivery could not finish, comes before the mailbox.
+                message = first.popleft()
             elif tail:
                 # A helper's message that found no room before the last crash:
                 # once the mailbox queued before it is handled.
@@ -515,13 +526,15 @@ class Actor:
                     message = await inbox.receive()
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     self.__raise_failure_now()
+                    if first:
+                        continue  # accepted before the stop: handled before the end
                     return
                 finally:
                     self.__parked = False
             deadline = clock() + _DRAIN_BUDGET
             while True:
-                if message is _WAKE_TO_FAIL:
-                    break  # the next turn raises the failure, if it is still there
+                if message is _WAKE:
+                    break  # the next turn raises the failure or takes what is owed
                 if type(message) is _Ask:
                     try:
                         reply = handle(message.message)
@@ -541,6 +554,9 @@ class Actor:
                 self.__processed += 1
                 if clock() > deadline:
                     break  # yield: the next receive() is a checkpoint
+                if first:
+                    message = first.popleft()
+                    continue
                 try:
                     message = receive_nowait()
                 except trio.WouldBlock:
@@ -563,6 +579,14 @@ class Actor:
         the actor's own task, so the actor crashes as if it had handled the
         message itself.
         """
+        if self.__handling_now:
+            # Told from inside that delivery (by this actor, or by one it told):
+            # handled right after the message in hand, in the same call, unless
+            # something was posted or asked meanwhile (then the mailbox keeps the order).
+            if self.ref._stopped or self.__inbox.statistics().tasks_waiting_receive == 0:
+                return False
+            self.__told_meanwhile.append(message)
+            return True
         if (
             not self.__parked
             or self.ref._stopped
@@ -570,20 +594,42 @@ class Actor:
             or self.__inbox.statistics().tasks_waiting_receive == 0
         ):
             return False
-        self.__parked = False  # a tell from inside receive goes to the mailbox
+        self.__parked = False
+        self.__handling_now = True
+        told = self.__told_meanwhile
+        deadline = time.perf_counter() + _DRAIN_BUDGET
         try:
-            self.receive(message)
-        except Exception as exc:
-            self.__keep_leftover(message)
-            self.__failure_now = exc
-            # Wake the parked loop; if that fails the mailbox is closing or
-            # full, and the loop wakes anyway and finds the failure.
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                self.ref._send.send_nowait(_WAKE_TO_FAIL)
-        else:
+            while True:
+                try:
+                    self.receive(message)
+                except Exception as exc:
+                    self.__processed += 1
+                    self.__keep_leftover(message)
+                    self.__failure_now = exc
+                    self.__owe(told)
+                    return True
+                self.__processed += 1
+                if not told:
+                    break
+                if time.perf_counter() > deadline:
+                    self.__owe(told)  # the loop takes over, yielding as it goes
+                    return True
+                message = told.popleft()
             self.__parked = True
-        self.__processed += 1
-        return True
+            return True
+        finally:
+            self.__handling_now = False
+
+    def __owe(self, told: collections.deque[object]) -> None:
+        """Leave what was told meanwhile to the loop, ahead of its mailbox, and wake it.
+
+        If the wake cannot be queued the mailbox is full or closing, and the
+        loop wakes anyway and finds what it owes.
+        """
+        self.__first.extend(told)
+        told.clear()
+        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+            self.ref._send.send_nowait(_WAKE)
 
     def __raise_failure_now(self) -> None:
         failure = self.__failure_now
@@ -600,7 +646,9 @@ class Actor:
         """
         leftover = getattr(message, "leftover", None)
         if callable(leftover):
-            self.__head = leftover()
+            rest = leftover()
+            if rest is not None:
+                self.__first.appendleft(rest)
 
     def close_mailbox(self) -> int:
         """Close the mailbox for good and return how many messages were dropped.
@@ -612,9 +660,9 @@ class Actor:
         """
         self.ref.stop()
         inbox = self.__inbox
-        dropped = len(self.ref._tail) + (self.__head is not None)
+        dropped = len(self.ref._tail) + len(self.__first)
         self.ref._tail.clear()
-        self.__head = None
+        self.__first.clear()
         while True:
             try:
                 message = inbox.receive_nowait()
@@ -622,7 +670,7 @@ class Actor:
                 break
             if type(message) is _Ask:
                 message.fail(ActorStopped(f"actor {self.name!r} stopped before replying"))
-            dropped += message is not _WAKE_TO_FAIL
+            dropped += message is not _WAKE
         inbox.close()
         if dropped:
             logger.warning(
