@@ -367,6 +367,8 @@ class DeadlineTimer:
 
     def set(self, due: float) -> None:
         """Fire at ``due`` instead (``math.inf``: not at all)."""
+        if due == self.due:
+            return  # the scheduler re-arms after every message, nearly always unchanged
         self.due = due
         if self._scope is not None:
             self._scope.deadline = due
