@@ -80,8 +80,8 @@ async def pump_socket(sock: ZSocket, owner: ActorRef, max_batch: int = 1024) -> 
     queues fill, and TCP pushes back on the peers.  That is the backpressure
     path; nothing is dropped here.  Returns when the owner closes the socket.
 
-    When ``owner`` is asked to stop, the pending read is cancelled (a message
-    is never lost to that: ``recv_batch`` returns what it took) and what the
+    When ``owner`` is asked to stop, the pending read returns at once
+    (``interrupt_reads``: it never drops a message it took) and what the
     socket already holds — sent by peers before the stop — is handed over
     before the reader lets the actor's run end (:class:`~fastworker.runtime.Feed`).
     """
@@ -90,13 +90,12 @@ async def pump_socket(sock: ZSocket, owner: ActorRef, max_batch: int = 1024) -> 
     except ActorStopped:
         return
     with feed:
+        feed.on_stop(sock.interrupt_reads)
         while not feed.stopping:
-            frames: list[list[bytes]] = []
-            with feed.reading():
-                try:
-                    frames = await sock.recv_batch(max_batch)
-                except trio.ClosedResourceError:
-                    return
+            try:
+                frames = await sock.recv_batch(max_batch)
+            except trio.ClosedResourceError:
+                return
             if frames and not await _hand_over(feed, Inbound(frames)):
                 return
         left = _FINAL_DRAIN_MESSAGES

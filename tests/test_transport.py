@@ -495,6 +495,29 @@ async def test_recv_batch_over_tcp_needs_few_wakeups(sockets: Sockets) -> None:
     assert calls <= 25, f"{calls} calls for {n} messages: batches are not being drained"
 
 
+async def test_interrupt_reads_ends_a_pending_read_and_drops_nothing(sockets: Sockets) -> None:
+    a, b = await sockets.pair(zmq.PAIR, transport="inproc")  # a send is queued at once
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            got: list[list[list[bytes]]] = []
+
+            async def read() -> None:
+                got.append(await a.recv_batch())
+
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            a.interrupt_reads()  # the reader's owner stops: the wait ends with nothing
+        assert got == [[]]
+        # Set before a read: that read does not wait, and what is queued is still returned.
+        b.send_multipart_nowait([b"queued"])
+        a.interrupt_reads()
+        assert await a.recv_batch() == [[b"queued"]]
+        assert await a.recv_batch() == []
+        # Spent: the next read waits for a message again.
+        b.send_multipart_nowait([b"later"])
+        assert await a.recv_batch() == [[b"later"]]
+
+
 async def test_recv_batch_respects_max_messages(sockets: Sockets) -> None:
     a = sockets(zmq.PAIR)
     b = sockets(zmq.PAIR)

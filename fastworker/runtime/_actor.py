@@ -33,8 +33,8 @@ awaited ``send`` and ``post`` always go through the mailbox.
 
 **Feeds.** A socket reader is a helper whose input was sent *before* a stop
 but may still sit in its socket. It takes a :class:`Feed` (``ref.open_feed()``),
-its own clone of the mailbox's sending side: a stop cancels the feed's pending
-read, the reader hands over what its socket already holds and closes the feed,
+its own clone of the mailbox's sending side: a stop ends the feed's pending
+read (``Feed.on_stop``), the reader hands over what its socket already holds and closes the feed,
 and the run ends only once every feed is closed (trio ends a channel when its
 last sending clone closes). So a graceful stop handles what peers sent before
 it instead of closing the socket on it.
@@ -180,29 +180,33 @@ class Feed:
     actor's run does not end after a stop until the feed is closed. Between
     :meth:`ActorRef.stop` and :meth:`close` the feed still delivers, so the
     helper can hand over what it already took in; :attr:`stopping` tells it
-    to finish, and a read inside :meth:`reading` is cancelled by the stop.
+    to finish, and the stop calls what :meth:`on_stop` registered (a socket
+    reader's "return from the pending read").
     """
 
-    __slots__ = ("_ref", "_scope", "_send", "stopping")
+    __slots__ = ("_on_stop", "_ref", "_send", "stopping")
 
     def __init__(self, ref: ActorRef, send: trio.MemorySendChannel[object]) -> None:
         self._ref = ref
         self._send = send
-        self._scope: trio.CancelScope | None = None
+        self._on_stop: Callable[[], object] | None = None
         self.stopping = False
 
-    def reading(self) -> trio.CancelScope:
-        """A cancel scope for one wait for input; the actor's stop cancels it."""
-        scope = trio.CancelScope()
+    def on_stop(self, interrupt: Callable[[], object]) -> None:
+        """Have the actor's stop call ``interrupt`` (at once if it already happened).
+
+        For ending a pending wait for input without a cancel scope around
+        every wait: a reader's socket returns from its read, and the reader
+        sees :attr:`stopping`.
+        """
+        self._on_stop = interrupt
         if self.stopping:
-            scope.cancel()
-        self._scope = scope
-        return scope
+            interrupt()
 
     def _stop(self) -> None:
         self.stopping = True
-        if self._scope is not None:
-            self._scope.cancel()
+        if self._on_stop is not None:
+            self._on_stop()
 
     def tell(self, message: object) -> None:
         """As :meth:`ActorRef.tell`, also after the actor was asked to stop."""

@@ -111,6 +111,7 @@ class ZSocket:
         "_monitored",
         "_peer_writers",
         "_readers",
+        "_reads_interrupted",
         "_received",
         "_recv",
         "_sent",
@@ -135,6 +136,7 @@ class ZSocket:
         self._lot = trio.lowlevel.ParkingLot()
         self._watch_scope: trio.CancelScope | None = None
         self._readers = 0
+        self._reads_interrupted = False
         self._writers = 0
         self._peer_writers = 0
         self._closed = False
@@ -317,6 +319,17 @@ class ZSocket:
         self._received += len(batch)
         return batch
 
+    def interrupt_reads(self) -> None:
+        """Have the pending :meth:`recv_batch`, or the next one, return without waiting.
+
+        It returns what it holds, maybe nothing.  For a reader whose owner
+        stops (``Feed.on_stop``): cheaper than a cancel scope around every
+        read, and, like a cancellation, it never drops a message taken.
+        """
+        self._reads_interrupted = True
+        if self._readers:
+            self._wake_all()
+
     async def recv_batch(self, max_messages: int = 1024) -> list[list[bytes]]:
         """Wait for at least one message, then take every message already queued.
 
@@ -350,6 +363,11 @@ class ZSocket:
             yielded = await self._wait_for(_POLLIN, known) or yielded
             known = None
             self._check_open()
+            if self._reads_interrupted:
+                self._reads_interrupted = False
+                if not yielded:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                return batch  # empty: nothing was taken
             ready = _POLLIN  # _wait_for returns once EVENTS shows it
         # One message in hand.  Read EVENTS (which hands readiness on, as after
         # any zmq call) rather than receiving until zmq.Again: raising Again
@@ -393,7 +411,8 @@ class ZSocket:
             self._watch_scope.cancel()
 
     async def _wait_for(self, flag: int, events: int | None = None) -> bool:
-        """Return once ``EVENTS`` shows ``flag`` (POLLIN or POLLOUT) or the socket closed.
+        """Return once ``EVENTS`` shows ``flag`` (POLLIN or POLLOUT), the socket
+        closed, or (reading) ``interrupt_reads`` was called.
 
         ``events``: what the caller just read from ``EVENTS`` (and handed on),
         with no zmq call since; it saves the first read.  Returns whether it
@@ -408,6 +427,8 @@ class ZSocket:
         try:
             while True:
                 self._check_open()
+                if reading and self._reads_interrupted:
+                    return yielded
                 if events is None:
                     events = self._events()
                     # Reading EVENTS may itself have swallowed the edge that the other
