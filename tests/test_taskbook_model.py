@@ -110,6 +110,14 @@ class TaskBookMachine(RuleBasedStateMachine):
         assert self.book.audit() == []
 
     @invariant()
+    def a_task_cancelled_at_a_worker_never_runs_again(self) -> None:
+        # It stays with that worker until its run ends (then it is final), never queued again.
+        for job in self.book._jobs.values():
+            if job.cancelling:
+                assert job.status is TaskStatus.RUNNING
+                assert job.worker is not None
+
+    @invariant()
     def final_states_never_change(self) -> None:
         for task_id in self.final:
             assert self.book.status_of(task_id) is None
@@ -239,12 +247,19 @@ class TaskBookMachine(RuleBasedStateMachine):
 
     @rule(task_id=st.sampled_from([*TASK_IDS, "never-seen"]))
     def cancel(self, task_id: str) -> None:
-        held = self.book.status_of(task_id) is not None
+        before = self.book.status_of(task_id)
         cancelled, status = self.book.cancel(task_id)
-        assert cancelled == held
-        assert status == (
-            "cancelled" if held else "finished" if task_id in self.final else "unknown"
-        )
+        if before is None:
+            assert not cancelled
+            assert status == ("finished" if task_id in self.final else "unknown")
+        elif before.value == "running":
+            # Maybe started: never "will not run"; the worker's report decides.
+            assert not cancelled
+            assert status == "running"
+            assert self.book.status_of(task_id) == before
+        else:
+            assert cancelled
+            assert status == "cancelled"
         self._step()
 
     @precondition(lambda self: bool(self.last_dispatch))

@@ -48,6 +48,7 @@ _QUEUED = TaskStatus.QUEUED
 _RUNNING = TaskStatus.RUNNING
 _SCHEDULED = TaskStatus.SCHEDULED
 _RETRYING = TaskStatus.RETRYING
+_CANCELLED_BY_REQUEST = "cancelled by request"
 _CANCELLED = TaskStatus.CANCELLED
 _FAILURE = TaskStatus.FAILURE
 _STATUS_BY_VALUE = {status.value: status for status in TaskStatus}
@@ -92,6 +93,7 @@ class Job:
     __slots__ = (
         "accepted_at",
         "attempt",
+        "cancelling",
         "client",
         "deaths",
         "due",
@@ -123,6 +125,8 @@ class Job:
         self.sent_at = 0.0  # when it was last dispatched
         self.timer = 0  # token of its live entry in the due-time heap; 0 when none
         self.accepted_at = 0.0  # the book's clock when it was accepted (ages, round trips)
+        # Cancelled while at a worker: it ends with that run, never runs again.
+        self.cancelling = False
 
 
 @attrs.define(eq=False)
@@ -404,6 +408,9 @@ class TaskBook:
         back: list[Job] = []
         for job in slot.inflight.values():
             job.worker = None
+            if job.cancelling:
+                self._finish_here(job, _CANCELLED, _CANCELLED_BY_REQUEST)
+                continue
             if died:
                 job.deaths += 1
                 if job.deaths >= self.config.max_worker_deaths:
@@ -464,7 +471,7 @@ class TaskBook:
         for job in lost:
             self._leave_worker(slot, job)
             job.status = _QUEUED
-        self._queues.push_front(lost)
+        self._queues.push_front(self._not_cancelling(lost))
         self.stats["lost_dispatches"] += len(lost)
 
     def release(self, worker: bytes, task_ids: list[str]) -> None:
@@ -482,7 +489,7 @@ class TaskBook:
             job.status = _QUEUED
             job.worker = None
             back.append(job)
-        self._queues.push_front(back)
+        self._queues.push_front(self._not_cancelling(back))
         self.stats["released"] += len(back)
 
     def report(self, worker: bytes, record: ResultRecord) -> None:
@@ -494,9 +501,11 @@ class TaskBook:
           is told to stop.
         * ``retrying`` counts only from the worker the task runs at; from any
           other it is stale (the task was requeued and will run again anyway).
-        * ``cancelled`` counts only from the worker the task runs at (a cancel
-          by request ends the task here at once, so this is a run that
-          cancelled itself): final, as from that worker's run.
+        * ``cancelled`` counts only from the worker the task runs at (a run
+          that cancelled itself, or that ``cancel`` asked to stop): final.
+        * A task cancelled while at a worker (``cancelling``) ends with that
+          run: a ``retrying`` report, a release or a lost worker finish it as
+          CANCELLED instead of running it again.
         * Anything for a task the book does not hold is stale; a final result
           for an id never seen is kept a while as an orphan (see _keep_orphan).
         * A report from a peer that is not a registered worker changes no task
@@ -526,7 +535,9 @@ class TaskBook:
                 self.stats["stale_results"] += 1
                 return
             self._leave_worker(slot, job)
-            if status == "retrying":
+            if job.cancelling:
+                self._finish_here(job, _CANCELLED, _CANCELLED_BY_REQUEST)  # not retried
+            elif status == "retrying":
                 job.attempt += 1
                 self.stats["retried"] += 1
                 delay = min(record.retry_delay or 0.0, _MAX_RETRY_DELAY)
@@ -555,7 +566,13 @@ class TaskBook:
     # -- cancel -------------------------------------------------------------
 
     def cancel(self, task_id: str) -> tuple[bool, str]:
-        """Cancel a task the book holds: (cancelled, the task's status after it)."""
+        """Cancel a task the book holds: (cancelled, the task's status after it).
+
+        True only when the task will not run.  One handed to a worker may have
+        started, and a thread cannot be stopped: the worker is asked to drop it
+        (or interrupt it), the answer is (False, "running"), and the worker's
+        report decides how it ends (``cancelled`` if it never started).
+        """
         job = self._jobs.get(task_id)
         if job is None:
             return False, "finished" if task_id in self._finished else "unknown"
@@ -563,13 +580,23 @@ class TaskBook:
             self._queues.remove(job)
         elif job.status is _RUNNING:
             assert job.worker is not None
-            holder = self._workers[job.worker]
-            self._leave_worker(holder, job)
-            self.out.cancels.setdefault(holder.identity, []).append(task_id)
+            job.cancelling = True
+            self.out.cancels.setdefault(self._workers[job.worker].identity, []).append(task_id)
+            return False, _RUNNING.value
         else:
             self._untime(job)
-        self._finish_here(job, _CANCELLED, "cancelled by request")
+        self._finish_here(job, _CANCELLED, _CANCELLED_BY_REQUEST)
         return True, _CANCELLED.value
+
+    def _not_cancelling(self, jobs: list[Job]) -> list[Job]:
+        """Jobs going back to the queue, less those cancelled at a worker: they end now."""
+        back = []
+        for job in jobs:
+            if job.cancelling:
+                self._finish_here(job, _CANCELLED, _CANCELLED_BY_REQUEST)
+            else:
+                back.append(job)
+        return back
 
     # -- finishing ----------------------------------------------------------
 
@@ -711,7 +738,7 @@ class TaskBook:
                 self._leave_worker(slot, job)
                 job.status = _QUEUED
                 back.append(job)
-        self._queues.push_front(back)
+        self._queues.push_front(self._not_cancelling(back))
         slot.window = 0
 
     # -- introspection ------------------------------------------------------

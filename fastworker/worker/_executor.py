@@ -335,8 +335,8 @@ class Executor:
                 run.cancel_scope.cancel()
             elif run.future is not None:
                 run.future.cancel()
-            # A running thread cannot be interrupted: it finishes, and its
-            # result is reported as CANCELLED (see design/reliability.md).
+            # A running thread cannot be interrupted: it finishes, and reports
+            # how it ended (it ran; the control plane does not run it again).
         return cancelled
 
     # -- time limits ----------------------------------------------------------
@@ -602,7 +602,7 @@ class Executor:
         run.deadline = None
         if run.abandoned or self._held.pop(run.envelope.task_id, None) is None:
             return None  # reported already (deadline, cancel, release): late value dropped
-        if outcome.ok and not run.cancel_requested:
+        if outcome.ok:
             envelope = run.envelope
             try:
                 encoded = dumps(_FORMATS[envelope.format], outcome.value)
@@ -648,7 +648,10 @@ class Executor:
     def _outcome_record(self, outcome: Outcome) -> ResultRecord:
         run, ok, value = outcome.run, outcome.ok, outcome.value
         tb, completed = outcome.traceback, outcome.completed
-        if run.cancel_requested or isinstance(value, _Cancelled):
+        if isinstance(value, _Cancelled):
+            # Interrupted on request (or never started): a run that ended by
+            # itself reports its outcome, so a result is never said CANCELLED
+            # for work that was done.
             return _record(run, TaskStatus.CANCELLED, error="cancelled", completed=completed)
         if ok:
             try:
