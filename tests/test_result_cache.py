@@ -296,3 +296,21 @@ async def test_a_client_query_whose_results_overflow_one_reply_gets_them_all() -
             records = await reader._command(lambda w, deadline: Query(w, deadline, ids), 5)
     assert [r.task_id for r in records] == ids
     assert all(r.status == "success" for r in records)
+
+
+async def test_a_query_while_the_gateway_is_stopped_is_dropped_not_a_crash() -> None:
+    """At a node's stop the Gateway goes first: queries still queued here must not crash the
+    cache (the hostile review: it crashed until its supervisor gave up, and SIGTERM exited 1)."""
+    from fastworker.control._internal import QueryResults
+    from fastworker.runtime import ActorStopped
+
+    class _StoppedGateway:
+        name = "gateway"
+
+        def tell(self, message: object) -> None:
+            raise ActorStopped("actor 'gateway' is stopped")
+
+    cache = ResultCache(ResultCacheConfig())
+    cache.gateway = _StoppedGateway()  # type: ignore[assignment]
+    cache.receive(QueryResults(b"client", 1, ["a", "b"]))
+    assert cache.statistics_dict()["dropped_replies"] == 1

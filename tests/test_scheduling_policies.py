@@ -375,3 +375,34 @@ async def test_a_worker_leaving_on_its_own_connection_is_ordered_behind_its_resu
     assert told == [EvictWorker("a", "left")]
     assert scheduler.book.rejected["forbidden"] == 1
     assert scheduler.book.rejected["invalid"] == 1
+
+
+async def test_a_goodbye_while_discovery_is_stopped_loses_no_other_result() -> None:
+    """The node stops Discovery before the Scheduler; a goodbye then must not cost the batch.
+
+    The hostile review: the Scheduler's tell to a stopped Discovery raised, and
+    the Done of another worker in the same batch was lost at shutdown.
+    """
+    from fastworker.runtime import ActorStopped
+    from fastworker.wire import Done, ResultRecord, Unregister
+
+    scheduler, wire = _scheduler()
+
+    class _StoppedDiscovery:
+        name = "discovery"
+
+        def tell(self, message: object) -> None:
+            raise ActorStopped("actor 'discovery' is stopped")
+
+    scheduler.discovery = _StoppedDiscovery()  # type: ignore[assignment]
+    _join(scheduler, "a", 1)
+    _submit(scheduler, "on-a")  # a is full now
+    _join(scheduler, "b", 10)
+    _submit(scheduler, "on-b")
+    assert wire.to(b"b") == ["on-b"]
+    record = ResultRecord("on-b", "success", b"42", None, 1.0, 2.0, 1, None, 0, "t", None)
+    scheduler.receive(
+        Inbound([[b"a", encode(Unregister("a", "left"))], [b"b", encode(Done([record]))]])
+    )
+    assert scheduler.book.is_finished("on-b")
+    assert scheduler.statistics_dict()["internal_errors"] == 0

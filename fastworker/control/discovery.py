@@ -20,7 +20,7 @@ import zmq
 
 from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from .._io import Inbound, bind_again, pump_socket, tick
-from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
+from ..runtime import Actor, ActorRef, ActorStopped, GetStatistics, MailboxFull
 from ..security import DISCOVERY, KeyRing
 from ..transport import TransportConfig, ZSocket, open_socket
 from ..wire import (
@@ -394,5 +394,8 @@ class Discovery(Actor):
                     self.scheduler.tell(waiting[0])
                 except MailboxFull:
                     return  # retried on the next reap tick
+                except ActorStopped:
+                    undelivered.clear()  # the node is stopping: no Scheduler to tell
+                    return
                 waiting.pop(0)
             del undelivered[key]

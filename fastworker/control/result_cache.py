@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from .._io import tick
-from ..runtime import Actor, ActorRef, GetStatistics, MailboxFull
+from ..runtime import Actor, ActorError, ActorRef, GetStatistics
 from ..tasks.models import TaskStatus
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE
 from ..wire import (
@@ -154,7 +154,7 @@ class ResultCache(Actor):
             return
         try:
             self.gateway.tell(Outgoing([[identity, body]]))
-        except MailboxFull:
+        except ActorError:  # full, or stopped (the node is stopping): the client asks again
             self._dropped_replies += 1
 
     def store(self, records: list[ResultRecord]) -> None:
