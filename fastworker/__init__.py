@@ -8,6 +8,7 @@ from .client import ClientError as ClientError
 from .client import ClientLoopError as ClientLoopError
 from .client import ClientNotStartedError as ClientNotStartedError
 from .client import ClientStoppedError as ClientStoppedError
+from .client import ControlPlaneBusyError as ControlPlaneBusyError
 from .client import ControlPlaneUnavailableError as ControlPlaneUnavailableError
 from .client import PendingLimitError as PendingLimitError
 from .client import QueueFullError as QueueFullError
@@ -38,6 +39,7 @@ __all__ = [
     "ClientNotStartedError",
     "ClientStoppedError",
     "Cluster",
+    "ControlPlaneBusyError",
     "ControlPlaneUnavailableError",
     "CurveKeys",
     "DeadLetter",

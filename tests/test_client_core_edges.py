@@ -128,3 +128,28 @@ def test_a_lookup_reply_whose_endpoint_cannot_be_opened_is_logged_and_ignored(
     core.on_frames([[_lookup()]])
     assert not core.connected
     assert "cannot connect" in caplog.text
+
+
+def test_a_stats_query_refused_as_overloaded_raises_the_busy_error() -> None:
+    """More than four statistics queries at the control plane: a clear error to retry on."""
+    from fastworker import ControlPlaneBusyError
+    from fastworker.client._core import StatsRequest
+    from fastworker.wire import ErrorReply, StatsQuery
+
+    class _Waiter:
+        value: Any = None
+
+        def set(self, value: Any) -> None:
+            self.value = value
+
+    clock = _Clock()
+    core, link = _core(clock)
+    core.on_frames([[_lookup()]])
+    waiter = _Waiter()
+    core.inbox.append(StatsRequest(waiter))  # type: ignore[arg-type]
+    core.on_wake()
+    (query,) = [m for _, m in link.sent if isinstance(m, StatsQuery)]
+    refusal = ErrorReply(query.request_id, "overloaded", "4 statistics queries are being answered")
+    core.on_frames([[encode(refusal)]])
+    assert isinstance(waiter.value, ControlPlaneBusyError)
+    assert isinstance(waiter.value, RuntimeError)  # what it was before: callers catching that

@@ -5,6 +5,7 @@ from ._errors import ClientError as ClientError
 from ._errors import ClientLoopError as ClientLoopError
 from ._errors import ClientNotStartedError as ClientNotStartedError
 from ._errors import ClientStoppedError as ClientStoppedError
+from ._errors import ControlPlaneBusyError as ControlPlaneBusyError
 from ._errors import ControlPlaneUnavailableError as ControlPlaneUnavailableError
 from ._errors import PendingLimitError as PendingLimitError
 from ._errors import QueueFullError as QueueFullError
@@ -17,6 +18,7 @@ __all__ = [
     "ClientLoopError",
     "ClientNotStartedError",
     "ClientStoppedError",
+    "ControlPlaneBusyError",
     "ControlPlaneUnavailableError",
     "PendingLimitError",
     "QueueFullError",

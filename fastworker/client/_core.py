@@ -63,7 +63,12 @@ from ..wire import (
     task_weight,
     text_bytes,
 )
-from ._errors import AuthenticationError, ClientStoppedError, QueueFullError
+from ._errors import (
+    AuthenticationError,
+    ClientStoppedError,
+    ControlPlaneBusyError,
+    QueueFullError,
+)
 from ._waiters import Waiter
 
 __all__ = [
@@ -861,7 +866,8 @@ class ClientCore:
             self._on_refused(message.message)
             return
         command = self._queries.pop(message.request_id, None)
-        error = RuntimeError(f"control plane rejected a request: {message.message}")
+        error_type = ControlPlaneBusyError if message.reason == "overloaded" else RuntimeError
+        error = error_type(f"control plane rejected a request: {message.message}")
         if isinstance(command, Command):
             self._abandon(command)
             command.waiter.set(error)

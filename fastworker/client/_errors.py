@@ -8,6 +8,7 @@ __all__ = [
     "ClientLoopError",
     "ClientNotStartedError",
     "ClientStoppedError",
+    "ControlPlaneBusyError",
     "ControlPlaneUnavailableError",
     "PendingLimitError",
     "QueueFullError",
@@ -40,6 +41,14 @@ class PendingLimitError(ClientError):
 
 class QueueFullError(ClientError):
     """The control plane holds as many tasks as it is allowed to (``--max-queued``)."""
+
+
+class ControlPlaneBusyError(ClientError, RuntimeError):
+    """The control plane is answering as many requests of this kind as it allows; retry shortly.
+
+    ``stats()`` gets it when more than four statistics queries are in flight
+    at the control plane (each one asks every actor; design/protocol.md §8).
+    """
 
 
 class ControlPlaneUnavailableError(ClientError, TimeoutError):
