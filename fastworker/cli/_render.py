@@ -84,7 +84,8 @@ def cancelled(task_id: str, done: bool, *, as_json: bool) -> None:
         print(f"cancelled {task_id}", flush=True)
     else:
         print(
-            f"not cancelled: task {task_id} has finished, has run, or is unknown",
+            f"not cancelled: task {task_id} is running at a worker (asked to stop; its result "
+            "says how it ended), has finished, or is unknown",
             file=sys.stderr,
             flush=True,
         )
