@@ -117,3 +117,54 @@ async def test_delay_then_cancel_at_once_never_says_true_for_a_task_that_ran() -
             assert result.status is TaskStatus.SUCCESS, f"task {n} ran, yet {result.status}"
         else:
             assert result.status is TaskStatus.CANCELLED
+
+
+async def test_an_asyncio_task_asked_to_stop_is_reported_when_its_coroutine_ends() -> None:
+    """Its cleanup runs before the CANCELLED result, and a coroutine that swallows the
+    cancellation and returns is reported with its value (the second hostile review: both
+    were reported CANCELLED at once, the slot freed while the coroutine still ran)."""
+    import asyncio
+
+    from fastworker import task
+
+    started = {name: threading.Event() for name in ("cleanup", "swallow")}
+    cleaned: list[str] = []
+
+    @task(name="cleanup", loop="asyncio")
+    async def cleanup() -> None:
+        started["cleanup"].set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            await asyncio.sleep(0.2)  # async cleanup after the cancellation
+            cleaned.append("cleanup")
+
+    @task(name="swallow", loop="asyncio")
+    async def swallow() -> str:
+        started["swallow"].set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return "swallowed"
+        return "slept"
+
+    with trio.fail_after(20):
+        async with (
+            Cluster(tasks=[cleanup, swallow], workers=1, concurrency=4) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            ids = {name: await client.delay(name) for name in started}
+            for event in started.values():
+                assert await trio.to_thread.run_sync(event.wait, 10)
+            for task_id in ids.values():
+                assert await client.cancel_task(task_id) is False  # running: asked to stop
+            await client.join(timeout=10)
+            # The results came after the coroutines ended, cleanup included.
+            assert cleaned == ["cleanup"]
+    stopped = client.get_result(ids["cleanup"])
+    assert stopped is not None
+    assert stopped.status is TaskStatus.CANCELLED
+    swallowed = client.get_result(ids["swallow"])
+    assert swallowed is not None
+    assert swallowed.status is TaskStatus.SUCCESS
+    assert swallowed.result == "swallowed"

@@ -102,6 +102,7 @@ class _Run:
     __slots__ = (
         "abandoned",
         "args",
+        "asyncio_task",
         "attempt",
         "cancel_requested",
         "cancel_scope",
@@ -134,6 +135,8 @@ class _Run:
         self.started = 0.0
         self.cancel_scope: trio.CancelScope | None = None
         self.future: concurrent.futures.Future[Any] | None = None
+        # The asyncio task running it, once it runs (set and read on the asyncio loop).
+        self.asyncio_task: asyncio.Task[Any] | None = None
         self.abandoned = False  # reported already (timed out, cancelled or released)
         self.cancel_requested = False
         self.deadline: list[Any] | None = None  # its entry in the Deadlines heap
@@ -333,8 +336,11 @@ class Executor:
                 cancelled.append(_record(run, TaskStatus.CANCELLED, error="cancelled"))
             elif run.cancel_scope is not None:
                 run.cancel_scope.cancel()
-            elif run.future is not None:
-                run.future.cancel()
+            elif run.future is not None and self._asyncio_loop is not None:
+                # Cancel the asyncio task itself, on its loop: it is reported when
+                # its coroutine has ended (cleanup done, or the cancellation
+                # swallowed and a value returned), and holds its slot until then.
+                self._asyncio_loop.call_soon_threadsafe(_cancel_asyncio_run, run)
             # A running thread cannot be interrupted: it finishes, and reports
             # how it ended (it ran; the control plane does not run it again).
         return cancelled
@@ -474,6 +480,7 @@ class Executor:
         """Runs on the asyncio loop: await the task and report its outcome, whatever it is."""
         timeout = run.timeout
         outcome: Outcome
+        run.asyncio_task = asyncio.current_task()
         CURRENT_TASK_ID.set(run.task_id)  # this asyncio task's own context, and wait_for's
         try:
             if timeout is None:
@@ -792,3 +799,12 @@ def _split_arguments(decoded: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     ):
         return tuple(decoded[0]), decoded[1]
     raise ValueError("payload must be [args, kwargs]")
+
+
+def _cancel_asyncio_run(run: _Run) -> None:
+    """On the asyncio loop: cancel the run's task, or its future if the task has not started."""
+    task = run.asyncio_task
+    if task is not None:
+        task.cancel()
+    elif run.future is not None:
+        run.future.cancel()  # not started: it never will, and is reported CANCELLED now
