@@ -168,3 +168,15 @@ async def test_an_asyncio_task_asked_to_stop_is_reported_when_its_coroutine_ends
     assert swallowed is not None
     assert swallowed.status is TaskStatus.SUCCESS
     assert swallowed.result == "swallowed"
+
+
+def test_the_workers_own_cancelled_record_is_the_final_one(book: TaskBook) -> None:
+    """Its start time and error text survive (the second hostile review: started_at was lost)."""
+    dispatched(book, "t")
+    book.cancel("t")
+    book.take()
+    record = ResultRecord("t", "cancelled", error="cancelled", started_at=11.0, attempts=1)
+    book.report(b"w", record)
+    (final,) = book.take().records
+    assert final.started_at == 11.0
+    assert final.error == "cancelled"

@@ -535,7 +535,7 @@ class TaskBook:
                 self.stats["stale_results"] += 1
                 return
             self._leave_worker(slot, job)
-            if job.cancelling:
+            if status == "retrying" and job.cancelling:
                 self._finish_here(job, _CANCELLED, _CANCELLED_BY_REQUEST)  # not retried
             elif status == "retrying":
                 job.attempt += 1
