@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -245,7 +246,7 @@ _AMBIGUOUS_FAILURES = 3
 
 
 def describe_handshake(event: int, value: int, *, curve: bool) -> tuple[str | None, bool]:
-    """(what a user should check, or None when the handshake succeeded; whether it is certain).
+    """(what a user should check, or None when it succeeded or says nothing; whether certain).
 
     Certain: the server refused our key (ZAP), or one side uses CURVE and the
     other does not.  Not certain: the server dropped the handshake without a
@@ -270,10 +271,18 @@ def describe_handshake(event: int, value: int, *, curve: bool) -> tuple[str | No
             "is not in the control plane's --client-keys/--worker-keys directory, or was removed"
         ), True
     if not curve:
-        return (
-            "the handshake failed: what answers there does not speak fastworker's protocol",
-            False,
-        )
+        if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and value == errno.EPIPE:
+            # A CURVE server hangs up on a keyless peer's greeting while the peer
+            # still writes it; the mechanism mismatch that says so for certain
+            # reaches the peer only now and then.  (A service that is not
+            # ZeroMQ answers with bytes and a reset: ECONNRESET, ignored below.)
+            return (
+                "the handshake failed: the control plane hangs up on our greeting; it "
+                "most likely requires CURVE keys (curve_secret_key and curve_server_key; "
+                "design/security.md)",
+                False,
+            )
+        return None, False  # not a fastworker control plane: the caller's timeout says it
     return (
         "the CURVE handshake failed: the server dropped it, most likely because "
         "curve_server_key is not the control plane's public key"
@@ -285,10 +294,13 @@ class HandshakeJudge:
 
     A certain refusal is told at once; an ambiguous failure only when
     ``_AMBIGUOUS_FAILURES`` come in a row (a wrong server key fails every
-    reconnection, a cut connection once), and never for a socket without
-    CURVE, where it means "not a fastworker control plane" and the caller's
-    timeout says it better.  Shared by the trio watcher below and the
-    client's asyncio binding.
+    reconnection, a cut connection once).  Without CURVE the one ambiguous
+    failure told is the server hanging up on our greeting (EPIPE): a CURVE
+    control plane nearly always answers a keyless peer so, and the mechanism
+    mismatch that says it for certain came only after up to 2 s of
+    reconnections; anything else there means "not a fastworker control
+    plane", which the caller's timeout says better.  Shared by the trio
+    watcher below and the client's asyncio binding.
     """
 
     __slots__ = ("_ambiguous", "_curve")
@@ -304,8 +316,10 @@ class HandshakeJudge:
             int(event["event"]), int(event["value"]), curve=self._curve
         )
         if not certain:
+            if problem is None:
+                return False, None
             self._ambiguous += 1
-            if not self._curve or self._ambiguous < _AMBIGUOUS_FAILURES:
+            if self._ambiguous < _AMBIGUOUS_FAILURES:
                 return False, None
         else:
             self._ambiguous = 0

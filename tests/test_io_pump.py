@@ -170,3 +170,32 @@ async def test_bind_again_waits_for_a_port_its_previous_run_still_holds() -> Non
                 assert await bind_again(second, endpoint) == endpoint
     finally:
         second.close(linger_ms=0)
+
+
+def test_a_keyless_peer_hung_up_on_by_its_server_is_told_it_needs_curve_keys() -> None:
+    """Three EPIPE handshake failures in a row (a CURVE server hanging up on a NULL greeting)
+    tell the owner at once; a service that answers with bytes and a reset tells nothing.
+
+    CI saw the certain mechanism mismatch arrive only after 2.05 s of reconnections.
+    """
+    import errno
+    import struct
+
+    import zmq
+
+    from fastworker._io import HandshakeJudge
+
+    def event(kind: int, value: int) -> list[bytes]:
+        return [struct.pack("=hi", kind, value), b"tcp://127.0.0.1:9"]
+
+    hung_up = event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE)
+    reset = event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET)
+    judge = HandshakeJudge(curve=False)
+    assert judge.judge(hung_up) == (False, None)
+    assert judge.judge(hung_up) == (False, None)
+    tell, problem = judge.judge(hung_up)
+    assert tell
+    assert problem is not None
+    assert "requires CURVE keys" in problem
+    other = HandshakeJudge(curve=False)
+    assert [other.judge(reset) for _ in range(10)] == [(False, None)] * 10
