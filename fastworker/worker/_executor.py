@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import math
@@ -340,7 +341,8 @@ class Executor:
                 # Cancel the asyncio task itself, on its loop: it is reported when
                 # its coroutine has ended (cleanup done, or the cancellation
                 # swallowed and a value returned), and holds its slot until then.
-                self._asyncio_loop.call_soon_threadsafe(_cancel_asyncio_run, run)
+                with contextlib.suppress(RuntimeError):  # its loop already closed: nothing runs
+                    self._asyncio_loop.call_soon_threadsafe(_cancel_asyncio_run, run)
             # A running thread cannot be interrupted: it finishes, and reports
             # how it ended (it ran; the control plane does not run it again).
         return cancelled
