@@ -471,3 +471,35 @@ async def test_a_deadline_timer_fires_once_at_its_latest_due_time(
         await trio.sleep(20)
         assert len(actor.seen) == 1
         actor.ref.stop()
+
+
+async def test_the_idle_check_counts_the_tasks_waiting_in_receive_as_trio_does() -> None:
+    """Idle delivery's check agrees with trio's statistics, through its cheap table or not."""
+    from fastworker.runtime._actor import _receivers_counter
+
+    class WithoutTable:
+        """A channel whose internals this trio does not have: the statistics answer."""
+
+        def __init__(self, inbox: trio.MemoryReceiveChannel[object]) -> None:
+            self._inbox = inbox
+
+        def statistics(self) -> Any:
+            return self._inbox.statistics()
+
+    send, inbox = trio.open_memory_channel[object](4)
+    fast = _receivers_counter(inbox)
+    slow = _receivers_counter(WithoutTable(inbox))  # type: ignore[arg-type]
+    # This trio has the table: the check does not build statistics objects.
+    assert getattr(fast, "__self__", None) is inbox._state.receive_tasks
+    assert fast() == slow() == inbox.statistics().tasks_waiting_receive == 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inbox.receive)
+        await trio.testing.wait_all_tasks_blocked()
+        assert fast() == slow() == inbox.statistics().tasks_waiting_receive == 1
+        send.send_nowait("handed over")  # straight to the waiting task
+        assert fast() == slow() == 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(inbox.receive)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()  # an aborted receive stops counting at once
+        assert fast() == slow() == 0
