@@ -488,7 +488,7 @@ def test_cpu_seconds_of_a_live_process_and_of_no_process() -> None:
     assert read_cpu_seconds(2**22 + 12345) is None
 
 
-def test_latency_and_its_floor_run_alternately_so_both_see_the_same_machine(
+def test_latency_and_its_floor_are_measured_together_in_each_run_when_both_are_asked_for(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import asyncio
@@ -505,12 +505,38 @@ def test_latency_and_its_floor_run_alternately_so_both_see_the_same_machine(
 
         return run
 
+    async def together(ctx: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        order.append("latency+floor")
+        return {"p50_ms": float(len(order))}, {"p50_ms": float(len(order)) / 2}
+
     monkeypatch.setattr(_runner, "RUNNERS", {n: runner(n) for n in ("latency", "floor")})
+    monkeypatch.setattr(_runner, "INTERLEAVED", {("latency", "floor"): together})
     ctx = types.SimpleNamespace(options=types.SimpleNamespace(runs=3), run_note="")
     results: dict[str, Any] = {}
     asyncio.run(_runner._run_each(ctx, ["latency"], results, ["latency", "floor"]))  # type: ignore[arg-type]
-    assert order == ["latency", "floor"] * 3
-    assert [r["p50_ms"] for r in results["floor"]["runs"]] == [2.0, 4.0, 6.0]
+    assert order == ["latency+floor"] * 3
+    assert [r["p50_ms"] for r in results["latency"]["runs"]] == [1.0, 2.0, 3.0]
+    assert [r["p50_ms"] for r in results["floor"]["runs"]] == [0.5, 1.0, 1.5]
     order.clear()
     asyncio.run(_runner._run_each(ctx, ["latency"], {}, ["latency"]))  # type: ignore[arg-type]
     assert order == ["latency"] * 3  # no floor asked for: none run
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(90)
+def test_latency_with_its_floor_interleaves_them_and_reports_both(marker: str) -> None:
+    report = json_report(
+        run_bench(
+            marker,
+            *("--scenarios", "latency", "floor", "--latency-count", "150", "--json"),
+            timeout=75,
+        )
+    )
+    assert set(report) == {"meta", "idle", "latency", "floor"}
+    assert report["latency"]["tasks"] == 150
+    assert 0 < report["latency"]["p50_ms"] <= report["latency"]["p99_ms"]
+    floor = report["floor"]
+    assert floor["round_trips"] == 150
+    for prefix in ("", "thread_"):
+        assert 0 < floor[f"{prefix}p50_ms"] <= floor[f"{prefix}p99_ms"] <= floor[f"{prefix}max_ms"]
+    assert_all_gone(marker, report)  # the node, its worker and the floor's three processes

@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import select
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import IO
 
 from ._nodes import NoFirstLine, read_first_line, spawn_logged
 from ._options import BenchError
 
-__all__ = ["floor_round_trips"]
+__all__ = ["FloorSession", "floor_round_trips", "floor_session"]
 
 WARMUP = 100
 _READY_TIMEOUT = 10.0
@@ -35,6 +37,7 @@ _POLL = 0.05
 # The client's own bound for all its round trips: generous, it only stops a hang.
 _BASE_TIMEOUT = 30.0
 _PER_ROUND_TRIP = 0.01
+_NOT_A_BLOCK = "floor: the serving client answered a block with"
 
 
 class _Helper:
@@ -148,3 +151,82 @@ async def floor_round_trips(count: int, pids: set[int]) -> dict[str, list[float]
         # The client's own timeout fires first and says more; this one stops a hang.
         await _wait_for(started[-1], started[:-1], timeout + _READY_TIMEOUT + 5.0)
         return _client_times(out)
+
+
+class FloorSession:
+    """The floor's three processes, kept up to time blocks of round trips on demand.
+
+    For a ``latency`` run interleaved with its floor: the bench's own round
+    trips and the floor's alternate in blocks a fraction of a second long,
+    so a shared machine whose speed drifts within seconds is the same
+    machine for both (design/performance.md).
+    """
+
+    def __init__(self, client: _Helper, others: Sequence[_Helper]) -> None:
+        self._client = client
+        self._others = others
+        self._buffer = b""
+
+    async def round_trips(self, variant: str, count: int) -> list[float]:
+        """Seconds of ``count`` round trips of ``variant``; BenchError if they do not come."""
+        for helper in self._others:
+            if helper.process.poll() is not None:
+                raise helper.failure(f"exited (code {helper.process.returncode}) during the run")
+        stdin = self._client.process.stdin
+        assert stdin is not None
+        try:
+            stdin.write(f"{variant} {count}\n".encode())
+            stdin.flush()
+        except OSError:
+            raise self._client.failure("stopped reading its blocks") from None
+        timeout = _BASE_TIMEOUT + _PER_ROUND_TRIP * count
+        line = await asyncio.to_thread(self._line, timeout)
+        try:
+            times = json.loads(line)
+        except ValueError:
+            raise BenchError(f"{_NOT_A_BLOCK} {line[:80]!r}") from None
+        if (
+            not isinstance(times, list)
+            or len(times) != count
+            or not all(isinstance(t, float) for t in times)
+        ):
+            raise BenchError(f"{_NOT_A_BLOCK} {line[:80]!r}, not {count} seconds")
+        return times
+
+    def _line(self, timeout: float) -> str:
+        """The client's next stdout line within ``timeout`` seconds (in a thread)."""
+        stdout = self._client.process.stdout
+        assert stdout is not None
+        fd = stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if not select.select([fd], [], [], max(left, 0.0))[0]:
+                raise BenchError(f"floor: the serving client gave no block within {timeout:g} s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise self._client.failure("exited during the run")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode(errors="replace")
+
+
+@asynccontextmanager
+async def floor_session(pids: set[int]) -> AsyncIterator[FloorSession]:
+    """The relay, the echo and a serving client, warmed up; all stopped on the way out."""
+    from ._floor import CLIENT_READY  # see floor_round_trips
+
+    with _helpers() as started:
+        started.append(_Helper(["relay"], subprocess.PIPE))
+        pids.add(started[0].process.pid)
+        clients, workers = _ready_line(started[0])
+        started.append(_Helper(["echo", workers], subprocess.DEVNULL))
+        argv = ["serve", clients, "--warmup", str(WARMUP), "--timeout", str(_BASE_TIMEOUT)]
+        started.append(_Helper(argv, subprocess.PIPE))
+        pids.update(helper.process.pid for helper in started)
+        session = FloorSession(started[-1], started[:-1])
+        warmup_timeout = _READY_TIMEOUT + _BASE_TIMEOUT
+        line = await asyncio.to_thread(session._line, warmup_timeout)
+        if line != CLIENT_READY:
+            raise BenchError(f"floor: unexpected ready line from the serving client: {line!r}")
+        yield session

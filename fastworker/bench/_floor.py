@@ -10,7 +10,7 @@ pyzmq) and the same way of waiting (trio on ZeroMQ's edge-triggered fd),
 so the ``latency`` figure can be read against what the machine allows.
 
 Three programs, one process each, run by the bench as
-``python -m fastworker.bench._floor relay|echo|client``:
+``python -m fastworker.bench._floor relay|echo|client`` (or ``serve``):
 
 * ``relay``: the control plane's place; a ROUTER for clients and one for
   workers, forwarding between them.  Its ready line names both endpoints.
@@ -20,6 +20,8 @@ Three programs, one process each, run by the bench as
   has its own pool; the hop's cost is what matters).
 * ``client``: sequential round trips through the relay, a warm-up then the
   timed ones, for each variant; prints the seconds of each as one JSON line.
+  ``serve`` is the same client timing blocks of round trips the bench asks
+  for on stdin, for a ``latency`` run interleaved with its floor.
 
 Only trio, pyzmq and the standard library are used here.  (``python -m``
 imports the ``fastworker`` package first, but none of its code runs.)
@@ -43,9 +45,10 @@ from typing import cast
 import trio
 import zmq
 
-__all__ = ["RELAY_READY", "VARIANTS", "main"]
+__all__ = ["CLIENT_READY", "RELAY_READY", "VARIANTS", "main"]
 
 RELAY_READY = "fastworker floor relay ready:"
+CLIENT_READY = "fastworker floor client ready"
 # What the client sends first in each message: how the echo answers it.
 VARIANTS = {"direct": b"d", "thread": b"t"}
 _THREAD = VARIANTS["thread"]
@@ -185,6 +188,43 @@ async def client(endpoint: str, count: int, warmup: int, timeout: float) -> None
     print(json.dumps(times), flush=True)
 
 
+async def serve(endpoint: str, warmup: int, timeout: float) -> None:
+    """Time round trips in blocks the bench asks for on stdin, until stdin ends.
+
+    After the warm-up, a ready line; then each stdin line ``VARIANT COUNT``
+    is answered with one JSON line, the seconds of ``COUNT`` round trips.
+    The bench interleaves these blocks with its own ``latency`` round trips,
+    so both see the same machine within a tenth of a second
+    (design/performance.md).  ``timeout`` bounds each block.
+    """
+    context: zmq.Context[Socket] = zmq.Context()
+    try:
+        sock = _socket(context, zmq.DEALER)
+        sock.connect(endpoint)
+        fd = _fd(sock)
+        with trio.fail_after(_FIRST_REPLY_TIMEOUT):
+            await _round_trip(sock, fd, VARIANTS["direct"] + bytes(8))
+        with trio.fail_after(timeout):
+            for mark in VARIANTS.values():
+                await _round_trips(sock, fd, mark, warmup)
+        print(CLIENT_READY, flush=True)
+        while line := await trio.to_thread.run_sync(sys.stdin.readline):
+            name, count = _block(line)
+            with trio.fail_after(timeout):
+                times = await _round_trips(sock, fd, VARIANTS[name], count)
+            print(json.dumps(times), flush=True)
+    finally:
+        context.destroy(linger=0)
+
+
+def _block(line: str) -> tuple[str, int]:
+    """``VARIANT COUNT`` from the bench; ValueError naming what is wrong."""
+    fields = line.split()
+    if len(fields) != 2 or fields[0] not in VARIANTS or not fields[1].isdigit():
+        raise ValueError(f"expected 'VARIANT COUNT' with a variant of {sorted(VARIANTS)}: {line!r}")
+    return fields[0], int(fields[1])
+
+
 async def _round_trips(sock: Socket, fd: int, mark: bytes, count: int) -> list[float]:
     return [await _round_trip(sock, fd, mark + i.to_bytes(8, "little")) for i in range(count)]
 
@@ -247,6 +287,12 @@ def _parser() -> argparse.ArgumentParser:
     timed.add_argument("--count", type=int, default=2000)
     timed.add_argument("--warmup", type=int, default=100)
     timed.add_argument("--timeout", type=float, default=60.0, help="for all round trips")
+    served = programs.add_parser(
+        "serve", help="time blocks of round trips asked for on stdin ('VARIANT COUNT' lines)"
+    )
+    served.add_argument("endpoint")
+    served.add_argument("--warmup", type=int, default=100)
+    served.add_argument("--timeout", type=float, default=60.0, help="for each block")
     return parser
 
 
@@ -258,11 +304,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         program = relay
     elif args.program == "echo":
         program = lambda: echo(args.endpoint)  # noqa: E731
+    elif args.program == "serve":
+        program = lambda: serve(args.endpoint, args.warmup, args.timeout)  # noqa: E731
     else:
         program = lambda: client(args.endpoint, args.count, args.warmup, args.timeout)  # noqa: E731
     try:
-        if args.program == "client":
-            trio.run(program)  # bounded by its own timeouts
+        if args.program in ("client", "serve"):
+            trio.run(program)  # bounded by its own timeouts; serve ends with its stdin
         else:
             trio.run(_until_stdin_closes, program)
     except Exception as exc:

@@ -249,5 +249,6 @@ _FLOOR_NOTE = (
     "floor = the latency path's 3 processes and 4 socket hops on bare pyzmq + trio, no\n"
     "fastworker code: round trips client -> relay -> echo -> relay -> client on loopback;\n"
     "floor thread: the echo answers through trio.to_thread.run_sync, a thread hop like a\n"
-    "worker's for a plain-function task"
+    "worker's for a plain-function task; run with latency, the two alternate in blocks\n"
+    "of 100 round trips"
 )

@@ -26,16 +26,17 @@ from ._nodes import stop_all
 from ._options import LOCAL_ONLY, SCENARIOS, Options
 from ._progress import Progress
 from ._report import combine_runs
-from ._scenarios import RUNNERS, journal_recovery
+from ._scenarios import INTERLEAVED, RUNNERS, journal_recovery
 from ._signals import stop_on_signals
 from ._variants import Variant, curve_variant, handshake_ms, http_variant, journal_variant
 
 __all__ = ["run"]
 
 _SHARED_BY = frozenset({"throughput", "batch", "latency"})
-# Read as a ratio (latency over the machine's floor), so run alternately: the
-# speed of a shared VM drifts by a fifth within a minute, and three latency runs
-# followed by three floor runs compared two different machines.
+# Read as a ratio (latency over the machine's floor), so measured together, in
+# blocks that alternate within each run: the speed of a shared VM drifts by
+# half within seconds, and runs of each one after the other compared two
+# different machines (design/performance.md).
 _PAIRED = {"latency": "floor"}
 
 
@@ -64,7 +65,7 @@ def _meta(options: Options, ctx: Context) -> dict[str, Any]:
 async def _run_each(
     ctx: Context, names: list[str], results: dict[str, Any], partners: Sequence[str] = ()
 ) -> None:
-    """Each scenario ``runs`` times; its partner (``_PAIRED``), if wanted, right after each run."""
+    """Each scenario ``runs`` times; with its partner (``_PAIRED``), if wanted, interleaved."""
     runs = ctx.options.runs
     for name in names:
         partner = _PAIRED.get(name)
@@ -73,9 +74,12 @@ async def _run_each(
         figures, partner_figures = [], []
         for i in range(runs):
             ctx.run_note = f" (run {i + 1}/{runs})" if runs > 1 else ""
-            figures.append(await RUNNERS[name](ctx))
-            if partner is not None:
-                partner_figures.append(await RUNNERS[partner](ctx))
+            if partner is None:
+                figures.append(await RUNNERS[name](ctx))
+                continue
+            ours, theirs = await INTERLEAVED[name, partner](ctx)
+            figures.append(ours)
+            partner_figures.append(theirs)
         results[name] = combine_runs(figures)
         if partner is not None:
             results[partner] = combine_runs(partner_figures)

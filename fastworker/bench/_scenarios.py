@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..client import Client
-from ._chain import floor_round_trips
+from ._chain import floor_round_trips, floor_session
 from ._cluster import Cluster, Context, connected, start_local
 from ._cpu import read_cpu_seconds
 from ._measure import (
@@ -31,7 +31,7 @@ from ._measure import (
 from ._options import BenchError
 from ._rss import RssSampler, read_rss, to_mib
 
-__all__ = ["RUNNERS", "Figures", "journal_recovery"]
+__all__ = ["INTERLEAVED", "RUNNERS", "Figures", "journal_recovery"]
 
 Figures = dict[str, Any]
 Submit = Callable[[Client, Tally], Awaitable[None]]
@@ -40,6 +40,9 @@ _NODE_MAX_QUEUED = 1_000_000  # the node's default --max-queued
 # Unacknowledged tasks at most while filling a journaled control plane: below the
 # journal's own bound (100 000 entries waiting), so none is refused.
 _WINDOW = 50_000
+# Round trips per block when ``latency`` and ``floor`` interleave: a tenth of a
+# second or so each, shorter than the drifts of a shared VM's speed.
+_BLOCK = 100
 
 
 def _shared(ctx: Context) -> Cluster:
@@ -116,6 +119,47 @@ async def latency(ctx: Context) -> Figures:
         "cp_rss_mb": to_mib(peaks.cp_bytes),
         "worker_rss_mb": to_mib(peaks.worker_bytes),
     }
+
+
+async def latency_with_floor(ctx: Context) -> tuple[Figures, Figures]:
+    """``latency`` and ``floor`` in one run, alternating blocks of ``_BLOCK`` round trips.
+
+    What ``latency`` over ``floor`` means is a ratio, and on a shared VM
+    the speed of the machine moves within seconds: a ``latency`` run then
+    a ``floor`` run a few seconds later compare two machines.  Interleaved,
+    each block of ours has the floor's blocks right beside it.
+    """
+    n, cluster = ctx.options.latency_count, _shared(ctx)
+    ours: list[float] = []
+    theirs: dict[str, list[float]] = {"direct": [], "thread": []}
+    async with (
+        connected(ctx, cluster, capacity=n) as (client, pids),
+        floor_session(ctx.pids) as floor_processes,
+    ):
+        tally = Tally(client)
+        with (
+            RssSampler(cluster.cp_pid) as rss,
+            ctx.progress.track(ctx.label("latency + floor"), n, tally.done),
+        ):
+            rss.watch_workers(pids)
+            for start in range(0, n, _BLOCK):
+                count = min(_BLOCK, n - start)
+                ours += await round_trips(client, ctx.workload, count, tally)
+                for variant, times in theirs.items():
+                    times += await floor_processes.round_trips(variant, count)
+    peaks = rss.peaks()
+    latency_figures = {
+        "tasks": n,
+        **_spread(ours),
+        "cp_rss_mb": to_mib(peaks.cp_bytes),
+        "worker_rss_mb": to_mib(peaks.worker_bytes),
+    }
+    floor_figures = {
+        "round_trips": n,
+        **_spread(theirs["direct"]),
+        **_spread(theirs["thread"], "thread_"),
+    }
+    return latency_figures, floor_figures
 
 
 def _spread(times: list[float], prefix: str = "") -> Figures:
@@ -342,4 +386,9 @@ RUNNERS: dict[str, Callable[[Context], Awaitable[Figures]]] = {
     "backlog": backlog,
     "workers": workers,
     "floor": floor,
+}
+
+# Pairs measured in one interleaved run when both are asked for (see _runner).
+INTERLEAVED: dict[tuple[str, str], Callable[[Context], Awaitable[tuple[Figures, Figures]]]] = {
+    ("latency", "floor"): latency_with_floor,
 }
