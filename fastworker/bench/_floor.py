@@ -173,11 +173,7 @@ async def client(endpoint: str, count: int, warmup: int, timeout: float) -> None
     """Time ``count`` round trips per variant (after ``warmup``); one JSON line of seconds."""
     context: zmq.Context[Socket] = zmq.Context()
     try:
-        sock = _socket(context, zmq.DEALER)
-        sock.connect(endpoint)
-        fd = _fd(sock)
-        with trio.fail_after(_FIRST_REPLY_TIMEOUT):
-            await _round_trip(sock, fd, VARIANTS["direct"] + bytes(8))
+        sock, fd = await _connected(context, endpoint)
         times: dict[str, list[float]] = {}
         with trio.fail_after(timeout):
             for name, mark in VARIANTS.items():
@@ -199,11 +195,7 @@ async def serve(endpoint: str, warmup: int, timeout: float) -> None:
     """
     context: zmq.Context[Socket] = zmq.Context()
     try:
-        sock = _socket(context, zmq.DEALER)
-        sock.connect(endpoint)
-        fd = _fd(sock)
-        with trio.fail_after(_FIRST_REPLY_TIMEOUT):
-            await _round_trip(sock, fd, VARIANTS["direct"] + bytes(8))
+        sock, fd = await _connected(context, endpoint)
         with trio.fail_after(timeout):
             for mark in VARIANTS.values():
                 await _round_trips(sock, fd, mark, warmup)
@@ -215,6 +207,16 @@ async def serve(endpoint: str, warmup: int, timeout: float) -> None:
             print(json.dumps(times), flush=True)
     finally:
         context.destroy(linger=0)
+
+
+async def _connected(context: zmq.Context[Socket], endpoint: str) -> tuple[Socket, int]:
+    """A client socket to the relay and its fd, once a first round trip came back."""
+    sock = _socket(context, zmq.DEALER)
+    sock.connect(endpoint)
+    fd = _fd(sock)
+    with trio.fail_after(_FIRST_REPLY_TIMEOUT):
+        await _round_trip(sock, fd, VARIANTS["direct"] + bytes(8))
+    return sock, fd
 
 
 def _block(line: str) -> tuple[str, int]:

@@ -8,13 +8,23 @@ from __future__ import annotations
 
 import attrs
 
-__all__ = ["DEFAULT_SCENARIOS", "LOCAL_ONLY", "SCENARIOS", "BenchError", "Options"]
+__all__ = [
+    "DEFAULT_SCENARIOS",
+    "INTERLEAVE_BLOCK",
+    "LOCAL_ONLY",
+    "SCENARIOS",
+    "BenchError",
+    "Options",
+]
 
 DEFAULT_SCENARIOS = ("throughput", "batch", "latency", "backlog", "workers")
 # ``floor`` measures the machine, not fastworker: run only when asked for.
 SCENARIOS = (*DEFAULT_SCENARIOS, "floor")
 # Scenarios that start and stop processes: impossible against a cluster we do not own.
 LOCAL_ONLY = frozenset({"backlog", "workers"})
+# Round trips per block when ``latency`` and ``floor`` run together, alternating:
+# a tenth of a second or so each, shorter than the drifts of a shared VM's speed.
+INTERLEAVE_BLOCK = 100
 
 
 class BenchError(Exception):

@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from ._options import Options
+from ._options import INTERLEAVE_BLOCK, Options
 
 __all__ = ["combine_runs", "failed_tasks", "render_json", "render_table", "tidy"]
 
@@ -250,5 +250,5 @@ _FLOOR_NOTE = (
     "fastworker code: round trips client -> relay -> echo -> relay -> client on loopback;\n"
     "floor thread: the echo answers through trio.to_thread.run_sync, a thread hop like a\n"
     "worker's for a plain-function task; run with latency, the two alternate in blocks\n"
-    "of 100 round trips"
+    f"of {INTERLEAVE_BLOCK} round trips"
 )

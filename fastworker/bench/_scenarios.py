@@ -28,7 +28,7 @@ from ._measure import (
     submit_each,
     submit_in_batches,
 )
-from ._options import BenchError
+from ._options import INTERLEAVE_BLOCK, BenchError
 from ._rss import RssSampler, read_rss, to_mib
 
 __all__ = ["INTERLEAVED", "RUNNERS", "Figures", "journal_recovery"]
@@ -40,9 +40,6 @@ _NODE_MAX_QUEUED = 1_000_000  # the node's default --max-queued
 # Unacknowledged tasks at most while filling a journaled control plane: below the
 # journal's own bound (100 000 entries waiting), so none is refused.
 _WINDOW = 50_000
-# Round trips per block when ``latency`` and ``floor`` interleave: a tenth of a
-# second or so each, shorter than the drifts of a shared VM's speed.
-_BLOCK = 100
 
 
 def _shared(ctx: Context) -> Cluster:
@@ -112,17 +109,11 @@ async def latency(ctx: Context) -> Figures:
         ):
             rss.watch_workers(pids)
             times = await round_trips(client, ctx.workload, n, tally)
-    peaks = rss.peaks()
-    return {
-        "tasks": n,
-        **_spread(times),
-        "cp_rss_mb": to_mib(peaks.cp_bytes),
-        "worker_rss_mb": to_mib(peaks.worker_bytes),
-    }
+    return _latency_figures(times, rss)
 
 
 async def latency_with_floor(ctx: Context) -> tuple[Figures, Figures]:
-    """``latency`` and ``floor`` in one run, alternating blocks of ``_BLOCK`` round trips.
+    """``latency`` and ``floor`` in one run, alternating blocks of round trips.
 
     What ``latency`` over ``floor`` means is a ratio, and on a shared VM
     the speed of the machine moves within seconds: a ``latency`` run then
@@ -130,6 +121,7 @@ async def latency_with_floor(ctx: Context) -> tuple[Figures, Figures]:
     each block of ours has the floor's blocks right beside it.
     """
     n, cluster = ctx.options.latency_count, _shared(ctx)
+    block = INTERLEAVE_BLOCK
     ours: list[float] = []
     theirs: dict[str, list[float]] = {"direct": [], "thread": []}
     async with (
@@ -142,24 +134,30 @@ async def latency_with_floor(ctx: Context) -> tuple[Figures, Figures]:
             ctx.progress.track(ctx.label("latency + floor"), n, tally.done),
         ):
             rss.watch_workers(pids)
-            for start in range(0, n, _BLOCK):
-                count = min(_BLOCK, n - start)
+            for start in range(0, n, block):
+                count = min(block, n - start)
                 ours += await round_trips(client, ctx.workload, count, tally)
                 for variant, times in theirs.items():
                     times += await floor_processes.round_trips(variant, count)
+    return _latency_figures(ours, rss), _floor_figures(theirs)
+
+
+def _latency_figures(times: list[float], rss: RssSampler) -> Figures:
     peaks = rss.peaks()
-    latency_figures = {
-        "tasks": n,
-        **_spread(ours),
+    return {
+        "tasks": len(times),
+        **_spread(times),
         "cp_rss_mb": to_mib(peaks.cp_bytes),
         "worker_rss_mb": to_mib(peaks.worker_bytes),
     }
-    floor_figures = {
-        "round_trips": n,
-        **_spread(theirs["direct"]),
-        **_spread(theirs["thread"], "thread_"),
+
+
+def _floor_figures(times: dict[str, list[float]]) -> Figures:
+    return {
+        "round_trips": len(times["direct"]),
+        **_spread(times["direct"]),
+        **_spread(times["thread"], "thread_"),
     }
-    return latency_figures, floor_figures
 
 
 def _spread(times: list[float], prefix: str = "") -> Figures:
@@ -180,13 +178,7 @@ async def floor(ctx: Context) -> Figures:
     ``thread_*`` figures: the echo answers through a thread hop, as a
     worker does to run a plain function.  See ``_floor`` for the why.
     """
-    n = ctx.options.latency_count
-    times = await floor_round_trips(n, ctx.pids)
-    return {
-        "round_trips": n,
-        **_spread(times["direct"]),
-        **_spread(times["thread"], "thread_"),
-    }
+    return _floor_figures(await floor_round_trips(ctx.options.latency_count, ctx.pids))
 
 
 async def _until_queued(client: Client, n: int, level: list[int], stall_timeout: float) -> None:
