@@ -90,6 +90,14 @@ def test_a_version_no_peer_could_speak_is_answered_in_ours(frame: bytes) -> None
     assert answer == ErrorReply(3, "version", str(info.value))
 
 
+def test_a_float_version_is_told_it_must_be_an_integer() -> None:
+    with pytest.raises(VersionError) as info:
+        decode(cbor2.dumps([2.0, Lookup.TAG, 6]))
+    assert "must be an integer, not float" in str(info.value)
+    assert "is not supported" not in str(info.value)  # 2.0 is no other version
+    assert decode(error_reply(info.value)) == ErrorReply(6, "version", str(info.value))
+
+
 def test_a_frame_that_is_no_request_is_answered_with_request_id_0() -> None:
     with pytest.raises(VersionError) as info:
         decode(_v1(Ready.TAG, 8, None))  # its first field is a window, not a request id

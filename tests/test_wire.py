@@ -296,7 +296,7 @@ def test_truncated_or_corrupted_valid_frames_are_wire_errors_or_messages(
 GOOD_TASK: list[Any] = ["task-1", "add", 2, 0, b"[[1,2],{}]", None]
 ALL_OPTIONS: dict[str, Any] = {
     "cb": "tcp://127.0.0.1:6000",
-    "cbd": b"\xa0",
+    "cbd": b"{}",  # one JSON value, as the task's format (JSON) says
     "cbk": bytes(32),
     "eta": 1_700_000_000.5,
     "timeout": 30,
@@ -379,6 +379,13 @@ BAD_TASKS = {
     "max-retries-negative": _task(5, {"max_retries": -1}),
     "eta-nan": _task(5, {"eta": float("nan")}),
     "eta-inf": _task(5, {"eta": float("inf")}),
+    # Callback data is written into the callback document as it came: one value only.
+    "cbd-json-two-values": _task(5, {"cbd": b'null,"task_id":"someone-else"'}),
+    "cbd-json-garbage": _task(5, {"cbd": b"{"}),
+    "cbd-json-empty": _task(5, {"cbd": b""}),
+    "cbd-cbor-two-values": ["t", "n", 0, 1, b"", {"cbd": cbor2.dumps(None) + cbor2.dumps("k")}],
+    "cbd-cbor-truncated": ["t", "n", 0, 1, b"", {"cbd": cbor2.dumps([1, 2])[:-1]}],
+    "cbd-cbor-reference": ["t", "n", 0, 1, b"", {"cbd": b"\xd8\x1c" + cbor2.dumps([1])}],
 }
 
 
@@ -387,6 +394,16 @@ def test_task_envelope_rejects_malformed_items(item: Any) -> None:
     with pytest.raises(WireError) as info:
         TaskEnvelope.from_wire(item)
     assert info.value.reason == "invalid"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data"),
+    [(0, b'{"user": 7}'), (0, b" 5 "), (1, cbor2.dumps({"user": 7})), (2, b"not read at all")],
+    ids=["json", "json-spaced", "cbor", "pickle"],
+)
+def test_callback_data_of_one_value_is_accepted(fmt: int, data: bytes) -> None:
+    envelope = TaskEnvelope.from_wire(["t", "n", 0, fmt, b"", {"cbd": data}])
+    assert envelope.option("cbd") == data
 
 
 def test_task_envelope_error_names_the_task_and_field() -> None:
@@ -532,6 +549,8 @@ BAD_COMPACT_RESULTS = {
     "completed-out-of-range": _compact(3, 1e300),
     "attempts-float": _compact(4, 1.0),
     "attempts-none": _compact(4, None),
+    "attempts-negative": _compact(4, -3),
+    "attempts-bignum": _compact(4, 2**70),
     "format-3": _compact(5, 3),
     "format-bool": _compact(5, False),
     "name-none": _compact(6, None),
@@ -588,6 +607,8 @@ BAD_RESULTS = {
     "completed-bignum": _result(5, 10**400),
     "attempts-float": _result(6, 1.0),
     "attempts-bool": _result(6, True),
+    "attempts-negative": _result(6, -1),
+    "attempts-bignum": _result(6, 2**31),
     "traceback-int": _result(7, 3),
     "format-3": _result(8, 3),
     "format-bool": _result(8, True),

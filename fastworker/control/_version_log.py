@@ -32,9 +32,11 @@ class VersionLog:
         if version in self._seen or len(self._seen) >= _MAX_VERSIONS:
             return
         self._seen.add(version)
-        shown = "an unreadable version" if version is None else f"version {version}"
+        shown = (
+            "an unreadable protocol version" if version is None else f"protocol version {version}"
+        )
         self._log.warning(
-            "%s refused a peer speaking protocol %s (this node speaks version %d) and told it so; "
+            "%s refused a peer speaking %s (this node speaks version %d) and told it so; "
             "further refusals are counted in the stats (rejected: version)",
             self._endpoint,
             shown,

@@ -20,7 +20,7 @@ import cbor2
 
 from ._errors import WireError, preview
 from ._messages import MESSAGE_TYPES, Done, ErrorReply, Message, ResultReply, Results
-from ._records import results_to_wire
+from ._records import NO_REFERENCES, results_to_wire
 
 __all__ = ["PROTOCOL_VERSION", "VersionError", "decode", "encode", "error_reply"]
 
@@ -32,21 +32,6 @@ _ANSWERABLE_VERSIONS = range(1, 1 << 16)
 _MAX_REQUEST_ID = (1 << 64) - 1
 
 _GETTERS = {cls: attrgetter(*(name for name, _ in cls.FIELDS)) for cls in MESSAGE_TYPES.values()}
-
-
-def _refuse_reference(decoder: Any, *_: Any) -> Any:
-    raise ValueError("shared and string references are refused")
-
-
-# Tags 28/29 (value sharing) and 25/256 (string references) let a small frame
-# decode into a structure far larger than itself (one 1 MiB payload referenced
-# by ten thousand tasks), past every bound checked on the frame's size.
-_NO_REFERENCES = {
-    28: _refuse_reference,
-    29: _refuse_reference,
-    25: _refuse_reference,
-    256: _refuse_reference,
-}
 
 
 class VersionError(WireError):
@@ -93,9 +78,13 @@ def error_reply(exc: WireError, request_id: int = 0) -> bytes:
 
 
 def _version_error(version: Any, tag: Any, fields: list[Any]) -> VersionError:
+    if type(version) is int:
+        problem = f"protocol version {preview(version)} is not supported"
+    else:  # 2.0 is not 2: integers travel as CBOR integers (protocol.md §1)
+        problem = f"the protocol version must be an integer, not {type(version).__name__}"
     text = (
-        f"protocol version {preview(version)} is not supported: this side speaks version "
-        f"{PROTOCOL_VERSION}; clients, workers and the control plane must speak the same version"
+        f"{problem}: this side speaks version {PROTOCOL_VERSION}; clients, workers and the "
+        "control plane must speak the same version"
     )
     peer = version if type(version) is int and version in _ANSWERABLE_VERSIONS else None
     cls = MESSAGE_TYPES.get(tag) if type(tag) is int else None
@@ -109,7 +98,7 @@ def _version_error(version: Any, tag: Any, fields: list[Any]) -> VersionError:
 
 def decode(data: bytes) -> Message:
     try:
-        body: Any = cbor2.loads(data, semantic_decoders=_NO_REFERENCES)
+        body: Any = cbor2.loads(data, semantic_decoders=NO_REFERENCES)
     except Exception as exc:  # cbor2 raises a zoo of types on garbage; all mean the same
         cause = exc.__cause__ or exc.__context__
         if isinstance(cause, ValueError) and "references are refused" in str(cause):

@@ -14,9 +14,13 @@ hop; everything else in the project is attrs.
 from __future__ import annotations
 
 import datetime as dt
+import io
+import json
 from collections.abc import Iterable
 from operator import itemgetter
 from typing import Any, NamedTuple
+
+import cbor2
 
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
 from ..tasks.serializer import SerializationFormat, loads
@@ -62,6 +66,26 @@ _MAX_NAME_LENGTH = 512
 _MAX_SECONDS = 1e15
 _MIN_EPOCH = -62135596800.0  # 0001-01-01T00:00:00Z, the first datetime
 _MAX_EPOCH = 253402214400.0  # 9999-12-31T00:00:00Z, near the last one
+# A result's run number (1-based; 0 for a record no run made, such as "expired").
+_MAX_ATTEMPTS = 2**31 - 1
+_JSON = SerializationFormat.JSON.code
+_CBOR = SerializationFormat.CBOR.code
+
+
+def _refuse_reference(decoder: Any, *_: Any) -> Any:
+    raise ValueError("shared and string references are refused")
+
+
+# For cbor2's ``semantic_decoders``: tags 28/29 (value sharing) and 25/256
+# (string references) let a small frame decode into a structure far larger
+# than itself (one 1 MiB payload referenced by ten thousand tasks), past every
+# bound checked on the frame's size.  Every untrusted CBOR is read with these.
+NO_REFERENCES = {
+    28: _refuse_reference,
+    29: _refuse_reference,
+    25: _refuse_reference,
+    256: _refuse_reference,
+}
 
 
 def _seconds_ok(value: Any) -> bool:
@@ -72,6 +96,29 @@ def _seconds_ok(value: Any) -> bool:
 def _epoch_ok(value: Any) -> bool:
     """Epoch seconds that ``from_epoch`` can turn into a datetime."""
     return type(value) in (float, int) and _MIN_EPOCH <= value <= _MAX_EPOCH
+
+
+def _one_value(fmt: int, data: bytes) -> bool:
+    """Whether ``data`` is exactly one JSON or CBOR value (pickled data is not read).
+
+    The control plane writes callback data into the callback document as it
+    came, after the document's own keys: anything more than one value would
+    add keys of the sender's choosing (a JSON reader keeps the last of two).
+    """
+    if fmt == _JSON:
+        try:
+            json.loads(data)
+        except (ValueError, RecursionError):
+            return False
+        return True
+    if fmt == _CBOR:
+        stream = io.BytesIO(data)
+        try:
+            cbor2.CBORDecoder(stream, semantic_decoders=NO_REFERENCES).decode()
+        except Exception:  # cbor2 raises a zoo of types on garbage
+            return False
+        return stream.tell() == len(data)
+    return True
 
 
 def epoch(value: dt.datetime | None) -> float | None:
@@ -137,6 +184,11 @@ class TaskEnvelope(NamedTuple):
             raise WireError("invalid", f"task {task_id}: payload must be bytes")
         if options is not None:
             _check_options(options)
+            data = options.get("cbd")
+            if data is not None and not _one_value(fmt, data):
+                raise WireError(
+                    "invalid", f"task {task_id}: callback data must be exactly one encoded value"
+                )
         return _new_tuple(cls, item)
 
     @property
@@ -198,6 +250,7 @@ class ResultRecord(NamedTuple):
                 and (started is None or _epoch_ok(started))
                 and (completed is None or _epoch_ok(completed))
                 and type(attempts) is int
+                and 0 <= attempts <= _MAX_ATTEMPTS
                 and type(fmt) is int
                 and 0 <= fmt <= 2
                 and type(name) is str
@@ -231,6 +284,7 @@ class ResultRecord(NamedTuple):
             and (started is None or _epoch_ok(started))
             and (completed is None or _epoch_ok(completed))
             and type(attempts) is int
+            and 0 <= attempts <= _MAX_ATTEMPTS
             and (tb is None or type(tb) is str)
             and type(fmt) is int
             and 0 <= fmt <= 2
