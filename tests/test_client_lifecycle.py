@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import json
 import logging
 import math
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -28,7 +32,7 @@ import pytest
 import trio
 import zmq
 from _client_cases import free_address
-from multiprocess import Node
+from multiprocess import REPO_ROOT, Node, node_env
 
 from fastworker import (
     Client,
@@ -445,6 +449,12 @@ def test_a_loop_that_ends_without_stop_hands_over_what_it_was_given(loop: str) -
         ids = run_on(loop, forgetful)
         results = read_results(up.address, ids)
 
+        async def unstarted() -> None:
+            with pytest.raises(ClientStoppedError, match="start"):
+                await client.delay("add", 1, 1)  # stopped with its run, not "used elsewhere"
+
+        run_on(loop, unstarted)
+
         async def again() -> int:
             await client.start()  # the ended run's client is not "started elsewhere"
             return (await client.submit_task("add", (1, 1))).result
@@ -489,7 +499,68 @@ def test_stop_from_a_thread_returns_near_its_timeout_while_the_loop_is_blocked(
     assert elapsed
     assert elapsed[0] < 1.5
     assert "did not finish stop()" in caplog.text
+    assert "not handed over" not in caplog.text  # the loop's own stop hands it over
     assert results[task_id].result == 7
+
+
+def test_stop_after_the_asyncio_loop_was_closed_hands_over_and_leaves_no_pending_task(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``run_until_complete``, ``loop.close()``, then ``stop()``: the ids still run, and
+    asyncio does not complain of a task destroyed while pending."""
+    with control_plane("embedded") as up:
+        up.start_now()
+        client = Client(up.address)
+        loop = asyncio.new_event_loop()
+
+        async def main() -> list[str]:
+            await client.start()
+            return [await client.delay("add", i, 5) for i in range(10)]
+
+        try:
+            ids = loop.run_until_complete(main())
+        finally:
+            loop.close()
+        client.stop()
+        gc.collect()  # the client's task on the closed loop is collected here
+        results = read_results(up.address, ids)
+
+    assert [results[i].result for i in ids] == [i + 5 for i in range(10)]
+    assert "destroyed but it is pending" not in caplog.text
+
+
+_ABANDONED_LOOP = """
+import asyncio, json, sys
+from fastworker import Client
+
+client = Client(sys.argv[1])
+
+async def main():
+    await client.start()
+    return [await client.delay("add", i, 7) for i in range(10)]
+
+# Neither asyncio.run (which ends the client) nor stop() nor loop.close():
+print(json.dumps(asyncio.new_event_loop().run_until_complete(main())), flush=True)
+"""
+
+
+def test_a_program_that_exits_without_stopping_its_client_hands_over_at_exit() -> None:
+    with control_plane("embedded") as up:
+        up.start_now()
+        done = subprocess.run(
+            [sys.executable, "-c", _ABANDONED_LOOP, up.address],
+            capture_output=True,
+            text=True,
+            timeout=40,
+            env=node_env(),
+            cwd=REPO_ROOT,
+        )
+        assert done.returncode == 0, done.stderr
+        ids = json.loads(done.stdout)
+        results = read_results(up.address, ids)
+
+    assert [results[i].result for i in ids] == [i + 7 for i in range(10)]
+    assert "exiting without client.stop(); handing over" in done.stderr
 
 
 def test_constructor_settings_the_client_could_not_work_with_are_refused() -> None:

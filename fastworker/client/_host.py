@@ -18,6 +18,7 @@ reached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import threading
@@ -221,8 +222,14 @@ class AsyncioHost:
 
     def stop(self, timeout: float, heir_id: str) -> int:
         self._stopping = True
-        if self._sentinel is not None:
-            self._sentinel.cancel()
+        sentinel = self._sentinel
+        if sentinel is not None and not sentinel.done():
+            if not sentinel.get_loop().is_closed():  # a closed loop cannot cancel (RuntimeError)
+                sentinel.cancel()
+            # It ends at the loop's next turn, which a loop closed now (or already)
+            # never takes: asyncio would call it "destroyed but pending".
+            with contextlib.suppress(AttributeError):
+                sentinel._log_destroy_pending = False  # type: ignore[attr-defined]
         self._stop_binding()
         return _stop_here(self.core, timeout, heir_id)
 

@@ -11,6 +11,7 @@ binding runs and how ``stop()`` hands over.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import datetime as dt
 import logging
@@ -18,6 +19,7 @@ import math
 import os
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -86,6 +88,33 @@ _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
 _NORMAL = TaskPriority.NORMAL.rank
 # stop() from another thread waits this long beyond its timeout for the client's loop to run it.
 _LOOP_STOP_GRACE = 0.5
+# Clients started and not stopped: the program's exit stops them (_stop_at_exit).
+_STARTED: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """A program that ends without ``stop()`` — an asyncio loop neither run by
+    ``asyncio.run`` nor closed, say — still hands over the ids it was given.
+
+    An ended ``asyncio.run`` or trio run stopped its clients already (and
+    logged what it could not hand over); what is left here is a loop simply
+    abandoned.
+    """
+    for client in list(_STARTED):
+        host = client._host
+        if host is None or host.ended:
+            continue  # its run's end handed over and said what it could not
+        outstanding = client._core.outstanding()
+        if outstanding:
+            log.warning(
+                "client: the program is exiting without client.stop(); handing over %d tasks now",
+                outstanding,
+            )
+        try:
+            client.stop()
+        except Exception:  # one client's failure must not keep the others from handing over
+            log.exception("client: the hand-over at exit failed")
 
 
 def _env(name: str) -> str | None:
@@ -284,6 +313,7 @@ class Client:
             host = AsyncioHost(self._core, end_timeout=self.timeout)
         self._host = host  # before awaiting: a concurrent start() finds it and returns
         self._stopped = False
+        _STARTED.add(self)
         try:
             try:
                 await host.start()
@@ -312,6 +342,7 @@ class Client:
         """
         wait = _wait_seconds(timeout, self.timeout, allow_zero=True)
         host, self._host = self._host, None
+        _STARTED.discard(self)
         if host is None:
             return
         self._stopped = True
@@ -330,11 +361,11 @@ class Client:
             why = (
                 "it refuses this client's CURVE key"
                 if self._core.refused is not None
-                else f"within {wait:g} s"
+                else "it did not acknowledge them in time"
             )
             log.error(
                 "client stopped with %d tasks not handed over to the control plane at %s (%s): "
-                "they did not run; start the client again to send them",
+                "they run only if this client is started again, which sends them",
                 left,
                 self.discovery_address,
                 why,
@@ -413,7 +444,7 @@ class Client:
                 "stops when the loop runs again, handing over what it holds then",
                 wait + _LOOP_STOP_GRACE,
             )
-            return self._core.outstanding()
+            return 0  # not lost: the loop's own stop hands them over, and says what it could not
 
     async def _wait_for(self, kind: type[Join | Flush], timeout: float | None) -> bool:
         """Wait for the core to answer a ``flush`` or ``join``; False when ``timeout`` passed.
@@ -489,6 +520,11 @@ class Client:
                 here = None
             if here is self._loop:
                 return
+        if self._host is not None and self._host.ended:
+            raise ClientStoppedError(
+                f"this client stopped when the {'trio run' if self._on_trio else 'event loop'} "
+                "that started it ended; call `await client.start()` to use it again"
+            )
         raise ClientLoopError(
             f"this client was started on {'a trio run' if self._on_trio else 'an asyncio loop'} "
             "and is used from another loop or thread; use it from the loop that started it, "
