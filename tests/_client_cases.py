@@ -399,6 +399,7 @@ async def submit_task_timeout_fails_naming_it(client: Client, gate: HeldGate) ->
     assert result.error is not None
     assert "timed out after 0.2 s" in result.error
     assert "'slow'" in result.error
+    assert "the task goes on" in result.error  # not "lost": the caller may still read it
     assert later is not None
     assert later.status is TaskStatus.SUCCESS
     assert later.result == "late"

@@ -24,6 +24,7 @@ import trio
 
 from ..client import Client
 from ..client._errors import ClientStoppedError, ControlPlaneUnavailableError, QueueFullError
+from ..client.client import TASK_GOES_ON
 from ..tasks.models import TaskResult, TaskStatus
 from . import _tasks as t
 from ._check import INSTANT_BOUND, must_finish
@@ -527,7 +528,7 @@ class ClientSlot:
                 return
             rec.task_id = result.task_id
             self._ids.add(result.task_id)
-            if "still with the control plane" in (result.error or ""):
+            if TASK_GOES_ON in (result.error or ""):
                 op.outcome = "timeout"
                 self.live[result.task_id] = rec
             else:

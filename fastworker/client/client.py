@@ -88,6 +88,9 @@ _RANKS: dict[str, int] = {p.value: p.rank for p in TaskPriority}
 _NORMAL = TaskPriority.NORMAL.rank
 # stop() from another thread waits this long beyond its timeout for the client's loop to run it.
 _LOOP_STOP_GRACE = 0.5
+# What a submit_task that timed out says of its task: not cancelled, wherever it is now
+# (in this client waiting to be sent, queued, or running).
+TASK_GOES_ON = "the task goes on; its result comes with get_result(task_id)"
 # Clients started and not stopped: the program's exit stops them (_stop_at_exit).
 _STARTED: weakref.WeakSet[Client] = weakref.WeakSet()
 
@@ -876,7 +879,7 @@ class Client:
                 task_id=task_id,
                 status=TaskStatus.FAILURE,
                 error=f"timed out after {wait:g} s waiting for the result of {task_name!r} "
-                f"(the task is still with the control plane)",
+                f"({TASK_GOES_ON})",
                 task_name=task_name,
             )
         return self._decode(record)
