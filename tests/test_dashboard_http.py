@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import httpx
 import pytest
 import trio
@@ -22,10 +23,12 @@ from fastworker.control import ControlPlaneConfig
 from fastworker.dashboard import (
     HttpStartError,
     _server,
+    _view,
     check_http_address,
 )
 from fastworker.node._cli import main as node_main
 from fastworker.runtime import GetStatistics
+from fastworker.wire import ResultRecord
 
 
 @task
@@ -298,3 +301,17 @@ async def test_requests_beyond_the_limit_wait_then_get_503() -> None:
         for _ in range(_view.MAX_CONCURRENT):
             view._slots.release()
         assert (await http.get("/api/overview")).status_code == 200
+
+
+@pytest.mark.timeout(10)
+def test_a_result_made_of_shared_references_is_refused_not_expanded_for_display() -> None:
+    """402 bytes of nested value sharing would be 2**60 items once written out as JSON:
+    a worker posting that result must not hold the control plane's loop (the dashboard
+    runs in it) when an operator looks the task up."""
+    nested: list[Any] = ["x"]
+    for _ in range(60):
+        nested = [nested, nested]
+    bomb = cbor2.dumps(nested, value_sharing=True)
+    record = ResultRecord("t-1", "success", bomb, None, None, None, 1, None, 1, "n", None)
+
+    assert _view._record_dict(record)["result"] == "(cannot decode: CBORDecodeError)"

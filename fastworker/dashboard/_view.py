@@ -19,7 +19,7 @@ import trio
 from ..control._internal import CancelTask, LookupTask, MetricsQuery
 from ..control.gateway import gather_stats
 from ..runtime import ActorError, ActorRef
-from ..wire import ResultRecord
+from ..wire import NO_REFERENCES, ResultRecord
 
 __all__ = ["PRIORITIES", "ControlPlaneView", "DashboardBusy"]
 
@@ -45,7 +45,9 @@ def _preview(record: ResultRecord) -> str | None:
         if record.format == 0:
             text = data.decode("utf-8", errors="replace")
         else:
-            text = json.dumps(cbor2.loads(data), default=repr)
+            # No shared values: json.dumps would write out every reference, and a
+            # few hundred bytes of nested sharing hold the control plane's loop for good.
+            text = json.dumps(cbor2.loads(data, semantic_decoders=NO_REFERENCES), default=repr)
     except Exception as exc:  # user data: any decoding error is shown, not raised
         text = f"(cannot decode: {type(exc).__name__})"
     return text if len(text) <= _PREVIEW_CHARS else text[:_PREVIEW_CHARS] + "…"
