@@ -382,3 +382,19 @@ def test_codes_are_the_documented_wire_numbers() -> None:
 def test_unknown_code_is_a_payload_decode_error(code: Any) -> None:
     with pytest.raises(PayloadDecodeError, match="unknown serialization format code"):
         SerializationFormat.from_code(code)
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    "data",
+    [
+        bytes.fromhex("d81c") + cbor2.dumps([1]),  # tag 28: a value marked for sharing
+        bytes.fromhex("d901 00") + cbor2.dumps(["ab", "ab"]),  # tag 256: string references
+    ],
+    ids=["shared-value", "string-reference"],
+)
+def test_cbor_refuses_shared_values_and_string_references(data: bytes) -> None:
+    """Our encoders never write them; read, a few hundred bytes of nested sharing are
+    2**60 items for whoever encodes them again (a worker echoing its arguments)."""
+    with pytest.raises(PayloadDecodeError, match="invalid CBOR payload"):
+        loads(SerializationFormat.CBOR, data)

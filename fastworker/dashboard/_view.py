@@ -16,10 +16,11 @@ from typing import Any
 import cbor2
 import trio
 
+from .._cbor import NO_REFERENCES
 from ..control._internal import CancelTask, LookupTask, MetricsQuery
 from ..control.gateway import gather_stats
 from ..runtime import ActorError, ActorRef
-from ..wire import NO_REFERENCES, ResultRecord
+from ..wire import ResultRecord
 
 __all__ = ["PRIORITIES", "ControlPlaneView", "DashboardBusy"]
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import cbor2
 
+from .._cbor import NO_REFERENCES
+
 __all__ = [
     "PayloadDecodeError",
     "PickleRefusedError",
@@ -214,7 +216,7 @@ def loads(format: SerializationFormat, data: bytes, *, allow_pickle: bool = Fals
             raise PayloadDecodeError(f"invalid JSON payload: {exc}") from None
     if format is SerializationFormat.CBOR:
         try:
-            return cbor2.loads(data)
+            return cbor2.loads(data, semantic_decoders=NO_REFERENCES)
         except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError, MemoryError) as exc:
             raise PayloadDecodeError(f"invalid CBOR payload: {exc}") from None
     if format is SerializationFormat.PICKLE:

@@ -10,7 +10,6 @@ from ._errors import WireError as WireError
 from ._messages import *  # noqa: F403  (the message classes; listed in _messages.__all__)
 from ._messages import __all__ as _message_names
 from ._records import EXPIRED_PREFIX as EXPIRED_PREFIX
-from ._records import NO_REFERENCES as NO_REFERENCES
 from ._records import TASK_OPTIONS as TASK_OPTIONS
 from ._records import UNDECODABLE_PREFIX as UNDECODABLE_PREFIX
 from ._records import ResultRecord as ResultRecord
@@ -29,7 +28,6 @@ from ._split import text_bytes as text_bytes
 __all__ = [
     "EXPIRED_PREFIX",
     "MESSAGE_OVERHEAD",
-    "NO_REFERENCES",
     "PROTOCOL_VERSION",
     "TASK_OPTIONS",
     "UNDECODABLE_PREFIX",

@@ -18,9 +18,10 @@ from typing import Any
 
 import cbor2
 
+from .._cbor import NO_REFERENCES
 from ._errors import WireError, preview
 from ._messages import MESSAGE_TYPES, Done, ErrorReply, Message, ResultReply, Results
-from ._records import NO_REFERENCES, results_to_wire
+from ._records import results_to_wire
 
 __all__ = ["PROTOCOL_VERSION", "VersionError", "decode", "encode", "error_reply"]
 

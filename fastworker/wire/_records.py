@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import cbor2
 
+from .._cbor import NO_REFERENCES
 from ..tasks.models import TaskPriority, TaskResult, TaskStatus
 from ..tasks.serializer import SerializationFormat, loads
 from ._errors import WireError, preview
@@ -70,22 +71,6 @@ _MAX_EPOCH = 253402214400.0  # 9999-12-31T00:00:00Z, near the last one
 _MAX_ATTEMPTS = 2**31 - 1
 _JSON = SerializationFormat.JSON.code
 _CBOR = SerializationFormat.CBOR.code
-
-
-def _refuse_reference(decoder: Any, *_: Any) -> Any:
-    raise ValueError("shared and string references are refused")
-
-
-# For cbor2's ``semantic_decoders``: tags 28/29 (value sharing) and 25/256
-# (string references) let a small frame decode into a structure far larger
-# than itself (one 1 MiB payload referenced by ten thousand tasks), past every
-# bound checked on the frame's size.  Every untrusted CBOR is read with these.
-NO_REFERENCES = {
-    28: _refuse_reference,
-    29: _refuse_reference,
-    25: _refuse_reference,
-    256: _refuse_reference,
-}
 
 
 def _seconds_ok(value: Any) -> bool:
