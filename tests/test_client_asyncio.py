@@ -398,3 +398,21 @@ def test_join_timeout_raises_timeout_error(gate: Gate) -> None:
         run_with_client(
             running.discovery_address, partial(cases.join_timeout_raises_timeout_error, gate=gate)
         )
+
+
+def test_a_cancelled_submit_task_still_runs_its_task_once(gate: Gate) -> None:
+    """Cancelling the caller (a timeout around the call) does not cancel the task (README)."""
+    executions: list[str] = []
+
+    async def case(client: Client) -> int:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.submit_task("counted", ("once",)), 0.05)
+        await gate.entered()  # it runs although its caller gave up
+        gate.open()
+        await client.join(timeout=10)
+        return client.pending_count
+
+    with cluster(tasks=[cases.counted_task(executions, gate)]) as running:
+        assert run_with_client(running.discovery_address, case) == 0
+
+    assert executions == ["once"]

@@ -276,6 +276,23 @@ def test_without_a_control_plane_stop_waits_its_timeout_then_names_the_count(
         assert run_on(loop, again) == [i + 2 for i in range(7)]
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_async_with_and_no_control_plane_logs_what_it_could_not_hand_over_without_raising(
+    loop: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The README: ``async with`` logs, rather than raises from the block's exit."""
+
+    async def main() -> None:
+        async with Client(free_address(), timeout=0.3) as client:
+            for i in range(3):
+                await client.delay("add", i, 1)
+
+    with caplog.at_level(logging.ERROR, logger="fastworker.client"):
+        run_on(loop, main)
+
+    assert "client stopped with 3 tasks not handed over" in caplog.text
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("loop", LOOPS)
 def test_stop_with_nothing_outstanding_returns_at_once(loop: str, kind: str) -> None:
