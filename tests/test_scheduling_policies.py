@@ -339,6 +339,22 @@ async def test_a_result_from_a_peer_that_never_registered_changes_nothing() -> N
     assert scheduler.statistics_dict()["succeeded"] == 1
 
 
+async def test_a_result_from_an_unregistered_peer_for_an_id_not_yet_submitted_is_not_kept() -> None:
+    """A forged Done for an id that comes later (a periodic tick's id is known in advance)
+    must not finish that task when it is submitted: it runs at a real worker."""
+    from fastworker.wire import ResultRecord
+
+    scheduler, wire = _scheduler()
+    _join(scheduler, "w", 10)
+    forged = ResultRecord("tick", "success", b'"FORGED"', None, 1.0, 2.0, 1, None, 0, "t", None)
+    _report(scheduler, "stranger", forged)
+    _submit(scheduler, "tick")
+    assert wire.to(b"w") == ["tick"]
+    stats = scheduler.statistics_dict()
+    assert (stats["recovered_results"], stats["succeeded"]) == (0, 0)
+    assert stats["rejected"]["unregistered"] == 1
+
+
 async def test_a_worker_leaving_on_its_own_connection_is_ordered_behind_its_results() -> None:
     """Done, then Unregister on the same connection: the result counts, nothing is requeued.
 

@@ -506,8 +506,9 @@ class TaskBook:
         * A task cancelled while at a worker (``cancelling``) ends with that
           run: a ``retrying`` report, a release or a lost worker finish it as
           CANCELLED instead of running it again.
-        * Anything for a task the book does not hold is stale; a final result
-          for an id never seen is kept a while as an orphan (see _keep_orphan).
+        * Anything for a task the book does not hold is stale; a registered
+          worker's final result for an id never seen is kept a while as an
+          orphan (see _keep_orphan).
         * A report from a peer that is not a registered worker changes no task
           the book holds.
         """
@@ -519,8 +520,15 @@ class TaskBook:
         job = self._jobs.get(task_id)
         if job is None:
             self.stats["stale_results"] += 1
-            if task_id not in self._finished and record.status in _FINAL_REPORTS:
-                self._keep_orphan(record)
+            if task_id in self._finished or record.status not in _FINAL_REPORTS:
+                return
+            if slot is None:
+                # An unregistered peer's result for an id not submitted yet would
+                # finish that task when it comes (a periodic tick's id is known in
+                # advance): only a registered worker's is kept.
+                self.rejected["unregistered"] += 1
+                return
+            self._keep_orphan(record)
             return
         if slot is None:
             # Only a registered worker may end a task (a peer that never registered,
