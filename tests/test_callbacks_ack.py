@@ -173,3 +173,23 @@ def test_the_receiver_works_under_asyncio() -> None:
                 sender.close(linger=0)
 
     assert asyncio.run(main()) == b"doc"
+
+
+async def test_a_timeout_no_longer_than_the_resend_interval_still_delivers(
+    poll_until: Callable[..., Awaitable[Any]],
+) -> None:
+    """A new address's first send fails (not connected yet); with a 1 s timeout and
+    the 1 s re-send interval, the document was dropped before it was ever re-sent."""
+    dispatcher = CallbackDispatcher(CallbackConfig(delivery_timeout=1.0, resend_interval=1.0))
+    with CallbackReceiver("ack+tcp://127.0.0.1:*") as receiver, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dispatcher.run)
+            dispatcher.ref.tell(CallbackJobs([(receiver.address, b"doc", None)]))
+            assert await receiver.receive() == b"doc"
+            stats = await poll_until(
+                lambda: dispatcher.ref.ask(GetStatistics()),
+                lambda s: s["acknowledged"] == 1,
+                timeout=5,
+            )
+            dispatcher.ref.stop()
+    assert stats["dropped"] == 0

@@ -4,6 +4,7 @@ the bind rule, and the HTTP side failing without the control plane noticing."""
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,18 @@ import trio
 pytest.importorskip("prometheus_client", reason="needs fastworker[dashboard]")
 pytest.importorskip("hypercorn", reason="needs fastworker[dashboard]")
 
+import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastworker import Client, Cluster, QueueFullError, TaskStatus, task
+from fastworker import (
+    CallbackReceiver,
+    Client,
+    Cluster,
+    CurveKeys,
+    QueueFullError,
+    TaskStatus,
+    task,
+)
 from fastworker.control import ControlPlaneConfig
 from fastworker.dashboard import (
     HttpStartError,
@@ -29,6 +39,7 @@ from fastworker.dashboard import (
 from fastworker.node._cli import main as node_main
 from fastworker.runtime import GetStatistics
 from fastworker.wire import ResultRecord
+from fastworker.worker import Worker, WorkerConfig
 
 
 @task
@@ -44,6 +55,16 @@ def dash_boom(x: int) -> None:
 @task(max_retries=1, retry_delay=0)
 def dash_flaky() -> None:
     raise RuntimeError("flaky always fails")
+
+
+HOLD = threading.Event()
+
+
+@task
+def dash_hold() -> str:
+    """Runs until the test lets it go, so that a worker is seen holding it."""
+    HOLD.wait(20)
+    return "held"
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -162,6 +183,103 @@ async def test_metrics_and_api_report_what_ran() -> None:
     ]
 
 
+@pytest.mark.timeout(40)
+async def test_metrics_count_callbacks_evictions_lost_workers_and_held_tasks(
+    poll_until: Any,
+) -> None:
+    """The metrics the first test sees only at zero, each moved by what it counts."""
+    HOLD.clear()
+    async with (
+        Cluster(
+            tasks=[dash_add, dash_hold],
+            http_address="127.0.0.1:0",
+            result_cache_size=2,
+            heartbeat_interval=0.1,
+            callback_timeout=1,
+        ) as cluster,
+        Client(discovery_address=cluster.discovery_address) as client,
+        httpx.AsyncClient(base_url=cluster.control_plane.http_url, timeout=10) as http,
+        trio.open_nursery() as nursery,
+    ):
+        worker_id = cluster.workers[0].worker_id
+
+        async def scrape() -> dict[Any, float]:
+            return samples((await http.get("/metrics")).text)
+
+        # A task held at the worker: in flight there, and on the dashboard's worker row.
+        held = await client.delay("dash_hold")
+        workers = await poll_until(
+            lambda: http.get("/api/workers"), lambda r: r.json()[0]["running"] == 1, timeout=10
+        )
+        assert workers.json()[0]["id"] == worker_id
+        assert dict(with_label(await scrape(), "fastworker_worker_inflight", "worker")) == {
+            worker_id: 1
+        }
+        HOLD.set()
+        # Four results through a cache of two: two evicted.
+        for i in range(3):
+            assert (await client.submit_task(task_name="dash_add", args=(i, 1))).result == i + 1
+        assert client.get_result(held).result == "held"  # type: ignore[union-attr]
+        # One callback acknowledged by its receiver, one to nobody: dropped at the timeout.
+        unacknowledged = frozenset({("reason", "unacknowledged")})
+        with CallbackReceiver("ack+tcp://127.0.0.1:*") as receiver:
+            await client.delay_with_callback("dash_add", receiver.address, 1, 1)
+            await receiver.receive()
+            await client.delay_with_callback("dash_add", "ack+tcp://127.0.0.1:9", 2, 2)
+            await poll_until(
+                scrape,
+                lambda m: (
+                    m.get(("fastworker_callbacks_dropped_total", unacknowledged)) == 1
+                    and m.get(("fastworker_callbacks_acknowledged_total", frozenset())) == 1
+                ),
+                timeout=10,
+            )
+        # A frame Discovery cannot decode, counted by its reason.
+        with zmq.Context.instance().socket(zmq.DEALER) as raw:
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.connect(cluster.discovery_address)
+            raw.send(b"\xff\x00 not CBOR")
+            await poll_until(
+                scrape,
+                lambda m: (("fastworker_messages_rejected_total",
+                    frozenset({("actor", "discovery"), ("reason", "malformed")}))) in m,
+                timeout=10,
+            )  # fmt: skip
+        # A second worker that falls silent (no goodbye) is declared dead.
+        extra = Worker(cluster.registry, WorkerConfig(
+            discovery_address=cluster.discovery_address, heartbeat_interval=0.1))  # fmt: skip
+        silent = trio.CancelScope()
+
+        async def serve_until_silenced() -> None:
+            with silent:
+                await extra.serve()
+
+        nursery.start_soon(serve_until_silenced)
+        await poll_until(
+            scrape,
+            lambda m: len(list(with_label(m, "fastworker_worker_up", "worker"))) == 2,
+            timeout=10,
+        )
+        silent.cancel()
+        final = await poll_until(
+            scrape, lambda m: m.get(("fastworker_workers_lost_total", frozenset())) == 1, timeout=10
+        )
+        overview = (await http.get("/api/stats")).json()
+        assert (await http.get("/api/tasks/" + "x" * 1025)).status_code == 400
+
+    assert value(final, "fastworker_result_cache_size") == 2
+    assert value(final, "fastworker_result_cache_evicted_total") == 4  # 6 results, room for 2
+    assert value(final, "fastworker_callbacks_acknowledged_total") == 1
+    assert value(final, "fastworker_callbacks_dropped_total", reason="unacknowledged") == 1
+    assert (
+        value(final, "fastworker_messages_rejected_total", actor="discovery", reason="malformed")
+        == 1
+    )
+    assert dict(with_label(final, "fastworker_worker_up", "worker")) == {worker_id: 1}
+    assert overview["discovery"]["workers_lost"] == 1
+    assert overview["callbacks"]["acknowledged"] == 1
+
+
 @pytest.mark.timeout(20)
 async def test_queue_depth_and_oldest_age_while_tasks_wait() -> None:
     async with (
@@ -200,6 +318,8 @@ def test_http_address_binds_loopback_unless_insecure(capsys: pytest.CaptureFixtu
             check_http_address(bad, insecure=False)
     with pytest.raises(ValueError, match="--insecure"):
         ControlPlaneConfig(http_address="10.1.2.3:9000")
+    with pytest.raises(ValueError, match="--insecure"):  # keys do not make it safe: no login
+        ControlPlaneConfig(http_address="10.1.2.3:9000", curve=CurveKeys.generate())
     ControlPlaneConfig(http_address="10.1.2.3:9000", insecure=True)
     with pytest.raises(SystemExit) as exit_info:
         node_main(["--role", "control-plane", "--http-address", "0.0.0.0:9000"])

@@ -280,6 +280,10 @@ class _AckedDelivery:
         # delivery id -> [document, deadline, next re-send]; oldest first.
         self._outstanding: dict[bytes, list[Any]] = {}
         self._wait: trio.CancelScope | None = None
+        # A new address's first send fails (not connected yet): with a timeout no
+        # longer than the re-send interval, the document was dropped before its
+        # first re-send ever went.  Four tries fit in any timeout.
+        self._resend = min(self._config.resend_interval, self._config.delivery_timeout / 4)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -301,7 +305,7 @@ class _AckedDelivery:
                 self._dispatcher._drop("unacknowledged", self._address, dropped)
             for delivery_id, entry in outstanding.items():
                 if entry[2] <= now:
-                    entry[2] = now + config.resend_interval
+                    entry[2] = now + self._resend
                     if self._send(delivery_id, entry[0]):
                         self._counts["resent"] += 1
             while len(outstanding) < config.ack_window:
@@ -338,7 +342,7 @@ class _AckedDelivery:
     def _take(self, payload: bytes, now: float) -> None:
         delivery_id = self._dispatcher._new_delivery_id()
         deadline = now + self._config.delivery_timeout
-        self._outstanding[delivery_id] = [payload, deadline, now + self._config.resend_interval]
+        self._outstanding[delivery_id] = [payload, deadline, now + self._resend]
         self._send(delivery_id, payload)
 
     def _send(self, delivery_id: bytes, payload: bytes) -> bool:
