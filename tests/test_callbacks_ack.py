@@ -193,3 +193,44 @@ async def test_a_timeout_no_longer_than_the_resend_interval_still_delivers(
             )
             dispatcher.ref.stop()
     assert stats["dropped"] == 0
+
+
+async def test_documents_are_bounded_in_bytes_and_give_their_bytes_back(
+    poll_until: Callable[..., Awaitable[Any]],
+) -> None:
+    """Past max_held_bytes a document drops (counted queue_full); acknowledged and
+    dropped documents give their bytes back, so delivery goes on afterwards."""
+    dispatcher = CallbackDispatcher(
+        CallbackConfig(delivery_timeout=1.0, resend_interval=0.2, max_held_bytes=1000)
+    )
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # reads, never acknowledges
+    try:
+        port = silent.bind_to_random_port("tcp://127.0.0.1")
+        with CallbackReceiver("ack+tcp://127.0.0.1:*") as receiver, trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(dispatcher.run)
+                nobody = f"ack+tcp://127.0.0.1:{port}"
+                dispatcher.ref.tell(CallbackJobs([(nobody, b"x" * 400, None)] * 3))
+                full = await poll_until(
+                    lambda: dispatcher.ref.ask(GetStatistics()),
+                    lambda s: s["dropped_by_reason"].get("queue_full") == 1,
+                    timeout=5,
+                )
+                assert full["held_bytes"] == 800
+                expired = await poll_until(
+                    lambda: dispatcher.ref.ask(GetStatistics()),
+                    lambda s: s["dropped_by_reason"].get("unacknowledged") == 2,
+                    timeout=5,
+                )
+                assert expired["held_bytes"] == 0
+                dispatcher.ref.tell(CallbackJobs([(receiver.address, b"y" * 900, None)]))
+                assert await receiver.receive() == b"y" * 900
+                done = await poll_until(
+                    lambda: dispatcher.ref.ask(GetStatistics()),
+                    lambda s: s["acknowledged"] == 1,
+                    timeout=5,
+                )
+                dispatcher.ref.stop()
+    finally:
+        silent.close(linger=0)
+    assert done["held_bytes"] == 0

@@ -144,6 +144,26 @@ async def test_bad_options_raise_at_the_call_and_queue_nothing(
         assert client.pending_count == 0
 
 
+async def test_a_client_holding_max_pending_unfinished_tasks_refuses_more_and_keeps_them() -> None:
+    """With no control plane to take them, the client's table stops at max_pending: the
+    next call (or a batch that would cross it) raises and queues nothing."""
+    from fastworker import PendingLimitError
+
+    client = Client(free_address(), max_pending=3)
+    await client.start()
+    try:
+        ids = [await client.delay("add", i, i) for i in range(2)]
+        with pytest.raises(PendingLimitError, match="max_pending=3"):
+            await client.submit_batch([("add", (0, 0)), ("add", (1, 1))])
+        ids.append(await client.delay("add", 2, 2))
+        with pytest.raises(PendingLimitError, match="is the control plane at"):
+            await client.delay("add", 3, 3)
+        assert client.pending_count == 3
+        assert all(client.get_status(i) == TaskStatus.PENDING for i in ids)
+    finally:
+        client.stop(timeout=0)
+
+
 async def test_options_at_their_limits_are_accepted() -> None:
     client = Client(free_address())
     await client.start()

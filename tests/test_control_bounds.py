@@ -20,9 +20,11 @@ from fastworker.control.gateway import MAX_STATS_QUERIES, Gateway
 from fastworker.runtime import GetStatistics, MailboxFull
 from fastworker.transport import TransportConfig
 from fastworker.wire import (
+    MAX_QUERY_IDS,
     DeclareSchedules,
     ErrorReply,
     Register,
+    ResultQuery,
     StatsQuery,
     Unregister,
     decode,
@@ -160,6 +162,29 @@ async def test_stats_queries_beyond_the_bound_are_refused_at_once() -> None:
             assert all(isinstance(m, ErrorReply) and m.reason == "overloaded" for m in refused)
             assert gateway._stats_queries == MAX_STATS_QUERIES
     assert gateway._stats_queries == 0  # every answered query gave its place back
+
+
+async def test_a_result_query_of_more_than_max_query_ids_is_refused_invalid() -> None:
+    """2,500 queries of 50,000 ids each once took a control plane to 7 GB."""
+
+    class _Results:
+        def __init__(self) -> None:
+            self.told: list[Any] = []
+
+        def tell(self, message: object) -> None:
+            self.told.append(message)
+
+    results = _Results()
+    gateway = Gateway("tcp://127.0.0.1:*", TransportConfig(), results=results)  # type: ignore[arg-type]
+    wire = _Wire()
+    gateway._sock = wire  # type: ignore[assignment]
+    ids = [f"t{i}" for i in range(MAX_QUERY_IDS + 1)]
+    gateway.receive(Inbound([[b"c", encode(ResultQuery(1, ids))]]))
+    gateway.receive(Inbound([[b"c", encode(ResultQuery(2, ids[:MAX_QUERY_IDS]))]]))
+    (refusal,) = [decode(frames[1]) for frames in wire.sent]
+    assert isinstance(refusal, ErrorReply)
+    assert (refusal.request_id, refusal.reason) == (1, "invalid")
+    assert [len(m.task_ids) for m in results.told] == [MAX_QUERY_IDS]
 
 
 async def test_a_stats_reply_always_fits_a_message() -> None:

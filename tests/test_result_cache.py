@@ -137,6 +137,25 @@ async def test_a_batch_bigger_than_the_cache_keeps_its_newest_results() -> None:
     assert cache.statistics_dict()["evicted"] == 2
 
 
+async def test_results_are_bounded_in_bytes_as_well_as_in_count() -> None:
+    """Ten thousand results of a few MiB each would hold tens of GiB: past max_bytes the
+    least recently used go, and a query for one says it expired."""
+    big = 300_000
+    cache = ResultCache(
+        ResultCacheConfig(max_size=100, max_bytes=1 << 20, max_message_size=1 << 20)
+    )
+    cache.store([ResultRecord(f"r{i}", "success", b"x" * big, name="add") for i in range(3)])
+    assert cache.get("r0") is not None  # now the most recently used
+    cache.store([ResultRecord("r3", "success", b"x" * big, name="add")])
+    stats = cache.statistics_dict()
+    assert stats["bytes"] <= 1 << 20
+    assert (stats["size"], stats["evicted"]) == (3, 1)
+    assert cache.get("r1") is None  # the least recently used
+    assert [cache.get(t) is not None for t in ("r0", "r2", "r3")] == [True, True, True]
+    with pytest.raises(ValueError, match="one message"):
+        ResultCacheConfig(max_bytes=1000, max_message_size=1 << 20)
+
+
 # -- end to end ---------------------------------------------------------------
 
 

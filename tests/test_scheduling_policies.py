@@ -422,3 +422,36 @@ async def test_a_goodbye_while_discovery_is_stopped_loses_no_other_result() -> N
     )
     assert scheduler.book.is_finished("on-b")
     assert scheduler.statistics_dict()["internal_errors"] == 0
+
+
+async def test_an_exception_in_the_schedulers_bookkeeping_or_sending_is_counted_not_raised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One message's failure must not reach the actor's loop (the supervisor would restart
+    the Scheduler, then give up): it is counted, and the next message is served."""
+    scheduler, wire = _scheduler()
+    _join(scheduler, "w", 10)
+    real_dispatch, real_send = scheduler.book.dispatch, scheduler._send_results
+    failures = {"dispatch": 1, "send": 1}
+
+    def dispatch_once_broken() -> None:
+        if failures["dispatch"]:
+            failures["dispatch"] -= 1
+            raise RuntimeError("bookkeeping broke")
+        real_dispatch()
+
+    def send_once_broken(out: Any) -> None:
+        if failures["send"]:
+            failures["send"] -= 1
+            raise RuntimeError("sending broke")
+        real_send(out)
+
+    monkeypatch.setattr(scheduler.book, "dispatch", dispatch_once_broken)
+    monkeypatch.setattr(scheduler, "_send_results", send_once_broken)
+    _submit(scheduler, "a")  # the dispatch raises: "a" stays queued
+    assert scheduler.statistics_dict()["internal_errors"] == 1
+    _submit(scheduler, "b")  # both dispatched, then sending the effects' results raises
+    assert scheduler.statistics_dict()["internal_errors"] == 2
+    assert sorted(wire.to(b"w")) == ["a", "b"]
+    _submit(scheduler, "c")
+    assert wire.to(b"w")[-1:] == ["c"]

@@ -54,6 +54,10 @@ _MAX_RESOLVED = 4  # addresses of one host name we connect to
 class CallbackConfig:
     delivery_timeout: float = 10.0  # per document, while ZeroMQ retries the connection
     max_pending_per_address: int = 10_000
+    # Bytes of documents waiting to be sent, or sent and not yet acknowledged, over
+    # every address: 10 000 per address x 256 addresses of results up to a message
+    # each would otherwise be unbounded in practice.  Past it, new documents drop.
+    max_held_bytes: int = 256 << 20
     # Addresses with a live sender (one ZeroMQ socket each) at once: well under
     # libzmq's 1023 sockets per context, which every other socket shares.
     max_addresses: int = 256
@@ -74,6 +78,7 @@ class CallbackDispatcher(Actor):
         self._nursery: trio.Nursery | None = None
         self._counts: Counter[str] = Counter()
         self._dropped: Counter[str] = Counter()  # by reason
+        self._held_bytes = 0  # documents queued, or sent and waiting for their ack
         # Delivery ids: unique per control-plane process, never reused.
         self._id_prefix = uuid.uuid4().hex[:16].encode()
         self._ids = itertools.count(1)
@@ -84,6 +89,7 @@ class CallbackDispatcher(Actor):
     async def on_start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self._senders.clear()  # after a restart the old sender tasks are gone
+        self._held_bytes = 0  # ... and the documents they held
 
     def receive(self, message: Any) -> Any:
         if type(message) is CallbackJobs:
@@ -105,6 +111,7 @@ class CallbackDispatcher(Actor):
                 "dropped": self._dropped.total(),
                 "dropped_by_reason": dict(self._dropped),
                 "addresses": len(self._senders),
+                "held_bytes": self._held_bytes,
             }
         raise TypeError(f"callback dispatcher got an unexpected message {message!r}")
 
@@ -129,6 +136,9 @@ class CallbackDispatcher(Actor):
         document never travels in clear to an address another task gave a key.
         """
         slot = address if key is None else f"{address}\x00{key.hex()}"
+        if self._held_bytes + len(payload) > self.config.max_held_bytes:
+            detail = f"callback documents hold {self._held_bytes} bytes, the limit"
+            return ("queue_full", address, detail)
         sender = self._senders.get(slot)
         if sender is None:
             try:
@@ -148,7 +158,21 @@ class CallbackDispatcher(Actor):
             sender.send_nowait(payload)
         except trio.WouldBlock:
             return ("queue_full", address, "")
+        self._held_bytes += len(payload)
         return None
+
+    def _release(self, payload: bytes) -> None:
+        self._held_bytes -= len(payload)
+
+    def _discard_queued(self, inbox: trio.MemoryReceiveChannel[bytes]) -> int:
+        "Empty an address's queue without waiting; how many documents it held."
+        discarded = 0
+        while True:
+            try:
+                self._release(inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return discarded
+            discarded += 1
 
     async def _deliver(
         self,
@@ -213,7 +237,7 @@ class CallbackDispatcher(Actor):
         """Drop every queued document of ``slot`` (counted before closing, which
         would hide them) and retire its sender."""
         self._senders.pop(slot, None)
-        self._drop(reason, address or slot, _discard_queued(inbox))
+        self._drop(reason, address or slot, self._discard_queued(inbox))
         inbox.close()
 
     def _retire(self, slot: str, inbox: trio.MemoryReceiveChannel[bytes]) -> bool:
@@ -239,13 +263,14 @@ class CallbackDispatcher(Actor):
                 if self._retire(slot, inbox):
                     return
                 continue
+            self._release(payload)  # out of the queue: one per address from here on
             with trio.move_on_after(self.config.delivery_timeout) as scope:
                 await sock.send_multipart([payload])
             if scope.cancelled_caught:
                 # Nobody took it within the timeout: what waits behind it would
                 # only wait as long again, one by one.  Drop the queue now
                 # (counted), and give later documents a fresh chance.
-                self._drop("unreachable", address, 1 + _discard_queued(inbox))
+                self._drop("unreachable", address, 1 + self._discard_queued(inbox))
                 if self._retire(slot, inbox):
                     return  # its socket goes back at once: dead addresses must not starve live ones
             else:
@@ -300,7 +325,9 @@ class _AckedDelivery:
             if outstanding and next(iter(outstanding.values()))[1] <= now:
                 # The oldest was not acknowledged in time: as in plain mode, what
                 # waits behind it would only wait as long again.  Drop it all.
-                dropped = len(outstanding) + _discard_queued(self._inbox)
+                for entry in outstanding.values():
+                    self._dispatcher._release(entry[0])
+                dropped = len(outstanding) + self._dispatcher._discard_queued(self._inbox)
                 outstanding.clear()
                 self._dispatcher._drop("unacknowledged", self._address, dropped)
             for delivery_id, entry in outstanding.items():
@@ -354,7 +381,9 @@ class _AckedDelivery:
             frames = await self._sock.recv_batch()
             acked = 0
             for parts in frames:
-                if len(parts) == 1 and self._outstanding.pop(parts[0], None) is not None:
+                entry = self._outstanding.pop(parts[0], None) if len(parts) == 1 else None
+                if entry is not None:
+                    self._dispatcher._release(entry[0])
                     acked += 1
             if acked:
                 self._counts["acknowledged"] += acked
@@ -388,14 +417,3 @@ async def _resolve(parsed: CallbackAddress) -> list[str]:
     if not endpoints:
         log.warning("callback host %r has no usable address", parsed.host)
     return endpoints[:_MAX_RESOLVED]
-
-
-def _discard_queued(inbox: trio.MemoryReceiveChannel[bytes]) -> int:
-    """Empty an address's queue without waiting; how many documents it held."""
-    discarded = 0
-    while True:
-        try:
-            inbox.receive_nowait()
-        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-            return discarded
-        discarded += 1

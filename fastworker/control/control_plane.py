@@ -46,7 +46,7 @@ from .callbacks import CallbackConfig, CallbackDispatcher
 from .discovery import Discovery, DiscoveryConfig
 from .gateway import Gateway, gather_stats
 from .journal import Journal, JournalConfig
-from .result_cache import ResultCache, ResultCacheConfig
+from .result_cache import ResultCache, ResultCacheConfig, default_result_cache_bytes
 from .scheduler import Scheduler, SchedulerConfig
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class ControlPlaneConfig:
     advertise_worker_address: str | None = None
     result_ttl: float = 3600.0
     result_cache_size: int = 10_000
+    result_cache_bytes: int = attrs.field(factory=default_result_cache_bytes)
     heartbeat_interval: float = 1.0
     liveness: int = 3
     max_queued: int = 1_000_000
@@ -140,7 +141,10 @@ class ControlPlane:
         )
         self.results = ResultCache(
             ResultCacheConfig(
-                cfg.result_ttl, cfg.result_cache_size, max_message_size=cfg.max_message_size
+                cfg.result_ttl,
+                cfg.result_cache_size,
+                max_message_size=cfg.max_message_size,
+                max_bytes=cfg.result_cache_bytes,
             )
         )
         self.callbacks = CallbackDispatcher(

@@ -36,14 +36,23 @@ from ..wire import (
     result_weight,
 )
 from ._internal import LookupTask, Outgoing, QueryResults, ResendResults, StoreResults
+from ._taskbook import default_max_queued_bytes
 
-__all__ = ["ResultCache", "ResultCacheConfig"]
+__all__ = ["ResultCache", "ResultCacheConfig", "default_result_cache_bytes"]
+
+
+def default_result_cache_bytes() -> int:
+    """An eighth of this machine's memory, between 64 MiB and 4 GiB (as the queue's)."""
+    return default_max_queued_bytes()
 
 
 @attrs.frozen
 class ResultCacheConfig:
     ttl: float = 3600.0
     max_size: int = 10_000
+    # Results' encoded bytes kept at most: 10 000 results of a few MiB each would
+    # otherwise hold tens of GiB.  The least recently used go first, as by count.
+    max_bytes: int = attrs.field(factory=default_result_cache_bytes)
     # Ids of results that left the cache, remembered so queries say "expired".
     gone_memory: int = 100_000
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
@@ -51,6 +60,11 @@ class ResultCacheConfig:
     def __attrs_post_init__(self) -> None:
         if self.ttl <= 0 or self.max_size <= 0:
             raise ValueError("result cache ttl and size must be positive")
+        if self.max_bytes < self.max_message_size:
+            raise ValueError(
+                f"result cache bytes ({self.max_bytes}) must hold one message's worth "
+                f"({self.max_message_size})"
+            )
 
 
 @attrs.frozen
@@ -73,7 +87,9 @@ class ResultCache(Actor):
         super().__init__("result-cache", mailbox_size=4096)
         self.config = config
         self.gateway = gateway
-        self._entries: OrderedDict[str, tuple[ResultRecord, float]] = OrderedDict()
+        # task id -> (record, expires, weight); least recently used first.
+        self._entries: OrderedDict[str, tuple[ResultRecord, float, int]] = OrderedDict()
+        self._bytes = 0
         self._gone: OrderedDict[str, None] = OrderedDict()
         self._budget = message_budget(config.max_message_size)
         self._hits = 0
@@ -158,30 +174,48 @@ class ResultCache(Actor):
             self._dropped_replies += 1
 
     def store(self, records: list[ResultRecord]) -> None:
-        entries = self._entries
         expires = trio.current_time() + self.config.ttl
         for record in records:
-            task_id = record.task_id
-            if task_id in entries:  # stored again (a re-run's result): now the newest
-                entries.move_to_end(task_id)
-            elif self._gone:
-                self._gone.pop(task_id, None)
-            entries[task_id] = (record, expires)
-        excess = len(entries) - self.config.max_size
-        for _ in range(max(0, excess)):
-            self._forget(entries.popitem(last=False)[0])
-        self._evicted += max(0, excess)
+            self._put(record, expires)
+        self._evict()
+
+    def _put(self, record: ResultRecord, expires: float) -> None:
+        task_id = record.task_id
+        old = self._entries.pop(task_id, None)  # stored again (a re-run's): now the newest
+        if old is not None:
+            self._bytes -= old[2]
+        elif self._gone:
+            self._gone.pop(task_id, None)
+        weight = result_weight(record)
+        self._entries[task_id] = (record, expires, weight)
+        self._bytes += weight
+
+    def _evict(self) -> None:
+        """Least recently used out until both bounds hold."""
+        entries = self._entries
+        while entries and (
+            len(entries) > self.config.max_size or self._bytes > self.config.max_bytes
+        ):
+            task_id, (_, _, weight) = entries.popitem(last=False)
+            self._bytes -= weight
+            self._forget(task_id)
+            self._evicted += 1
+
+    def _drop(self, task_id: str) -> None:
+        self._bytes -= self._entries.pop(task_id)[2]
+        self._forget(task_id)
 
     def restore(self, results: list[tuple[ResultRecord, float]]) -> None:
         """Results read from the journal, oldest first, each with its age in seconds:
         each keeps what is left of its TTL; beyond the size the oldest go."""
-        entries = self._entries
         now = trio.current_time()
         ttl = self.config.ttl
         for record, age in results[-self.config.max_size :]:
             if age < ttl:
-                entries.pop(record.task_id, None)
-                entries[record.task_id] = (record, now + ttl - age)
+                self._put(record, now + ttl - age)
+        evicted = self._evicted
+        self._evict()
+        self._evicted = evicted  # bounds applied to what was read, not evictions
 
     def get(self, task_id: str) -> ResultRecord | None:
         """The stored result, or None when never stored, evicted or expired."""
@@ -189,10 +223,9 @@ class ResultCache(Actor):
         if entry is None:
             self._misses += 1
             return None
-        record, expires = entry
+        record, expires, _ = entry
         if trio.current_time() >= expires:
-            del self._entries[task_id]
-            self._forget(task_id)
+            self._drop(task_id)
             self._expired += 1
             self._misses += 1
             return None
@@ -209,10 +242,9 @@ class ResultCache(Actor):
 
     def sweep(self) -> int:
         now = trio.current_time()
-        dead = [task_id for task_id, (_, expires) in self._entries.items() if now >= expires]
+        dead = [task_id for task_id, (_, expires, _) in self._entries.items() if now >= expires]
         for task_id in dead:
-            del self._entries[task_id]
-            self._forget(task_id)
+            self._drop(task_id)
         self._expired += len(dead)
         return len(dead)
 
@@ -223,6 +255,8 @@ class ResultCache(Actor):
         return {
             "size": len(self._entries),
             "max_size": self.config.max_size,
+            "bytes": self._bytes,
+            "max_bytes": self.config.max_bytes,
             "ttl": self.config.ttl,
             "hits": self._hits,
             "misses": self._misses,

@@ -284,7 +284,13 @@ class Scheduler(Actor):
             # one message's handling is lost, not the control plane.
             self._internal_errors += 1
             log.exception("scheduler failed handling %s", type(message).__name__)
-        self._send_effects()
+        try:
+            self._send_effects()
+        except Exception:
+            # What was taken and not sent is recovered by the protocol: a dispatch
+            # its worker never lists is queued again, a result the client's sweep asks for.
+            self._internal_errors += 1
+            log.exception("scheduler failed sending what %s caused", type(message).__name__)
         self._timer.set(min(self.book.next_deadline(), self._next_tick()))
         return reply
 

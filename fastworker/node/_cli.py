@@ -47,6 +47,7 @@ from .._defaults import DEFAULT_DISCOVERY_ADDRESS
 from ..control import ControlPlane, ControlPlaneConfig
 from ..control._taskbook import default_max_queued_bytes
 from ..control.journal import JournalError
+from ..control.result_cache import default_result_cache_bytes
 from ..dashboard import HttpStartError, check_http_address
 from ..runtime import Supervisor
 from ..security import CertificateError
@@ -119,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--result-ttl", type=_positive_float, default=3600.0)
     parser.add_argument("--result-cache-size", type=_positive_int, default=10_000)
+    parser.add_argument(
+        "--result-cache-bytes",
+        type=_positive_int,
+        default=None,
+        help="encoded bytes of results the control plane caches; the least recently used go "
+        "(default: an eighth of this machine's memory, between 64 MiB and 4 GiB; at least "
+        "--max-message-size)",
+    )
     parser.add_argument("--heartbeat-interval", type=_interval, default=1.0)
     parser.add_argument("--max-queued", type=_positive_int, default=1_000_000)
     parser.add_argument(
@@ -310,6 +319,7 @@ def _control_plane(args: argparse.Namespace, security: NodeSecurity) -> ControlP
                 advertise_worker_address=args.advertise_worker_address,
                 result_ttl=args.result_ttl,
                 result_cache_size=args.result_cache_size,
+                result_cache_bytes=args.result_cache_bytes or default_result_cache_bytes(),
                 heartbeat_interval=args.heartbeat_interval,
                 max_queued=args.max_queued,
                 max_queued_bytes=args.max_queued_bytes or default_max_queued_bytes(),
