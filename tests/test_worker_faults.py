@@ -23,6 +23,7 @@ import trio
 from _raw_submit import submit_raw
 
 from fastworker import Client, Cluster, TaskStatus
+from fastworker.tasks.options import MAX_RETRIES
 from fastworker.transport import TransportConfig
 from fastworker.worker._executor import backoff_delay
 
@@ -359,6 +360,25 @@ async def test_a_retry_backoff_that_overflows_is_capped_and_the_task_retries() -
     assert took < 15  # 40 delays of at most 5 ms, not a retry scheduled for ever
     assert after.result == 5
     assert worker.statistics().restarts == 0
+
+
+async def test_max_retries_beyond_the_clients_limit_is_clamped_where_it_is_used() -> None:
+    """10**6 retries is legal on the wire (our client refuses more than MAX_RETRIES at the
+    call); the worker clamps it, so a raw client's always-failing task ends."""
+    start = next(_runs)
+    with trio.fail_after(30):
+        async with (
+            Cluster(tasks=TASKS, workers=1) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            task_id = submit_raw(
+                client, "always_fails", (), {"max_retries": 10**6, "retry_delay": 0}
+            )
+            await client.join()
+            result = client.get_result(task_id)
+    assert result is not None
+    assert (result.status, result.attempts) == (TaskStatus.FAILURE, MAX_RETRIES + 1)
+    assert next(_runs) - start - 1 == MAX_RETRIES + 1
 
 
 @pytest.mark.parametrize(

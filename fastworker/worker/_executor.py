@@ -51,6 +51,7 @@ from .._io import tell_own_actor
 from .._task_context import CURRENT_TASK_ID
 from ..runtime import ActorRef, ActorStopped, MailboxFull
 from ..tasks.models import TaskStatus
+from ..tasks.options import MAX_RETRIES
 from ..tasks.registry import TaskDefinition, TaskRegistry
 from ..tasks.serializer import SerializationFormat, dumps, loads
 from ..wire import UNDECODABLE_PREFIX, ResultRecord, TaskEnvelope
@@ -701,7 +702,9 @@ def _retry_delay(run: _Run) -> float | None:
     """
     definition = run.definition
     opt = run.envelope.option
-    max_retries = opt("max_retries", definition.max_retries)
+    # The wire allows up to 10**15 (our client refuses more than MAX_RETRIES at the
+    # call); a raw client's choice is clamped here, where it is used.
+    max_retries = min(opt("max_retries", definition.max_retries), MAX_RETRIES)
     if run.attempt > max_retries:
         return None
     return backoff_delay(
