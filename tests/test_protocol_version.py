@@ -225,3 +225,27 @@ async def test_a_worker_logs_that_the_control_plane_speaks_another_version() -> 
                 nursery.cancel_scope.cancel()
     finally:
         logger.removeHandler(seen)
+
+
+@pytest.mark.timeout(30)
+async def test_a_peer_reconnecting_with_its_id_while_its_old_connection_is_open_is_answered() -> (
+    None
+):
+    """The Gateway and the Scheduler set ROUTER_HANDOVER: a client or worker that comes
+    back with its routing id while its old connection is half-open (still open here)
+    is served at once, not ignored until TCP gives the old one up."""
+    with trio.fail_after(20):
+        async with Cluster(tasks=[add], workers=0) as cluster:
+            plane = cluster.control_plane
+            assert plane.gateway.endpoint is not None
+            assert plane.scheduler.endpoint is not None
+            for endpoint, identity in (
+                (plane.gateway.endpoint, b"client-again"),
+                (plane.scheduler.endpoint, b"worker-again"),
+            ):
+                async with open_socket(zmq.DEALER, identity=identity) as old:
+                    old.connect(endpoint)
+                    assert (await _answer(old, [_v1(StatsQuery.TAG, 1)]))[1] == "version"
+                    async with open_socket(zmq.DEALER, identity=identity) as new:
+                        new.connect(endpoint)
+                        assert (await _answer(new, [_v1(StatsQuery.TAG, 2)]))[1] == "version"
