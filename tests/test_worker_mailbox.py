@@ -208,3 +208,35 @@ async def test_a_started_worker_has_registered_and_takes_tasks() -> None:
 
 
 _REGISTRY_FOR_SERVE = TaskRegistry([TaskDefinition(name="quick", fn=quick, runner="thread")])
+
+
+async def test_a_task_that_crashes_the_worker_actor_counts_deaths_until_it_fails_as_poison(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not the process: the Worker actor itself raises on this task's Dispatch.  Each
+    restart tells Discovery its old id crashed, which is a death for what it held;
+    the first release's poison guard never saw these, so the task went round for ever."""
+    real = Worker._on_dispatch
+
+    def crash_on_poison(self: Worker, raw_tasks: list[Any]) -> None:
+        if any(raw[1] == "add_on_trio" for raw in raw_tasks):
+            raise RuntimeError("this task breaks the worker actor")
+        real(self, raw_tasks)
+
+    monkeypatch.setattr(Worker, "_on_dispatch", crash_on_poison)
+    with trio.fail_after(25):
+        async with (
+            # Liveness far beyond the test's time: only the crash report can count deaths.
+            Cluster(
+                tasks=[add, add_on_trio], workers=1, concurrency=1, heartbeat_interval=5
+            ) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            poison = await client.submit_task("add_on_trio", args=(1, 2), timeout=20)
+            innocent = await client.submit_task("add", args=(2, 3), timeout=10)
+            stats = await client.stats()
+    assert poison.status is TaskStatus.FAILURE
+    assert "poison task" in (poison.error or "")
+    assert innocent.result == 5
+    assert cluster.workers[0].statistics().restarts == 3
+    assert stats["discovery"]["workers_alive"] == 1

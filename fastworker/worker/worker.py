@@ -76,6 +76,7 @@ log = logging.getLogger("fastworker.worker")
 
 # Every this many heartbeat ticks, Ready lists the tasks the worker holds.
 _HELD_EVERY_TICKS = 5
+_MAX_CRASH_REPORTS = 64  # old ids waiting to be reported (restarts are bounded well below)
 
 _MAX_RESULTS_PER_MESSAGE = 2048
 _COALESCE_SECONDS = 0.002
@@ -184,6 +185,9 @@ class Worker(Actor):
         self.drained = trio.Event()  # set once a drain handed back what it did not finish
         self.handed_back = 0  # tasks the drain handed back
         self._outbox: list[ResultRecord] = []
+        # Old ids of ours whose crash Discovery has not been told yet: a report
+        # sent on the socket just reopened is often refused (not connected yet).
+        self._crash_reports: list[str] = []
         self._flush_armed = False
         self._starts = 0
         self._prefetch = cfg.prefetch if cfg.prefetch is not None else max(cfg.concurrency, 64)
@@ -201,8 +205,10 @@ class Worker(Actor):
         previous = self._restart()
         self._open_discovery()
         if previous is not None:
-            # Hand our old identity's tasks back at once (their runs died with it).
-            self._send_discovery(Unregister(previous, "crashed"))
+            # Hand our old identity's tasks back at once (their runs died with it);
+            # a crash counts as a death for what it held (the poison guard).
+            self._crash_reports = [*self._crash_reports, previous][-_MAX_CRASH_REPORTS:]
+            self._send_crash_reports()
         await nursery.start(self.executor.run)
         nursery.start_soon(tick, self.ref, lambda: self._interval, _Tick())
         if self._draining:
@@ -416,6 +422,7 @@ class Worker(Actor):
         if endpoint != self._scheduler_endpoint:
             self._open_scheduler(endpoint)
         self._connected = True
+        self._send_crash_reports()  # the Registered came: the connection is up
         # Right after connect() this Ready usually fails (IMMEDIATE): connect_dealer's when_up
         # and every tick announce the window again.
         self._announce()
@@ -500,6 +507,7 @@ class Worker(Actor):
         if self.drained.is_set():
             return  # unregistered: a heartbeat now would only make us join again
         self._reopen_refused()
+        self._send_crash_reports()
         now = trio.current_time()
         silent = now - self._last_ack
         if self._connected and silent > self._interval * self.config.liveness:
@@ -528,6 +536,15 @@ class Worker(Actor):
             os.getpid(),
             socket.gethostname(),
         )
+
+    def _send_crash_reports(self) -> None:
+        if self._discovery is None:
+            return
+        self._crash_reports = [
+            old
+            for old in self._crash_reports
+            if not self._discovery.try_send([encode(Unregister(old, "crashed"))])
+        ]
 
     def _send_discovery(self, message: Any) -> None:
         if self._discovery is None:
