@@ -162,7 +162,7 @@ def test_revive_queues_a_finished_task_again_under_its_id() -> None:
     assert b.status_of("t") is TaskStatus.QUEUED
     assert b.revive(b"d", envelope("t")) == ("held", "task t is held already")
     b.dispatch()
-    assert [e.task_id for _, batch, _ in b.take().dispatches for e in batch] == ["t"]
+    assert [e.task_id for _, batch, _, _ in b.take().dispatches for e in batch] == ["t"]
     b.report(b"w", ResultRecord("t", "success", result=b"1", attempts=1))
     out = b.take()
     assert [r.status for r in out.records] == ["success"]

@@ -36,11 +36,13 @@ class _Wire:
 
     def __init__(self) -> None:
         self.sent: list[tuple[bytes, list[str]]] = []
+        self.numbers: list[int | None] = []  # each Dispatch's number, in order
 
     def try_send(self, frames: list[bytes]) -> bool:
         message = decode(frames[1])
         if isinstance(message, Dispatch):
             self.sent.append((frames[0], [t[0] for t in message.tasks]))
+            self.numbers.append(message.number)
         return True
 
     def close(self) -> None:
@@ -293,6 +295,12 @@ async def test_a_large_batch_is_dispatched_in_messages_under_the_size_limit() ->
     assert len(wire.to(b"w")) == 200
     assert len(sizes) > 1
     assert max(sizes) <= 4 * 1024 * 1024
+    # Each part is a Dispatch of its own number: a worker's list made between two
+    # parts names the first, and the second's tasks are not taken for lost.
+    assert wire.numbers == list(range(1, len(sizes) + 1))
+    first = wire.sent[0][1]
+    scheduler.receive(Inbound([[b"w", encode(Ready(1000, first, 1))]]))
+    assert scheduler.statistics_dict()["lost_dispatches"] == 0
 
 
 async def test_a_dispatch_that_never_reached_its_worker_is_queued_again(
@@ -319,6 +327,34 @@ async def test_a_dispatch_that_never_reached_its_worker_is_queued_again(
     assert scheduler.statistics_dict()["lost_dispatches"] == 1
     holding(["lost"])  # now it has it: nothing more happens
     assert wire.to(b"a") == ["lost", "lost"]
+
+
+async def test_a_list_delayed_behind_its_dispatch_on_a_stalled_link_requeues_nothing(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The 10-minute campaign (seed 11): the worker link stalled 6.75 s with a Dispatch
+    and a Ready listing what the worker held (made before that Dispatch arrived) both
+    in it.  By age the tasks looked lost, were sent again, and ran twice.  The list
+    names the last Dispatch the worker had; later ones are still on their way."""
+    scheduler, wire = _scheduler()
+    _join(scheduler, "a", 4)
+    _submit(scheduler, "first")
+    _submit(scheduler, "stalled")
+    assert wire.to(b"a") == ["first", "stalled"]
+    assert wire.numbers == [1, 2]
+
+    def holding(ids: list[str], seen: int | None) -> None:
+        scheduler.receive(Inbound([[b"a", encode(Ready(4, ids, seen))]]))
+
+    await trio.sleep(10 * scheduler.book.config.lost_dispatch_seconds)
+    holding(["first"], 1)  # made before Dispatch 2 arrived, delivered long after
+    assert wire.to(b"a") == ["first", "stalled"]
+    assert scheduler.statistics_dict()["lost_dispatches"] == 0
+    holding(["first"], 2)  # Dispatch 2 arrived, and its task is not there: lost
+    assert wire.to(b"a") == ["first", "stalled", "stalled"]
+    assert scheduler.statistics_dict()["lost_dispatches"] == 1
+    holding(["first", "stalled"], 3)
+    assert scheduler.statistics_dict()["lost_dispatches"] == 1
 
 
 async def test_a_result_from_a_peer_that_never_registered_changes_nothing() -> None:

@@ -90,7 +90,7 @@ class TaskBookMachine(RuleBasedStateMachine):
             assert all(i in self.final for i in task_ids)
         dispatched: set[str] = set()
         self.last_dispatch = []
-        for worker, batch, weight in out.dispatches:
+        for worker, batch, weight, _number in out.dispatches:
             assert weight >= sum(len(e.payload) for e in batch)
             slot = book._workers.get(worker)
             assert slot is not None, "dispatch to a worker that is not registered"
@@ -237,7 +237,9 @@ class TaskBookMachine(RuleBasedStateMachine):
         slot = self.book._workers.get(worker)
         sent = sorted(slot.inflight) if slot is not None else []
         kept = data.draw(st.lists(st.sampled_from(sent), unique=True)) if sent else []
-        self.book.holding(worker, kept + extra)
+        last = slot.dispatched if slot is not None else 0
+        seen = data.draw(st.none() | st.integers(-1, last + 1))  # stale, current, or nonsense
+        self.book.holding(worker, kept + extra, seen)
         self._step()
 
     @rule(worker=st.sampled_from(WORKERS), task_ids=st.lists(st.sampled_from(TASK_IDS)))

@@ -21,11 +21,13 @@ from fastworker.wire import (
     PROTOCOL_VERSION,
     TASK_OPTIONS,
     WIRE_ERROR_REASONS,
+    Dispatch,
     ErrorReply,
     HeartbeatAck,
     Lookup,
     LookupReply,
     Message,
+    Ready,
     ResultRecord,
     Submit,
     TaskEnvelope,
@@ -45,6 +47,7 @@ SAMPLES: dict[tuple[type, ...], Any] = {
     (dict,): {"queued": 3, "nested": {"k": [1.5]}},
     (bool,): True,
     (list, type(None)): ["t1", "t2"],
+    (int, type(None)): 12,
 }
 
 # A value of a wrong type for each accepted-type tuple: bool where int is expected included.
@@ -56,6 +59,7 @@ WRONG: dict[tuple[type, ...], list[Any]] = {
     (dict,): [[("a", 1)], None, "d"],
     (bool,): [1, 0, "true", None],
     (list, type(None)): [{"a": 1}, "abc", b"", 0],
+    (int, type(None)): [True, 1.0, "1", [1]],
 }
 
 
@@ -172,8 +176,20 @@ def test_a_bignum_version_or_tag_is_still_a_wire_error() -> None:
 @pytest.mark.parametrize("cls", list(MESSAGE_TYPES.values()), ids=lambda c: c.__name__)
 def test_wrong_field_count_is_bad_fields(cls: type[Message]) -> None:
     values = [SAMPLES[types] for _, types in cls.FIELDS]
-    assert reason_of(frame(PROTOCOL_VERSION, cls.TAG, *values[:-1])) == "bad_fields"
+    assert reason_of(frame(PROTOCOL_VERSION, cls.TAG, *values[: cls.REQUIRED - 1])) == "bad_fields"
     assert reason_of(frame(PROTOCOL_VERSION, cls.TAG, *values, 0)) == "bad_fields"
+
+
+def test_fields_added_later_may_be_left_off_and_take_their_defaults() -> None:
+    """Dispatch.number and Ready.seen came after peers spoke both: a frame without
+    them is read with null (ours always sends them)."""
+    assert decode(frame(PROTOCOL_VERSION, Dispatch.TAG, [])) == Dispatch([], None)
+    assert decode(frame(PROTOCOL_VERSION, Ready.TAG, 8, None)) == Ready(8, None, None)
+    assert decode(encode(Ready(8, ["t"], 3))) == Ready(8, ["t"], 3)
+    assert [cls.__name__ for cls in MESSAGE_TYPES.values() if len(cls.FIELDS) > cls.REQUIRED] == [
+        "Ready",
+        "Dispatch",
+    ]
 
 
 _WRONG_CASES = [

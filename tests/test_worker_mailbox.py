@@ -240,3 +240,34 @@ async def test_a_task_that_crashes_the_worker_actor_counts_deaths_until_it_fails
     assert innocent.result == 5
     assert cluster.workers[0].statistics().restarts == 3
     assert stats["discovery"]["workers_alive"] == 1
+
+
+async def test_a_worker_names_the_last_dispatch_it_received_when_it_lists_what_it_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """End to end: the number the Scheduler gives each Dispatch comes back as Ready.seen
+    with the worker's list of what it holds (the Scheduler's rule for lost dispatches)."""
+    from fastworker.control._taskbook import TaskBook
+
+    lists: list[tuple[int | None, int]] = []
+    third_seen = trio.Event()
+    real = TaskBook.holding
+
+    def record(self: TaskBook, worker: bytes, task_ids: list[str], seen: int | None = None) -> None:
+        lists.append((seen, self._workers[worker].dispatched if worker in self._workers else -1))
+        if seen == 3:
+            third_seen.set()
+        real(self, worker, task_ids, seen)
+
+    monkeypatch.setattr(TaskBook, "holding", record)
+    with trio.fail_after(20):
+        async with (
+            Cluster(tasks=[add], workers=1, heartbeat_interval=0.05) as cluster,
+            Client(discovery_address=cluster.discovery_address) as client,
+        ):
+            for i in range(3):
+                assert (await client.submit_task("add", args=(i, i), timeout=10)).result == 2 * i
+            await third_seen.wait()
+            stats = await client.stats()
+    assert all(seen is None or 0 < seen <= issued for seen, issued in lists), lists
+    assert stats["scheduler"]["lost_dispatches"] == 0

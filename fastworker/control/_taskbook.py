@@ -102,6 +102,7 @@ class Job:
         "name",
         "priority",
         "sent_at",
+        "sent_in",
         "seq",
         "status",
         "timer",
@@ -123,6 +124,7 @@ class Job:
         self.deaths = 0
         self.due = 0.0
         self.sent_at = 0.0  # when it was last dispatched
+        self.sent_in = 0  # the number of the Dispatch that carried it there
         self.timer = 0  # token of its live entry in the due-time heap; 0 when none
         self.accepted_at = 0.0  # the book's clock when it was accepted (ages, round trips)
         # Cancelled while at a worker: it ends with that run, never runs again.
@@ -138,6 +140,7 @@ class Slot:
     window: int = 0
     inflight: dict[str, Job] = attrs.Factory(dict)
     suspect: str | None = None  # a task here on its last chance (see _may_take)
+    dispatched: int = 0  # the number of the last Dispatch to this worker
 
 
 @attrs.define
@@ -154,8 +157,9 @@ class Effects:
     # (address, record, callback data, the receiver's CURVE key or None)
     callbacks: list[tuple[str, ResultRecord, bytes | None, bytes | None]] = attrs.Factory(list)
     # Tasks to send to each worker, in dispatch order, with their total weight
-    # (an upper bound of their encoded size: the binding splits only what needs it).
-    dispatches: list[tuple[bytes, list[TaskEnvelope], int]] = attrs.Factory(list)
+    # (an upper bound of their encoded size: the binding splits only what needs it)
+    # and the Dispatch's number (a split one numbers its later parts by ``renumber``).
+    dispatches: list[tuple[bytes, list[TaskEnvelope], int, int]] = attrs.Factory(list)
     # Task ids each worker should stop running.
     cancels: dict[bytes, list[str]] = attrs.Factory(dict)
     # Finished task ids re-submitted by a client: push their stored result again.
@@ -450,29 +454,53 @@ class TaskBook:
         while len(peers) > self.config.unknown_peers:
             peers.popitem(last=False)
 
-    def holding(self, worker: bytes, task_ids: list[str]) -> None:
+    def holding(self, worker: bytes, task_ids: list[str], seen: int | None = None) -> None:
         """A worker lists every task it holds: queue again what never reached it.
 
         A Dispatch sent into a connection that broke (half-open, cut) is lost
         without a trace, and its tasks would stay RUNNING here for as long as
-        the worker lives, their credits used.  A task dispatched at least
-        ``lost_dispatch_seconds`` ago that the worker does not list is queued
-        again, in front; one still on its way is younger than that.  (A Dispatch
-        held up longer than that on a slow link runs twice: at-least-once.)
+        the worker lives, their credits used.  ``seen`` is the number of the
+        last Dispatch the worker had received when it made the list: a task
+        sent in a Dispatch numbered up to that and not listed never arrived,
+        and is queued again, in front.  Tasks sent later are on their way,
+        however long the list took to come (a stalled link delivers both late;
+        judging by age ran such tasks twice).  Without a ``seen`` this book
+        issued (a peer that does not send it), a task dispatched at least
+        ``lost_dispatch_seconds`` ago stands for one that arrived.
         """
         slot = self._workers.get(worker)
         if slot is None:
             return
         held = set(task_ids)
-        cutoff = self._now() - self.config.lost_dispatch_seconds
-        lost = [
-            job for key, job in slot.inflight.items() if key not in held and job.sent_at <= cutoff
-        ]
+        if seen is not None and 0 < seen <= slot.dispatched:
+            lost = [
+                job for key, job in slot.inflight.items() if key not in held and job.sent_in <= seen
+            ]
+        else:
+            cutoff = self._now() - self.config.lost_dispatch_seconds
+            lost = [
+                job
+                for key, job in slot.inflight.items()
+                if key not in held and job.sent_at <= cutoff
+            ]
         for job in lost:
             self._leave_worker(slot, job)
             job.status = _QUEUED
         self._queues.push_front(self._not_cancelling(lost))
         self.stats["lost_dispatches"] += len(lost)
+
+    def renumber(self, worker: bytes, task_ids: list[str]) -> int:
+        """A number for one more Dispatch to ``worker``, carrying ``task_ids`` (the
+        later parts of a batch the binding split by bytes)."""
+        slot = self._workers.get(worker)
+        if slot is None:
+            return 0
+        slot.dispatched += 1
+        for task_id in task_ids:
+            job = slot.inflight.get(task_id)
+            if job is not None:
+                job.sent_in = slot.dispatched
+        return slot.dispatched
 
     def release(self, worker: bytes, task_ids: list[str]) -> None:
         """A worker hands back tasks it will not start (draining): queue them again, in front."""
@@ -688,6 +716,7 @@ class TaskBook:
             inflight = slot.inflight
             now = self._now()
             weight = 0
+            number = slot.dispatched + 1
             for job in queues.pop_many(slot.names, free):
                 if job.deaths:
                     if not self._may_take(slot, job):
@@ -698,6 +727,7 @@ class TaskBook:
                 job.status = _RUNNING
                 job.worker = slot.identity
                 job.sent_at = now
+                job.sent_in = number
                 weight += job.weight
                 inflight[job.key] = job
                 envelope = job.envelope
@@ -709,7 +739,8 @@ class TaskBook:
             if back:
                 queues.push_front(back)
             if batch:
-                self.out.dispatches.append((slot.identity, batch, weight))
+                slot.dispatched = number
+                self.out.dispatches.append((slot.identity, batch, weight, number))
                 self.stats["dispatched"] += len(batch)
             if not len(queues):
                 return

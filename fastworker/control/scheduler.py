@@ -322,9 +322,9 @@ class Scheduler(Actor):
 
     def _send_dispatches(self, out: Effects) -> None:
         book = self.book
-        for worker, batch, weight in out.dispatches:
+        for worker, batch, weight, number in out.dispatches:
             if weight <= self._budget:  # the common case: one message, nothing to weigh
-                if not self._send_worker(worker, Dispatch(batch)):
+                if not self._send_worker(worker, Dispatch(batch, number)):
                     self._unreachable(worker, [e.task_id for e in batch])
                 continue
 
@@ -336,7 +336,9 @@ class Scheduler(Actor):
 
             chunks = split_by_bytes(batch, task_weight, self._budget, cannot_fit)
             for i, chunk in enumerate(chunks):
-                if not self._send_worker(worker, Dispatch(chunk)):
+                if i:  # each part its own number: a list made between parts must not lose one
+                    number = book.renumber(worker, [e.task_id for e in chunk])
+                if not self._send_worker(worker, Dispatch(chunk, number)):
                     self._unreachable(worker, [e.task_id for rest in chunks[i:] for e in rest])
                     break
 
@@ -554,7 +556,7 @@ class Scheduler(Actor):
         elif isinstance(message, Ready):
             book.ready(identity, message.window)
             if message.held is not None:
-                book.holding(identity, [i for i in message.held if type(i) is str])
+                book.holding(identity, [i for i in message.held if type(i) is str], message.seen)
         elif isinstance(message, Release):
             book.release(identity, [i for i in message.task_ids if type(i) is str])
         elif isinstance(message, Unregister):

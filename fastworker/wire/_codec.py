@@ -118,9 +118,10 @@ def decode(data: bytes) -> Message:
         raise WireError("unknown_type", f"unknown message type {preview(tag)}")
     fields = body[2:]
     spec = cls.FIELDS
-    if len(fields) != len(spec):
-        raise WireError("bad_fields", f"{cls.__name__} takes {len(spec)} fields, got {len(fields)}")
-    for value, (name, types) in zip(fields, spec, strict=True):
+    if not cls.REQUIRED <= len(fields) <= len(spec):
+        takes = len(spec) if len(spec) == cls.REQUIRED else f"{cls.REQUIRED} to {len(spec)}"
+        raise WireError("bad_fields", f"{cls.__name__} takes {takes} fields, got {len(fields)}")
+    for value, (name, types) in zip(fields, spec, strict=False):
         if type(value) not in types:
             raise WireError("bad_fields", f"{cls.__name__}.{name} has type {type(value).__name__}")
     return cls(*fields)

@@ -60,6 +60,8 @@ class Message:
     TAG: ClassVar[int]
     # (field name, accepted python types) in wire order; filled by _register.
     FIELDS: ClassVar[tuple[tuple[str, tuple[type, ...]], ...]]
+    # How many of FIELDS a frame must carry: the rest may be left off (added later).
+    REQUIRED: ClassVar[int]
 
 
 MESSAGE_TYPES: dict[int, type[Message]] = {}
@@ -67,13 +69,17 @@ MESSAGE_TYPES: dict[int, type[Message]] = {}
 _NONE = type(None)
 
 
-def _register(tag: int, *types: tuple[type, ...]) -> Any:
+def _register(tag: int, *types: tuple[type, ...], optional: int = 0) -> Any:
+    """``optional``: how many trailing fields a frame may leave off (they take
+    their defaults): fields added to a message after peers already spoke it."""
+
     def wrap(cls: type[Message]) -> type[Message]:
         names = [f.name for f in attrs.fields(cls)]  # type: ignore[arg-type]
         if len(names) != len(types):
             raise TypeError(f"{cls.__name__}: {len(names)} fields but {len(types)} types")
         cls.TAG = tag
         cls.FIELDS = tuple(zip(names, types, strict=True))
+        cls.REQUIRED = len(types) - optional
         if tag in MESSAGE_TYPES:
             raise TypeError(f"tag {tag} used twice")
         MESSAGE_TYPES[tag] = cls
@@ -277,27 +283,32 @@ class ErrorReply(Message):
 # --- worker <-> scheduler ---------------------------------------------------
 
 
-@_register(30, _I, (list, _NONE))
+@_register(30, _I, (list, _NONE), (int, _NONE), optional=1)
 @attrs.frozen
 class Ready(Message):
     """Worker → scheduler: how many tasks it may hold at once (0 = send no more).
 
-    ``held`` (now and then; null otherwise) lists every task the worker holds:
-    a task the control plane dispatched to it long enough ago and that is not
-    listed was lost on the way (a Dispatch into a broken connection) and is
-    queued again.
+    ``held`` (now and then; null otherwise) lists every task the worker holds,
+    and ``seen`` the ``number`` of the last Dispatch it received before making
+    the list: a task of a Dispatch numbered up to ``seen`` that is not listed
+    was lost on the way (a Dispatch into a broken connection) and is queued
+    again.  A list that took long on a stalled link says nothing of Dispatches
+    sent after ``seen``.
     """
 
     window: int
     held: list[Any] | None = None
+    seen: int | None = None
 
 
-@_register(31, _L)
+@_register(31, _L, (int, _NONE), optional=1)
 @attrs.frozen
 class Dispatch(Message):
-    """Scheduler → worker: TaskWire arrays to run."""
+    """Scheduler → worker: TaskWire arrays to run; ``number`` counts Dispatches to
+    this worker (echoed as ``Ready.seen``)."""
 
     tasks: list[Any]
+    number: int | None = None
 
 
 @_register(32, _L)

@@ -188,6 +188,7 @@ class Worker(Actor):
         # Old ids of ours whose crash Discovery has not been told yet: a report
         # sent on the socket just reopened is often refused (not connected yet).
         self._crash_reports: list[str] = []
+        self._dispatch_seen: int | None = None  # the number of the last Dispatch received
         self._flush_armed = False
         self._starts = 0
         self._prefetch = cfg.prefetch if cfg.prefetch is not None else max(cfg.concurrency, 64)
@@ -301,6 +302,7 @@ class Worker(Actor):
         self.worker_id = _new_worker_id()
         self.instance_id = None
         self._outbox.clear()
+        self._dispatch_seen = None  # a new id: the control plane numbers for it anew
         self._retiring = False  # the new executor has nothing stuck
         self.executor = self._new_executor()
         log.warning("worker %s restarted as %s", previous, self.worker_id)
@@ -373,6 +375,9 @@ class Worker(Actor):
             log.warning("worker %s ignored a bad frame: %s", self.worker_id, exc)
             return
         if isinstance(message, Dispatch):
+            # The last one received (not the largest): numbers start again with a
+            # new control plane, and one connection delivers in order.
+            self._dispatch_seen = message.number
             self._on_dispatch(message.tasks)
         elif isinstance(message, HeartbeatAck):
             self._on_ack(message)
@@ -417,6 +422,7 @@ class Worker(Actor):
         )
         if message.instance_id != self.instance_id:
             log.info("worker %s joined control plane %s", self.worker_id, message.instance_id)
+            self._dispatch_seen = None  # another control plane numbers its Dispatches anew
         self.instance_id = message.instance_id
         endpoint = resolve_endpoint(message.worker_endpoint, self.config.discovery_address)
         if endpoint != self._scheduler_endpoint:
@@ -471,7 +477,8 @@ class Worker(Actor):
             held = [*self.executor.held_ids(), *(record.task_id for record in self._outbox)]
             if sum(text_bytes(i) + 9 for i in held) > message_budget(self._message_limit) // 2:
                 held = None
-        self._send_scheduler(Ready(0 if self._draining or self._retiring else self.window, held))
+        window = 0 if self._draining or self._retiring else self.window
+        self._send_scheduler(Ready(window, held, None if held is None else self._dispatch_seen))
 
     @property
     def window(self) -> int:
