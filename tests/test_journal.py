@@ -294,7 +294,10 @@ async def test_a_slow_disk_delays_acknowledgements_not_dispatch_or_results(
         return healthy(self, batches)
 
     monkeypatch.setattr(JournalStore, "write", write)
-    async with Cluster(tasks=[triple], journal=str(tmp_path / "j.db")) as cluster:
+    # A worker silent for 0.3 s is declared dead: the disk is held ten times as long.
+    async with Cluster(
+        tasks=[triple], journal=str(tmp_path / "j.db"), heartbeat_interval=0.1
+    ) as cluster:
         client = Client(discovery_address=cluster.discovery_address, timeout=20)
         await client.start()
         try:
@@ -302,13 +305,45 @@ async def test_a_slow_disk_delays_acknowledgements_not_dispatch_or_results(
                 result = await client.submit_task("triple", args=(5,))
             assert result.status is TaskStatus.SUCCESS
             assert result.result == 15
+            await trio.sleep(3.0)  # what must not happen meanwhile: no event to wait for
             stats = await cluster.stats()
             assert stats["journal"]["commits"] == 0  # the disk has not answered yet
             assert stats["discovery"]["workers_alive"] == 1  # heartbeats flow meanwhile
+            assert stats["discovery"]["workers_lost"] == 0
         finally:
             disk_free.set()
         await client.flush()
         client.stop()
+
+
+async def test_one_message_of_many_tasks_is_one_commit(tmp_path: Path) -> None:
+    """Group commit: a batch of 2,000 tasks costs the disk one transaction, not 2,000."""
+    async with Cluster(tasks=[triple], journal=str(tmp_path / "j.db"), workers=0) as cluster:
+        async with Client(discovery_address=cluster.discovery_address) as client:
+            await client.submit_batch([("triple", (n,)) for n in range(2000)])
+            await client.flush(timeout=10)
+        stats = await cluster.stats()
+    assert stats["scheduler"]["held"] == 2000
+    assert 1 <= stats["journal"]["commits"] <= 3
+
+
+@pytest.mark.parametrize(("sync", "level"), [(None, 1), ("full", 2)])
+async def test_journal_sync_sets_sqlites_synchronous_level(
+    tmp_path: Path, sync: str | None, level: int
+) -> None:
+    """NORMAL by default (WAL: a power loss may lose the last commits, a crash none);
+    --journal-sync full fsyncs every commit.  Read on the control plane's own connection."""
+    from fastworker.node._cli import build_parser
+
+    args = ["--journal", str(tmp_path / "j.db")] + (["--journal-sync", sync] if sync else [])
+    assert build_parser().parse_args(args).journal_sync == (sync or "normal")
+    options = {"journal_sync": sync} if sync else {}
+    async with Cluster(tasks=[triple], journal=str(tmp_path / "j.db"), **options) as cluster:
+        journal = cluster.control_plane.journal
+        assert journal is not None
+        assert journal._store is not None
+        pragma = journal._store._db.execute("PRAGMA synchronous").fetchone()[0]
+    assert pragma == level
 
 
 async def test_a_restarted_control_plane_runs_what_it_held_and_answers_what_it_finished(

@@ -63,6 +63,40 @@ async def periodic_hang() -> str:
     return "done"
 
 
+@task(name="periodic_interval", repeat_interval=1, loop="trio")
+async def periodic_interval() -> int:
+    runs: list[float] = _state["runs"]
+    runs.append(trio.current_time())
+    if len(runs) >= _state["target"]:
+        _state["reached"].set()
+    return len(runs)
+
+
+@pytest.mark.timeout(30)
+async def test_a_declared_repeat_interval_runs_once_per_interval_with_two_workers() -> None:
+    """``@task(repeat_interval=...)`` declared by every worker serving it: one schedule,
+    one run per interval (not one per worker)."""
+    _reset(runs=[], target=3, reached=trio.Event())
+    async with (
+        Cluster(tasks=[periodic_interval], workers=2) as cluster,
+        Client(discovery_address=cluster.discovery_address) as client,
+    ):
+        (info,) = await client.schedules()
+        assert (info.schedule_id, info.source, info.repeat_interval) == (
+            "periodic_interval",
+            "declared",
+            1.0,
+        )
+        with trio.fail_after(10):
+            await _state["reached"].wait()
+        assert await client.remove_schedule("periodic_interval")
+        stats = await client.stats()
+    runs = _state["runs"]
+    assert stats["scheduler"]["schedules"]["runs"] >= len(runs) >= 3
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert all(gap > 0.5 for gap in gaps), gaps  # two workers, yet never two runs per tick
+
+
 @pytest.mark.timeout(30)
 async def test_a_one_second_cron_runs_once_per_tick_with_three_workers() -> None:
     _reset(runs=[], target=3, reached=trio.Event())
