@@ -218,25 +218,32 @@ def test_async_with_flushes_on_exit_without_blocking_the_loop(loop: str, kind: s
 
     with control_plane(kind) as late:
 
-        async def main() -> list[str]:
+        async def submit_then_leave() -> tuple[list[str], int, bool]:
+            """No flush() in the block: leaving it is what must hand the tasks over."""
             async with Client(late.address) as client:
                 ids = [await client.delay("add", i, i) for i in range(20)]
-                late.start_soon()
-                if loop == "trio":
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(ticker)
-                        await client.flush()
-                        nursery.cancel_scope.cancel()
-                else:
-                    beat = asyncio.ensure_future(ticker())
-                    await client.flush()
-                    beat.cancel()
-                assert ticks > 0  # the loop kept running while flush() waited
-            return ids
+                late.start_soon()  # up only while the block's exit waits
+                before = ticks
+            return ids, ticks - before, late.up.is_set()
 
-        ids = run_on(loop, main)
+        async def main() -> tuple[list[str], int, bool]:
+            if loop == "trio":
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ticker)
+                    left = await submit_then_leave()
+                    nursery.cancel_scope.cancel()
+                return left
+            beat = asyncio.ensure_future(ticker())
+            try:
+                return await submit_then_leave()
+            finally:
+                beat.cancel()
+
+        ids, ticks_while_leaving, up = run_on(loop, main)
         results = read_results(late.address, ids)
 
+    assert up  # the exit waited for the late control plane ...
+    assert ticks_while_leaving > 0  # ... and the loop kept running meanwhile
     assert [results[i].result for i in ids] == [2 * i for i in range(20)]
 
 
@@ -393,36 +400,59 @@ def call_elsewhere(other: str, call: Callable[[], Awaitable[Any]]) -> BaseExcept
     return outcome[0]
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("other", LOOPS)
 @pytest.mark.parametrize("loop", LOOPS)
-def test_calls_from_another_loop_raise_before_anything_is_queued(loop: str, other: str) -> None:
-    address = free_address()
+def test_calls_from_another_loop_raise_before_anything_is_queued(
+    loop: str, other: str, kind: str
+) -> None:
+    with control_plane(kind) as up:
+        up.start_now()
 
-    async def main() -> None:
-        client = Client(address)
-        await client.start()
-        await client.delay("add", 1, 1)
-        calls: list[Callable[[], Awaitable[Any]]] = [
-            lambda: client.delay("add", 2, 2),
-            lambda: client.submit_batch([("add", (3, 3))]),
-            lambda: client.apply_async("add", (4, 4)),
-            lambda: client.delay_with_callback("add", 5, 5, callback_address="tcp://127.0.0.1:9"),
-            lambda: client.submit_task("add", (6, 6), timeout=1),
-            lambda: client.get_task_result("x", timeout=1),
-            lambda: client.flush(timeout=1),
-            client.start,  # running on another loop: not started twice
-        ]
-        for call in calls:
-            error = call_elsewhere(other, call)
-            assert isinstance(error, ClientLoopError), error
-            assert "use it from the loop that started it" in str(error)
-        assert client.pending_count == 1
-        assert client.get_status("nothing") is None  # plain methods work from anywhere
-        client.stop(timeout=0.1)
-        with pytest.raises(ClientStoppedError):
-            await client.delay("add", 1, 1)
+        async def main() -> None:
+            client = Client(up.address)
+            await client.start()
+            done = await client.submit_task("add", (1, 1), timeout=10)
+            calls: list[Callable[[], Awaitable[Any]]] = [
+                lambda: client.delay("add", 2, 2),
+                lambda: client.submit_batch([("add", (3, 3))]),
+                lambda: client.apply_async("add", (4, 4)),
+                lambda: client.delay_with_callback(
+                    "add", 5, 5, callback_address="tcp://127.0.0.1:9"
+                ),
+                lambda: client.submit_task("add", (6, 6), timeout=1),
+                lambda: client.get_task_result(done.task_id, timeout=1),
+                lambda: client.cancel_task(done.task_id, timeout=1),
+                lambda: client.stats(timeout=1),
+                lambda: client.schedules(timeout=1),
+                lambda: client.dead_letters(timeout=1),
+                lambda: client.join(timeout=1),
+                lambda: client.flush(timeout=1),
+                client.start,  # running on another loop: not started twice
+            ]
+            for call in calls:
+                error = call_elsewhere(other, call)
+                assert isinstance(error, ClientLoopError), error
+                assert "use it from the loop that started it" in str(error)
+            assert client.pending_count == 0  # nothing was queued by any of them
+            # Plain methods work from anywhere, a plain thread included.
+            seen: list[Any] = []
+            thread = threading.Thread(
+                target=lambda: seen.extend(
+                    [client.get_status(done.task_id), client.get_result(done.task_id)]
+                )
+            )
+            thread.start()
+            thread.join(5)
+            assert seen[0] is TaskStatus.SUCCESS
+            assert seen[1].result == 2
+            # ... and the starting loop still has the client, untouched.
+            assert (await client.submit_task("add", (7, 7), timeout=10)).result == 14
+            client.stop(timeout=5)
+            with pytest.raises(ClientStoppedError):
+                await client.delay("add", 1, 1)
 
-    run_on(loop, main)
+        run_on(loop, main)
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -178,3 +178,15 @@ def test_the_working_directory_makes_task_modules_importable(tmp_path: Path) -> 
         )
     line = assert_one_line_error(result, 1)
     assert "already in use" in line
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(40)
+def test_a_node_with_no_worker_processes_says_its_tasks_wait_for_workers_from_elsewhere() -> None:
+    """--role all --workers 0 is allowed (workers may join from other machines), but a node
+    that silently accepted tasks nothing here will run surprised people."""
+    from multiprocess import start_node
+
+    with start_node("--workers", "0", "--discovery-address", "tcp://127.0.0.1:*") as node:
+        printed = node.stderr_text()  # up to its ready line, which comes after the warning
+    assert "this node runs no worker processes; tasks wait in the queue" in printed
