@@ -166,7 +166,13 @@ async def test_workers_without_a_worker_key_get_no_task(curve_files: CurveFiles)
             ("keyless", (), "requires CURVE keys"),
             ("rogue", curve_files.worker_args("rogue"), "refused our CURVE key"),
             ("client", curve_files.worker_args("client"), "needs a worker key"),
-        ):
+            (
+                "wrong-server-key",
+                ("--curve-secret-key", str(curve_files.secret("worker")),
+                 "--curve-server-key", str(curve_files.public("rogue"))),
+                "curve_server_key is not the control plane's public key",
+            ),
+        ):  # fmt: skip
             async with fault_node(*worker_args, *TASKS, *extra) as intruder:
                 await poll(
                     lambda i=intruder, c=complaint: c in i.stderr_text(),
