@@ -142,10 +142,17 @@ async def join_all(client: Client, stall_timeout: float) -> None:
         joined.cancel()
 
 
-async def submit_each(client: Client, workload: Workload, n: int, tally: Tally) -> None:
-    """``n`` tasks, one ``delay`` each: what most programs do."""
+async def submit_each(
+    client: Client, workload: Workload, n: int, tally: Tally, *, window: int | None = None
+) -> None:
+    """``n`` tasks, one ``delay`` each: what most programs do; with ``window``, at most
+    that many unacknowledged (as ``submit_in_batches``)."""
     name = workload.task_name
+    flushed = 0
     for i in range(n):
+        if window is not None and i - flushed >= window:
+            await client.flush()
+            flushed = i
         await client.delay(name, *workload.args(i))
         tally.submitted += 1
         if not i & _CHECKPOINT_EVERY:

@@ -42,6 +42,21 @@ _NODE_MAX_QUEUED = 1_000_000  # the node's default --max-queued
 _WINDOW = 50_000
 
 
+def _stream_window(ctx: Context) -> int | None:
+    """With --journal, both runs of an invocation (in memory and journaled) keep at most
+    ``_WINDOW`` tasks unacknowledged: a journaled control plane acknowledges at the disk's
+    pace and refuses new tasks (queue_full) when its writer is too far behind."""
+    return _WINDOW if ctx.options.journal else None
+
+
+async def _journal_written(client: Client) -> None:
+    """A journaled run ends when the journal holds it all: results reach clients before
+    the writer has them on disk, and a run that left the writer behind would slow the
+    next one (or have its first tasks refused)."""
+    while (await stats(client)).get("journal", {}).get("pending_entries", 0):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)  # a counter in another process: no event to wait on
+
+
 def _shared(ctx: Context) -> Cluster:
     if ctx.shared is None:
         raise RuntimeError("the shared cluster is started by the runner")
@@ -60,6 +75,7 @@ async def _stream(ctx: Context, cluster: Cluster, label: str, submit: Submit) ->
             started = time.perf_counter()
             await submit(client, tally)
             await join_all(client, ctx.options.stall_timeout)
+            await _journal_written(client)
             seconds = time.perf_counter() - started
             cpu_after = read_cpu_seconds(cluster.cp_pid)
         failed = await scheduler_counter(client, "failed") - failed_before
@@ -83,7 +99,7 @@ async def throughput(ctx: Context) -> Figures:
     n, workload = ctx.options.tasks, ctx.workload
 
     async def submit(client: Client, tally: Tally) -> None:
-        await submit_each(client, workload, n, tally)
+        await submit_each(client, workload, n, tally, window=_stream_window(ctx))
 
     return await _stream(ctx, _shared(ctx), "throughput", submit)
 
@@ -93,7 +109,7 @@ async def batch(ctx: Context) -> Figures:
     n, workload, chunk = ctx.options.tasks, ctx.workload, ctx.options.batch_size
 
     async def submit(client: Client, tally: Tally) -> None:
-        await submit_in_batches(client, workload, n, chunk, tally)
+        await submit_in_batches(client, workload, n, chunk, tally, window=_stream_window(ctx))
 
     return await _stream(ctx, _shared(ctx), "batch", submit)
 
