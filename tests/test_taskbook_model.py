@@ -68,6 +68,7 @@ class TaskBookMachine(RuleBasedStateMachine):
         )
         self.accepted: set[str] = set()
         self.final: dict[str, str] = {}  # task id -> final status, decided once
+        self.remembered: set[str] = set()  # ids a journal said finished before (remember_finished)
         self.last_dispatch: list[tuple[bytes, list[str]]] = []
 
     # -- after every event: what the Scheduler does, and the checks ----------
@@ -87,7 +88,7 @@ class TaskBookMachine(RuleBasedStateMachine):
             assert client, "a push to a task submitted without a client"
             assert all(r.task_id in self.final for r in records)
         for task_ids in out.resends.values():
-            assert all(i in self.final for i in task_ids)
+            assert all(i in self.final or i in self.remembered for i in task_ids)
         dispatched: set[str] = set()
         self.last_dispatch = []
         for worker, batch, weight, _number in out.dispatches:
@@ -253,7 +254,8 @@ class TaskBookMachine(RuleBasedStateMachine):
         cancelled, status = self.book.cancel(task_id)
         if before is None:
             assert not cancelled
-            assert status == ("finished" if task_id in self.final else "unknown")
+            known = task_id in self.final or task_id in self.remembered
+            assert status == ("finished" if known else "unknown")
         elif before.value == "running":
             # Maybe started: never "will not run"; the worker's report decides.
             assert not cancelled
@@ -269,6 +271,32 @@ class TaskBookMachine(RuleBasedStateMachine):
     def last_dispatch_unsent(self) -> None:
         worker, ids = self.last_dispatch[-1]
         self.book.unsent(worker, ids)
+        self._step()
+
+    @rule(task_id=st.sampled_from([*TASK_IDS, "never-seen"]))
+    def fail(self, task_id: str) -> None:
+        """The binding fails a task it cannot send (larger than any message)."""
+        self.book.fail(task_id, "task needs more bytes than a message may carry")
+        self._step()
+
+    @rule(task_id=st.sampled_from(TASK_IDS), client=st.sampled_from(CLIENTS))
+    def revive(self, task_id: str, client: bytes) -> None:
+        """A dead letter retried: a failed task queued again under its own id."""
+        if self.final.get(task_id) != "failure":
+            return
+        envelope = TaskEnvelope(task_id, NAMES[0], 2, 0, b"x", None)
+        if self.book.revive(client, envelope) is None:
+            del self.final[task_id]  # its final state may change once more: it runs again
+            self.accepted.add(task_id)
+        self._step()
+
+    @rule(task_ids=st.lists(st.sampled_from([*TASK_IDS, "from-the-journal"]), max_size=3))
+    def remember_finished(self, task_ids: list[str]) -> None:
+        """Ids a journal says finished under a previous instance: held ones are not touched."""
+        held = {t for t in task_ids if self.book.status_of(t) is not None}
+        self.book.remember_finished(task_ids)
+        self.remembered.update(set(task_ids) - held)
+        assert all(self.book.status_of(t) is not None for t in held)
         self._step()
 
     @rule(seconds=st.sampled_from([0.0, 0.5, 1.0, 3.0, 10.0, 100.0]))
