@@ -108,8 +108,10 @@ def test_a_refused_client_stops_at_once_with_its_tasks_kept(curve_files: CurveFi
     async def refused(address: str) -> float:
         client = Client(address, timeout=20, **curve_files.client_kwargs("rogue"))
         await client.start()
+        asked = time.monotonic()
         with pytest.raises(AuthenticationError):
             await asyncio.wait_for(client.submit_task("add", [1, 2]), 10)
+        assert time.monotonic() - asked < 2.0  # the asyncio binding too: told, not timed out
         assert client.pending_count == 1
         started = time.monotonic()
         client.stop()  # its timeout is 20 s: nothing can be handed over to a refusing server
