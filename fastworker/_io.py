@@ -21,6 +21,7 @@ from .transport import TransportConfig, ZSocket, open_socket
 
 __all__ = [
     "DeadlineTimer",
+    "HandshakeHistory",
     "HandshakeJudge",
     "Inbound",
     "bind_again",
@@ -164,6 +165,7 @@ def connect_dealer(
     when_up: Callable[[ZSocket], object] | None = None,
     keep_unread: bool = False,
     on_handshake: Callable[[ZSocket, str | None], object] | None = None,
+    handshake_history: HandshakeHistory | None = None,
 ) -> ZSocket:
     """A DEALER connected to ``endpoint``, read into ``owner``'s mailbox.
 
@@ -179,7 +181,9 @@ def connect_dealer(
     ``on_handshake(sock, problem)`` is told after each handshake: ``problem``
     None when it succeeded, else why the server refused it (a key it does not
     allow, a wrong server key, CURVE on one side only), so that a wrong key is
-    an error at once, not a silent wait until a timeout.
+    an error at once, not a silent wait until a timeout.  ``handshake_history``, shared
+    by the owner's sockets, keeps a network fault after a success from being taken
+    for a refusal (see HandshakeHistory).
     """
     sock = open_socket(zmq.DEALER, transport, identity=identity, immediate=not keep_unread)
     monitor = handshake_monitor(sock) if on_handshake is not None else None
@@ -191,6 +195,7 @@ def connect_dealer(
             owner,
             functools.partial(on_handshake, sock),
             transport.curve is not None,
+            handshake_history,
         )
     try:
         sock.connect(endpoint)
@@ -289,6 +294,24 @@ def describe_handshake(event: int, value: int, *, curve: bool) -> tuple[str | No
     ), False
 
 
+class HandshakeHistory:
+    """Whether a handshake of one owner (a client, a worker) ever succeeded, across the
+    sockets it opens one after another.
+
+    After one success the server evidently accepts our keys (or lack of them):
+    an ambiguous failure after that is the network — a proxy that accepts and
+    closes at once, a cut link — and must not fail callers as a refusal (the
+    fault campaign's cut links did, saying "requires CURVE keys" to a client
+    without keys of a control plane without CURVE).  A refusal with a reason
+    (ZAP, a mechanism mismatch) is still told at once.
+    """
+
+    __slots__ = ("succeeded",)
+
+    def __init__(self) -> None:
+        self.succeeded = False
+
+
 class HandshakeJudge:
     """Turns one socket's handshake events into what its owner should be told.
 
@@ -303,11 +326,12 @@ class HandshakeJudge:
     watcher below and the client's asyncio binding.
     """
 
-    __slots__ = ("_ambiguous", "_curve")
+    __slots__ = ("_ambiguous", "_curve", "_history")
 
-    def __init__(self, *, curve: bool) -> None:
+    def __init__(self, *, curve: bool, history: HandshakeHistory | None = None) -> None:
         self._curve = curve
         self._ambiguous = 0
+        self._history = history or HandshakeHistory()
 
     def judge(self, frames: list[bytes]) -> tuple[bool, str | None]:
         """(whether to tell, the problem or None for a success) for one monitor message."""
@@ -319,10 +343,12 @@ class HandshakeJudge:
             if problem is None:
                 return False, None
             self._ambiguous += 1
-            if self._ambiguous < _AMBIGUOUS_FAILURES:
+            if self._ambiguous < _AMBIGUOUS_FAILURES or self._history.succeeded:
                 return False, None
         else:
             self._ambiguous = 0
+            if problem is None:
+                self._history.succeeded = True
         return True, problem
 
 
@@ -332,10 +358,11 @@ async def _watch_handshakes(
     owner: ActorRef,
     on_handshake: Callable[[str | None], object],
     curve: bool,
+    history: HandshakeHistory | None = None,
 ) -> None:
     """Tell ``owner`` how handshakes of ``sock`` go (see HandshakeJudge); ends within a
     second of the socket's close."""
-    judge = HandshakeJudge(curve=curve)
+    judge = HandshakeJudge(curve=curve, history=history)
     try:
         while not sock.closed:
             frames: list[bytes] | None = None

@@ -199,3 +199,34 @@ def test_a_keyless_peer_hung_up_on_by_its_server_is_told_it_needs_curve_keys() -
     assert "requires CURVE keys" in problem
     other = HandshakeJudge(curve=False)
     assert [other.judge(reset) for _ in range(10)] == [(False, None)] * 10
+
+
+@pytest.mark.parametrize("curve", [False, True])
+def test_after_one_accepted_handshake_a_cut_link_is_not_taken_for_a_refusal(curve: bool) -> None:
+    """The 10-minute campaign (seed 42): a proxy accepting and closing every connection
+    made a keyless client of a keyless control plane fail its callers with "requires CURVE
+    keys".  After a success on any of the owner's sockets, ambiguous failures are the
+    network; a refusal with a reason is still told at once."""
+    import errno
+    import struct
+
+    import zmq
+
+    from fastworker._io import HandshakeHistory, HandshakeJudge
+
+    def event(kind: int, value: int) -> list[bytes]:
+        return [struct.pack("=hi", kind, value), b"tcp://127.0.0.1:9"]
+
+    accepted = event(zmq.EVENT_HANDSHAKE_SUCCEEDED, 0)
+    hung_up = event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE)
+    refused = event(zmq.EVENT_HANDSHAKE_FAILED_AUTH, 400)
+    history = HandshakeHistory()
+    assert HandshakeJudge(curve=curve, history=history).judge(accepted) == (True, None)
+    later = HandshakeJudge(curve=curve, history=history)  # a socket opened afterwards
+    assert [later.judge(hung_up) for _ in range(20)] == [(False, None)] * 20
+    tell, problem = later.judge(refused)
+    assert tell
+    assert problem is not None
+    assert "refused our CURVE key" in problem
+    fresh = HandshakeJudge(curve=curve)  # never accepted: three in a row are told
+    assert [fresh.judge(hung_up)[0] for _ in range(3)] == [False, False, True]

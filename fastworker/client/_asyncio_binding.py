@@ -230,7 +230,9 @@ class AsyncioBinding:
             raise
         self._sockets[channel] = sock
         if monitor is not None:
-            judge = HandshakeJudge(curve=self.core.transport.curve is not None)
+            judge = HandshakeJudge(
+                curve=self.core.transport.curve is not None, history=self.core.handshakes
+            )
             self._monitors[channel] = _AioSocket(
                 self._loop,
                 monitor,

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 
 import attrs
 
+from .._io import HandshakeHistory
 from ..tasks.models import TaskStatus
 from ..transport import TransportConfig, resolve_endpoint
 from ..wire import (
@@ -308,6 +309,8 @@ class ClientCore:
         self.failure: Exception | None = None  # set when the core is gone for good
         # Why the control plane refused our CURVE handshake; None while it accepts.
         self.refused: str | None = None
+        # Shared by the judges of every socket the bindings open (see HandshakeHistory).
+        self.handshakes = HandshakeHistory()
         self._refused_at = 0.0
 
     # -- caller side --------------------------------------------------------

@@ -121,6 +121,7 @@ class TrioClientActor(Actor):
             when_up=lambda _: _Up(channel),
             keep_unread=gateway,  # results pushed just before the control plane exits
             on_handshake=functools.partial(_Handshake, channel),
+            handshake_history=self.core.handshakes,
         )
 
     def close(self, linger_ms: int) -> None:

@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from .._defaults import DEFAULT_DISCOVERY_ADDRESS
-from .._io import Inbound, connect_dealer, tell_own_actor, tick
+from .._io import HandshakeHistory, Inbound, connect_dealer, tell_own_actor, tick
 from ..runtime import Actor, ActorStopped, GetStatistics, Supervisor
 from ..tasks.models import TaskPriority
 from ..tasks.registry import TaskRegistry
@@ -189,6 +189,7 @@ class Worker(Actor):
         # sent on the socket just reopened is often refused (not connected yet).
         self._crash_reports: list[str] = []
         self._dispatch_seen: int | None = None  # the number of the last Dispatch received
+        self._handshakes = HandshakeHistory()  # across our sockets (see HandshakeHistory)
         self._flush_armed = False
         self._starts = 0
         self._prefetch = cfg.prefetch if cfg.prefetch is not None else max(cfg.concurrency, 64)
@@ -254,6 +255,7 @@ class Worker(Actor):
             self.config.transport,
             when_up=_Connected,  # the first Register usually found no connection yet
             on_handshake=_Handshake,
+            handshake_history=self._handshakes,
         )
 
     def _on_handshake(self, message: _Handshake) -> None:
@@ -461,6 +463,7 @@ class Worker(Actor):
             identity=self.worker_id.encode(),
             when_up=_Connected,  # announce our window as soon as we can
             on_handshake=_Handshake,
+            handshake_history=self._handshakes,
         )
         self._scheduler_endpoint = endpoint
 
