@@ -284,7 +284,8 @@ def describe_handshake(event: int, value: int, *, curve: bool) -> tuple[str | No
             return (
                 "the handshake failed: the control plane hangs up on our greeting; it "
                 "most likely requires CURVE keys (curve_secret_key and curve_server_key; "
-                "design/security.md)",
+                "design/security.md), unless a proxy in front of it closes every connection "
+                "while it is down",
                 False,
             )
         return None, False  # not a fastworker control plane: the caller's timeout says it
