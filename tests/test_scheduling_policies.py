@@ -350,11 +350,38 @@ async def test_a_list_delayed_behind_its_dispatch_on_a_stalled_link_requeues_not
     holding(["first"], 1)  # made before Dispatch 2 arrived, delivered long after
     assert wire.to(b"a") == ["first", "stalled"]
     assert scheduler.statistics_dict()["lost_dispatches"] == 0
-    holding(["first"], 2)  # Dispatch 2 arrived, and its task is not there: lost
-    assert wire.to(b"a") == ["first", "stalled", "stalled"]
-    assert scheduler.statistics_dict()["lost_dispatches"] == 1
-    holding(["first", "stalled"], 3)
-    assert scheduler.statistics_dict()["lost_dispatches"] == 1
+    assert wire.numbers == [1, 2, 3]  # ... so a marker goes behind Dispatch 2, empty
+    holding(["first", "stalled"], 3)  # it came, behind Dispatch 2: nothing was lost
+    assert scheduler.statistics_dict()["lost_dispatches"] == 0
+    assert wire.to(b"a") == ["first", "stalled"]
+
+
+async def test_a_lost_dispatch_with_none_after_it_is_found_by_a_marker(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The 10-minute campaign (seed 42), after the numbering: the last Dispatches to a worker
+    went into a half-open link and none followed (its window was full of them), so no list
+    could ever name a later one.  An empty Dispatch, sent when such a task is old enough,
+    is the later one: the list naming it shows the task never came."""
+    scheduler, wire = _scheduler()
+    _join(scheduler, "a", 2)
+    _submit(scheduler, "kept")
+    _submit(scheduler, "lost")  # Dispatch 2: into the broken link
+
+    def holding(ids: list[str], seen: int | None) -> None:
+        scheduler.receive(Inbound([[b"a", encode(Ready(2, ids, seen))]]))
+
+    holding(["kept"], 1)  # too recent to ask about
+    assert wire.numbers == [1, 2]
+    await trio.sleep(scheduler.book.config.lost_dispatch_seconds)
+    holding(["kept"], 1)
+    assert wire.numbers == [1, 2, 3]  # the marker
+    assert scheduler.statistics_dict()["lost_dispatches"] == 0
+    holding(["kept"], 3)  # the marker came and "lost" did not: it never will
+    assert wire.to(b"a") == ["kept", "lost", "lost"]
+    assert wire.numbers == [1, 2, 3, 4]
+    stats = scheduler.statistics_dict()
+    assert (stats["lost_dispatches"], stats["dispatch_markers"]) == (1, 1)
 
 
 async def test_a_result_from_a_peer_that_never_registered_changes_nothing() -> None:

@@ -89,6 +89,10 @@ class TaskBookMachine(RuleBasedStateMachine):
             assert all(r.task_id in self.final for r in records)
         for task_ids in out.resends.values():
             assert all(i in self.final or i in self.remembered for i in task_ids)
+        for worker, number in out.markers:
+            slot = book._workers.get(worker)
+            assert slot is not None, "a marker to a worker that is not registered"
+            assert 0 < number <= slot.dispatched
         dispatched: set[str] = set()
         self.last_dispatch = []
         for worker, batch, weight, _number in out.dispatches:

@@ -160,6 +160,8 @@ class Effects:
     # (an upper bound of their encoded size: the binding splits only what needs it)
     # and the Dispatch's number (a split one numbers its later parts by ``renumber``).
     dispatches: list[tuple[bytes, list[TaskEnvelope], int, int]] = attrs.Factory(list)
+    # Empty Dispatches to send, (worker, number): markers that tell lost from late (holding).
+    markers: list[tuple[bytes, int]] = attrs.Factory(list)
     # Task ids each worker should stop running.
     cancels: dict[bytes, list[str]] = attrs.Factory(dict)
     # Finished task ids re-submitted by a client: push their stored result again.
@@ -174,6 +176,7 @@ class Effects:
             or self.pushes
             or self.callbacks
             or self.dispatches
+            or self.markers
             or self.cancels
             or self.resends
             or self.dead
@@ -468,22 +471,34 @@ class TaskBook:
         the worker lives, their credits used.  ``seen`` is the number of the
         last Dispatch the worker had received when it made the list: a task
         sent in a Dispatch numbered up to that and not listed never arrived,
-        and is queued again, in front.  Tasks sent later are on their way,
-        however long the list took to come (a stalled link delivers both late;
-        judging by age ran such tasks twice).  Without a ``seen`` this book
-        issued (a peer that does not send it), a task dispatched at least
-        ``lost_dispatch_seconds`` ago stands for one that arrived.
+        and is queued again, in front.  A task sent later may be on its way
+        however long ago it was sent (a stalled link delivers a list and the
+        Dispatch after it both late; judging by age ran such tasks twice), or
+        lost with no Dispatch after it to say so (its worker's window full of
+        such tasks, none would ever come).  So when one of them is at least
+        ``lost_dispatch_seconds`` old the worker is sent an empty Dispatch, a
+        marker: it travels behind the one in question, and the first list that
+        names it settles the matter.  Without a ``seen`` this book issued (a
+        peer that does not send it), a task dispatched at least
+        ``lost_dispatch_seconds`` ago and not listed stands for a lost one.
         """
         slot = self._workers.get(worker)
         if slot is None:
             return
         held = set(task_ids)
+        cutoff = self._now() - self.config.lost_dispatch_seconds
         if seen is not None and 0 < seen <= slot.dispatched:
             lost = [
                 job for key, job in slot.inflight.items() if key not in held and job.sent_in <= seen
             ]
+            if any(
+                key not in held and job.sent_in > seen and job.sent_at <= cutoff
+                for key, job in slot.inflight.items()
+            ):
+                slot.dispatched += 1
+                self.out.markers.append((worker, slot.dispatched))
+                self.stats["dispatch_markers"] += 1
         else:
-            cutoff = self._now() - self.config.lost_dispatch_seconds
             lost = [
                 job
                 for key, job in slot.inflight.items()
@@ -870,6 +885,7 @@ class TaskBook:
             "recovered_results": self.stats["recovered_results"],
             "ready_from_unknown": self.stats["ready_from_unknown"],
             "lost_dispatches": self.stats["lost_dispatches"],
+            "dispatch_markers": self.stats["dispatch_markers"],
         }
 
     def audit(self) -> list[str]:

@@ -307,6 +307,8 @@ class Scheduler(Actor):
         book = self.book
         while out := book.take():
             self._send_dispatches(out)  # may fail tasks (book.fail): loop for their results
+            for worker, number in out.markers:  # unsent: the next list asks for another
+                self._send_worker(worker, Dispatch([], number))
             self._send_cancels(out)
             self._send_results(out)
             for envelope, record, reason in out.dead:

@@ -397,6 +397,8 @@ class Worker(Actor):
                 self._rejoin_as_new()
 
     def _on_dispatch(self, raw_tasks: list[Any]) -> None:
+        if not raw_tasks:
+            return  # a marker: its number (taken in _on_frame) is the whole message
         envelopes = []
         for raw in raw_tasks:
             try:
