@@ -181,9 +181,11 @@ async def test_a_result_query_of_more_than_max_query_ids_is_refused_invalid() ->
     ids = [f"t{i}" for i in range(MAX_QUERY_IDS + 1)]
     gateway.receive(Inbound([[b"c", encode(ResultQuery(1, ids))]]))
     gateway.receive(Inbound([[b"c", encode(ResultQuery(2, ids[:MAX_QUERY_IDS]))]]))
-    (refusal,) = [decode(frames[1]) for frames in wire.sent]
-    assert isinstance(refusal, ErrorReply)
-    assert (refusal.request_id, refusal.reason) == (1, "invalid")
+    # One id twenty times: its result would be pushed twenty times (300 MB for 15 MB).
+    gateway.receive(Inbound([[b"c", encode(ResultQuery(3, ["t1"] * 20))]]))
+    refusals = [decode(frames[1]) for frames in wire.sent]
+    assert all(isinstance(r, ErrorReply) for r in refusals)
+    assert [(r.request_id, r.reason) for r in refusals] == [(1, "invalid"), (3, "invalid")]  # type: ignore[attr-defined]
     assert [len(m.task_ids) for m in results.told] == [MAX_QUERY_IDS]
 
 

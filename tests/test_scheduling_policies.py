@@ -418,6 +418,31 @@ async def test_a_result_from_an_unregistered_peer_for_an_id_not_yet_submitted_is
     assert stats["rejected"]["unregistered"] == 1
 
 
+def test_orphan_results_finish_only_client_tasks_and_are_bounded_in_bytes() -> None:
+    """A registered worker's result for an id not yet submitted: a client's re-submission
+    takes it (after a control-plane restart), a periodic tick never does (its id is known
+    in advance; the hostile review pre-filled three ticks), and what waits is bounded in
+    bytes (80 results of 10 MB took a control plane to 841 MiB)."""
+    from fastworker.control._taskbook import TaskBook, TaskBookConfig
+    from fastworker.tasks.models import TaskStatus
+    from fastworker.wire import ResultRecord, TaskEnvelope
+
+    book = TaskBook(
+        TaskBookConfig(orphan_bytes=3_000_000), clock=lambda: 0.0, wall_clock=lambda: 1.7e9
+    )
+    book.worker_joined(b"w", frozenset({"t"}))
+    for task_id in ("tick@1", "client-task"):
+        book.report(b"w", ResultRecord(task_id, "success", b"1", attempts=1))
+    book.submit(b"", TaskEnvelope("tick@1", "t", 2, 0, b"[]", None))  # as the Scheduler ticks
+    book.submit(b"client", TaskEnvelope("client-task", "t", 2, 0, b"[]", None))
+    assert book.status_of("tick@1") is TaskStatus.QUEUED  # runs as planned
+    assert book.status_of("client-task") is None  # finished by the orphan
+    for i in range(5):
+        book.report(b"w", ResultRecord(f"big-{i}", "success", b"x" * 1_000_000, attempts=1))
+    assert book.audit() == []
+    assert sorted(book._orphans) == ["big-3", "big-4"]  # the oldest went first, by bytes
+
+
 async def test_a_worker_leaving_on_its_own_connection_is_ordered_behind_its_results() -> None:
     """Done, then Unregister on the same connection: the result counts, nothing is requeued.
 

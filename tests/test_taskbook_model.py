@@ -58,6 +58,7 @@ class TaskBookMachine(RuleBasedStateMachine):
                 max_worker_deaths=3,
                 unknown_task_grace=2.0,
                 orphan_memory=4,
+                orphan_bytes=250,
                 orphan_seconds=5.0,
                 unknown_peers=2,
                 unknown_peer_seconds=5.0,

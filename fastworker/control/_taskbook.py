@@ -38,7 +38,7 @@ import attrs
 
 from ..tasks.models import TaskStatus
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE
-from ..wire import ResultRecord, TaskEnvelope, message_budget, task_weight
+from ..wire import ResultRecord, TaskEnvelope, message_budget, result_weight, task_weight
 from ._deadletters import reason_for
 from ._queues import PriorityQueues
 
@@ -79,6 +79,7 @@ class TaskBookConfig:
     unknown_task_grace: float = 5.0
     finished_memory: int = 200_000  # finished task ids remembered for deduplication
     orphan_memory: int = 10_000  # final results for ids not known (yet)
+    orphan_bytes: int = 64 << 20  # ... and their bytes: a worker chooses how large they are
     orphan_seconds: float = 60.0
     unknown_peers: int = 1024  # Ready windows kept for peers not registered (yet)
     unknown_peer_seconds: float = 30.0
@@ -212,6 +213,7 @@ class TaskBook:
         self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first, bounded
         # Final results for task ids we did not know when they arrived (see _keep_orphan).
         self._orphans: OrderedDict[str, tuple[float, ResultRecord]] = OrderedDict()
+        self._orphan_bytes = 0
         self._seq = 0
         self._accepted = 0
         self._outcomes = {"success": 0, "failure": 0, "cancelled": 0}
@@ -274,7 +276,9 @@ class TaskBook:
         self._jobs[task_id] = job
         self._held_bytes += weight
         self._accepted += 1
-        orphan = self._orphans.pop(task_id, None)
+        # Only a client's task takes an orphan: a tick's id is known in advance, and a
+        # worker must not decide a task it was never given.
+        orphan = self._pop_orphan(task_id) if client else None
         if orphan is not None and now - orphan[0] < self.config.orphan_seconds:
             # A worker finished this task for our previous instance and reported
             # to us before its client re-submitted it: that run counts.
@@ -319,13 +323,22 @@ class TaskBook:
         After a control-plane restart, workers report results of tasks the old
         instance dispatched before the clients have re-submitted them; keeping
         those results lets the re-submission finish at once instead of running
-        the task again.  Bounded in count and age.
+        the task again.  Bounded in count, bytes and age.
         """
-        orphans = self._orphans
-        orphans.pop(record.task_id, None)
-        orphans[record.task_id] = (self._now(), record)
-        while len(orphans) > self.config.orphan_memory:
-            orphans.popitem(last=False)
+        self._pop_orphan(record.task_id)
+        self._orphans[record.task_id] = (self._now(), record)
+        self._orphan_bytes += result_weight(record)
+        while self._orphans and (
+            len(self._orphans) > self.config.orphan_memory
+            or self._orphan_bytes > self.config.orphan_bytes
+        ):
+            self._pop_orphan(next(iter(self._orphans)))
+
+    def _pop_orphan(self, task_id: str) -> tuple[float, ResultRecord] | None:
+        orphan = self._orphans.pop(task_id, None)
+        if orphan is not None:
+            self._orphan_bytes -= result_weight(orphan[1])
+        return orphan
 
     # -- time ---------------------------------------------------------------
 
@@ -371,7 +384,7 @@ class TaskBook:
             self._fail_unserved()
         orphans = self._orphans
         while orphans and now - next(iter(orphans.values()))[0] >= self.config.orphan_seconds:
-            orphans.popitem(last=False)
+            self._pop_orphan(next(iter(orphans)))
         peers = self._unknown_peers
         while peers and now - next(iter(peers.values()))[1] >= self.config.unknown_peer_seconds:
             peers.popitem(last=False)
@@ -941,6 +954,9 @@ class TaskBook:
             problems.append("finished memory over its bound")
         if len(self._orphans) > self.config.orphan_memory:
             problems.append("orphan memory over its bound")
+        orphan_bytes = sum(result_weight(record) for _, record in self._orphans.values())
+        if orphan_bytes != self._orphan_bytes or orphan_bytes > self.config.orphan_bytes:
+            problems.append(f"orphans weigh {orphan_bytes}, counted {self._orphan_bytes}")
         if len(self._unknown_peers) > self.config.unknown_peers:
             problems.append("unknown peers over their bound")
         if self._served != frozenset().union(*(s.names for s in self._workers.values())):

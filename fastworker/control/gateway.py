@@ -216,12 +216,15 @@ class Gateway(Actor):
                     submits, batched = [], 0
             elif isinstance(message, ResultQuery):
                 ids = message.task_ids
-                if len(ids) > MAX_QUERY_IDS or not all(type(i) is str for i in ids):
-                    self._error(
-                        identity,
-                        message.request_id,
-                        WireError("invalid", f"a query takes at most {MAX_QUERY_IDS} text ids"),
-                    )
+                if (
+                    len(ids) > MAX_QUERY_IDS
+                    or not all(type(i) is str for i in ids)
+                    or len(set(ids)) != len(ids)
+                ):
+                    # A repeated id would push its result once per repeat: a 145-byte
+                    # query for one 15 MB result 20 times sent 300 MB (hostile review).
+                    text = f"a query takes at most {MAX_QUERY_IDS} text ids, none twice"
+                    self._error(identity, message.request_id, WireError("invalid", text))
                     continue
                 self._forward(self.results, QueryResults(identity, message.request_id, ids))
             elif isinstance(message, (Cancel, *_SCHEDULER_REQUESTS)):

@@ -133,7 +133,8 @@ def verdict(endpoint: str, frames: list[bytes]) -> Counter[str]:
     elif isinstance(message, Submit):
         invalid = sum(1 for raw in message.tasks if not _valid(TaskEnvelope.from_wire, raw))
     elif isinstance(message, ResultQuery):
-        invalid = int(not all(type(i) is str for i in message.task_ids))
+        ids = message.task_ids
+        invalid = int(not all(type(i) is str for i in ids) or len(set(ids)) != len(ids))
     elif isinstance(message, Done):
         invalid = sum(1 for raw in message.results if not _valid(ResultRecord.from_wire, raw))
     return Counter(invalid=invalid) if invalid else Counter()
