@@ -50,6 +50,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int) -
         (["--prefetch", "-1"], "--prefetch: must be >= 0, got -1"),
         (["--max-message-size", "10"], "--max-message-size: must be at least 65536 bytes"),
         (["--max-queued-bytes", "0"], "--max-queued-bytes: must be at least 1, got 0"),
+        (["--result-cache-bytes", "1000000"], "less than one message (--max-message-size"),
         (
             ["--role", "worker", "--workers", "0"],
             "--role worker with --workers 0 would run nothing",

@@ -514,6 +514,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if args.workers == 0 and args.role == "worker":
         parser.error("--role worker with --workers 0 would run nothing")
+    if args.result_cache_bytes is not None and args.result_cache_bytes < args.max_message_size:
+        parser.error(
+            f"--result-cache-bytes {args.result_cache_bytes} is less than one message "
+            f"(--max-message-size {args.max_message_size}): the cache must hold one result"
+        )
     if args.journal is not None and (args.role == "worker" or args.worker_process):
         parser.error("--journal belongs to the control plane; --role worker keeps no journal")
     if args.http_address is not None:
