@@ -12,13 +12,13 @@ unchanged under both.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 import pytest
+from multiprocess import free_tcp_port
 
 from fastworker import Client, ClientNotStartedError, ClientStoppedError, TaskResult, TaskStatus
 from fastworker.client._core import ClientCore
@@ -64,10 +64,9 @@ async def started(discovery_address: str, **options: Any) -> AsyncIterator[Clien
 
 
 def free_address() -> str:
-    """A loopback endpoint nobody listens on (its port was free a moment ago)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    """A loopback endpoint nobody listens on (its port was free a moment ago; below the
+    ephemeral range, so that connecting to it cannot take it: see free_tcp_port)."""
+    return f"tcp://127.0.0.1:{free_tcp_port()}"
 
 
 # -- task functions -------------------------------------------------------------

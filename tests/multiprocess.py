@@ -27,7 +27,6 @@ import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import trio
+
+from fastworker.testing import free_loopback_port
 
 __all__ = [
     "REPO_ROOT",
@@ -114,10 +115,8 @@ def run_node(
 
 
 def free_tcp_port() -> int:
-    """A loopback port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free a moment ago, below the ephemeral range (see free_loopback_port)."""
+    return free_loopback_port()
 
 
 # -- /proc --------------------------------------------------------------------

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from typing import Any
 import attrs
 import trio
 
+from ..testing import free_loopback_port
 from ._check import Verdict, check
 from ._clients import Budget, ClientSlot
 from ._cluster import NodeProcess, log_events, rss_kib
@@ -71,9 +71,9 @@ class Settings:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    # Below the ephemeral range: a proxy reconnecting to a control plane that is
+    # down must not take its port by connecting to itself (see free_loopback_port).
+    return free_loopback_port()
 
 
 class Campaign:
