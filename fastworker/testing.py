@@ -42,12 +42,12 @@ def _ephemeral_start() -> int:
 def free_loopback_port() -> int:
     """A loopback port that was free a moment ago, below the ephemeral range.
 
-    For a control plane that peers connect to before it listens (started late,
-    or restarting).  A port in the ephemeral range can then be taken by
-    the connecting socket itself: the kernel picks the same number as its
-    source port and the connection opens to itself (TCP simultaneous open),
-    and the late bind fails with "address in use" (seen once in CI, and as
-    "a restarted Scheduler can fail to bind its port" in the fault campaign).
+    For a control plane bound some time after the port was chosen (started
+    late, or restarting).  A port taken with ``bind(port 0)`` comes from the
+    ephemeral range, where every other ``bind`` to port 0 (any ``tcp://…:*``
+    endpoint of any test or process) draws too: one of them can get the same
+    number meanwhile, and the late bind fails with "address in use" (CI, once).
+    The kernel never hands out ports below that range by itself.
     """
     top = _ephemeral_start()
     rng = random.Random()
