@@ -190,8 +190,8 @@ class ResultCache(Actor):
         self._entries[task_id] = (record, expires, weight)
         self._bytes += weight
 
-    def _evict(self) -> None:
-        """Least recently used out until both bounds hold."""
+    def _evict(self, *, counted: bool = True) -> None:
+        """Least recently used out until both bounds hold (``counted``: as evictions)."""
         entries = self._entries
         while entries and (
             len(entries) > self.config.max_size or self._bytes > self.config.max_bytes
@@ -199,7 +199,7 @@ class ResultCache(Actor):
             task_id, (_, _, weight) = entries.popitem(last=False)
             self._bytes -= weight
             self._forget(task_id)
-            self._evicted += 1
+            self._evicted += counted
 
     def _drop(self, task_id: str) -> None:
         self._bytes -= self._entries.pop(task_id)[2]
@@ -213,9 +213,7 @@ class ResultCache(Actor):
         for record, age in results[-self.config.max_size :]:
             if age < ttl:
                 self._put(record, now + ttl - age)
-        evicted = self._evicted
-        self._evict()
-        self._evicted = evicted  # bounds applied to what was read, not evictions
+        self._evict(counted=False)  # bounds applied to what was read, not evictions
 
     def get(self, task_id: str) -> ResultRecord | None:
         """The stored result, or None when never stored, evicted or expired."""
