@@ -54,7 +54,7 @@ from ..security import CertificateError
 from ..tasks.registry import TaskRegistry, registry_from
 from ..transport import DEFAULT_MAX_MESSAGE_SIZE, TransportConfig
 from ..worker import Worker, WorkerConfig
-from ._logging import LOG_FORMATS, configure_logging
+from ._logging import LOG_FORMATS, configure_logging, wait_for_queued_log_lines
 from ._processes import RECYCLE_EXIT_CODE, WorkerProcesses, parent_alive
 from ._security import NodeSecurity, SecurityError, add_security_arguments, node_security
 
@@ -372,6 +372,7 @@ async def _run_node(args: argparse.Namespace, security: NodeSecurity) -> int:
             if control_plane is None or not control_plane.http_url
             else (f" http={control_plane.http_url}")
         )
+        await trio.to_thread.run_sync(wait_for_queued_log_lines)
         print(
             f"fastworker node ready: role={args.role} discovery={discovery_address} "
             f"workers={args.workers if processes else 0} pid={os.getpid()}{http}",

@@ -21,7 +21,7 @@ import logging
 from .._task_context import CURRENT_TASK_ID
 from ._stderr import ThreadedStderrHandler
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging"]
+__all__ = ["LOG_FORMATS", "JsonFormatter", "configure_logging", "wait_for_queued_log_lines"]
 
 LOG_FORMATS = ("text", "json")
 
@@ -80,3 +80,15 @@ def configure_logging(level: str, log_format: str, *, process: str) -> None:
             )
         )
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def wait_for_queued_log_lines() -> None:
+    """Block (in a thread, never the loop) until lines logged so far reach stderr.
+
+    The node calls it before its ready line, so a supervisor that reads stderr
+    once the node is ready sees the start-up warnings (``--workers 0``, the
+    open-file limit).  Bounded: a stderr nobody reads holds it at most
+    ``_CLOSE_WAIT`` seconds per handler.
+    """
+    for handler in logging.getLogger().handlers:
+        handler.flush()

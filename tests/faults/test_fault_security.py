@@ -87,6 +87,13 @@ def _joined_ids(node: Any) -> list[str]:
     return re.findall(r"worker '([^']+)' joined \(pid", node.stderr_text())  # quoted: %r
 
 
+async def _first_joined_id(node: Any) -> str:
+    """The first worker id the node logged; the line comes from its log-writer thread, so
+    it may reach stderr a moment after statistics show the worker."""
+    joined: list[str] = await poll(lambda: _joined_ids(node), timeout=5, what="a join logged")
+    return joined[0]
+
+
 async def _refused(client: Client, match: str) -> float:
     """Seconds until ``submit_task`` raised AuthenticationError naming ``match``."""
     await client.start()
@@ -198,7 +205,7 @@ async def test_spoofed_heartbeats_and_unregisters_for_another_worker_count_for_n
         (pid,) = worker_pids(workers)
         # With CURVE, statistics cut worker ids (a worker's id is its routing id);
         # the attacker here is assumed to have learnt it anyway, from the node's log.
-        victim = _joined_ids(node)[0]
+        victim = await _first_joined_id(node)
         assert shown.endswith("…")
         assert victim.startswith(shown[:-1])
         assert len(victim) > len(shown)
@@ -307,7 +314,7 @@ async def test_a_worker_whose_id_was_taken_while_it_was_paused_joins_again_under
 ) -> None:
     async with curve_node(curve_files, "--heartbeat-interval", "0.3") as (node, client):
         (pid,) = worker_pids(await wait_for_workers(client, 1))
-        victim = _joined_ids(node)[0]
+        victim = await _first_joined_id(node)
         squatter = _raw(curve_files, "worker", node.discovery_address)
         try:
             os.kill(pid, signal.SIGSTOP)
