@@ -87,8 +87,8 @@ def wait_for_queued_log_lines() -> None:
 
     The node calls it before its ready line, so a supervisor that reads stderr
     once the node is ready sees the start-up warnings (``--workers 0``, the
-    open-file limit).  Bounded: a stderr nobody reads holds it at most
-    ``_CLOSE_WAIT`` seconds per handler.
+    open-file limit).  Bounded: a stderr nobody reads holds it at most 2 s
+    (``ThreadedStderrHandler.flush``), then the node goes on.
     """
     for handler in logging.getLogger().handlers:
         handler.flush()
